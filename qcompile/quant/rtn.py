@@ -1,0 +1,131 @@
+"""Round-to-nearest weight quantization with QuaRot's linear clip search.
+
+For each row (or group) the range ``[lo, hi]`` is shrunk to ``c·[lo, hi]`` for the candidates
+``c = clip_ratio · (1 − i/grid)``, ``i = 0 … ⌊max_shrink·grid⌋ − 1`` (100 steps from 1.0 down to 0.21
+by default), and the candidate with the least error ``Σ |Q(w) − w|^norm`` over the group is kept.
+``norm = 2.4`` is GPTQ's ``find_params(mse=True)`` default, used by QuaRot; ``norm = 2`` is plain
+squared error. Candidate 0 is the unshrunk range and is only replaced by a strictly better one, so
+the search never increases the error (in the norm it measures) over ``fake_quantize`` at
+``clip_ratio``.
+
+``search_qparams`` is the shared engine: it takes any candidate list of (lo-shrink, hi-shrink) pairs and
+an optional per-column weight, which is how LeanQuant's loss-error-aware affine grid reuses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from qcompile.errors import RecipeError
+from qcompile.quant.formats import (
+    Granularity,
+    QuantizedWeight,
+    QuantSpec,
+    compute_qparams,
+    dequantize,
+    group_length,
+    group_reduce,
+    qparams_from_range,
+    quantize,
+    straight_through,
+)
+
+__all__ = ["linear_shrinks", "search_qparams", "mse_qparams", "rtn_quantize", "fake_quantize_mse"]
+
+
+def linear_shrinks(grid: int = 100, max_shrink: float = 0.8) -> list[float]:
+    """QuaRot/GPTQ candidates ``1 − i/grid`` for ``i < max_shrink·grid`` (first is 1.0)."""
+    if grid < 1 or not 0.0 <= max_shrink < 1.0:
+        raise RecipeError(f"clip search needs grid ≥ 1 and 0 ≤ max_shrink < 1, got grid={grid}, max_shrink={max_shrink}")
+    return [1.0 - i / grid for i in range(max(1, int(max_shrink * grid)))]
+
+
+def search_qparams(
+    w: Tensor,
+    spec: QuantSpec,
+    candidates: Sequence[tuple[float, float]],
+    *,
+    norm: float = 2.0,
+    col_weight: Tensor | None = None,
+    scale_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-group (scale, zero) of ``w [N, K]`` minimising ``Σ_k col_weight[k]·|Q(w) − w|^norm``.
+
+    Each candidate ``(a, b)`` uses the range ``clip_ratio·[a·lo, b·hi]`` (symmetric specs use ``a``
+    only). The first candidate wins ties, so put the reference range first. Vectorised over all
+    rows and groups; the loop is over candidates only.
+    """
+    if w.dim() != 2 or spec.granularity not in (Granularity.CHANNEL, Granularity.GROUP):
+        raise RecipeError(
+            f"clip search runs on 2-D weights per channel or group; got shape {tuple(w.shape)}, "
+            f"granularity {spec.granularity.value!r}"
+        )
+    if not candidates:
+        raise RecipeError("clip search needs at least one candidate")
+    x = w.detach().float()
+    k = x.shape[1]
+    g = group_length(spec, k)
+    lo = group_reduce(x, g, "amin").clamp(max=0) * spec.clip_ratio
+    hi = group_reduce(x, g, "amax").clamp(min=0) * spec.clip_ratio
+    best_err = best_s = best_z = None
+    for a, b in candidates:
+        s, z = qparams_from_range(a * lo, (a if spec.symmetric else b) * hi, spec, 1.0, scale_dtype)
+        e = (dequantize(quantize(x, s, z, spec), s, z, spec) - x).abs_().pow_(norm)
+        if col_weight is not None:
+            e = e * col_weight
+        err = group_reduce(e, g, "sum")
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def mse_qparams(
+    w: Tensor,
+    spec: QuantSpec,
+    *,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+    scale_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """QuaRot's linear clip search (one shrink factor for both ends of the range)."""
+    cands = [(c, c) for c in linear_shrinks(grid, max_shrink)]
+    return search_qparams(w, spec, cands, norm=norm, scale_dtype=scale_dtype)
+
+
+def rtn_quantize(
+    w: Tensor,
+    spec: QuantSpec,
+    *,
+    clip_search: bool = True,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+    scale_dtype: torch.dtype | None = torch.float16,
+) -> QuantizedWeight:
+    """RTN of ``w [N, K]``; params by clip search (or plain min/max at ``clip_ratio``).
+
+    Scales are rounded through ``scale_dtype`` so that ``.pack()`` reproduces ``.weight`` exactly.
+    """
+    if clip_search:
+        s, z = mse_qparams(w, spec, grid=grid, max_shrink=max_shrink, norm=norm, scale_dtype=scale_dtype)
+    else:
+        s, z = compute_qparams(w, spec, scale_dtype)
+    codes = quantize(w.detach(), s, z, spec)
+    return QuantizedWeight(dequantize(codes, s, z, spec), codes, spec, scales=s, zeros=z)
+
+
+def fake_quantize_mse(w: Tensor, spec: QuantSpec, **search) -> Tensor:
+    """RTN fake-quant with the clip search recomputed on every call (SpinQuant's weight quantizer);
+    straight-through gradient, output in ``w``'s dtype."""
+    s, z = mse_qparams(w, spec, **search)
+    wq = dequantize(quantize(w.detach(), s, z, spec), s, z, spec, w.dtype)
+    return straight_through(w, wq)
+
