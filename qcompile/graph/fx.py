@@ -75,18 +75,19 @@ _VIEWS = {
 
 
 def capture(model: torch.nn.Module, example_ids: torch.Tensor | None = None, max_seq: int = 8192) -> fx.GraphModule:
-    """``torch.export`` the model (input_ids → logits, no KV cache) with a dynamic sequence length."""
+    """``torch.export`` the model (input_ids → logits, no KV cache) with dynamic batch and sequence length."""
     config = getattr(model, "config", None)
     if config is not None:
         config.use_cache = False
     if example_ids is None:
         vocab = getattr(config, "vocab_size", 256)
-        example_ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+        example_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=2, max=max_seq - 1)
     try:
         with torch.no_grad():
             ep = torch.export.export(
-                model, (), {"input_ids": example_ids}, dynamic_shapes={"input_ids": {1: seq}}, strict=False
+                model, (), {"input_ids": example_ids}, dynamic_shapes={"input_ids": {0: batch, 1: seq}}, strict=False
             )
     except Exception as e:  # torch.export raises many types; name the construct it reports
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -363,11 +363,13 @@ class PackedWeight:
             )
         shape = (n, num_groups(self.in_features, self.group_size))
         if tuple(self.scales.shape) != shape or not self.scales.is_floating_point():
-            raise ShapeError(f"PackedWeight.scales must be float {shape}, got {self.scales.dtype} {tuple(self.scales.shape)}")
+            got = f"{self.scales.dtype} {tuple(self.scales.shape)}"
+            raise ShapeError(f"PackedWeight.scales must be float {shape}, got {got}")
         if self.symmetric != (self.zeros is None):
             raise ShapeError("PackedWeight.zeros must be None exactly when symmetric=True")
         if self.zeros is not None and (tuple(self.zeros.shape) != shape or self.zeros.dtype != torch.uint8):
-            raise ShapeError(f"PackedWeight.zeros must be uint8 {shape}, got {self.zeros.dtype} {tuple(self.zeros.shape)}")
+            got = f"{self.zeros.dtype} {tuple(self.zeros.shape)}"
+            raise ShapeError(f"PackedWeight.zeros must be uint8 {shape}, got {got}")
 
     @property
     def out_features(self) -> int:
@@ -473,7 +475,8 @@ class QuantizedWeight:
         """Canonical stored form; exact when the quantizer rounded its scales through ``scale_dtype``."""
         if self.codebook is not None:
             k = self.codes.shape[1]
-            return CodebookWeight(pack_codes(self.codes, self.spec.bits), self.codebook.to(scale_dtype), self.spec.bits, k)
+            bits = self.spec.bits
+            return CodebookWeight(pack_codes(self.codes, bits), self.codebook.to(scale_dtype), bits, k)
         return PackedWeight.from_codes(self.codes, self.scales, self.zeros, self.spec, scale_dtype)
 
 

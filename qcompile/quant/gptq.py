@@ -28,7 +28,7 @@ a ``Grid`` whose ``round(column, k)`` gives codes and values for original column
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -122,7 +122,7 @@ class AffineGrid:
     def round(self, col: Tensor, k: int) -> tuple[Tensor, Tensor]:
         gi = k // self.group_size
         s, z = self.scales[:, gi : gi + 1], self.zeros[:, gi : gi + 1]
-        codes = quantize(col.unsqueeze(1), s, z, _channel(self.spec))
+        codes = quantize(col.unsqueeze(1), s, z, self.spec)  # one column = one (partial) group
         return codes.squeeze(1), ((codes.float() - z) * s).squeeze(1)
 
 
@@ -131,12 +131,15 @@ class CodebookGrid:
     """Non-uniform grid: a per-row codebook ``[N, C]`` sorted ascending; rounds to the nearest entry."""
 
     codebook: Tensor
+    _mids: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        cb = self.codebook
+        object.__setattr__(self, "_mids", ((cb[:, 1:] + cb[:, :-1]) * 0.5).contiguous())
 
     def round(self, col: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        cb = self.codebook
-        mids = (cb[:, 1:] + cb[:, :-1]) * 0.5
-        idx = torch.searchsorted(mids, col.unsqueeze(1).contiguous())
-        return idx.squeeze(1).to(torch.uint8), cb.gather(1, idx).squeeze(1)
+        idx = torch.searchsorted(self._mids, col.unsqueeze(1).contiguous())
+        return idx.squeeze(1).to(torch.uint8), self.codebook.gather(1, idx).squeeze(1)
 
 
 def _channel(spec: QuantSpec) -> QuantSpec:
@@ -180,7 +183,9 @@ def gptq_quantize(
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ShapeError(f"{_layer(name)}: GPTQ needs W [N, K] and H [K, K]; got {tuple(W.shape)}, {tuple(H.shape)}")
     if spec.granularity not in (Granularity.CHANNEL, Granularity.GROUP):
-        raise RecipeError(f"{_layer(name)}: GPTQ quantizes weights per channel or group, not {spec.granularity.value!r}")
+        raise RecipeError(
+            f"{_layer(name)}: GPTQ quantizes weights per channel or group, not {spec.granularity.value!r}"
+        )
     if block_size < 1 or percdamp < 0:
         raise RecipeError(f"{_layer(name)}: block_size must be ≥ 1 and percdamp ≥ 0 (got {block_size}, {percdamp})")
     if not bool(torch.isfinite(H).all()):

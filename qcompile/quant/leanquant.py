@@ -53,7 +53,9 @@ def affine_grid(
 ) -> GridFn:
     """Grid hook for ``gptq_quantize``: loss-error-aware affine params per row or group."""
     if steps < 1 or not 0.0 < min_shrink <= 1.0:
-        raise RecipeError(f"LeanQuant affine search needs steps ≥ 1 and 0 < min_shrink ≤ 1 (got {steps}, {min_shrink})")
+        raise RecipeError(
+            f"LeanQuant affine search needs steps ≥ 1 and 0 < min_shrink ≤ 1 (got {steps}, {min_shrink})"
+        )
     shrinks = torch.linspace(1.0, min_shrink, steps).tolist()
     cands = [(a, a) for a in shrinks] if spec.symmetric else [(a, b) for a in shrinks for b in shrinks]
 

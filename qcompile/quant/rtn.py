@@ -39,7 +39,9 @@ __all__ = ["linear_shrinks", "search_qparams", "mse_qparams", "rtn_quantize", "f
 def linear_shrinks(grid: int = 100, max_shrink: float = 0.8) -> list[float]:
     """QuaRot/GPTQ candidates ``1 − i/grid`` for ``i < max_shrink·grid`` (first is 1.0)."""
     if grid < 1 or not 0.0 <= max_shrink < 1.0:
-        raise RecipeError(f"clip search needs grid ≥ 1 and 0 ≤ max_shrink < 1, got grid={grid}, max_shrink={max_shrink}")
+        raise RecipeError(
+            f"clip search needs grid ≥ 1 and 0 ≤ max_shrink < 1, got grid={grid}, max_shrink={max_shrink}"
+        )
     return [1.0 - i / grid for i in range(max(1, int(max_shrink * grid)))]
 
 

@@ -1,0 +1,87 @@
+"""fold_norms: move every norm's scale (and shift) into the linears that read it.
+
+For a norm n(x)·γ + β read by y = (n(x)·γ + β)·Wᵀ + b:
+    y = n(x)·(W·diag(γ))ᵀ + (W·β + b)
+so W ← W·diag(γ), b ← b + W·β (the bias is created where the reader has none) and the norm keeps
+only n(x) (γ ← 1 − offset, where the model computes γ + offset as Gemma does with 1 + γ).
+
+LayerNorm models are first brought to RMS form: when every writer of the residual stream produces
+mean-free rows (W ← W − mean_out(W), b ← b − mean(b)) and the embeddings are centred, the stream x has
+mean 0 across features, so LayerNorm(x) = x / sqrt(mean(x²) + ε) is an RMSNorm, and the graph's
+layer_norm is replaced by rms_norm. Tied embeddings are untied first when the lm_head is a reader
+(folding the final norm into it must not touch the embedding table).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.errors import UnsafeRewriteError
+from qcompile.passes import weights
+from qcompile.program import PassReport, Program
+
+aten = torch.ops.aten
+
+
+def untie_embeddings(p: Program, report: PassReport) -> None:
+    """Give the token embedding its own copy of a table it shares with the lm_head."""
+    mm = p.model_map
+    if not mm.tied:
+        return
+    shared = mm.embedding.weight
+    names = [a for a in p.aliases.get(shared, []) if a != shared]
+    new_name = names[0] if names else shared + ".untied"
+    node = p.node(mm.embedding.node)
+    get_attr = p.add_weight(new_name, p.weight(shared).detach(), replace=True)
+    node.args = (get_attr,) + tuple(node.args[1:])
+    report.count("untied embedding", f"{new_name} (was shared with {shared})")
+    p.rematch()
+
+
+def _centre_stream(p: Program, report: PassReport) -> None:
+    mm = p.model_map
+    for emb in filter(None, (mm.embedding, mm.positional)):
+        e = p.weight(emb.weight).detach().double()
+        p.set_weight(emb.weight, e - e.mean(dim=-1, keepdim=True))
+        report.count("centred embedding", emb.weight)
+    for w in mm.writers:
+        weights.centre_outputs(p, mm.linears[w])
+        report.count("centred writer", w)
+
+
+def fold_norms(program: Program) -> Program:
+    p = program.clone()
+    report = PassReport("fold_norms")
+    kinds = {n.kind for n in p.model_map.norms}
+    if kinds == {"rms", "layer"}:
+        node = next(n.node for n in p.model_map.norms if n.kind == "layer")
+        raise UnsafeRewriteError(f"norm {node}: a model mixing LayerNorm and RMSNorm cannot be centred exactly")
+    untie_embeddings(p, report)
+    mm = p.model_map
+    if "layer" in kinds:
+        _centre_stream(p, report)
+    for norm in mm.norms:
+        gamma = p.weight(norm.weight).detach().double() + norm.offset if norm.weight else None
+        beta = p.weight(norm.bias).detach().double() if norm.bias else None
+        for r in norm.readers:
+            lin = p.model_map.linears[r]
+            if beta is not None and bool(beta.any()):
+                if lin.experts:
+                    raise UnsafeRewriteError(f"norm {norm.node} has a bias and its reader {r} is a stacked expert weight")
+                w = p.weight(lin.weight).detach().double().movedim((lin.out_axis, lin.in_axis), (-2, -1))
+                weights.add_to_bias(p, lin, w @ beta)
+                lin = p.model_map.linears[r]
+            if gamma is not None:
+                weights.scale_inputs(p, lin, gamma)
+        if gamma is not None:
+            p.set_weight(norm.weight, torch.full_like(gamma, 1.0 - norm.offset))
+        if beta is not None:
+            p.set_weight(norm.bias, torch.zeros_like(beta))
+        if norm.kind == "layer":
+            node = p.node(norm.node)
+            node.target = aten.rms_norm.default
+            node.args = (node.args[0], node.args[1], None, node.args[4] if len(node.args) > 4 else 1e-5)
+        report.count("folded norm", f"{norm.node} into {len(norm.readers)} readers")
+    p.module.graph.eliminate_dead_code()
+    p.rematch()
+    return p.done(report)

@@ -1,0 +1,120 @@
+"""rotate: R1 on the residual stream and R2 per head between v and o, fused into the weights.
+
+With norms folded (every norm is x/rms(x), which commutes with an orthogonal Q since ‖xQ‖ = ‖x‖),
+rotating the stream x ↦ x·Q is exact when
+    embeddings (token, positional)   E ← E·Q
+    readers (q/k/v, gate/up, router, lm_head)   W ← W·Q          ((xQ)(WQ)ᵀ = xWᵀ)
+    writers (o, down, experts' down)  W ← Qᵀ·W,  b ← b·Q          (y ↦ y·Q)
+R2 rotates each v head's output by a head_dim × head_dim Q₂ and o's matching input columns by Q₂:
+attention mixes tokens, not features, so softmax(·)·(V·Q₂) = (softmax(·)·V)·Q₂ per head; with GQA the
+one Q₂ serves every query head that shares a kv head (the same Q₂ is used for all heads).
+
+Which orthogonal matrix is used per size is decided by ``choose_rotation`` and shown by the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qcompile.errors import RecipeError, UnsafeRewriteError
+from qcompile.passes import weights
+from qcompile.passes.fold_norms import untie_embeddings
+from qcompile.program import PassReport, Program
+from qcompile.quant import hadamard as had
+
+ROTATION_KINDS = ("hadamard", "orthogonal")
+
+
+@dataclass(frozen=True)
+class RotationChoice:
+    """The orthogonal matrix used for one size: what it is and why."""
+
+    size: int
+    kind: str  # "hadamard", "block-hadamard" or "orthogonal"
+    block: int | None
+    why: str
+
+    def matrix(self, seed: int) -> torch.Tensor:
+        """The matrix, float64, seeded (random signs for Hadamards, Haar-random for orthogonal)."""
+        if self.kind == "orthogonal":
+            return had.random_orthogonal_matrix(self.size, seed)
+        return had.random_hadamard_matrix(self.size, seed, self.block)
+
+    def describe(self) -> str:
+        if self.kind == "hadamard":
+            m, p = had.hadamard_factors(self.size)
+            return f"randomized Hadamard {self.size} = {m}·{p}"
+        if self.kind == "block-hadamard":
+            return f"block-diagonal Hadamard, {self.size // self.block} blocks of {self.block} ({self.why})"
+        return f"random orthogonal {self.size}×{self.size} ({self.why})"
+
+
+def choose_rotation(n: int, requested: str = "hadamard", min_block: int = 64) -> RotationChoice:
+    """A Hadamard of size n where one is constructible, else a block-diagonal one, else random orthogonal."""
+    if requested not in ROTATION_KINDS:
+        raise RecipeError(f"rotation kind {requested!r} is not one of {ROTATION_KINDS}")
+    if requested == "orthogonal":
+        return RotationChoice(n, "orthogonal", None, "requested")
+    if had.has_hadamard(n):
+        return RotationChoice(n, "hadamard", None, "")
+    block = had.largest_hadamard_block(n, min_block)
+    if block:
+        return RotationChoice(n, "block-hadamard", block, f"no Hadamard of order {n}")
+    return RotationChoice(n, "orthogonal", None, f"no Hadamard of order {n} nor a block ≥ {min_block}")
+
+
+def rotate(program: Program, kind: str = "hadamard", seed: int = 0, r1: bool = True, r2: bool = True) -> Program:
+    if not program.has_run("fold_norms"):
+        raise UnsafeRewriteError("rotate needs fold_norms first: a norm's γ does not commute with a rotation")
+    p = program.clone()
+    report = PassReport("rotate")
+    if r1:
+        _rotate_stream(p, choose_rotation(p.model_map.hidden, kind), seed, report)
+    if r2:
+        _rotate_heads(p, kind, seed, report)
+    return p.done(report)
+
+
+def _rotate_stream(p: Program, choice: RotationChoice, seed: int, report: PassReport) -> None:
+    untie_embeddings(p, report)  # the lm_head reads the stream, the embedding writes it: one Q each side
+    mm = p.model_map
+    q = choice.matrix(seed)
+    for norm in mm.norms:
+        if norm.kind != "rms" or norm.bias or (norm.weight and not _is_identity(p, norm)):
+            raise UnsafeRewriteError(f"norm {norm.node} is not a plain RMSNorm after folding; R1 would not be exact")
+    for emb in filter(None, (mm.embedding, mm.positional)):
+        p.set_weight(emb.weight, p.weight(emb.weight).detach().double() @ q)
+        report.count("R1 embedding", emb.weight)
+    for r in mm.readers:
+        weights.transform_inputs(p, mm.linears[r], q)
+        report.count("R1 reader", r)
+    for w in mm.writers:
+        weights.transform_outputs(p, mm.linears[w], q)
+        report.count("R1 writer", w)
+    report.notes["R1"] = choice.describe()
+
+
+def _is_identity(p: Program, norm) -> bool:
+    return bool(torch.all(p.weight(norm.weight) + norm.offset == 1))
+
+
+def _rotate_heads(p: Program, kind: str, seed: int, report: PassReport) -> None:
+    mm = p.model_map
+    for block in mm.blocks:
+        a = block.attention
+        proof = mm.holds(f"v_to_o:{a.node}")
+        if proof is None or not proof.holds:
+            raise UnsafeRewriteError(f"R2 at attention {a.node}: {proof.reason if proof else 'not proved'}")
+        choice = choose_rotation(a.head_dim, kind, min_block=1)
+        q = choice.matrix(seed + 1 + block.index)
+        v = mm.linears[a.v.linear]
+        for h in range(a.n_kv_heads):
+            start = a.v.start + h * a.head_dim
+            weights.transform_outputs(p, v, q, start, start + a.head_dim)
+        o = mm.linears[a.o]
+        weights.transform_inputs(p, o, torch.block_diag(*[q] * a.n_heads))
+        report.count("R2 head pair", f"{a.v.linear}→{a.o} ({a.n_kv_heads} kv heads, {a.n_heads} heads)")
+    if mm.blocks:
+        report.notes["R2"] = choose_rotation(mm.blocks[0].attention.head_dim, kind, min_block=1).describe()

@@ -1,0 +1,79 @@
+"""Weight algebra on a Program's linears, in float64, written back in the weights' own dtype.
+
+For a linear y = x·Wᵀ + b (W laid out [..., out, in] after moving its axes there):
+- a reader whose input becomes x·M⁻ᵀ keeps y exact with W ← W·M (``transform_inputs``): a folded
+  scale is M = diag(γ), a rotated stream x·Q (Q orthogonal, Q⁻ᵀ = Q) needs W ← W·Q;
+- a writer whose output should become y·M takes W ← Mᵀ·W and b ← b·M (``transform_outputs``),
+  on all output rows or on a range of them (one head of a fused qkv).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qcompile.analysis.modelmap import Linear
+from qcompile.program import Program
+
+
+def _canonical(p: Program, lin: Linear) -> torch.Tensor:
+    return p.weight(lin.weight).detach().double().movedim((lin.out_axis, lin.in_axis), (-2, -1))
+
+
+def _store(p: Program, lin: Linear, w: torch.Tensor) -> None:
+    p.set_weight(lin.weight, w.movedim((-2, -1), (lin.out_axis, lin.in_axis)))
+
+
+def linear(p: Program, node: str) -> Linear:
+    return p.model_map.linears[node]
+
+
+def scale_inputs(p: Program, lin: Linear, s: torch.Tensor) -> None:
+    """W ← W·diag(s): the reader absorbs a per-input-channel scale."""
+    _store(p, lin, _canonical(p, lin) * s.double())
+
+
+def transform_inputs(p: Program, lin: Linear, m: torch.Tensor) -> None:
+    """W ← W·M along the input axis."""
+    _store(p, lin, _canonical(p, lin) @ m.double())
+
+
+def transform_outputs(p: Program, lin: Linear, m: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
+    """y[start:stop] ← y[start:stop]·M: W[rows] ← Mᵀ·W[rows], b[rows] ← b[rows]·M."""
+    stop = lin.out_features if stop is None else stop
+    w = _canonical(p, lin)
+    w[..., start:stop, :] = m.double().T @ w[..., start:stop, :]
+    _store(p, lin, w)
+    if lin.bias:
+        b = p.weight(lin.bias).detach().double()
+        b[..., start:stop] = b[..., start:stop] @ m.double()
+        p.set_weight(lin.bias, b)
+
+
+def add_to_bias(p: Program, lin: Linear, delta: torch.Tensor) -> Linear:
+    """b ← b + delta, creating the bias (a new parameter next to the weight) where there is none."""
+    if lin.experts:
+        raise ValueError(f"cannot add a bias to stacked expert weight {lin.weight}")
+    if lin.bias is None:
+        name = lin.weight[: -len(".weight")] + ".bias" if lin.weight.endswith(".weight") else lin.weight + ".bias"
+        ref = p.weight(lin.weight)
+        bias_node = p.add_weight(name, torch.zeros(lin.out_features, dtype=ref.dtype))
+        node = p.node(lin.node)
+        node.args = (node.args[0], node.args[1], bias_node)
+        lin = dataclasses.replace(lin, bias=name)
+        linears = dict(p.model_map.linears)
+        linears[lin.node] = lin
+        p.with_map(linears=linears)
+    b = p.weight(lin.bias).detach().double()
+    p.set_weight(lin.bias, b + delta.double())
+    return lin
+
+
+def centre_outputs(p: Program, lin: Linear) -> None:
+    """Make every output row mean-free across features: W ← W − mean_out(W), b ← b − mean(b)."""
+    w = _canonical(p, lin)
+    _store(p, lin, w - w.mean(dim=-2, keepdim=True))
+    if lin.bias:
+        b = p.weight(lin.bias).detach().double()
+        p.set_weight(lin.bias, b - b.mean(dim=-1, keepdim=True))
