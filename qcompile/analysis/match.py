@@ -241,6 +241,8 @@ class _Matcher:
             raise MatchError(f"an FFN with {len(writers)} down projections {writers} is not supported")
         down = writers[0]
         x = g.skip_views_back(g.operand(down, 0))
+        if self._is(x, "hadamard"):  # an online R4 already in place
+            x = g.skip_views_back(g.operand(x, 0))
         lin = self.linears[down]
         if self._is(x, "mul"):
             a, b = (g.skip_views_back(o) for o in g.operands(x))

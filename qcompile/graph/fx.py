@@ -185,7 +185,9 @@ def to_opgraph(gm: fx.GraphModule) -> OpGraph:
             kind, op, attrs = "linear", str(node.target), _linear_attrs(node, params)
         else:
             op = str(node.target)
-            if node.target in _KIND:
+            if op.startswith("qcompile.hadamard"):
+                kind, attrs = "hadamard", {"block": node.args[1] if len(node.args) > 1 else 0}
+            elif node.target in _KIND:
                 kind = _KIND[node.target]
             elif node.target in _ACTIVATIONS:
                 kind, attrs = "activation", {"fn": _ACTIVATIONS[node.target]}

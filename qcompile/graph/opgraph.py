@@ -48,6 +48,7 @@ KINDS = (
     "cat",
     "split",  # a multi-output op (chunk/split); its outputs are ``getitem`` nodes of kind slice
     "sum",
+    "hadamard",  # qcompile's online Hadamard over the last dim; attrs: block
     "other",
 )
 

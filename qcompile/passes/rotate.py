@@ -45,7 +45,7 @@ class RotationChoice:
     def describe(self) -> str:
         if self.kind == "hadamard":
             m, p = had.hadamard_factors(self.size)
-            return f"randomized Hadamard {self.size} = {m}·{p}"
+            return f"Hadamard {self.size} = {m}·{p}"
         if self.kind == "block-hadamard":
             return f"block-diagonal Hadamard, {self.size // self.block} blocks of {self.block} ({self.why})"
         return f"random orthogonal {self.size}×{self.size} ({self.why})"
@@ -93,7 +93,7 @@ def _rotate_stream(p: Program, choice: RotationChoice, seed: int, report: PassRe
     for w in mm.writers:
         weights.transform_outputs(p, mm.linears[w], q)
         report.count("R1 writer", w)
-    report.notes["R1"] = choice.describe()
+    report.notes["R1"] = choice.describe() + (", random signs" if choice.kind != "orthogonal" else "")
 
 
 def _is_identity(p: Program, norm) -> bool:
@@ -117,4 +117,5 @@ def _rotate_heads(p: Program, kind: str, seed: int, report: PassReport) -> None:
         weights.transform_inputs(p, o, torch.block_diag(*[q] * a.n_heads))
         report.count("R2 head pair", f"{a.v.linear}→{a.o} ({a.n_kv_heads} kv heads, {a.n_heads} heads)")
     if mm.blocks:
-        report.notes["R2"] = choose_rotation(mm.blocks[0].attention.head_dim, kind, min_block=1).describe()
+        choice = choose_rotation(mm.blocks[0].attention.head_dim, kind, min_block=1)
+        report.notes["R2"] = choice.describe() + (", random signs per layer" if choice.kind != "orthogonal" else "")

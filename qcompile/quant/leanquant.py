@@ -71,8 +71,10 @@ def weighted_kmeans_1d(
 ) -> Tensor:
     """Independent weighted 1-D k-means on every row of ``x [N, K]`` (``weight [K]`` or ``[N, K]``).
 
-    Returns centroids ``[N, n_clusters]`` sorted ascending. Assignment is a ``searchsorted`` against
-    centroid midpoints (exact nearest in 1-D, memory O(NK)); an empty cluster keeps its centroid.
+    Returns centroids ``[N, n_clusters]`` sorted ascending. Each row is sorted once; a Lloyd step is a
+    ``searchsorted`` of the centroid midpoints into it (O(N·C·log K)) plus prefix-sum differences; an
+    empty cluster keeps its centroid. A value on a midpoint goes to the lower cluster, as in
+    ``CodebookGrid.round``.
     ``init='kmeans++'`` samples with probability ∝ ω·D² from a generator seeded with ``seed``.
     """
     x = x.float()
@@ -94,17 +96,25 @@ def weighted_kmeans_1d(
     else:
         raise RecipeError(f"k-means init must be 'kmeans++' or 'linspace', got {init!r}")
 
-    assign = None
-    wx = w * x
+    # Lloyd in 1-D: clusters are contiguous runs of the sorted row, so cluster sums are differences
+    # of prefix sums (deterministic on every device, unlike scatter_add's atomics on CUDA).
+    xs, order = x.sort(1)
+    zero = x.new_zeros(N, 1, dtype=torch.float64)
+    cw = torch.cat([zero, w.gather(1, order).double().cumsum(1)], 1)
+    cwx = torch.cat([zero, (w.gather(1, order).double() * xs.double()).cumsum(1)], 1)
+    ends = torch.full((N, 1), K, device=x.device, dtype=torch.long)
+    bounds = None
     for _ in range(iters):
         c = c.sort(1).values
-        new = torch.searchsorted(c[:, 1:] * 0.5 + c[:, :-1] * 0.5, x.contiguous())
-        if assign is not None and torch.equal(new, assign):
+        new = torch.searchsorted(xs, (c[:, 1:] * 0.5 + c[:, :-1] * 0.5).contiguous(), right=True)
+        if bounds is not None and torch.equal(new, bounds):
             break
-        assign = new
-        num = x.new_zeros(N, n_clusters).scatter_add_(1, assign, wx)
-        den = x.new_zeros(N, n_clusters).scatter_add_(1, assign, w)
-        c = torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), c)
+        bounds = new
+        hi = torch.cat([bounds, ends], 1)
+        lo = torch.cat([ends.new_zeros(N, 1), bounds], 1)
+        den = cw.gather(1, hi) - cw.gather(1, lo)
+        num = cwx.gather(1, hi) - cwx.gather(1, lo)
+        c = torch.where(den > 0, (num / den.clamp(min=1e-300)).float(), c)
     return c.sort(1).values
 
 

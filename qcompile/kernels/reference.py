@@ -1,0 +1,96 @@
+"""Ground truth of every ``qcompile`` kernel op, in plain torch (runs on any device, no Triton).
+
+Each function here *is* the definition of its op: the Triton kernels are tested against it, and it
+is what ``torch.ops.qcompile.*`` runs on a CPU. Numerics are spelled out in terms of
+``qcompile.quant.formats`` (the one definition of the integer grids) and ``qcompile.quant.hadamard``
+(the one definition of the rotations), so nothing is defined twice.
+
+Activation codes (the output of ``quantize_per_token``, the input of ``linear_w4a8/w4a4``) are the
+canonical unsigned codes ``q ∈ [0, 2^b − 1]`` of ``formats`` *shifted by* ``2^(b−1)`` into int8
+(``q − 2^(b−1) ∈ [−2^(b−1), 2^(b−1) − 1]``, what int8 tensor cores consume); zero points are shifted
+the same way, so ``x ≈ (codes − zeros) · scales`` holds unchanged, and symmetric codes have zero 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qcompile.quant.formats import Granularity, PackedWeight, QuantSpec, compute_qparams, quantize
+from qcompile.quant.hadamard import hadamard_transform
+
+__all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "dequantize_weight"]
+
+
+def hadamard(x: Tensor, block_size: int = 0) -> Tensor:
+    """``x @ H`` over the last dim, H the normalized Hadamard of the whole dim (``block_size`` 0) or
+    block-diagonal with blocks of ``block_size``; computed in float32, returned in ``x.dtype``."""
+    return hadamard_transform(x.float(), None if block_size == 0 else block_size).to(x.dtype)
+
+
+def quantize_per_token(
+    x: Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0, rotate: bool = False, block_size: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Dynamic per-token quantization over the last dim, optionally after a Hadamard rotation.
+
+    Returns ``(codes int8 [..., K], scales float32 [..., 1], zeros int8 [..., 1])`` with
+    ``x' ≈ (codes − zeros) · scales`` where ``x' = hadamard(x, block_size)`` if ``rotate`` else x.
+    The rotated values stay float32 (never rounded to ``x.dtype``) before quantization; scales and
+    zeros follow ``formats.compute_qparams`` exactly, so
+    ``(codes − zeros) · scales == formats.fake_quantize_per_token(x', bits, symmetric, clip_ratio)``.
+    """
+    xf = x.float()
+    if rotate:
+        xf = hadamard_transform(xf, None if block_size == 0 else block_size)
+    spec = QuantSpec(bits, symmetric, Granularity.TOKEN, None, clip_ratio)
+    scale, zero = compute_qparams(xf, spec)
+    shift = 1 << (bits - 1)
+    codes = (quantize(xf, scale, zero, spec).to(torch.int16) - shift).to(torch.int8)
+    zeros = (zero - shift).to(torch.int8)
+    return codes, scale, zeros
+
+
+def dequantize_weight(
+    packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, in_features: int
+) -> Tensor:
+    """The dense float32 ``W [N, K]`` of a canonical int4 weight (``formats.PackedWeight``)."""
+    pw = PackedWeight(packed, scales, zeros, 4, group_size, in_features, zeros is None)
+    return pw.dequantize(torch.float32)
+
+
+def linear_w4a16(
+    x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None = None
+) -> Tensor:
+    """``x @ W.T + bias`` with W the dequantized int4 weight; float32 math, output in ``x.dtype``."""
+    w = dequantize_weight(packed, scales, zeros, group_size, x.shape[-1])
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def linear_w4a8(
+    x_codes: Tensor,
+    x_scales: Tensor,
+    x_zeros: Tensor | None,
+    packed: Tensor,
+    w_scales: Tensor,
+    w_zeros: Tensor | None,
+    group_size: int,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """``a @ W.T + bias`` with ``a = (x_codes − x_zeros) · x_scales`` (per token) and W the int4 weight.
+
+    The products of codes are exact integers; float32 here differs from the kernels' int32
+    accumulation only by float32 rounding of the group sums.
+    """
+    a = x_codes.float()
+    if x_zeros is not None:
+        a = a - x_zeros.float()
+    a = a * x_scales.float()
+    w = dequantize_weight(packed, w_scales, w_zeros, group_size, x_codes.shape[-1])
+    y = F.linear(a, w, None if bias is None else bias.float())
+    return y.to(out_dtype)
+
+
+linear_w4a4 = linear_w4a8  # the same algebra: only the range of the codes differs (int4 in int8)
