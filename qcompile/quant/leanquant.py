@@ -150,13 +150,15 @@ def leanquant_quantize(
     block_size: int = 128,
     percdamp: float = 0.01,
     seed: int = 0,
+    grid_steps: int = 20,
     scale_dtype: torch.dtype | None = torch.float16,
     name: str = "",
 ) -> QuantizedWeight:
     """LeanQuant of ``W [N, K]``: GPTQ (act-order by default, as recommended) on a loss-error-aware grid.
 
     ``nonuniform`` uses per-row k-means codebooks (``spec`` must be per-channel; ``symmetric`` and
-    ``clip_ratio`` do not apply); otherwise the affine grid of ``spec``.
+    ``clip_ratio`` do not apply); otherwise the affine grid of ``spec``, searched over ``grid_steps``
+    shrink factors per end of the range.
     """
     if nonuniform:
         if spec.granularity is not Granularity.CHANNEL:
@@ -166,7 +168,7 @@ def leanquant_quantize(
             )
         fit = codebook_grid(spec.bits, p=p, seed=seed, codebook_dtype=scale_dtype)
     else:
-        fit = affine_grid(spec, p=p, scale_dtype=scale_dtype)
+        fit = affine_grid(spec, p=p, steps=grid_steps, scale_dtype=scale_dtype)
     return gptq_quantize(
         W, H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order, grid=fit,
         scale_dtype=scale_dtype, name=name,

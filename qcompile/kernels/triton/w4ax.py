@@ -1,0 +1,176 @@
+"""W4A8 / W4A4 Triton kernel: int4 weights × per-token int8 (or int4-in-int8) activation codes.
+
+Hopper has no int4 tensor cores, so both go through the int8 ``tl.dot`` (int32 accumulation); an
+int4 activation is simply an int8 code in ``[−8, 7]``.
+
+Inputs: ``a`` int8 codes ``[M, K]`` with per-token ``sa`` float32 ``[M]`` and optional ``za`` int8
+``[M]`` (``quantize_per_token``'s shifted-code convention: ``x ≈ (a − za)·sa``); the canonical int4
+weight (``packed uint8 [N, ceil(K/2)]``, ``sw [N, G]``, ``zw`` uint8 ``[N, G]`` or None ⇒ 8).
+
+Algebra. With ``ŵ = q − zw ∈ [−15, 15]`` (an exact int8, made in registers from the nibbles):
+
+    y[m, n] = sa[m] · Σ_g sw[n, g] · ( Σ_{k∈g} a[m,k]·ŵ[n,k]  −  za[m] · Σ_{k∈g} ŵ[n,k] )
+
+The inner sums are int8 dots into int32 (exact). Per-channel weights (G = 1) accumulate the whole K
+in int32 and apply both scales once in the epilogue — the fast path, and QuaRot's W4A4 setup. With
+groups, each K tile lies inside one group (``group_size % BLOCK_K == 0``) and its int32 partial is
+scaled into a float32 accumulator. The activation-zero correction needs the weight's code sums
+``Σ ŵ``, reduced from the same registers (only when ``za`` is given). Everything after the dot —
+scales, zero correction, bias, cast to bf16/fp16/fp32 — is fused into the epilogue. Split-K (for
+decode-sized M) adds float32 partials atomically; the epilogue is linear, so each split applies it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from qcompile.errors import ShapeError
+from qcompile.kernels.autotune import Candidate, pick
+
+
+@triton.jit
+def _w4ax_kernel(
+    a_ptr, sa_ptr, za_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K, KH, group_size, stride_am, stride_wn, stride_sn, stride_ym,
+    HAS_AZ: tl.constexpr, HAS_WZ: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    H: tl.constexpr = BLOCK_K // 2
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    byte = tl.arange(0, H)
+    steps = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    first = pid_k * per_split
+    last = tl.minimum(first + per_split, steps)
+    if HAS_AZ:
+        za = tl.load(za_ptr + offs_m, mask=m_mask, other=0).to(tl.int32)
+    if PER_CHANNEL:
+        if HAS_WZ:
+            zw = tl.load(z_ptr + offs_n * stride_sn, mask=n_mask, other=0).to(tl.int32)
+        else:
+            zw = tl.full([BLOCK_N], 8, tl.int32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        wsum = tl.zeros([BLOCK_N], dtype=tl.int32)
+    else:
+        accf = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(first, last):
+        k = step * BLOCK_K + offs_k
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0)
+        j = step * H + byte
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + j[None, :], mask=n_mask[:, None] & (j < KH)[None, :], other=0
+        )
+        q = tl.reshape(tl.join(w & 15, w >> 4), (BLOCK_N, BLOCK_K)).to(tl.int32)  # back to K order
+        if not PER_CHANNEL:
+            grp = (step * BLOCK_K) // group_size
+            if HAS_WZ:
+                zw = tl.load(z_ptr + offs_n * stride_sn + grp, mask=n_mask, other=0).to(tl.int32)
+            else:
+                zw = tl.full([BLOCK_N], 8, tl.int32)
+        wi = tl.where((k < K)[None, :], q - zw[:, None], 0)
+        w8 = wi.to(tl.int8)
+        if PER_CHANNEL:
+            acc = tl.dot(a, tl.trans(w8), acc)
+            if HAS_AZ:
+                wsum += tl.sum(wi, axis=1)
+        else:
+            part = tl.dot(a, tl.trans(w8))
+            if HAS_AZ:
+                part -= za[:, None] * tl.sum(wi, axis=1)[None, :]
+            sw = tl.load(s_ptr + offs_n * stride_sn + grp, mask=n_mask, other=0.0).to(tl.float32)
+            accf += part.to(tl.float32) * sw[None, :]
+    sa = tl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
+    if PER_CHANNEL:
+        if HAS_AZ:
+            acc -= za[:, None] * wsum[None, :]
+        sw = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    else:
+        out = accf * sa[:, None]
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    yp = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    ym = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=ym)
+    else:
+        tl.atomic_add(yp, out, mask=ym)
+
+
+def block_k_choices(K: int, group_size: int) -> list[int]:
+    """K tiles the kernel may use: any for per-channel weights, else those dividing the group."""
+    per_channel = group_size >= K
+    ks = [bk for bk in (128, 64, 256, 32) if per_channel or group_size % bk == 0]
+    if not ks:
+        raise ShapeError(
+            f"linear_w4a8/w4a4 on CUDA: group_size={group_size} must be a multiple of 32 (each int8-dot "
+            "K tile must lie inside one group) or cover all of K (per-channel)"
+        )
+    return ks
+
+
+def candidates(M: int, N: int, K: int, group_size: int) -> list[Candidate]:
+    ks = block_k_choices(K, group_size)
+    if M <= 16:
+        shapes = ((16, 64, 1, 4, 4), (16, 32, 1, 4, 4), (16, 64, 2, 4, 4), (16, 128, 4, 4, 3), (16, 32, 4, 2, 4))
+    elif M <= 128:
+        shapes = ((64, 64, 1, 4, 4), (64, 128, 1, 4, 4), (32, 64, 1, 4, 4), (128, 128, 1, 8, 3))
+    else:
+        shapes = ((128, 128, 1, 8, 3), (128, 256, 1, 8, 3), (128, 128, 1, 4, 4), (64, 128, 1, 4, 4),
+                  (256, 128, 1, 8, 3))
+    out = []
+    for bk in ks[:2]:
+        for bm, bn, split, warps, stages in shapes:
+            out.append(Candidate(f"m{bm}_n{bn}_k{bk}_s{split}_w{warps}_st{stages}",
+                                 dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=8,
+                                      num_warps=warps, num_stages=stages)))
+    return out
+
+
+def run(cand: Candidate, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor,
+        zw: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``a [M, K]`` int8 codes, ``sa [M]``, ``za [M]`` → ``[M, N]`` in ``out_dtype``."""
+    meta = dict(cand.meta)
+    M, K = a.shape
+    N, KH = packed.shape
+    split = meta["SPLIT_K"]
+    y = torch.zeros((M, N), dtype=torch.float32, device=a.device) if split > 1 else torch.empty(
+        (M, N), dtype=out_dtype, device=a.device)
+    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    _w4ax_kernel[grid](
+        a, sa, za if za is not None else sa, packed, sw, zw if zw is not None else sw,
+        bias if bias is not None else sw, y, M, N, K, KH, group_size, a.stride(0), packed.stride(0),
+        sw.stride(0), y.stride(0), HAS_AZ=za is not None, HAS_WZ=zw is not None, HAS_BIAS=bias is not None,
+        PER_CHANNEL=group_size >= K, **meta,
+    )
+    return y.to(out_dtype) if split > 1 else y
+
+
+def linear(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor, zw: Tensor | None,
+           group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    M, K = a.shape
+    N = packed.shape[0]
+    cands = candidates(M, N, K, group_size)
+    bucket = M if M <= 16 else min(1 << (M - 1).bit_length(), 8192)
+    key = (bucket, N, K, group_size, za is not None, zw is not None, bias is not None, str(out_dtype))
+    cand = pick("w4ax", key, cands, lambda c: run(c, a, sa, za, packed, sw, zw, group_size, bias, out_dtype),
+                a.device)
+    return run(cand, a, sa, za, packed, sw, zw, group_size, bias, out_dtype)
