@@ -51,6 +51,7 @@ class Program:
     model_map: ModelMap
     aliases: dict = field(default_factory=dict)  # param name -> every name the source model gives it
     reports: list = field(default_factory=list)
+    quantized: dict = field(default_factory=dict)  # weight name -> QuantizedWeight (codes and grid)
 
     # --- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -66,7 +67,8 @@ class Program:
         return cls(module, match(fx_ir.to_opgraph(module)), alias_map)
 
     def clone(self) -> "Program":
-        return Program(copy.deepcopy(self.module), self.model_map, dict(self.aliases), list(self.reports))
+        return Program(copy.deepcopy(self.module), self.model_map, dict(self.aliases), list(self.reports),
+                       dict(self.quantized))
 
     def with_map(self, **changes) -> "Program":
         self.model_map = dataclasses.replace(self.model_map, **changes)

@@ -187,6 +187,8 @@ def to_opgraph(gm: fx.GraphModule) -> OpGraph:
             op = str(node.target)
             if op.startswith("qcompile.hadamard"):
                 kind, attrs = "hadamard", {"block": node.args[1] if len(node.args) > 1 else 0}
+            elif op.startswith("qcompile.fake_quant"):
+                kind, attrs = "quant", {"bits": node.args[1]}
             elif node.target in _KIND:
                 kind = _KIND[node.target]
             elif node.target in _ACTIVATIONS:

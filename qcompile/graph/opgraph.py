@@ -11,8 +11,9 @@ structure of a transformer is matched once, whatever IR it came from. A node car
   facts the adapter resolved (slice dim/start/stop, linear weight axes, ...).
 Edges run producer → consumer with ``pos``, the operand position in the consumer.
 
-Views, casts, dropout at inference and other value-preserving ops have kind ``view``: the matcher
-sees through them with ``skip_views``.
+Views, casts, dropout at inference and other value-preserving ops have kind ``view``; they and the
+per-token fake quantization (kind ``quant``) are *transparent*: the matcher sees through them with
+``skip_views_back`` and ``users_through_views``.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ KINDS = (
     "split",  # a multi-output op (chunk/split); its outputs are ``getitem`` nodes of kind slice
     "sum",
     "hadamard",  # qcompile's online Hadamard over the last dim; attrs: block
+    "quant",  # qcompile's per-token fake quantization: per-token, so structure-transparent
     "other",
 )
+
+TRANSPARENT = ("view", "quant")
 
 
 @dataclass
@@ -95,8 +99,8 @@ class OpGraph:
         return [n for n, d in self.graph.nodes(data=True) if d["kind"] == kind]
 
     def skip_views_back(self, n: str) -> str:
-        """The first producer of n that is not a view (n itself if it is none)."""
-        while self.kind(n) == "view":
+        """The first producer of n that is not transparent (n itself if it is none)."""
+        while self.kind(n) in TRANSPARENT:
             ops = self.operands(n)
             if not ops:
                 return n
@@ -109,9 +113,9 @@ class OpGraph:
         while stack:
             v = stack.pop()
             for u in self.users(v):
-                if self.kind(u) == "view" and self.operand(u, 0) == v:
+                if self.kind(u) in TRANSPARENT and self.operand(u, 0) == v:
                     stack.append(u)
-                elif self.kind(u) != "view":
+                elif self.kind(u) not in TRANSPARENT:
                     out.append((u, v))
         return out
 

@@ -1,24 +1,261 @@
-"""qcompile's custom ops, declared in one place (namespace ``qcompile``).
+"""Every ``torch.ops.qcompile.*`` op, declared once: schema, CPU/any-device implementation (the
+plain-torch ground truth in ``reference.py``), CUDA implementation (Triton, imported on first use),
+fake implementation (shapes only, for ``torch.export`` and ``torch.compile``), and a typed wrapper.
 
-Each op has a CPU reference in plain torch (the ground truth), a fake implementation so that
-``torch.export`` and ``torch.compile`` trace it, and, on CUDA, a Triton kernel imported lazily.
+Schemas::
+
+    qcompile::hadamard(Tensor x, int block=0) -> Tensor
+    qcompile::quantize_per_token(Tensor x, int bits, bool symmetric, float clip_ratio, bool rotate,
+                                 int block) -> (Tensor codes, Tensor scales, Tensor zeros)
+    qcompile::linear_w4a16(Tensor x, Tensor packed_weight, Tensor scales, Tensor? zeros,
+                           int group_size, Tensor? bias) -> Tensor
+    qcompile::linear_w4a8(Tensor x_codes, Tensor x_scales, Tensor? x_zeros, Tensor packed_weight,
+                          Tensor w_scales, Tensor? w_zeros, int group_size, Tensor? bias,
+                          ScalarType out_dtype) -> Tensor
+    qcompile::linear_w4a4(...same as linear_w4a8...) -> Tensor
+
+Conventions (see ``reference.py``): weights are the canonical int4 format of
+``qcompile.quant.formats`` (``packed uint8 [N, ceil(K/2)]``, scales ``[N, ceil(K/g)]``, zeros uint8 or
+None ⇒ 8, per-channel = ``group_size == K``); activation codes are int8, shifted by ``2^(b−1)`` from
+the canonical unsigned codes, with float32 per-token scales ``[..., 1]`` and int8 zeros ``[..., 1]``
+(all 0 when symmetric; pass ``None`` to the linear ops to skip the zero correction). ``block``
+0 means a Hadamard over the whole last dim, else block-diagonal blocks of that size.
+``linear_w4a4`` is ``linear_w4a8`` for codes in ``[−8, 7]``: Hopper has no int4 tensor cores, so
+both run the int8 kernel; the two names keep the graph's intent (and its ONNX lowering) explicit.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from qcompile.quant.hadamard import hadamard_transform
+from qcompile.kernels import reference, shapes
 
-_LIB = "qcompile"
-
-
-@torch.library.custom_op(f"{_LIB}::hadamard", mutates_args=())
-def hadamard(x: torch.Tensor, block: int = 0) -> torch.Tensor:
-    """x @ H over the last dim: H_n (orthogonal, 1/√n) or, with ``block`` > 0, diag(H_block, …)."""
-    return hadamard_transform(x, block or None)
+__all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4"]
 
 
-@hadamard.register_fake
-def _(x: torch.Tensor, block: int = 0) -> torch.Tensor:
+def _cuda():
+    from qcompile.kernels.triton import dispatch
+
+    return dispatch
+
+
+# ------------------------------------------------------------------------------------------------
+# hadamard
+
+
+@torch.library.custom_op("qcompile::hadamard", mutates_args=())
+def _hadamard(x: Tensor, block: int = 0) -> Tensor:
+    shapes.check_hadamard(x, block)
+    return reference.hadamard(x, block)
+
+
+@_hadamard.register_kernel("cuda")
+def _hadamard_cuda(x: Tensor, block: int = 0) -> Tensor:
+    shapes.check_hadamard(x, block)
+    return _cuda().hadamard(x, block)
+
+
+@_hadamard.register_fake
+def _hadamard_fake(x: Tensor, block: int = 0) -> Tensor:
+    shapes.check_hadamard(x, block)
     return torch.empty_like(x)
+
+
+def hadamard(x: Tensor, block: int | None = None) -> Tensor:
+    """``x @ H`` over the last dim: the normalized Hadamard of the whole dim, or block-diagonal
+    blocks of size ``block``."""
+    bs = 0 if block is None else block
+    shapes.check_hadamard(x, bs)
+    return torch.ops.qcompile.hadamard(x, bs)
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize_per_token
+
+
+@torch.library.custom_op("qcompile::quantize_per_token", mutates_args=())
+def _quantize_per_token(
+    x: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool, block: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    shapes.check_quantize_per_token(x, bits, symmetric, clip_ratio, rotate, block)
+    return reference.quantize_per_token(x, bits, symmetric, clip_ratio, rotate, block)
+
+
+@_quantize_per_token.register_kernel("cuda")
+def _quantize_per_token_cuda(
+    x: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool, block: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    shapes.check_quantize_per_token(x, bits, symmetric, clip_ratio, rotate, block)
+    return _cuda().quantize_per_token(x, bits, symmetric, clip_ratio, rotate, block)
+
+
+@_quantize_per_token.register_fake
+def _quantize_per_token_fake(
+    x: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool, block: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    shapes.check_quantize_per_token(x, bits, symmetric, clip_ratio, rotate, block)
+    tok = (*x.shape[:-1], 1)
+    return (
+        torch.empty(x.shape, dtype=torch.int8, device=x.device),
+        torch.empty(tok, dtype=torch.float32, device=x.device),
+        torch.empty(tok, dtype=torch.int8, device=x.device),
+    )
+
+
+def quantize_per_token(
+    x: Tensor,
+    bits: int,
+    symmetric: bool = True,
+    clip_ratio: float = 1.0,
+    rotate: bool = False,
+    block: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token ``(codes int8, scales float32 [..., 1], zeros int8 [..., 1])`` of ``x`` — or of
+    ``hadamard(x, block)`` when ``rotate``, fused into one pass."""
+    bs = 0 if block is None else block
+    shapes.check_quantize_per_token(x, bits, symmetric, clip_ratio, rotate, bs)
+    return torch.ops.qcompile.quantize_per_token(x, bits, symmetric, float(clip_ratio), rotate, bs)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_w4a16
+
+
+@torch.library.custom_op("qcompile::linear_w4a16", mutates_args=())
+def _linear_w4a16(
+    x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
+) -> Tensor:
+    shapes.check_linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
+    return reference.linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
+
+
+@_linear_w4a16.register_kernel("cuda")
+def _linear_w4a16_cuda(
+    x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
+) -> Tensor:
+    shapes.check_linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
+    return _cuda().linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
+
+
+@_linear_w4a16.register_fake
+def _linear_w4a16_fake(
+    x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
+) -> Tensor:
+    shapes.check_linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
+    return x.new_empty((*x.shape[:-1], packed_weight.shape[0]))
+
+
+def linear_w4a16(
+    x: Tensor,
+    packed_weight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    group_size: int | None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``x @ W.T + bias`` for a canonical int4 W; ``group_size`` None = per-channel (K)."""
+    g = x.shape[-1] if group_size is None else group_size
+    shapes.check_linear_w4a16(x, packed_weight, scales, zeros, g, bias)
+    return torch.ops.qcompile.linear_w4a16(x, packed_weight, scales, zeros, g, bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_w4a8 / linear_w4a4
+
+
+def _declare_w4ax(name: str):
+    @torch.library.custom_op(f"qcompile::{name}", mutates_args=())
+    def op(
+        x_codes: Tensor,
+        x_scales: Tensor,
+        x_zeros: Tensor | None,
+        packed_weight: Tensor,
+        w_scales: Tensor,
+        w_zeros: Tensor | None,
+        group_size: int,
+        bias: Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> Tensor:
+        args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype)
+        shapes.check_linear_w4ax(name, *args)
+        return reference.linear_w4a8(*args)
+
+    @op.register_kernel("cuda")
+    def _cuda_impl(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
+        args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype)
+        shapes.check_linear_w4ax(name, *args)
+        return _cuda().linear_w4ax(*args)
+
+    @op.register_fake
+    def _fake(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
+        args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype)
+        shapes.check_linear_w4ax(name, *args)
+        return x_codes.new_empty((*x_codes.shape[:-1], packed_weight.shape[0]), dtype=out_dtype)
+
+    return op
+
+
+_linear_w4a8 = _declare_w4ax("linear_w4a8")
+_linear_w4a4 = _declare_w4ax("linear_w4a4")
+
+
+def _w4ax(name: str, x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
+    g = x_codes.shape[-1] if group_size is None else group_size
+    args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, g, bias, out_dtype)
+    shapes.check_linear_w4ax(name, *args)
+    return getattr(torch.ops.qcompile, name)(*args)
+
+
+def linear_w4a8(
+    x_codes: Tensor,
+    x_scales: Tensor,
+    x_zeros: Tensor | None,
+    packed_weight: Tensor,
+    w_scales: Tensor,
+    w_zeros: Tensor | None,
+    group_size: int | None,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """``((x_codes − x_zeros)·x_scales) @ W.T + bias`` in ``out_dtype``; 8-bit per-token codes."""
+    return _w4ax("linear_w4a8", x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias,
+                 out_dtype)
+
+
+def linear_w4a4(
+    x_codes: Tensor,
+    x_scales: Tensor,
+    x_zeros: Tensor | None,
+    packed_weight: Tensor,
+    w_scales: Tensor,
+    w_zeros: Tensor | None,
+    group_size: int | None,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """As ``linear_w4a8`` for 4-bit per-token codes (``quantize_per_token(x, 4, ...)``)."""
+    return _w4ax("linear_w4a4", x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias,
+                 out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# fake_quant: quantize-dequantize per token (the simulation the lowering replaces with real int ops)
+
+
+@torch.library.custom_op("qcompile::fake_quant", mutates_args=())
+def _fake_quant(x: Tensor, bits: int, symmetric: bool, clip_ratio: float) -> Tensor:
+    from qcompile.quant.formats import fake_quantize_per_token
+
+    return fake_quantize_per_token(x, bits, symmetric, clip_ratio)
+
+
+@_fake_quant.register_fake
+def _fake_quant_fake(x: Tensor, bits: int, symmetric: bool, clip_ratio: float) -> Tensor:
+    return torch.empty_like(x)
+
+
+def fake_quant(x: Tensor, bits: int, symmetric: bool = True, clip_ratio: float = 1.0) -> Tensor:
+    """Per-token (last-dim) quantize→dequantize of activations, or of K/V per (token, head) when the last
+    dim is head_dim; the graph op that marks where the lowering quantizes for real."""
+    return torch.ops.qcompile.fake_quant(x, bits, symmetric, float(clip_ratio))

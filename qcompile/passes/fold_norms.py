@@ -85,3 +85,17 @@ def fold_norms(program: Program) -> Program:
     p.module.graph.eliminate_dead_code()
     p.rematch()
     return p.done(report)
+
+
+def plan(mm, **options) -> list[str]:
+    """What fold_norms will do to this map (refusing now what it would refuse later)."""
+    kinds = {n.kind for n in mm.norms}
+    if kinds == {"rms", "layer"}:
+        raise UnsafeRewriteError("a model mixing LayerNorm and RMSNorm cannot be centred exactly")
+    lines = [f"fold {len(mm.norms)} norms into {len(mm.readers)} readers"
+             + (f" (offset γ+{mm.final_norm.offset:g})" if mm.final_norm.offset else "")]
+    if mm.tied:
+        lines.append(f"untie the embedding from the lm_head ({mm.embedding.weight})")
+    if "layer" in kinds:
+        lines.append(f"centre {len(mm.writers)} writers and the embeddings; LayerNorm → RMSNorm")
+    return lines

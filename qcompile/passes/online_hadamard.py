@@ -65,3 +65,18 @@ def online_hadamard(program: Program, r3: bool = True, r4: bool = True) -> Progr
             report.notes["R4"] = choice.describe()
     p.rematch()
     return p.done(report)
+
+
+def plan(mm, r3: bool = True, r4: bool = True) -> list[str]:
+    lines = []
+    if r3:
+        a = mm.blocks[0].attention
+        c = online_choice(a.head_dim)
+        where = "after RoPE" if a.rope else "before attention"
+        lines.append(f"R3 {c.describe()}: {2 * len(mm.blocks)} online ops on q and k {where}")
+    if r4:
+        widths = sorted({mm.linears[b.ffn.down].in_features for b in mm.blocks})
+        for w in widths:
+            c = online_choice(w)
+            lines.append(f"R4 {c.describe()}: {len(mm.blocks)} online ops on down inputs, inverse fused into the weights")
+    return lines

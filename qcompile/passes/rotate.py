@@ -119,3 +119,23 @@ def _rotate_heads(p: Program, kind: str, seed: int, report: PassReport) -> None:
     if mm.blocks:
         choice = choose_rotation(mm.blocks[0].attention.head_dim, kind, min_block=1)
         report.notes["R2"] = choice.describe() + (", random signs per layer" if choice.kind != "orthogonal" else "")
+
+
+def plan(mm, kind: str = "hadamard", seed: int = 0, r1: bool = True, r2: bool = True) -> list[str]:
+    lines = []
+    if r1:
+        c = choose_rotation(mm.hidden, kind)
+        n_emb = 1 + (mm.positional is not None)
+        lines.append(f"R1 {c.describe()} (seed {seed}): {n_emb} embedding(s), {len(mm.readers)} readers, "
+                     f"{len(mm.writers)} writers fused")
+    if r2:
+        for block in mm.blocks:
+            proof = mm.holds(f"v_to_o:{block.attention.node}")
+            if proof is None or not proof.holds:
+                raise UnsafeRewriteError(f"R2 at attention {block.attention.node}: "
+                                         f"{proof.reason if proof else 'not proved'}")
+        a = mm.blocks[0].attention
+        c = choose_rotation(a.head_dim, kind, min_block=1)
+        lines.append(f"R2 {c.describe()} per layer: {len(mm.blocks)} v→o pairs fused "
+                     f"({a.n_kv_heads} kv heads shared by {a.n_heads} heads)")
+    return lines

@@ -1,0 +1,92 @@
+"""CUDA implementations of the ``qcompile`` ops: flatten to 2-D, make the unit-stride views the
+kernels assume, pick the kernel, restore the caller's shape. Imported only when a CUDA tensor reaches
+an op, so Triton is never imported by ``import qcompile``.
+
+Hadamard units too large for one program's registers (``rotate_quant.supports``) are rotated by the
+torch reference on the GPU instead, with a warning naming the size: the result is the same, only
+slower; ``qcompile.kernels.hadamard_kernel_supported`` lets a planner report it ahead of time.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from qcompile.kernels import reference
+from qcompile.kernels.triton import rotate_quant, w4a16, w4ax
+
+_warned: set[int] = set()
+
+
+def _rows(x: Tensor) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _torch_rotation(unit: int) -> bool:
+    if rotate_quant.supports(unit):
+        return False
+    if unit not in _warned:
+        _warned.add(unit)
+        warnings.warn(
+            f"qcompile: no Triton Hadamard kernel for a unit of size {unit} (its padded tile exceeds "
+            f"{rotate_quant.MAX_TILE} elements); it is applied by the torch implementation on the GPU",
+            stacklevel=3,
+        )
+    return True
+
+
+def hadamard(x: Tensor, block_size: int) -> Tensor:
+    n = x.shape[-1]
+    unit = n if block_size == 0 else block_size
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if _torch_rotation(unit):
+        return reference.hadamard(x, block_size)
+    return rotate_quant.hadamard(_rows(x), unit).reshape(x.shape)
+
+
+def quantize_per_token(x: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool, block_size: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    if x.numel() == 0:
+        return (torch.empty(x.shape, dtype=torch.int8, device=x.device),
+                torch.empty((*lead, 1), dtype=torch.float32, device=x.device),
+                torch.empty((*lead, 1), dtype=torch.int8, device=x.device))
+    unit = (n if block_size == 0 else block_size) if rotate else None
+    x2 = _rows(x)
+    if unit is not None and _torch_rotation(unit):
+        x2 = reference.hadamard(x2.float(), block_size)  # float32, as the fused kernel keeps it
+        unit = None
+    codes, scales, zeros = rotate_quant.quantize_per_token(x2, bits, symmetric, clip_ratio, unit)
+    return codes.reshape(x.shape), scales.reshape(*lead, 1), zeros.reshape(*lead, 1)
+
+
+def _weight(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+                 bias: Tensor | None) -> Tensor:
+    N = packed.shape[0]
+    out_shape = (*x.shape[:-1], N)
+    if x.numel() == 0:
+        return torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    y = w4a16.linear(_rows(x), packed.contiguous(), scales.contiguous(), _weight(zeros), group_size, _weight(bias))
+    return y.reshape(out_shape)
+
+
+def linear_w4ax(x_codes: Tensor, x_scales: Tensor, x_zeros: Tensor | None, packed: Tensor, w_scales: Tensor,
+                w_zeros: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    N = packed.shape[0]
+    out_shape = (*x_codes.shape[:-1], N)
+    if x_codes.numel() == 0:
+        return torch.empty(out_shape, dtype=out_dtype, device=x_codes.device)
+    sa = x_scales.reshape(-1).contiguous()
+    za = None if x_zeros is None else x_zeros.reshape(-1).contiguous()
+    y = w4ax.linear(_rows(x_codes), sa, za, packed.contiguous(), w_scales.contiguous(), _weight(w_zeros),
+                    group_size, _weight(bias), out_dtype)
+    return y.reshape(out_shape)

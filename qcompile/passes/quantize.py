@@ -1,0 +1,131 @@
+"""quantize: fake-quantize a Program as a recipe says (weights, per-token activations, K/V per head).
+
+Activations and K/V become ``torch.ops.qcompile.fake_quant`` nodes in the graph (before each quantized
+linear's input; on the attention op's k and v operands, i.e. after RoPE and R3), so the lowering later
+knows exactly where to quantize for real. Weights are replaced by their dequantized values, and the
+codes/grids are kept on the Program (``program.quantized``) for packing.
+
+Weights that need calibration (GPTQ, LeanQuant) are quantized *sequentially* by running the graph one
+node at a time over all calibration windows: when the interpreter reaches a quantized linear, the
+Hessian of its input (shared by every linear reading the same value: [q, k, v], [gate, up]) is taken
+from the activations produced by the already-quantized earlier layers, the weight is quantized, and
+the node runs with the new weight. In graph order this is GPTQ's sequential groups
+[k, v, q] → [o] → [up, gate] → [down], with each layer's outputs recomputed in between.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from tqdm import tqdm
+
+import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
+from qcompile.analysis.modelmap import Linear
+from qcompile.errors import RecipeError
+from qcompile.pipeline import quantized_linears
+from qcompile.program import PassReport, Program
+from qcompile.quant.gptq import HessianAccumulator, gptq_quantize
+from qcompile.quant.leanquant import leanquant_quantize
+from qcompile.quant.rtn import rtn_quantize
+from qcompile.recipe import Recipe, WeightQuant
+
+
+def _insert_fake_quant(p: Program, consumer: str, pos: int, bits: int, symmetric: bool, clip: float) -> None:
+    node = p.node(consumer)
+    src = node.args[pos]
+    with p.module.graph.inserting_before(node):
+        q = p.module.graph.call_function(torch.ops.qcompile.fake_quant.default, (src, bits, symmetric, float(clip)))
+    q.meta["val"] = src.meta.get("val")
+    node.update_arg(pos, q)
+
+
+def _quantize_weight(w: torch.Tensor, H: torch.Tensor | None, wq: WeightQuant, name: str):
+    spec = wq.spec
+    if wq.method == "rtn":
+        return rtn_quantize(w, spec, clip_search=wq.clip_search)
+    if wq.method == "gptq":
+        return gptq_quantize(w, H, spec, block_size=wq.block_size, percdamp=wq.percdamp, act_order=wq.act_order,
+                             static_groups=wq.static_groups, mse=wq.clip_search, name=name)
+    return leanquant_quantize(w, H, spec, nonuniform=wq.method == "leanquant-nu", p=wq.p, act_order=wq.act_order,
+                              block_size=wq.block_size, percdamp=wq.percdamp, name=name)
+
+
+def _check_weights(p: Program, targets: list[str], wq: WeightQuant) -> None:
+    for n in targets:
+        lin = p.model_map.linears[n]
+        if lin.experts and wq.method != "rtn":
+            raise RecipeError(f"{wq.method} on the stacked expert weight {lin.weight} is not supported; use rtn")
+
+
+def _store(p: Program, lin: Linear, qw, report: PassReport) -> None:
+    w = p.weight(lin.weight)
+    p.set_weight(lin.weight, qw.weight.reshape(w.shape))
+    p.quantized[lin.weight] = qw
+    report.count(f"W{qw.spec.bits} {lin.weight.rsplit('.', 2)[-2] if '.' in lin.weight else 'weight'}")
+
+
+def _rtn_all(p: Program, targets: list[str], wq: WeightQuant, report: PassReport, progress: bool) -> None:
+    for n in tqdm(targets, desc="rtn", unit="linear", disable=not progress):
+        lin = p.model_map.linears[n]
+        flat = p.weight(lin.weight).detach().float().reshape(-1, lin.in_features)  # experts: all their rows
+        _store(p, lin, _quantize_weight(flat, None, wq, lin.weight), report)
+
+
+class _SequentialQuantizer(fx.Interpreter):
+    """Runs the graph node by node over all calibration windows, quantizing linears as it meets them."""
+
+    def __init__(self, p: Program, targets: list[str], wq: WeightQuant, report: PassReport, progress: bool):
+        super().__init__(p.module, garbage_collect_values=True)
+        self.p, self.wq, self.report = p, wq, report
+        self.targets = {n: p.model_map.linears[n] for n in targets}
+        self.hessians: dict[fx.Node, torch.Tensor] = {}  # per input value, shared by its readers
+        self.bar = tqdm(total=len(targets), desc=wq.method, unit="linear", disable=not progress)
+
+    def run_node(self, n: fx.Node):
+        lin = self.targets.get(n.name)
+        if lin is not None:
+            x_node = n.args[0]
+            if x_node not in self.hessians:
+                acc = HessianAccumulator(lin.in_features, name=lin.weight)
+                acc.add(self.env[x_node].detach().reshape(-1, lin.in_features))
+                self.hessians[x_node] = acc.hessian()
+            w = self.p.weight(lin.weight).detach().float()
+            _store(self.p, lin, _quantize_weight(w, self.hessians[x_node], self.wq, lin.weight), self.report)
+            self.bar.update(1)
+        return super().run_node(n)
+
+
+@torch.no_grad()
+def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None = None,
+             progress: bool = True) -> Program:
+    """The fake-quantized Program; ``calibration`` holds token windows [n, seq] for GPTQ/LeanQuant."""
+    p = program.clone()
+    report = PassReport("quantize")
+    mm = p.model_map
+    targets = quantized_linears(mm, recipe)
+    if recipe.activations:
+        a = recipe.activations
+        for n in targets:
+            _insert_fake_quant(p, n, 0, a.bits, a.symmetric, a.clip_ratio)
+        report.count(f"A{a.bits} per-token input", n=len(targets))
+    if recipe.kv:
+        kv = recipe.kv
+        for b in mm.blocks:
+            for pos in (1, 2):
+                _insert_fake_quant(p, b.attention.node, pos, kv.bits, kv.symmetric, kv.clip_ratio)
+        report.count(f"KV{kv.bits} per (token, head)", n=2 * len(mm.blocks))
+    p.module.recompile()
+    wq = recipe.weights
+    if wq:
+        _check_weights(p, targets, wq)
+        if wq.method == "rtn":
+            _rtn_all(p, targets, wq, report, progress)
+        else:
+            if calibration is None:
+                raise RecipeError(f"weights.method {wq.method} needs calibration windows")
+            runner = _SequentialQuantizer(p, targets, wq, report, progress)
+            runner.run(calibration)
+            runner.bar.close()
+        report.notes["weights"] = f"{wq.method} {wq.spec.bits}-bit {'g' + str(wq.group_size) if wq.group_size else 'per-channel'}"
+    p.rematch()
+    return p.done(report)

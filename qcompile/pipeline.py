@@ -1,0 +1,74 @@
+"""Plan a recipe against a ModelMap, then run it on a Program.
+
+``plan`` is cheap and complete: it decides every site (which Hadamard fits each size, which groups are
+partial, which rewrites are provable) and raises the refusal a pass would raise, so nothing slow starts
+on a recipe that cannot finish.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from qcompile.analysis.modelmap import ModelMap
+from qcompile.passes import PASSES
+from qcompile.program import Program
+from qcompile.quant.formats import num_groups
+from qcompile.recipe import Recipe
+
+def describe_model(mm: ModelMap) -> str:
+    a, f = mm.blocks[0].attention, mm.blocks[0].ffn
+    return (f"hidden {mm.hidden}, {len(mm.blocks)} blocks, {a.n_heads} heads / {a.n_kv_heads} kv heads × {a.head_dim}"
+            f"{' with RoPE' if a.rope else ''}{', QK-norm' if a.qk_norm else ''}, {f.kind} {f.act} FFN "
+            f"{mm.linears[f.down].in_features}{f' × {f.experts} experts' if f.experts else ''}, "
+            f"{mm.final_norm.kind} norms{', tied embeddings' if mm.tied else ''}")
+
+
+def quantized_linears(mm: ModelMap, recipe: Recipe) -> list[str]:
+    """Linear nodes whose weights (and inputs) the recipe quantizes: all but the lm_head unless asked."""
+    include_head = recipe.weights is not None and recipe.weights.include_lm_head
+    return [n for n in mm.linears if n != mm.lm_head or include_head]
+
+
+def _plan_quantization(mm: ModelMap, recipe: Recipe) -> list[str]:
+    lines = []
+    targets = quantized_linears(mm, recipe)
+    if recipe.weights:
+        w = recipe.weights
+        lines.append(f"weights: {w.method} W{w.bits} {'sym' if w.symmetric else 'asym'} "
+                     f"{'g' + str(w.group_size) if w.group_size else 'per-channel'} on {len(targets)} linears "
+                     f"(lm_head {'quantized' if w.include_lm_head else 'in float'})")
+        if w.group_size:
+            for k, count in sorted(Counter(mm.linears[n].in_features for n in targets).items()):
+                g = num_groups(k, w.group_size)
+                last = k - (g - 1) * w.group_size
+                partial = f", last group partial ({last} columns)" if last != w.group_size else ""
+                lines.append(f"  K={k}: {g} groups of {w.group_size}{partial} ×{count} linears")
+        if w.method != "rtn":
+            c = recipe.calibration
+            lines.append(f"calibration: {c.samples} windows × {c.seq} tokens of wikitext2_valid, seed {c.seed}")
+    if recipe.activations:
+        a = recipe.activations
+        lines.append(f"activations: A{a.bits} per-token {'sym' if a.symmetric else 'asym'} clip {a.clip_ratio} "
+                     f"on {len(targets)} linear inputs")
+    if recipe.kv:
+        kv = recipe.kv
+        lines.append(f"kv: KV{kv.bits} per (token, head) {'sym' if kv.symmetric else 'asym'} clip {kv.clip_ratio} "
+                     f"on {len(mm.blocks)} × (K, V)")
+    return lines
+
+
+def plan(mm: ModelMap, recipe: Recipe) -> list[str]:
+    """The plan, one line per decision; raises the refusal that running the recipe would raise."""
+    lines = [f"model: {describe_model(mm)}", f"recipe: {recipe.name}"]
+    for name, options in recipe.passes:
+        lines += [f"{name}: {line}" for line in PASSES[name][1](mm, **options)]
+    lines += _plan_quantization(mm, recipe) or ["quantization: off"]
+    return lines
+
+
+def run_passes(program: Program, recipe: Recipe) -> Program:
+    """The recipe's equivalence-preserving passes, in order, after planning them."""
+    plan(program.model_map, recipe)
+    for name, options in recipe.passes:
+        program = PASSES[name][0](program, **options)
+    return program
