@@ -1,0 +1,83 @@
+"""The public entry points: capture a model, compile it with a recipe, evaluate it."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from qcompile import models
+from qcompile.errors import QCompileError
+from qcompile.eval import data
+from qcompile.eval.perplexity import perplexity
+from qcompile.passes.quantize import quantize as _quantize
+from qcompile.pipeline import plan, run_passes
+from qcompile.program import Program
+from qcompile.recipe import Recipe, load_recipe
+
+
+def capture(model: torch.nn.Module, example_ids: torch.Tensor | None = None) -> Program:
+    """Capture a causal LM as a Program (fx graph + weights + ModelMap)."""
+    return Program.capture(model, example_ids)
+
+
+def load_model(spec: str):
+    """(model, tokenizer) for a model spec; ``tiny:ARCH`` gives a small random model without tokenizer."""
+    if spec.startswith("tiny:"):
+        return models.tiny(spec.split(":", 1)[1]), None
+    return models.load(spec)
+
+
+def as_recipe(recipe: str | Recipe) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def calibration_windows(tokenizer, recipe: Recipe) -> torch.Tensor:
+    c = recipe.calibration
+    return data.calibration_windows(data.token_ids(tokenizer, data.VALID), c.samples, c.seq, c.seed)
+
+
+def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bool = True) -> Program:
+    """Plan the recipe (refusing early), run its passes, then quantize as it says."""
+    recipe = as_recipe(recipe)
+    plan(program.model_map, recipe)
+    program = run_passes(program, recipe)
+    if not recipe.quantizes:
+        return program
+    calib = None
+    if recipe.weights and recipe.weights.method != "rtn":
+        if tokenizer is None:
+            raise QCompileError(f"{recipe.weights.method} needs a tokenizer for its calibration windows")
+        calib = calibration_windows(tokenizer, recipe)
+    return _quantize(program, recipe, calib, progress=progress)
+
+
+def evaluate(spec: str, recipe: str | Recipe | None = None, fp: bool = False, windows: int | None = 4,
+             seq: int = 2048, progress: bool = True) -> dict:
+    """WikiText-2 test perplexity of a model, optionally compiled with a recipe (``fp``: passes only)."""
+    start = time.time()
+    model, tokenizer = load_model(spec)
+    if tokenizer is None:
+        raise QCompileError(f"{spec} has no tokenizer; perplexity needs a real model")
+    r = as_recipe(recipe) if recipe else Recipe(name="fp")
+    if fp:
+        r = r.without_quantization()
+    t0 = time.time()
+    program = compile(capture(model), r, tokenizer, progress)
+    compile_seconds = time.time() - t0
+    ids = data.eval_windows(data.token_ids(tokenizer, data.TEST), seq, windows)
+    ppl = perplexity(program.logits, ids, progress)
+    return {
+        "model": spec,
+        "recipe": r.name,
+        "wbits": r.weights.bits if r.weights else 16,
+        "abits": r.activations.bits if r.activations else 16,
+        "kvbits": r.kv.bits if r.kv else 16,
+        "group": r.weights.group_size if r.weights else None,
+        "method": r.weights.method if r.weights else None,
+        "windows": ids.shape[0],
+        "seq": seq,
+        "ppl": ppl,
+        "compile_seconds": round(compile_seconds, 1),
+        "seconds": round(time.time() - start, 1),
+    }

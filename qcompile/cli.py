@@ -1,0 +1,114 @@
+"""``qcompile inspect|plan|eval``: the command line.
+
+Every command takes a MODEL: ``smollm2-135m``, a local checkpoint folder or .gguf file, or
+``tiny:ARCH`` (a small random model of a known architecture, for trying things out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from qcompile.errors import QCompileError
+
+
+def _recipe_with_bits(args):
+    from qcompile.recipe import Recipe, load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe(name="fp")
+    recipe = recipe.with_bits(w=args.w, a=args.a, kv=args.kv, group=args.group)
+    if getattr(args, "calib_samples", None) or getattr(args, "calib_seq", None):
+        import dataclasses
+
+        c = recipe.calibration
+        recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(
+            c, samples=args.calib_samples or c.samples, seq=args.calib_seq or c.seq))
+    return recipe
+
+
+def cmd_inspect(args) -> None:
+    from qcompile.api import capture, load_model
+    from qcompile.pipeline import describe_model
+
+    model, _ = load_model(args.model)
+    mm = capture(model).model_map
+    if args.json:
+        print(json.dumps(mm.to_dict(), default=str))
+        return
+    print(f"{args.model}: {describe_model(mm)}")
+    print(json.dumps(mm.summary(), indent=1))
+    for b in mm.blocks:
+        a, f = b.attention, b.ffn
+        print(f"block {b.index}: norm {b.attn_norm.node} → q {a.q.linear}[{a.q.start}:{a.q.stop}] "
+              f"k {a.k.linear}[{a.k.start}:{a.k.stop}] v {a.v.linear}[{a.v.start}:{a.v.stop}] → {a.node} → o {a.o} "
+              f"| norm {b.ffn_norm.node} → {f.kind} gate {f.gate.linear if f.gate else '-'} up {f.up.linear} "
+              f"down {f.down}")
+    for inv in mm.invariances:
+        if not inv.holds:
+            print(f"not proved: {inv.name}: {inv.reason}")
+
+
+def cmd_plan(args) -> None:
+    from qcompile.api import capture, load_model
+    from qcompile.pipeline import plan
+
+    recipe = _recipe_with_bits(args)
+    model, _ = load_model(args.model)
+    for line in plan(capture(model).model_map, recipe):
+        print(line)
+
+
+def cmd_eval(args) -> None:
+    from qcompile.api import evaluate
+
+    result = evaluate(args.model, _recipe_with_bits(args), fp=args.fp, windows=args.windows, seq=args.seq,
+                      progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['model']} {result['recipe']} W{result['wbits']}A{result['abits']}KV{result['kvbits']}: "
+              f"ppl {result['ppl']:.4f} on {result['windows']}×{result['seq']} tokens ({result['seconds']} s)")
+
+
+def _bits(parser):
+    parser.add_argument("--recipe", help="recipe name, .yaml file, or a +-composition (quarot+gptq)")
+    parser.add_argument("--w", type=int, help="weight bits (16: off)")
+    parser.add_argument("--a", type=int, help="activation bits (16: off)")
+    parser.add_argument("--kv", type=int, help="KV-cache bits (16: off)")
+    parser.add_argument("--group", type=int, help="weight group size along K (default: per channel)")
+    parser.add_argument("--calib-samples", type=int, help="override the recipe's calibration window count")
+    parser.add_argument("--calib-seq", type=int, help="override the recipe's calibration window length")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="match the model's structure and print its map")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("plan", help="print every site a recipe rewrites, and refusals")
+    p.add_argument("model")
+    _bits(p)
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("eval", help="WikiText-2 test perplexity")
+    p.add_argument("model")
+    _bits(p)
+    p.add_argument("--fp", action="store_true", help="run the recipe's transforms with quantization off")
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the result")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_eval)
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except QCompileError as e:
+        print(f"qcompile: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
