@@ -161,11 +161,12 @@ class Recipe:
                   group: int | None = None) -> "Recipe":
         """The recipe with bit widths from the command line (16 or more turns that part off)."""
         changes = {}
-        if w is not None or group is not None:
+        if w is not None and w >= 16:
+            changes["weights"] = None
+        elif w is not None or group is not None:
             base = self.weights or WeightQuant()
-            wq = dataclasses.replace(base, bits=w if w is not None else base.bits,
-                                     group_size=group if group is not None else base.group_size)
-            changes["weights"] = None if wq.bits >= 16 else wq
+            changes["weights"] = dataclasses.replace(base, bits=w if w is not None else base.bits,
+                                                     group_size=group if group is not None else base.group_size)
         if a is not None:
             changes["activations"] = None if a >= 16 else dataclasses.replace(self.activations or ActQuant(), bits=a)
         if kv is not None:

@@ -44,7 +44,7 @@ def _cuda():
 # hadamard
 
 
-@torch.library.custom_op("qcompile::hadamard", mutates_args=())
+@torch.library.custom_op("qcompile::hadamard", mutates_args=(), schema="(Tensor x, int block=0) -> Tensor")
 def _hadamard(x: Tensor, block: int = 0) -> Tensor:
     shapes.check_hadamard(x, block)
     return reference.hadamard(x, block)
@@ -74,7 +74,11 @@ def hadamard(x: Tensor, block: int | None = None) -> Tensor:
 # quantize_per_token
 
 
-@torch.library.custom_op("qcompile::quantize_per_token", mutates_args=())
+@torch.library.custom_op(
+    "qcompile::quantize_per_token",
+    mutates_args=(),
+    schema="(Tensor x, int bits, bool symmetric, float clip_ratio, bool rotate, int block) -> (Tensor, Tensor, Tensor)",
+)
 def _quantize_per_token(
     x: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool, block: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,7 +126,11 @@ def quantize_per_token(
 # linear_w4a16
 
 
-@torch.library.custom_op("qcompile::linear_w4a16", mutates_args=())
+@torch.library.custom_op(
+    "qcompile::linear_w4a16",
+    mutates_args=(),
+    schema="(Tensor x, Tensor packed_weight, Tensor scales, Tensor? zeros, int group_size, Tensor? bias) -> Tensor",
+)
 def _linear_w4a16(
     x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
 ) -> Tensor:
@@ -165,7 +173,12 @@ def linear_w4a16(
 
 
 def _declare_w4ax(name: str):
-    @torch.library.custom_op(f"qcompile::{name}", mutates_args=())
+    @torch.library.custom_op(
+        f"qcompile::{name}",
+        mutates_args=(),
+        schema="(Tensor x_codes, Tensor x_scales, Tensor? x_zeros, Tensor packed_weight, Tensor w_scales, "
+        "Tensor? w_zeros, int group_size, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    )
     def op(
         x_codes: Tensor,
         x_scales: Tensor,

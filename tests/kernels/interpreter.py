@@ -1,5 +1,10 @@
 """Run Triton kernels on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 
+Kernels decorated after ``TRITON_INTERPRET=1`` is set run interpreted. Triton's own library
+functions (``tl.cdiv``, ``tl.sum``, …) were decorated when Triton was first imported, which in a test
+session happens early (``transformers`` imports it) and without the variable; ``interpret_library``
+lets interpreted kernels call those compiled-mode functions by interpreting them on the spot.
+
 Triton 3.9's interpreter stores bfloat16 as raw uint16 bits and forgets to convert them in two
 places: integer↔bfloat16 casts (it converts the *value* to uint16 bits) and ``tl.dot`` of bfloat16
 operands (it multiplies the bit patterns). ``patch_bfloat16`` routes both through float32, the
@@ -16,6 +21,23 @@ os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton.jit decorates 
 import numpy as np  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+def interpret_library() -> None:
+    if getattr(JITFunction, "_qcompile_interpret_patch", False):
+        return
+    compiled_call = JITFunction.__call__
+    cache: dict = {}
+
+    def __call__(self, *args, **kwargs):
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return compiled_call(self, *args, **kwargs)
+        fn = cache.get(self.fn) or cache.setdefault(self.fn, interpreter.InterpretedFunction(self.fn))
+        return fn(*args, **kwargs)
+
+    JITFunction.__call__ = __call__
+    JITFunction._qcompile_interpret_patch = True
 
 
 def _probe_is_buggy() -> bool:

@@ -1,0 +1,137 @@
+"""The Triton kernels, run by Triton's interpreter on CPU tensors, against the reference ops.
+
+Shapes are fuzzed (seeded) over M, N, K, group size and odd sizes; every kernel variant the
+autotuner may choose is run, since any of them can end up serving a shape on the GPU. Tolerances:
+bfloat16/float16 outputs are compared at their rounding (the interpreter truncates float32 →
+bfloat16 where a GPU rounds, so bf16 gets 1e-2), float32 at 1e-5; quantization codes must match
+exactly without rotation and to within one step on < 0.2% of elements after a rotation (float32
+summation order differs from the reference's fast Walsh–Hadamard transform).
+"""
+
+import random
+
+import pytest
+import torch
+
+from qcompile.kernels import reference
+from qcompile.kernels.hadamard_plan import plan_unit
+from qcompile.kernels.triton import rotate_quant, w4a16, w4ax
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _weight(n, k, g, asym, gen):
+    groups = -(-k // g)
+    packed = torch.randint(0, 256, (n, (k + 1) // 2), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.002).half()
+    zeros = torch.randint(0, 16, (n, groups), dtype=torch.uint8, generator=gen) if asym else None
+    return packed, scales, zeros
+
+
+def _shape(seed, m_choices):
+    rnd = random.Random(seed)
+    m = rnd.choice(m_choices)
+    n = rnd.randint(1, 80)
+    k = rnd.choice([rnd.randint(16, 700), rnd.choice([64, 256, 576, 1536])])
+    g = rnd.choice([k, 32, 64, 128, 48, 40, rnd.randint(2, k)])
+    return m, n, k, min(g, k), rnd.random() < 0.5, rnd.random() < 0.5
+
+
+@pytest.mark.parametrize("seed", range(14))
+def test_w4a16_variants(seed):
+    m, n, k, g, asym, has_bias = _shape(seed, [1, 1, 2, 5, 16, 17, 40])
+    gen = torch.Generator().manual_seed(seed)
+    dt = [torch.bfloat16, torch.float16, torch.float32][seed % 3]
+    packed, scales, zeros = _weight(n, k, g, asym, gen)
+    x = torch.randn(m, k, generator=gen).to(dt)
+    bias = torch.randn(n, generator=gen).to(dt) if has_bias else None
+    ref = reference.linear_w4a16(x.float(), packed, scales, zeros, g, None if bias is None else bias.float())
+    cands = w4a16.candidates(m, n, k, g)
+    kinds = {c.meta["kind"] for c in cands}
+    assert kinds == ({"gemv", "skinny"} if m == 1 else {"skinny"} if m <= 16 else {"gemm", "dequant_cublas"}) or (
+        m == 1 and kinds == {"skinny"}  # odd groups: no reduction kernel
+    )
+    for cand in cands:
+        y = w4a16.run(cand, x, packed, scales, zeros, g, bias)
+        assert y.dtype == dt and y.shape == (m, n)
+        assert _rel(y, ref) < TOL[dt], (cand.name, _rel(y, ref))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_w4ax_variants(seed):
+    m, n, k, g, asym_w, has_bias = _shape(100 + seed, [1, 3, 16, 20, 64])
+    if g < k and g % 32:
+        g = 32 if k > 32 else k  # the int8 kernel needs groups of a multiple of 32 (checked below)
+    gen = torch.Generator().manual_seed(seed)
+    bits, sym_act = [(8, True), (4, False), (4, True), (8, False)][seed % 4]
+    packed, scales, zeros = _weight(n, k, g, asym_w, gen)
+    x = torch.randn(m, k, generator=gen)
+    codes, sa, za = reference.quantize_per_token(x, bits, sym_act, 0.9)
+    za = None if sym_act else za
+    bias = torch.randn(n, generator=gen) if has_bias else None
+    out_dtype = [torch.float32, torch.bfloat16][seed % 2]
+    ref = reference.linear_w4a8(codes, sa, za, packed, scales, zeros, g, bias, torch.float32)
+    for cand in w4ax.candidates(m, n, k, g):
+        y = w4ax.run(cand, codes, sa.reshape(-1), None if za is None else za.reshape(-1), packed, scales, zeros, g,
+                     bias, out_dtype)
+        assert y.dtype == out_dtype
+        assert _rel(y, ref) < (1e-5 if out_dtype == torch.float32 else 1e-2), cand.name
+
+
+def test_w4ax_refuses_groups_it_cannot_tile():
+    from qcompile.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="multiple of 32"):
+        w4ax.candidates(4, 64, 576, 48)
+
+
+@pytest.mark.parametrize(
+    "rows, n, block, dt",
+    [(3, 64, 0, torch.float32), (5, 576, 0, torch.bfloat16), (2, 1536, 0, torch.float16), (2, 4096, 0, torch.bfloat16),
+     (3, 1024, 256, torch.float32), (17, 12, 0, torch.float32), (4, 96, 0, torch.bfloat16), (2, 5120, 0, torch.float32),
+     (1, 2048, 128, torch.bfloat16)],
+)
+def test_hadamard_and_rotated_quantization(rows, n, block, dt):
+    unit = block or n
+    assert plan_unit(unit) is not None
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(rows, n, generator=gen) * 2).to(dt)
+    x[:, 1] += 25.0
+    y = rotate_quant.hadamard(x, unit)
+    assert y.dtype == dt
+    assert _rel(y, reference.hadamard(x, block)) < {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dt]
+    for bits, sym in ((8, True), (4, False)):
+        c, s, z = rotate_quant.quantize_per_token(x, bits, sym, 0.9, unit)
+        rc, rs, rz = reference.quantize_per_token(x, bits, sym, 0.9, True, block)
+        d = (c.int() - rc.int()).abs()
+        assert d.max() <= 1 and d.float().mean() < 2e-3
+        assert _rel(s, rs.reshape(-1)) < 5e-5  # the rotation is computed to ~2^-17 relative
+        assert (z.int() - rz.reshape(-1).int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("n", [100, 2048, 5000])
+@pytest.mark.parametrize("bits, sym, clip", [(8, True, 1.0), (4, False, 0.9), (8, False, 1.0), (4, True, 0.8)])
+def test_quantization_is_exact_including_ties(n, bits, sym, clip):
+    gen = torch.Generator().manual_seed(n + bits)
+    x = (torch.randn(6, n, generator=gen) * 3).to(torch.bfloat16)
+    x[:, 0] = 127.0  # symmetric 8-bit at clip 1: scale exactly 1, so the next values are exact ties
+    x[:, 1:9] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5], dtype=torch.bfloat16)
+    c, s, z = rotate_quant.quantize_per_token(x, bits, sym, clip, None)
+    rc, rs, rz = reference.quantize_per_token(x, bits, sym, clip)
+    assert torch.equal(c, rc) and torch.equal(s, rs.reshape(-1)) and torch.equal(z, rz.reshape(-1))
+    if bits == 8 and sym and clip == 1.0:
+        assert c[0, 1:9].tolist() == [0, 2, 2, 0, -2, -2, 4, 126]  # half to even, like torch.round
+
+
+def test_plan_unit_sizes():
+    assert plan_unit(4096).tile == 4096 and (plan_unit(4096).P1, plan_unit(4096).P2) == (64, 64)
+    assert (plan_unit(576).MP, plan_unit(576).P2) == (64, 16)  # 36·16: m padded to 64
+    assert plan_unit(12).MP == 16 and plan_unit(12).min_rows == 16  # dense unit
+    assert plan_unit(14336).tile == 16384
+    assert plan_unit(28672) is None  # 28·1024 pads to 32768 > MAX_TILE: torch rotates it
+    assert plan_unit(11008) is None  # no Hadamard of that size at all
