@@ -22,6 +22,7 @@ from torch import Tensor
 from qcompile.errors import RecipeError
 from qcompile.quant.formats import (
     Granularity,
+    _group_view,
     QuantizedWeight,
     QuantSpec,
     compute_qparams,
@@ -72,13 +73,19 @@ def search_qparams(
     g = group_length(spec, k)
     lo = group_reduce(x, g, "amin").clamp(max=0) * spec.clip_ratio
     hi = group_reduce(x, g, "amax").clamp(min=0) * spec.clip_ratio
+    # work on the grouped view [N, G, g]: zero padding of a partial group quantizes to 0 exactly (z is an
+    # integer), so it adds no error and needs no masking
+    xg = _group_view(x, g, "zero")
+    wg = None if col_weight is None else _group_view(col_weight.float().expand_as(x), g, "zero")
     best_err = best_s = best_z = None
     for a, b in candidates:
         s, z = qparams_from_range(a * lo, (a if spec.symmetric else b) * hi, spec, 1.0, scale_dtype)
-        e = (dequantize(quantize(x, s, z, spec), s, z, spec) - x).abs_().pow_(norm)
-        if col_weight is not None:
-            e = e * col_weight
-        err = group_reduce(e, g, "sum")
+        s3, z3 = s.unsqueeze(-1), z.unsqueeze(-1)
+        e = ((torch.round(xg / s3) + z3).clamp_(0, spec.qmax).sub_(z3).mul_(s3).sub_(xg)).abs_()
+        e = e.square_() if norm == 2 else e.pow_(norm)
+        if wg is not None:
+            e = e.mul_(wg)
+        err = e.sum(-1)
         if best_err is None:
             best_err, best_s, best_z = err, s, z
         else:

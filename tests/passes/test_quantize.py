@@ -1,0 +1,93 @@
+"""The quantize pass: placement of fake-quant ops, sequential GPTQ/LeanQuant, determinism, refusals."""
+
+import pytest
+import torch
+
+from qcompile.errors import CalibrationError, RecipeError
+from qcompile.passes.quantize import quantize
+from qcompile.pipeline import run_passes
+from qcompile.recipe import load_recipe
+
+
+def _calib(n=4, seq=32, seed=0):
+    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _fake_quant_nodes(p):
+    return [n for n in p.module.graph.nodes if "qcompile.fake_quant" in str(n.target)]
+
+
+@pytest.mark.parametrize("recipe", ["rtn", "gptq", "leanquant", "leanquant-nu", "quarot", "quarot+gptq"])
+def test_quantized_weights_lie_on_their_grid(recipe, tiny_programs):
+    _, p = tiny_programs["llama"]
+    r = load_recipe(recipe)
+    q = quantize(run_passes(p, r), r, _calib())
+    mm = q.model_map
+    quantized = [mm.linears[n].weight for n in mm.linears if n != mm.lm_head]
+    assert sorted(q.quantized) == sorted(quantized)
+    for name in quantized:
+        qw = q.quantized[name]
+        levels = qw.weight.unique(dim=None).numel()
+        assert torch.equal(q.weight(name), qw.weight.reshape(q.weight(name).shape))
+        assert qw.codes.max() < 2 ** r.weights.bits
+        assert levels <= qw.weight.shape[0] * 2 ** r.weights.bits
+    head = mm.linears[mm.lm_head].weight
+    assert head not in q.quantized
+
+
+def test_activation_and_kv_quant_ops_are_placed(tiny_programs):
+    _, p = tiny_programs["llama"]
+    r = load_recipe("quarot")
+    q = quantize(run_passes(p, r), r)
+    nodes = _fake_quant_nodes(q)
+    layers = len(p.model_map.blocks)
+    assert len(nodes) == 7 * layers + 2 * layers  # 7 linear inputs and K, V per layer
+    attn = {b.attention.node for b in q.model_map.blocks}
+    kv = [n for n in nodes if any(u.name in attn for u in n.users)]
+    assert len(kv) == 2 * layers and all(n.args[1] == 4 and n.args[2] is False for n in kv)
+
+
+def test_gptq_beats_rtn_on_the_model_output(tiny_programs, tiny_ids):
+    model, p = tiny_programs["opt"]
+    ref = model(input_ids=tiny_ids).logits
+    err = {}
+    for name in ("rtn", "gptq"):
+        r = load_recipe(name)
+        q = quantize(p, r, _calib(16, 64))
+        err[name] = (q.logits(tiny_ids) - ref).norm().item()
+    assert err["gptq"] < err["rtn"]
+
+
+def test_same_seed_gives_bit_identical_weights(tiny_programs):
+    _, p = tiny_programs["qwen2"]
+    r = load_recipe("leanquant")
+    a = quantize(p, r, _calib(seed=5), progress=False)
+    b = quantize(p, r, _calib(seed=5), progress=False)
+    c = quantize(p, r, _calib(seed=6), progress=False)
+    assert all(torch.equal(a.quantized[k].codes, b.quantized[k].codes) for k in a.quantized)
+    assert any(not torch.equal(a.quantized[k].codes, c.quantized[k].codes) for k in a.quantized)
+
+
+def test_nan_in_calibration_is_refused_naming_the_layer(tiny_programs):
+    _, p = tiny_programs["llama"]
+    broken = p.clone()
+    emb = broken.model_map.embedding.weight
+    w = broken.weight(emb).detach().clone()
+    w[3] = float("nan")
+    broken.set_weight(emb, w)
+    calib = _calib()
+    calib[0, 5] = 3
+    with pytest.raises(CalibrationError, match=r"NaN|nan"):
+        quantize(broken, load_recipe("gptq"), calib)
+
+
+def test_calibrated_method_without_data_is_refused(tiny_programs):
+    _, p = tiny_programs["llama"]
+    with pytest.raises(RecipeError, match="calibration"):
+        quantize(p, load_recipe("gptq"))
+
+
+def test_gptq_on_stacked_experts_is_refused(tiny_programs):
+    _, p = tiny_programs["mixtral"]
+    with pytest.raises(RecipeError, match="expert"):
+        quantize(p, load_recipe("gptq"), _calib())

@@ -1,0 +1,42 @@
+"""The command-line contract: inspect, plan and eval (the JSON keys later work relies on)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qcompile.cli import main
+
+
+def test_inspect_json_on_a_tiny_model(capsys):
+    assert main(["inspect", "tiny:qwen3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["summary"]["qk_norm"] is True and data["summary"]["layers"] == 2
+
+
+def test_plan_names_every_decision(capsys):
+    assert main(["plan", "tiny:phi3", "--recipe", "quarot+gptq", "--group", "40"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("R1 Hadamard 64", "R2 Hadamard 16", "R3", "R4 Hadamard 96 = 12·8", "last group partial",
+                   "A4 per-token", "KV4"):
+        assert needle in out
+
+
+def test_bad_recipe_key_exits_2_with_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nweights: {bits: 4, grup_size: 64}\n")
+    assert main(["plan", "tiny:llama", "--recipe", str(bad)]) == 2
+    assert "grup_size" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_eval_json_contract_on_the_real_model():
+    cmd = [sys.executable, "-m", "qcompile.cli", "eval", "smollm2-135m", "--recipe", "rotate", "--fp",
+           "--windows", "1", "--seq", "128", "--json", "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("model", "recipe", "wbits", "abits", "kvbits", "windows", "seq", "ppl", "seconds"):
+        assert key in result
+    assert result["windows"] == 1 and result["seq"] == 128 and result["wbits"] == 16
+    assert 1 < result["ppl"] < 1000
