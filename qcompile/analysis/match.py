@@ -232,8 +232,9 @@ class _Matcher:
                 else f"ops {sorted(vk - pure)} between v and o",
             )
         )
-        return Attention(t, q, k, v, o, n_heads, n_kv, head_dim, rope="cat" in qk and "neg" in qk,
-                         qk_norm="rsqrt" in qk, q_input=q_in, k_input=k_in)
+        rope = "rope" in qk or ("cat" in qk and "neg" in qk)  # a fused rotary op, or rotate_half's cat(-x2, x1)
+        return Attention(t, q, k, v, o, n_heads, n_kv, head_dim, rope=rope, qk_norm="rsqrt" in qk or "rmsnorm" in qk,
+                         q_input=q_in, k_input=k_in)
 
     def _ffn(self, writers: list[str], norm: Norm) -> FFN:
         g = self.g

@@ -50,6 +50,7 @@ KINDS = (
     "split",  # a multi-output op (chunk/split); its outputs are ``getitem`` nodes of kind slice
     "sum",
     "hadamard",  # qcompile's online Hadamard over the last dim; attrs: block
+    "rope",  # a fused rotary embedding (ONNX RotaryEmbedding): operands x, cos, sin; unfused RoPE is cat/neg/mul/add
     "quant",  # qcompile's per-token fake quantization: per-token, so structure-transparent
     "other",
 )

@@ -44,7 +44,8 @@ def fx_side():
         if arch not in cache:
             model = tiny(arch)
             tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
-            cache[arch] = (model, match(to_opgraph(capture(model))), {k: v.detach().numpy() for k, v in tensors.items()})
+            tensors = {k: v.detach().numpy() for k, v in tensors.items()}
+            cache[arch] = (model, match(to_opgraph(capture(model))), tensors)
         return cache[arch]
 
     return get
@@ -142,7 +143,8 @@ def test_fused_projections_are_row_ranges_of_one_initializer(onnx_side):
     a, f = ox.blocks[0].attention, ox.blocks[0].ffn
     assert a.q.linear == a.k.linear == a.v.linear and [(p.start, p.stop) for p in (a.q, a.k, a.v)] == [
         (0, 64), (64, 96), (96, 128)]
-    assert f.gate.linear == f.up.linear and [(f.gate.start, f.gate.stop), (f.up.start, f.up.stop)] == [(0, 96), (96, 192)]
+    assert f.gate.linear == f.up.linear
+    assert [(f.gate.start, f.gate.stop), (f.up.start, f.up.stop)] == [(0, 96), (96, 192)]
 
 
 # --- unreadable files ------------------------------------------------------------------------------------------
@@ -164,7 +166,7 @@ def _graph(nodes, inits=(), out="y", shape=(2, 8)):
     """The OpGraph of a one-input graph x → ... → out built from onnx.helper nodes."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
     y = helper.make_tensor_value_info(out, TensorProto.FLOAT, None)
-    tensors = [helper.make_tensor(n, TensorProto.FLOAT, np.shape(v), np.asarray(v, np.float32).ravel()) for n, v in inits]
+    tensors = [helper.make_tensor(n, TensorProto.FLOAT, np.shape(v), np.ravel(v)) for n, v in inits]
     g = helper.make_graph(nodes, "g", [x], [y], initializer=tensors)
     return onnx_to_opgraph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
 
