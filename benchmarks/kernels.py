@@ -294,7 +294,7 @@ def bench_linear(N: int, K: int, M: int, ceil: dict, decode_graph: bool) -> list
     # torch._int_mm (int8 x int8 -> int32), needs M > 16
     if M > 16:
         x8 = torch.randint(-128, 127, (M, K), dtype=torch.int8, device=DEV)
-        w8 = [torch.randint(-128, 127, (K, N), dtype=torch.int8, device=DEV) for _ in range(n_copies(N * K))]
+        w8 = [torch.randint(-128, 127, (N, K), dtype=torch.int8, device=DEV).t() for _ in range(n_copies(N * K))]
         add("int_mm", [lambda w=w: torch._int_mm(x8, w) for w in w8], N * K + M * K + 4 * M * N, ceil["int8_ops"])
         del w8
     # ours: W4A16 g128 symmetric

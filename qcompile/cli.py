@@ -17,13 +17,9 @@ def _recipe_with_bits(args):
     from qcompile.recipe import Recipe, load_recipe
 
     recipe = load_recipe(args.recipe) if args.recipe else Recipe(name="fp")
-    recipe = recipe.with_bits(w=args.w, a=args.a, kv=args.kv, group=args.group)
-    if getattr(args, "calib_samples", None) or getattr(args, "calib_seq", None):
-        import dataclasses
-
-        c = recipe.calibration
-        recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(
-            c, samples=args.calib_samples or c.samples, seq=args.calib_seq or c.seq))
+    recipe = recipe.with_bits(w=args.w, a=args.a, kv=args.kv, group=args.group,
+                              symmetric=False if args.asym else None)
+    recipe = recipe.with_calibration(args.calib_samples, args.calib_seq)
     return recipe
 
 
@@ -77,6 +73,7 @@ def _bits(parser):
     parser.add_argument("--a", type=int, help="activation bits (16: off)")
     parser.add_argument("--kv", type=int, help="KV-cache bits (16: off)")
     parser.add_argument("--group", type=int, help="weight group size along K (default: per channel)")
+    parser.add_argument("--asym", action="store_true", help="asymmetric weights (a zero point per group)")
     parser.add_argument("--calib-samples", type=int, help="override the recipe's calibration window count")
     parser.add_argument("--calib-seq", type=int, help="override the recipe's calibration window length")
 

@@ -158,20 +158,27 @@ class Recipe:
         return next((dict(p) for n, p in self.passes if n == pass_name), None)
 
     def with_bits(self, w: int | None = None, a: int | None = None, kv: int | None = None,
-                  group: int | None = None) -> "Recipe":
+                  group: int | None = None, symmetric: bool | None = None) -> "Recipe":
         """The recipe with bit widths from the command line (16 or more turns that part off)."""
         changes = {}
         if w is not None and w >= 16:
             changes["weights"] = None
-        elif w is not None or group is not None:
+        elif w is not None or group is not None or (symmetric is not None and self.weights):
             base = self.weights or WeightQuant()
-            changes["weights"] = dataclasses.replace(base, bits=w if w is not None else base.bits,
-                                                     group_size=group if group is not None else base.group_size)
+            changes["weights"] = dataclasses.replace(
+                base, bits=w if w is not None else base.bits,
+                group_size=group if group is not None else base.group_size,
+                symmetric=symmetric if symmetric is not None else base.symmetric)
         if a is not None:
             changes["activations"] = None if a >= 16 else dataclasses.replace(self.activations or ActQuant(), bits=a)
         if kv is not None:
             changes["kv"] = None if kv >= 16 else dataclasses.replace(self.kv or KVQuant(), bits=kv)
         return dataclasses.replace(self, **changes)
+
+    def with_calibration(self, samples: int | None = None, seq: int | None = None) -> "Recipe":
+        c = self.calibration
+        return dataclasses.replace(self, calibration=dataclasses.replace(
+            c, samples=samples or c.samples, seq=seq or c.seq))
 
     def without_quantization(self) -> "Recipe":
         return dataclasses.replace(self, weights=None, activations=None, kv=None)

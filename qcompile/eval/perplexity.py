@@ -11,8 +11,9 @@ from tqdm import tqdm
 
 
 @torch.no_grad()
-def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, progress: bool = True) -> float:
-    """``logits_fn`` maps ids [1, L] to logits [1, L, V]; each window predicts its own tokens 2..L."""
+def window_losses(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor,
+                  progress: bool = True) -> list[float]:
+    """Mean next-token loss of each window; ``logits_fn`` maps ids [1, L] to logits [1, L, V]."""
     losses = []
     for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
         ids = w[None]
@@ -21,4 +22,12 @@ def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} on window {len(losses)}")
         losses.append(loss.item())
+    return losses
+
+
+def ppl_of(losses: list[float]) -> float:
     return math.exp(sum(losses) / len(losses))
+
+
+def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, progress: bool = True) -> float:
+    return ppl_of(window_losses(logits_fn, windows, progress))
