@@ -211,11 +211,12 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def hadamard_transform(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, block: int | None = None, transpose: bool = False) -> torch.Tensor:
     """x @ H_n over the last dim (n = block, applied block-diagonally, or the whole last dim).
 
     With a block b dividing n the transform is x @ diag(H_b, …, H_b), the fallback for sizes that
-    have no Hadamard of their own.
+    have no Hadamard of their own. ``transpose`` applies Hᵀ = H⁻¹ instead (the backward of x ↦ x·H):
+    the Sylvester factor is symmetric, so only the small factor changes, (A ⊗ B)ᵀ = Aᵀ ⊗ B.
     """
     n = x.shape[-1]
     b = n if block is None else block
@@ -226,7 +227,7 @@ def hadamard_transform(x: torch.Tensor, block: int | None = None) -> torch.Tenso
     y = _fwht(x.reshape(*lead, n // b, m, p))
     if m > 1:
         a = _small_factor(m).to(dtype=x.dtype, device=x.device)
-        y = torch.einsum("im,...ip->...mp", a, y)
+        y = torch.einsum("mi,...ip->...mp" if transpose else "im,...ip->...mp", a, y)
     return (y / math.sqrt(b)).reshape(*lead, n)
 
 

@@ -1,0 +1,84 @@
+"""calibrate: statistics of the values that flow into chosen graph nodes, over calibration windows.
+
+One graph interpreter serves every transform that needs activation statistics (SmoothQuant's per-channel
+maxima, OS+'s min/max, DuQuant's outlier channels): it runs the Program on batches of windows and
+reduces the operand of each watched node over all tokens, so memory stays bounded by one batch.
+NaN or inf in a watched value is refused, naming the node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from tqdm import tqdm
+
+from qcompile.errors import CalibrationError
+from qcompile.program import Program
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel (last axis) reductions over every token seen, plus the token count."""
+
+    absmax: torch.Tensor | None = None
+    min: torch.Tensor | None = None
+    max: torch.Tensor | None = None
+    sumsq: torch.Tensor | None = None
+    tokens: int = 0
+    samples: list = field(default_factory=list)  # kept token rows (when asked for), float32 [t, C]
+
+    def update(self, x: torch.Tensor, keep: int = 0) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        lo, hi = x.amin(0), x.amax(0)
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+        self.absmax = torch.maximum(self.max.abs(), self.min.abs())
+        sq = x.square().sum(0)
+        self.sumsq = sq if self.sumsq is None else self.sumsq + sq
+        self.tokens += x.shape[0]
+        have = sum(s.shape[0] for s in self.samples)
+        if keep > have:
+            self.samples.append(x[: keep - have].clone())
+
+    @property
+    def rms(self) -> torch.Tensor:
+        return (self.sumsq / max(self.tokens, 1)).sqrt()
+
+    def kept(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.empty(0)
+
+
+class _Watcher(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, watch: dict[str, int], stats: dict, keep: int):
+        super().__init__(module, garbage_collect_values=True)
+        self.watch, self.stats, self.keep = watch, stats, keep
+
+    def run_node(self, n: fx.Node):
+        pos = self.watch.get(n.name)
+        if pos is not None:
+            value = self.env[n.args[pos]]
+            if not bool(torch.isfinite(value).all()):
+                raise CalibrationError(f"calibration: NaN/inf in the input of node {n.name}")
+            self.stats.setdefault(n.name, ChannelStats()).update(value, self.keep)
+        return super().run_node(n)
+
+
+@torch.no_grad()
+def collect(program: Program, windows: torch.Tensor, watch: dict[str, int], batch: int = 4,
+            keep_tokens: int = 0, progress: bool = True) -> dict[str, ChannelStats]:
+    """Stats of operand ``pos`` of each watched node ``{node name: pos}`` over all windows [n, seq].
+
+    ``keep_tokens`` > 0 also keeps that many token rows per node (for searches that need samples).
+    """
+    stats: dict[str, ChannelStats] = {}
+    watcher = _Watcher(program.module, watch, stats, keep_tokens)
+    for start in tqdm(range(0, windows.shape[0], batch), desc="calibrate", unit="batch", disable=not progress):
+        watcher.run(windows[start : start + batch])
+    return stats
+
+
+def linear_inputs(program: Program, nodes: list[str] | None = None) -> dict[str, int]:
+    """The watch map for the inputs (operand 0) of linears (all of them by default)."""
+    return {n: 0 for n in (nodes if nodes is not None else program.model_map.linears)}
