@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
-from qcompile import models
+from qcompile import artifact, models
 from qcompile.errors import QCompileError
 from qcompile.eval import data
 from qcompile.eval.perplexity import perplexity
+from qcompile.passes.lower import lower
 from qcompile.passes.quantize import quantize as _quantize
-from qcompile.pipeline import plan, run_passes
+from qcompile.pipeline import needs_calibration, plan, run_passes
 from qcompile.program import Program
 from qcompile.recipe import Recipe, load_recipe
 
@@ -41,32 +43,49 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
     """Plan the recipe (refusing early), run its passes, then quantize as it says."""
     recipe = as_recipe(recipe)
     plan(program.model_map, recipe)
-    program = run_passes(program, recipe)
+    calib = None
+    if needs_calibration(recipe):
+        if tokenizer is None:
+            raise QCompileError(f"recipe {recipe.name} needs a tokenizer for its calibration windows")
+        calib = calibration_windows(tokenizer, recipe)
+    program = run_passes(program, recipe, calib)
     if not recipe.quantizes:
         return program
-    calib = None
-    if recipe.weights and recipe.weights.method != "rtn":
-        if tokenizer is None:
-            raise QCompileError(f"{recipe.weights.method} needs a tokenizer for its calibration windows")
-        calib = calibration_windows(tokenizer, recipe)
+    if not (recipe.weights and recipe.weights.method != "rtn"):
+        calib = None
     return _quantize(program, recipe, calib, progress=progress)
+
+
+def quantize_to(spec: str, recipe: str | Recipe, out: str, progress: bool = True) -> Path:
+    """Compile a model with a recipe, lower it to INT4 ops and save it (see ``qcompile.artifact``)."""
+    recipe = as_recipe(recipe)
+    model, tokenizer = load_model(spec)
+    program = capture(model)
+    lines = plan(program.model_map, recipe)
+    return artifact.save(lower(compile(program, recipe, tokenizer, progress)), out, recipe, spec, lines)
 
 
 def evaluate(spec: str, recipe: str | Recipe | None = None, fp: bool = False, windows: int | None = 4,
              seq: int = 2048, progress: bool = True) -> dict:
-    """WikiText-2 test perplexity of a model, optionally compiled with a recipe (``fp``: passes only)."""
+    """WikiText-2 test perplexity of a model (a spec or a saved directory), optionally compiled with a
+    recipe (``fp``: the recipe's passes with quantization off)."""
     start = time.time()
-    model, tokenizer = load_model(spec)
+    t0 = time.time()
+    if artifact.is_artifact(spec):
+        loaded = artifact.load(spec)
+        r, logits_fn = loaded.recipe, loaded.logits
+        _, tokenizer = load_model(loaded.manifest["model"])
+    else:
+        model, tokenizer = load_model(spec)
+        r = as_recipe(recipe) if recipe else Recipe(name="fp")
+        if fp:
+            r = r.without_quantization()
+        logits_fn = compile(capture(model), r, tokenizer, progress).logits
     if tokenizer is None:
         raise QCompileError(f"{spec} has no tokenizer; perplexity needs a real model")
-    r = as_recipe(recipe) if recipe else Recipe(name="fp")
-    if fp:
-        r = r.without_quantization()
-    t0 = time.time()
-    program = compile(capture(model), r, tokenizer, progress)
     compile_seconds = time.time() - t0
     ids = data.eval_windows(data.token_ids(tokenizer, data.TEST), seq, windows)
-    ppl = perplexity(program.logits, ids, progress)
+    ppl = perplexity(logits_fn, ids, progress)
     return {
         "model": spec,
         "recipe": r.name,

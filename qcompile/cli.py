@@ -1,7 +1,8 @@
-"""``qcompile inspect|plan|eval``: the command line.
+"""``qcompile inspect|plan|quantize|eval``: the command line.
 
 Every command takes a MODEL: ``smollm2-135m``, a local checkpoint folder or .gguf file, or
-``tiny:ARCH`` (a small random model of a known architecture, for trying things out).
+``tiny:ARCH`` (a small random model of a known architecture, for trying things out); ``eval`` also
+takes a directory written by ``quantize``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def cmd_eval(args) -> None:
               f"ppl {result['ppl']:.4f} on {result['windows']}×{result['seq']} tokens ({result['seconds']} s)")
 
 
+def cmd_quantize(args) -> None:
+    from qcompile.api import quantize_to
+
+    out = quantize_to(args.model, _recipe_with_bits(args), args.out, progress=not args.no_progress)
+    print(f"saved {out}")
+
+
 def _bits(parser):
     parser.add_argument("--recipe", help="recipe name, .yaml file, or a +-composition (quarot+gptq)")
     parser.add_argument("--w", type=int, help="weight bits (16: off)")
@@ -89,6 +97,12 @@ def main(argv=None) -> int:
     p.add_argument("model")
     _bits(p)
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("quantize", help="compile, lower to INT4 ops and save to a directory")
+    p.add_argument("model")
+    _bits(p)
+    p.add_argument("--out", required=True, help="a new directory for model.pt2, weights, recipe, manifest")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_quantize)
     p = sub.add_parser("eval", help="WikiText-2 test perplexity")
     p.add_argument("model")
     _bits(p)
