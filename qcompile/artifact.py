@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -75,6 +76,10 @@ def save(program: Program, out_dir: str | Path, recipe: Recipe, model: str, plan
             "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors create owner-only files
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ other spec is a local folder or ``.gguf`` file.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 from pathlib import Path
@@ -40,8 +41,13 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@functools.lru_cache(maxsize=2)
 def load(spec: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for ``smollm2-135m``, a local HF checkpoint folder or a ``.gguf`` file; eval mode."""
+    """(model, tokenizer) for ``smollm2-135m``, a local HF checkpoint folder or a ``.gguf`` file; eval mode.
+
+    Loaded once per process and shared (passes never modify it: every pass works on a copy of the
+    captured Program); clone it before changing its weights yourself.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _offline()

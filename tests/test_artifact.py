@@ -94,3 +94,13 @@ def test_version_mismatch_is_refused(saved, tmp_path):
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(ArtifactError, match="manifest.json"):
         artifact.load(tmp_path)
+
+
+@pytest.mark.real
+def test_lowered_smollm2_matches_fake_quant(smollm2_program, smollm2_ids):
+    r = load_recipe("rtn").with_bits(group=128, symmetric=False)
+    fake = quantize(smollm2_program, r, progress=False)
+    low = lower(fake)
+    assert low.reports[-1].counts["W4A16"] == 210 and not low.reports[-1].skipped
+    ref = fake.logits(smollm2_ids)
+    assert ((low.logits(smollm2_ids) - ref).abs().max() / ref.abs().max()).item() <= 1e-5

@@ -1,9 +1,6 @@
 """The command-line contract: inspect, plan and eval (the JSON keys later work relies on)."""
 
 import json
-import subprocess
-import sys
-
 import pytest
 
 from qcompile.cli import main
@@ -31,11 +28,11 @@ def test_bad_recipe_key_exits_2_with_the_key(tmp_path, capsys):
 
 
 @pytest.mark.real
-def test_eval_json_contract_on_the_real_model():
-    cmd = [sys.executable, "-m", "qcompile.cli", "eval", "smollm2-135m", "--recipe", "rotate", "--fp",
-           "--windows", "1", "--seq", "128", "--json", "--no-progress"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+def test_eval_json_contract_on_the_real_model(smollm2, capsys):
+    # in-process: the session's model is reused (qcompile.models.load caches it)
+    assert main(["eval", "smollm2-135m", "--recipe", "rotate", "--fp", "--windows", "1", "--seq", "128",
+                 "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("model", "recipe", "wbits", "abits", "kvbits", "windows", "seq", "ppl", "seconds"):
         assert key in result
     assert result["windows"] == 1 and result["seq"] == 128 and result["wbits"] == 16

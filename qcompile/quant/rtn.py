@@ -74,18 +74,25 @@ def search_qparams(
     lo = group_reduce(x, g, "amin").clamp(max=0) * spec.clip_ratio
     hi = group_reduce(x, g, "amax").clamp(min=0) * spec.clip_ratio
     # work on the grouped view [N, G, g]: zero padding of a partial group quantizes to 0 exactly (z is an
-    # integer), so it adds no error and needs no masking
+    # integer), so it adds no error and needs no masking. Candidates are evaluated in chunks stacked on
+    # a leading axis, so the loop runs a handful of large ops instead of many small ones.
     xg = _group_view(x, g, "zero")
     wg = None if col_weight is None else _group_view(col_weight.float().expand_as(x), g, "zero")
+    a_all = torch.tensor([a for a, _ in candidates], dtype=torch.float32, device=x.device)
+    b_all = torch.tensor([a if spec.symmetric else b for a, b in candidates], dtype=torch.float32, device=x.device)
+    chunk = max(1, min(len(candidates), (1 << 24) // max(xg.numel(), 1)))
     best_err = best_s = best_z = None
-    for a, b in candidates:
-        s, z = qparams_from_range(a * lo, (a if spec.symmetric else b) * hi, spec, 1.0, scale_dtype)
-        s3, z3 = s.unsqueeze(-1), z.unsqueeze(-1)
-        e = ((torch.round(xg / s3) + z3).clamp_(0, spec.qmax).sub_(z3).mul_(s3).sub_(xg)).abs_()
+    for c0 in range(0, len(candidates), chunk):
+        a, b = a_all[c0 : c0 + chunk, None, None], b_all[c0 : c0 + chunk, None, None]
+        s, z = qparams_from_range(a * lo, b * hi, spec, 1.0, scale_dtype)  # [C, N, G]
+        s4, z4 = s.unsqueeze(-1), z.unsqueeze(-1)
+        e = (torch.round(xg / s4) + z4).clamp_(0, spec.qmax).sub_(z4).mul_(s4).sub_(xg).abs_()
         e = e.square_() if norm == 2 else e.pow_(norm)
         if wg is not None:
             e = e.mul_(wg)
-        err = e.sum(-1)
+        err, idx = e.sum(-1).min(0)  # the first of equal errors wins
+        s = s.gather(0, idx[None]).squeeze(0)
+        z = z.gather(0, idx[None]).squeeze(0)
         if best_err is None:
             best_err, best_s, best_z = err, s, z
         else:
