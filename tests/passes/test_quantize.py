@@ -91,3 +91,46 @@ def test_gptq_on_stacked_experts_is_refused(tiny_programs):
     _, p = tiny_programs["mixtral"]
     with pytest.raises(RecipeError, match="expert"):
         quantize(p, load_recipe("gptq"), _calib())
+
+
+@pytest.mark.real
+def test_gptq_and_leanquant_on_a_real_hessian(smollm2, smollm2_program):
+    """On SmolLM2's own down_proj inputs: GPTQ's layer error < RTN's; LeanQuant's grid has a weighted
+    error ≤ the min/max grid's and its layer error < RTN's."""
+    from qcompile.eval.data import VALID, calibration_windows, token_ids
+    from qcompile.passes.calibrate import collect
+    from qcompile.quant.formats import Granularity, QuantSpec, compute_qparams, dequantize, quantize
+    from qcompile.quant.gptq import HessianAccumulator, damped_inverse_cholesky, gptq_quantize
+    from qcompile.quant.leanquant import affine_grid, leanquant_quantize, loss_error_weights
+    from qcompile.quant.rtn import rtn_quantize
+
+    _, tok = smollm2
+    p = smollm2_program
+    down = p.model_map.blocks[3].ffn.down
+    windows = calibration_windows(token_ids(tok, VALID), 2, 256, seed=0)
+    x = collect(p, windows, {down: 0}, keep_tokens=512, progress=False)[down].kept()
+    acc = HessianAccumulator(x.shape[1], name="down")
+    acc.add(x)
+    H = acc.hessian()
+    W = p.weight(p.model_map.linears[down].weight).detach().float()
+    spec = QuantSpec(4, False, Granularity.GROUP, 128)
+
+    def out_err(q):
+        return (x @ (W - q.weight).T).pow(2).sum().item()
+
+    rtn, gptq = rtn_quantize(W, spec, clip_search=False), gptq_quantize(W, H, spec)
+    assert out_err(gptq) < out_err(rtn)
+    # the loss-error-aware grid (fitted before the GPTQ loop) has a d^(-p)-weighted rounding error no
+    # larger than the min/max grid's, on this real Hessian's Cholesky diagonal d
+    d = damped_inverse_cholesky(H).diagonal()
+    weights = loss_error_weights(d)
+    lean_grid = affine_grid(spec)(W, d)
+    minmax_s, minmax_z = compute_qparams(W, spec, torch.float16)
+
+    def weighted(s, z):
+        q = dequantize(quantize(W, s, z, spec), s, z, spec)
+        return ((W - q).pow(2) * weights).sum().item()
+
+    assert weighted(lean_grid.scales, lean_grid.zeros) <= weighted(minmax_s, minmax_z)
+    lean = leanquant_quantize(W, H, spec, act_order=False)
+    assert out_err(lean) < out_err(rtn)
