@@ -7,9 +7,11 @@ on a recipe that cannot finish.
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 
 from qcompile.analysis.modelmap import ModelMap
+from qcompile.errors import RecipeError
 from qcompile.passes import PASSES
 from qcompile.program import Program
 from qcompile.quant.formats import num_groups
@@ -63,12 +65,35 @@ def plan(mm: ModelMap, recipe: Recipe) -> list[str]:
     for name, options in recipe.passes:
         lines += [f"{name}: {line}" for line in PASSES[name][1](mm, **options)]
     lines += _plan_quantization(mm, recipe) or ["quantization: off"]
+    if any(takes_calibration(n) for n, _ in recipe.passes) and not (recipe.weights and recipe.weights.method != "rtn"):
+        c = recipe.calibration
+        lines.append(f"calibration (passes): {c.samples} windows × {c.seq} tokens of wikitext2_valid, seed {c.seed}")
     return lines
 
 
-def run_passes(program: Program, recipe: Recipe) -> Program:
-    """The recipe's equivalence-preserving passes, in order, after planning them."""
+def takes_calibration(name: str) -> bool:
+    """Whether pass ``name`` reads calibration windows (its run function has a ``calibration`` parameter)."""
+    return "calibration" in inspect.signature(PASSES[name][0]).parameters
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    """Whether running the recipe needs calibration windows (a pass that reads them, or GPTQ/LeanQuant)."""
+    return any(takes_calibration(n) for n, _ in recipe.passes) or bool(
+        recipe.weights and recipe.weights.method != "rtn")
+
+
+def run_passes(program: Program, recipe: Recipe, calibration=None) -> Program:
+    """The recipe's equivalence-preserving passes, in order, after planning them.
+
+    Passes that take a ``calibration`` argument (smooth, shift_scale, duquant, spinquant) get the
+    recipe's calibration windows ``[n, seq]``; the pipeline supplies them, a recipe cannot set them.
+    """
     plan(program.model_map, recipe)
     for name, options in recipe.passes:
-        program = PASSES[name][0](program, **options)
+        if takes_calibration(name):
+            if calibration is None:
+                raise RecipeError(f"pass {name} needs calibration windows (give a tokenizer, or pass them)")
+            program = PASSES[name][0](program, calibration=calibration, **options)
+        else:
+            program = PASSES[name][0](program, **options)
     return program

@@ -116,13 +116,21 @@ def _check_pass(name: str, params: dict) -> None:
     if name not in PASSES:
         raise RecipeError(f"unknown pass {name!r}; known: {sorted(PASSES)}")
     sig = inspect.signature(PASSES[name][0])
-    allowed = {k: p for k, p in list(sig.parameters.items())[1:]}
+    allowed = {k: p for k, p in list(sig.parameters.items())[1:] if k != "calibration"}  # the pipeline's
     for k, v in params.items():
         if k not in allowed:
             raise RecipeError(f"pass {name} has no option {k!r}; options: {sorted(allowed)}")
         default = allowed[k].default
         if default is not inspect.Parameter.empty and default is not None and type(v) is not type(default):
             raise RecipeError(f"pass {name} option {k} must be {type(default).__name__}, got {v!r}")
+
+
+def _enabled(name: str, options: dict) -> bool:
+    """Whether a pass does the part INCOMPATIBLE refers to (the stream transform: rotate's R1, duquant's fused
+    placement; rotate with r1 off and duquant's online placement leave the norms alone)."""
+    if name == "duquant":
+        return options.get("placement") == "fused"
+    return not (name == "rotate" and options.get("r1") is False)
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,11 @@ class Recipe:
             raise RecipeError(f"recipe {self.name}: passes must run in the order {order}")
         if "rotate" in names and "fold_norms" not in names:
             raise RecipeError(f"recipe {self.name}: rotate needs fold_norms before it")
+        from qcompile.passes import INCOMPATIBLE
+
+        for first, later, why in INCOMPATIBLE:
+            if first in names and later in names and _enabled(later, self.options(later)):
+                raise RecipeError(f"recipe {self.name}: {first} then {later} cannot compose: {why}")
 
     @property
     def quantizes(self) -> bool:

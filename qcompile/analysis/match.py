@@ -128,6 +128,14 @@ class _Matcher:
         )
 
     def _finish_norm(self, kind, node, s, weight, bias, offset, eps) -> Norm:
+        if bias is None:  # a shift after the norm (OS+ on an RMSNorm model): add(norm, β[hidden]) is its bias
+            users = self.g.users_through_views(node)
+            if len(users) == 1 and self._is(users[0][0], "add"):
+                add = users[0][0]
+                other = [o for o in self.g.operands(add) if self.g.skip_views_back(o) != node]
+                shape = self.g.shape(other[0]) if len(other) == 1 else None
+                if len(other) == 1 and self.g.param_of(other[0]) and shape and len(shape) == 1:
+                    node, bias = add, self.g.param_of(other[0])
         return Norm(kind, node, s, weight, bias, offset, eps, tuple(self._readers(node)))
 
     def _readers(self, norm_out: str) -> list[str]:

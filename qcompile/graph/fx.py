@@ -185,7 +185,9 @@ def to_opgraph(gm: fx.GraphModule) -> OpGraph:
             kind, op, attrs = "linear", str(node.target), _linear_attrs(node, params)
         else:
             op = str(node.target)
-            if op.startswith("qcompile.hadamard"):
+            if node.meta.get("qcompile") == "online":  # a pass's online transform (plain aten ops)
+                kind = "transform"
+            elif op.startswith("qcompile.hadamard"):
                 kind, attrs = "hadamard", {"block": node.args[1] if len(node.args) > 1 else 0}
             elif op.startswith("qcompile.fake_quant"):
                 kind, attrs = "quant", {"bits": node.args[1]}

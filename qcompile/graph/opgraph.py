@@ -52,10 +52,11 @@ KINDS = (
     "hadamard",  # qcompile's online Hadamard over the last dim; attrs: block
     "rope",  # a fused rotary embedding (ONNX RotaryEmbedding): operands x, cos, sin; unfused RoPE is cat/neg/mul/add
     "quant",  # qcompile's per-token fake quantization: per-token, so structure-transparent
+    "transform",  # an online orthogonal transform over the last axis (DuQuant's R·P·R), weights pre-transformed
     "other",
 )
 
-TRANSPARENT = ("view", "quant")
+TRANSPARENT = ("view", "quant", "transform")
 
 
 @dataclass

@@ -50,6 +50,10 @@ def _centre_stream(p: Program, report: PassReport) -> None:
 
 
 def fold_norms(program: Program) -> Program:
+    for done in ("smooth", "shift_scale", "duquant", "spinquant"):
+        if program.has_run(done):
+            raise UnsafeRewriteError(f"fold_norms after {done} would fold γ through its transforms (or fold its 1/s "
+                                     "back into the readers and undo it); run fold_norms first")
     p = program.clone()
     report = PassReport("fold_norms")
     kinds = {n.kind for n in p.model_map.norms}

@@ -68,6 +68,9 @@ def choose_rotation(n: int, requested: str = "hadamard", min_block: int = 64) ->
 def rotate(program: Program, kind: str = "hadamard", seed: int = 0, r1: bool = True, r2: bool = True) -> Program:
     if not program.has_run("fold_norms"):
         raise UnsafeRewriteError("rotate needs fold_norms first: a norm's γ does not commute with a rotation")
+    for done in ("duquant", "spinquant"):
+        if program.has_run(done):
+            raise UnsafeRewriteError(f"rotate after {done}: R1/R2 would not pass its online transforms; rotate first")
     p = program.clone()
     report = PassReport("rotate")
     if r1:

@@ -1,0 +1,203 @@
+"""duquant: DuQuant's dual transformation T = R₁·P·R₂ (``quant/duquant.py``) placed in a Program.
+
+For a linear input X and its readers W, X ↦ X·T with W ↦ W·T is exact (T orthogonal). Placements:
+
+- ``duquant`` (the official code): four transforms per layer, on the inputs of q (k, v share it), o_proj,
+  gate (up, and a router, share it) and down_proj. The weights are stored pre-transformed; the activation
+  side runs *online* as plain aten ops in the graph, before per-token quantization:
+  ``unflatten(-1, (K, b)) → matmul R₁ → flatten → index_select(perm) → unflatten → matmul R₂ → flatten``
+  with R₁, R₂ (b×b) and perm registered as parameters; a width that is not a multiple of the block (its
+  last block is partial) gets one dense ``matmul T`` instead. 4 online ops per layer.
+- ``duquant-fused``: one residual-stream transform in place of R1, fused like R1 (norms folded first:
+  x/rms(x) commutes with an orthogonal T): embeddings E·T, readers W·T, writers Tᵀ·W; per head within
+  v→o a head_dim transform (R₁ only: one block, no permutation) like R2, shared by the heads of a layer;
+  the down input online (as R4). 1 online op per layer.
+
+Each transform is computed from the calibration inputs of its site (up to ``tokens`` token rows, the
+FP model's); the fused stream transform from the inputs of every norm reader. The online nodes carry
+``meta["qcompile"] = "online"`` and appear to the matcher as kind ``transform`` (transparent: it sees
+through them as through views), so ``rematch`` still works; passes that assume a linear's input is the
+norm output (fold_norms, smooth, shift_scale, rotate) refuse to run after this one.
+Departure from the official code: the greedy exchange is channel-indexed (``index: row`` for the code's
+behaviour); rotations are computed from token rows rather than the official per-layer mean.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.errors import RecipeError, UnsafeRewriteError
+from qcompile.passes import weights
+from qcompile.passes.calibrate import collect
+from qcompile.passes.fold_norms import untie_embeddings
+from qcompile.program import PassReport, Program
+from qcompile.quant.duquant import DuQuantTransform, duquant_transform
+
+aten = torch.ops.aten
+PLACEMENTS = ("duquant", "fused")
+
+
+def _mark(node, like):
+    node.meta["qcompile"] = "online"
+    node.meta["val"] = like.meta.get("val")
+    return node
+
+
+def insert_online(p: Program, src, users: list, t: DuQuantTransform, name: str) -> int:
+    """Insert x ↦ x·T after ``src`` for ``users``; returns the number of aten nodes added."""
+    g = p.module.graph
+    c = t.perm.numel()
+    dense = c % t.block != 0
+    anchor = users[0] if len(users) == 1 else src.next  # inserting_before keeps the nodes in order
+    with g.inserting_before(anchor):
+        if dense:
+            m = p.add_weight(f"{name}.T", t.matrix().float())
+            out = _mark(g.call_function(aten.matmul.default, (src, m)), src)
+        else:
+            r1, r2 = (x.float() for x in t.blocks())
+            w1, w2 = p.add_weight(f"{name}.R1", r1), p.add_weight(f"{name}.R2", r2)
+            idx = p.add_weight(f"{name}.perm", t.perm.clone())
+            k = c // t.block
+            x = _mark(g.call_function(aten.unflatten.int, (src, -1, [k, t.block])), src)
+            x = _mark(g.call_function(aten.matmul.default, (x, w1)), src)
+            x = _mark(g.call_function(aten.flatten.using_ints, (x, -2, -1)), src)
+            x = _mark(g.call_function(aten.index_select.default, (x, -1, idx)), src)
+            x = _mark(g.call_function(aten.unflatten.int, (x, -1, [k, t.block])), src)
+            x = _mark(g.call_function(aten.matmul.default, (x, w2)), src)
+            out = _mark(g.call_function(aten.flatten.using_ints, (x, -2, -1)), src)
+    for u in users:
+        u.replace_input_with(src, out)
+    return 1 if dense else 7
+
+
+def _check(placement, block, steps, tokens, index):
+    if placement not in PLACEMENTS:
+        raise RecipeError(f"duquant: placement {placement!r} is not one of {PLACEMENTS}")
+    if block < 2 or steps < 0 or tokens < 1 or index not in ("channel", "row"):
+        raise RecipeError("duquant: block ≥ 2, steps ≥ 0, tokens ≥ 1 and index in (channel, row) are required")
+
+
+def _rows(stats, node: str) -> torch.Tensor:
+    return stats[node].kept().double()
+
+
+@torch.no_grad()
+def duquant(program: Program, *, calibration: torch.Tensor, placement: str = "duquant", block: int = 128,
+            steps: int = 256, permute: bool = True, index: str = "channel", tokens: int = 2048, seed: int = 0,
+            batch: int = 4) -> Program:
+    _check(placement, block, steps, tokens, index)
+    for done in ("duquant", "spinquant"):
+        if program.has_run(done):
+            raise UnsafeRewriteError(f"duquant after {done}: its transforms would be stacked on online ops")
+    if placement == "fused" and not program.has_run("fold_norms"):
+        raise UnsafeRewriteError("duquant-fused needs fold_norms first: γ does not commute with the stream transform")
+    p = program.clone()
+    report = PassReport("duquant")
+    mm = p.model_map
+    opts = dict(block=block, steps=steps, permute=permute, index=index)
+    if placement == "duquant":
+        watch = {}
+        for b in mm.blocks:
+            watch.update({b.attn_norm.readers[0]: 0, b.attention.o: 0, b.ffn_norm.readers[0]: 0})
+            if b.ffn.kind != "moe":
+                watch[b.ffn.down] = 0
+        stats = collect(p, calibration, watch, batch=batch, keep_tokens=tokens, progress=False)
+        for b in mm.blocks:
+            for what, norm in (("qkv", b.attn_norm), ("gate/up", b.ffn_norm)):
+                t = duquant_transform(_rows(stats, norm.readers[0]), seed=seed + b.index, **opts)
+                out = p.node(norm.node)
+                users = list(out.users)
+                n = insert_online(p, out, users, t, f"duquant.{b.index}.{what.replace('/', '_')}")
+                for r in norm.readers:
+                    weights.transform_inputs(p, mm.linears[r], t.matrix())
+                report.count("online transform", f"block {b.index} {what} input ({n} aten ops, kept steps {t.steps})")
+            for what, lin in (("o", b.attention.o), ("down", b.ffn.down)):
+                if what == "down" and b.ffn.kind == "moe":
+                    report.skip(f"block {b.index} down", "MoE experts read gathered inputs; not transformed")
+                    continue
+                t = duquant_transform(_rows(stats, lin), seed=seed + 1000 + b.index, **opts)
+                node = p.node(lin)
+                n = insert_online(p, node.args[0], [node], t, f"duquant.{b.index}.{what}")
+                weights.transform_inputs(p, mm.linears[lin], t.matrix())
+                report.count("online transform", f"block {b.index} {what} input ({n} aten ops, kept steps {t.steps})")
+    else:
+        _fused(p, calibration, report, opts, tokens, seed, batch)
+    report.notes["placement"] = placement
+    report.notes["greedy"] = f"block {block}, {steps} steps, {'R·P·R' if permute else 'R'}, {index}-indexed"
+    p.rematch()
+    return p.done(report)
+
+
+def _fused(p: Program, calibration, report, opts, tokens, seed, batch) -> None:
+    untie_embeddings(p, report)
+    mm = p.model_map
+    for norm in mm.norms:
+        if norm.kind != "rms" or norm.bias or (norm.weight and not bool(torch.all(p.weight(norm.weight) + norm.offset == 1))):
+            raise UnsafeRewriteError(f"norm {norm.node} is not a plain RMSNorm after folding; the fused stream "
+                                     "transform would not be exact")
+    watch = {n.readers[0]: 0 for n in mm.norms if n is not mm.final_norm}
+    for b in mm.blocks:
+        watch[b.attention.o] = 0
+        if b.ffn.kind != "moe":
+            watch[b.ffn.down] = 0
+    per = max(1, tokens // max(1, len(mm.norms) - 1))
+    stats = collect(p, calibration, watch, batch=batch, keep_tokens=per, progress=False)
+    stream = torch.cat([_rows(stats, n.readers[0]) for n in mm.norms if n is not mm.final_norm])
+    t = duquant_transform(stream, seed=seed, **opts)
+    q = t.matrix()
+    for emb in filter(None, (mm.embedding, mm.positional)):
+        p.set_weight(emb.weight, p.weight(emb.weight).detach().double() @ q)
+        report.count("fused stream: embedding", emb.weight)
+    for r in mm.readers:
+        weights.transform_inputs(p, mm.linears[r], q)
+    for w in mm.writers:
+        weights.transform_outputs(p, mm.linears[w], q)
+    report.count("fused stream: reader", n=len(mm.readers))
+    report.count("fused stream: writer", n=len(mm.writers))
+    report.notes["stream kept steps"] = t.steps
+    for b in mm.blocks:
+        a = b.attention
+        proof = mm.holds(f"v_to_o:{a.node}")
+        if proof is None or not proof.holds:
+            raise UnsafeRewriteError(f"duquant-fused at attention {a.node}: {proof.reason if proof else 'not proved'}")
+        heads = _rows(stats, a.o).reshape(-1, a.head_dim)
+        th = duquant_transform(heads, block=a.head_dim, steps=opts["steps"], permute=False, index=opts["index"],
+                               seed=seed + 1 + b.index)
+        qh = th.matrix()
+        v = mm.linears[a.v.linear]
+        for h in range(a.n_kv_heads):
+            start = a.v.start + h * a.head_dim
+            weights.transform_outputs(p, v, qh, start, start + a.head_dim)
+        weights.transform_inputs(p, mm.linears[a.o], torch.block_diag(*[qh] * a.n_heads))
+        report.count("fused head pair", f"{a.v.linear}→{a.o}")
+        if b.ffn.kind == "moe":
+            report.skip(f"block {b.index} down", "MoE experts read gathered inputs; not transformed")
+            continue
+        # the down input keeps the model's stream-independent FFN width: online, like R4
+        td = duquant_transform(_rows(stats, b.ffn.down), seed=seed + 1000 + b.index, **opts)
+        node = p.node(b.ffn.down)
+        n = insert_online(p, node.args[0], [node], td, f"duquant.{b.index}.down")
+        weights.transform_inputs(p, mm.linears[b.ffn.down], td.matrix())
+        report.count("online transform", f"block {b.index} down input ({n} aten ops)")
+
+
+def plan(mm, placement: str = "duquant", block: int = 128, steps: int = 256, permute: bool = True,
+         index: str = "channel", tokens: int = 2048, seed: int = 0, batch: int = 4) -> list[str]:
+    _check(placement, block, steps, tokens, index)
+    layers = len(mm.blocks)
+    dense_moe = [b for b in mm.blocks if b.ffn.kind != "moe"]
+    widths = {"hidden": mm.hidden, "o": mm.linears[mm.blocks[0].attention.o].in_features,
+              "down": mm.linears[mm.blocks[0].ffn.down].in_features}
+    shape = ", ".join(f"{k} {c} = {c // block}×{block}" + (f" + {c % block} (dense op)" if c % block else "")
+                      if c >= block else f"{k} {c} (one block of {c})" for k, c in widths.items())
+    greedy = f"greedy {steps} steps, block {block}, {'R·P·R' if permute else 'R'}, {index}-indexed; {shape}"
+    if placement == "duquant":
+        online = 3 * layers + len(dense_moe)
+        return [greedy, f"{online} online transforms (q, o, gate, down inputs per layer), weights pre-transformed"]
+    for b in mm.blocks:
+        proof = mm.holds(f"v_to_o:{b.attention.node}")
+        if proof is None or not proof.holds:
+            raise UnsafeRewriteError(f"duquant-fused at attention {b.attention.node}: "
+                                     f"{proof.reason if proof else 'not proved'}")
+    return [greedy, f"stream transform fused into {len(mm.readers)} readers, {len(mm.writers)} writers and the "
+                    f"embeddings; {layers} v→o head transforms fused; {len(dense_moe)} online transforms on down inputs"]

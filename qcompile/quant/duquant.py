@@ -1,0 +1,171 @@
+"""DuQuant's rotation and permutation transforms (arXiv 2406.01721), IR-free.
+
+For activations X [tokens, C] the transform is T = R₁·P·R₂ (orthogonal: a product of block-diagonal
+rotations and a permutation), X ↦ X·T, and the reading weight W ↦ W·T keeps X·Wᵀ exact.
+
+- **Rotation basis** (``step_basis``): R₀ is the Householder reflection that maps e₀ to the uniform vector
+  u = 1/√b, so its first row is uniform; the basis is diag(1, Q')·R₀ with Q' a fresh random orthogonal of
+  size b−1 (its first row is still u). The step for outlier channel d is S_d = P₀d·basis·P₀d (P₀d swaps
+  axes 0 and d): row d of S_d is uniform, so channel d is spread evenly over the block, the rest mixed.
+- **Greedy** (``greedy_rotation``): the channels are cut into blocks of b (a last block of C mod b gets its
+  own, smaller rotation); X is viewed as (tokens·blocks, b) and one b×b matrix, shared by all blocks, is
+  grown step by step: find the largest |value| of X·R, take its channel d (``index="channel"``, the paper;
+  ``index="row"`` reproduces the official code, which takes the reshaped row index modulo b), R ← R·S_d,
+  record the peak max|X·R|. After N steps the prefix with the smallest peak is kept (0 steps: identity).
+- **Zigzag permutation** (``zigzag_permutation``): channels sorted by max|X| descending are dealt to the
+  K blocks in the order 0…K−1, K−1…0, 0…, so each block gets a balanced share of the outliers.
+- ``duquant_transform``: R₁ (greedy), P (zigzag on X·R₁), R₂ (greedy on X·R₁·P): the official default
+  of one permutation between two rotations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qcompile.quant.hadamard import random_orthogonal_matrix
+
+
+def uniform_first_row_reflection(b: int) -> torch.Tensor:
+    """The symmetric orthogonal Householder H with H·e₀ = u = (1/√b, …): its first row is uniform."""
+    u = torch.full((b,), b ** -0.5, dtype=torch.float64)
+    v = torch.zeros(b, dtype=torch.float64)
+    v[0] = 1.0
+    v = v - u
+    n = v.dot(v)
+    if n < 1e-30:  # b = 1
+        return torch.eye(b, dtype=torch.float64)
+    return torch.eye(b, dtype=torch.float64) - 2.0 * torch.outer(v, v) / n
+
+
+def step_basis(b: int, seed: int) -> torch.Tensor:
+    """diag(1, Q')·R₀: first row uniform, the remaining rows a random orthogonal mix."""
+    r0 = uniform_first_row_reflection(b)
+    if b <= 2:
+        return r0
+    q = torch.block_diag(torch.ones(1, 1, dtype=torch.float64), random_orthogonal_matrix(b - 1, seed))
+    return q @ r0
+
+
+def step_for_channel(basis: torch.Tensor, d: int) -> torch.Tensor:
+    """S_d = P₀d·basis·P₀d: row d uniform."""
+    perm = torch.arange(basis.shape[0])
+    perm[0], perm[d] = d, 0
+    return basis[perm][:, perm]
+
+
+@dataclass
+class GreedyResult:
+    rotation: torch.Tensor  # b × b, float64
+    steps: int  # the kept prefix length
+    peaks: list  # peak max|X·R| after 0, 1, …, N steps
+
+
+def greedy_rotation(x: torch.Tensor, steps: int = 256, seed: int = 0, index: str = "channel") -> GreedyResult:
+    """The greedy b×b rotation for rows ``x`` [n, b] (all blocks' rows stacked)."""
+    if index not in ("channel", "row"):
+        raise ValueError(f"index must be 'channel' or 'row', got {index!r}")
+    x = x.double()
+    b = x.shape[-1]
+    r = torch.eye(b, dtype=torch.float64)
+    peaks = [float(x.abs().max())] if x.numel() else [0.0]
+    best, best_r = (peaks[0], 0), r
+    cur = x
+    g = torch.Generator().manual_seed(seed)
+    for i in range(steps if b > 1 else 0):
+        flat = int(cur.abs().argmax())
+        d = flat % b if index == "channel" else (flat // b) % b
+        s = step_for_channel(step_basis(b, int(torch.randint(0, 2**31 - 1, (1,), generator=g))), d)
+        r = r @ s
+        cur = cur @ s
+        peaks.append(float(cur.abs().max()))
+        if peaks[-1] < best[0]:
+            best, best_r = (peaks[-1], i + 1), r.clone()
+    return GreedyResult(best_r, best[1], peaks)
+
+
+def blocks_of(c: int, b: int) -> list[tuple[int, int]]:
+    """[start, stop) of each block: full blocks of b, then a partial last one."""
+    b = min(b, c)
+    out = [(s, min(s + b, c)) for s in range(0, c, b)]
+    return out
+
+
+def block_rotation(x: torch.Tensor, block: int, steps: int = 256, seed: int = 0,
+                   index: str = "channel") -> tuple[torch.Tensor, list[int]]:
+    """A C×C block-diagonal rotation: one greedy b×b matrix for all full blocks, another for a partial last
+    block (if C is not a multiple of b); returns (matrix, kept steps per distinct block matrix)."""
+    c = x.shape[-1]
+    x = x.reshape(-1, c).double()
+    spans = blocks_of(c, block)
+    b = spans[0][1] - spans[0][0]
+    full = [s for s in spans if s[1] - s[0] == b]
+    rows = torch.cat([x[:, s:e] for s, e in full])
+    main = greedy_rotation(rows, steps, seed, index)
+    mats, kept = [main.rotation] * len(full), [main.steps]
+    if len(full) < len(spans):
+        s, e = spans[-1]
+        rest = greedy_rotation(x[:, s:e], steps, seed + 1, index)
+        mats.append(rest.rotation)
+        kept.append(rest.steps)
+    return torch.block_diag(*mats), kept
+
+
+def zigzag_permutation(absmax: torch.Tensor, block: int) -> torch.Tensor:
+    """perm with X[:, perm] putting the zigzag-dealt channels of block k at positions [k·b, (k+1)·b).
+
+    Only full blocks take part when C is not a multiple of b; the partial last block keeps its channels.
+    """
+    c = absmax.numel()
+    spans = blocks_of(c, block)
+    b = spans[0][1] - spans[0][0]
+    k = sum(1 for s, e in spans if e - s == b)
+    n = k * b
+    order = torch.argsort(absmax[:n], descending=True, stable=True)
+    buckets: list[list[int]] = [[] for _ in range(k)]
+    for i, ch in enumerate(order.tolist()):
+        lap, pos = divmod(i, k)
+        buckets[pos if lap % 2 == 0 else k - 1 - pos].append(ch)
+    return torch.tensor([ch for bucket in buckets for ch in bucket] + list(range(n, c)), dtype=torch.long)
+
+
+def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
+    """Pm with X·Pm = X[:, perm]."""
+    c = perm.numel()
+    m = torch.zeros(c, c, dtype=torch.float64)
+    m[perm, torch.arange(c)] = 1.0
+    return m
+
+
+@dataclass
+class DuQuantTransform:
+    r1: torch.Tensor  # C×C block-diagonal
+    perm: torch.Tensor  # [C]
+    r2: torch.Tensor  # C×C block-diagonal
+    block: int
+    steps: tuple  # kept greedy steps (first rotation, second rotation)
+
+    def matrix(self) -> torch.Tensor:
+        """T = R₁·P·R₂ (float64, orthogonal)."""
+        return self.r1 @ permutation_matrix(self.perm) @ self.r2
+
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The b×b matrices of R₁ and R₂ when every block is full (the online op's weights)."""
+        b = self.block
+        return self.r1[:b, :b], self.r2[:b, :b]
+
+
+def duquant_transform(x: torch.Tensor, block: int = 128, steps: int = 256, seed: int = 0, permute: bool = True,
+                      index: str = "channel") -> DuQuantTransform:
+    """R₁·P·R₂ for activation rows ``x`` [..., C]."""
+    c = x.shape[-1]
+    x = x.reshape(-1, c).double()
+    r1, k1 = block_rotation(x, block, steps, seed, index)
+    if not permute:
+        eye = torch.eye(c, dtype=torch.float64)
+        return DuQuantTransform(r1, torch.arange(c), eye, min(block, c), (tuple(k1), ()))
+    xr = x @ r1
+    perm = zigzag_permutation(xr.abs().amax(0), block)
+    r2, k2 = block_rotation(xr[:, perm], block, steps, seed + 7919, index)
+    return DuQuantTransform(r1, perm, r2, min(block, c), (tuple(k1), tuple(k2)))
