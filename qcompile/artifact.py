@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import qcompile
 from qcompile.errors import ArtifactError
+from qcompile.graph.fx import export_inputs
 from qcompile.program import Program
 from qcompile.recipe import Recipe
 
@@ -44,12 +45,10 @@ def _sha256(path: Path) -> str:
 
 
 def _export(program: Program):
-    ids = torch.zeros(2, 16, dtype=torch.long)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=8191)
+    ids, dims = export_inputs(program.module, torch.zeros(2, 16, dtype=torch.long))
     with torch.no_grad():
-        return torch.export.export(program.module, (), {"input_ids": ids},
-                                   dynamic_shapes={"input_ids": {0: batch, 1: seq}}, strict=False)
+        return torch.export.export(program.module, (), {"input_ids": ids}, dynamic_shapes={"input_ids": dims},
+                                   strict=False)
 
 
 def save(program: Program, out_dir: str | Path, recipe: Recipe, model: str, plan: list[str] | None = None) -> Path:

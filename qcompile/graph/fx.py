@@ -74,27 +74,40 @@ _VIEWS = {
 }
 
 
-def capture(model: torch.nn.Module, example_ids: torch.Tensor | None = None, max_seq: int = 8192) -> fx.GraphModule:
-    """``torch.export`` the model (input_ids → logits, no KV cache) with dynamic batch and sequence length."""
+def export_inputs(model: torch.nn.Module, example_ids: torch.Tensor | None = None, max_seq: int = 8192):
+    """(example ids, their dynamic dims {0: batch, 1: seq}) for exporting a causal LM without a KV cache.
+
+    Shared by the fx capture, the ONNX export and the saved artifact, so all three trace the same
+    signature. The example batch is 2 so that torch.export does not specialize the batch to 1.
+    """
     config = getattr(model, "config", None)
     if config is not None:
         config.use_cache = False
     if example_ids is None:
         vocab = getattr(config, "vocab_size", 256)
         example_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=max_seq - 1)
+    dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("seq", min=2, max=max_seq - 1)}
+    return example_ids, dims
+
+
+def export_error(what: str, model, e: Exception) -> CaptureError:
+    """A CaptureError that names the model and the first line of what the exporter reported."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CaptureError(
+        f"{what} could not capture {type(model).__name__}: {type(e).__name__}: {first}. "
+        "The model must run input_ids → logits without data-dependent Python control flow."
+    )
+
+
+def capture(model: torch.nn.Module, example_ids: torch.Tensor | None = None, max_seq: int = 8192) -> fx.GraphModule:
+    """``torch.export`` the model (input_ids → logits, no KV cache) with dynamic batch and sequence length."""
+    example_ids, dims = export_inputs(model, example_ids, max_seq)
     try:
         with torch.no_grad():
-            ep = torch.export.export(
-                model, (), {"input_ids": example_ids}, dynamic_shapes={"input_ids": {0: batch, 1: seq}}, strict=False
-            )
+            ep = torch.export.export(model, (), {"input_ids": example_ids}, dynamic_shapes={"input_ids": dims},
+                                     strict=False)
     except Exception as e:  # torch.export raises many types; name the construct it reports
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}. "
-            "The model must run input_ids → logits without data-dependent Python control flow."
-        ) from e
+        raise export_error("torch.export", model, e) from e
     return ep.module()
 
 

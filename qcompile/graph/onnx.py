@@ -785,15 +785,12 @@ def export_tiny_onnx(model, path, *, opset: int = 23, optimize: bool = False, ex
     """
     import torch
 
+    from qcompile.graph.fx import export_error, export_inputs
+
+    example_ids, dims = export_inputs(model, example_ids)
     config = getattr(model, "config", None)
-    if config is not None:
-        config.use_cache = False
-    if example_ids is None:
-        vocab = getattr(config, "vocab_size", 256)
-        example_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     experts = getattr(config, "_experts_implementation", None)
     switch = experts not in (None, "eager", "batched_mm") and model._can_set_experts_implementation()
-    dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("seq", min=2, max=8191)}
     try:
         if switch:
             model.set_experts_implementation("batched_mm")
@@ -803,9 +800,7 @@ def export_tiny_onnx(model, path, *, opset: int = 23, optimize: bool = False, ex
                 input_names=["input_ids"], output_names=["logits"], dynamic_shapes=(dims,),
             )
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        name = type(model).__name__
-        raise CaptureError(f"torch.onnx.export could not export {name}: {type(e).__name__}: {first}") from e
+        raise export_error("torch.onnx.export", model, e) from e
     finally:
         if switch:
             model.set_experts_implementation(experts)
