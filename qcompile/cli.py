@@ -54,6 +54,8 @@ def cmd_plan(args) -> None:
     model, _ = load_model(args.model)
     for line in plan(capture(model).model_map, recipe):
         print(line)
+    print("recipe, every flag:")
+    print("  " + recipe.to_yaml().rstrip().replace("\n", "\n  "))
 
 
 def cmd_eval(args) -> None:
