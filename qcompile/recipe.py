@@ -125,10 +125,11 @@ def _check_pass(name: str, params: dict) -> None:
             raise RecipeError(f"pass {name} option {k} must be {type(default).__name__}, got {v!r}")
 
 
-def _enabled(name: str, options: dict) -> bool:
+def _enabled(first: str, name: str, options: dict) -> bool:
     """Whether a pass does the part INCOMPATIBLE refers to (the stream transform: rotate's R1, duquant's fused
-    placement; rotate with r1 off and duquant's online placement leave the norms alone)."""
-    if name == "duquant":
+    placement; rotate with r1 off and duquant's online placement leave the norms alone). After spinquant,
+    duquant refuses in any placement."""
+    if name == "duquant" and first != "spinquant":
         return options.get("placement") == "fused"
     return not (name == "rotate" and options.get("r1") is False)
 
@@ -150,18 +151,31 @@ class Recipe:
             raise RecipeError(f"recipe {self.name}: pass(es) {dup} named more than once")
         for n, params in self.passes:
             _check_pass(n, params)
-        from qcompile.passes import PASSES
+        from qcompile.passes import INCOMPATIBLE, PASSES
 
+        for first, later, why in INCOMPATIBLE:  # before the order: the reason is the better message
+            if first in names and later in names and _enabled(first, later, self.options(later)):
+                raise RecipeError(f"recipe {self.name}: {first} then {later} cannot compose: {why}")
         order = [n for n in PASSES if n in names]
         if [n for n in names if n in order] != order:
             raise RecipeError(f"recipe {self.name}: passes must run in the order {order}")
-        if "rotate" in names and "fold_norms" not in names:
-            raise RecipeError(f"recipe {self.name}: rotate needs fold_norms before it")
-        from qcompile.passes import INCOMPATIBLE
+        for needs in ("rotate", "spinquant"):
+            if needs in names and "fold_norms" not in names:
+                raise RecipeError(f"recipe {self.name}: {needs} needs fold_norms before it")
+        if "spinquant" in names:
+            self._check_spinquant_online()
 
-        for first, later, why in INCOMPATIBLE:
-            if first in names and later in names and _enabled(later, self.options(later)):
-                raise RecipeError(f"recipe {self.name}: {first} then {later} cannot compose: {why}")
+    def _check_spinquant_online(self) -> None:
+        """spinquant trains with R3/R4 in its forward; the online_hadamard that adds them must agree."""
+        trained, applied = self.options("spinquant"), self.options("online_hadamard")
+        for r in ("r3", "r4"):
+            t = trained.get(r, True)
+            a = applied is not None and applied.get(r, True)
+            if t != a:
+                raise RecipeError(
+                    f"recipe {self.name}: spinquant trains with {r} {'on' if t else 'off'} but "
+                    f"{'online_hadamard applies it' if a else 'no online_hadamard applies it'}; "
+                    f"set spinquant's {r}: {str(a).lower()} or online_hadamard's {r}: {str(t).lower()}")
 
     @property
     def quantizes(self) -> bool:

@@ -9,7 +9,9 @@ R2 rotates each v head's output by a head_dim × head_dim Q₂ and o's matching 
 attention mixes tokens, not features, so softmax(·)·(V·Q₂) = (softmax(·)·V)·Q₂ per head; with GQA the
 one Q₂ serves every query head that shares a kv head (the same Q₂ is used for all heads).
 
-Which orthogonal matrix is used per size is decided by ``choose_rotation`` and shown by the plan.
+Which orthogonal matrix is used per size is decided by ``choose_rotation`` and shown by the plan. The weight
+updates for given matrices are one pure function, ``rotated_weights`` (float64, differentiable in the
+matrices), which ``fuse_rotations`` writes and ``spinquant`` differentiates through to learn R1/R2.
 """
 
 from __future__ import annotations
@@ -73,55 +75,106 @@ def rotate(program: Program, kind: str = "hadamard", seed: int = 0, r1: bool = T
             raise UnsafeRewriteError(f"rotate after {done}: R1/R2 would not pass its online transforms; rotate first")
     p = program.clone()
     report = PassReport("rotate")
-    if r1:
-        _rotate_stream(p, choose_rotation(p.model_map.hidden, kind), seed, report)
-    if r2:
-        _rotate_heads(p, kind, seed, report)
+    q1, q2 = prepare_rotations(p, kind, seed, r1, r2, report)
+    fuse_rotations(p, q1, q2, report)
     return p.done(report)
 
 
-def _rotate_stream(p: Program, choice: RotationChoice, seed: int, report: PassReport) -> None:
-    untie_embeddings(p, report)  # the lm_head reads the stream, the embedding writes it: one Q each side
+def prepare_rotations(p: Program, kind: str, seed: int, r1: bool, r2: bool, report: PassReport
+                      ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+    """Check that R1/R2 are exact on ``p`` (untying the embeddings for R1) and return the seeded matrices:
+    R1 (hidden × hidden, seed) and one R2 per block (head_dim × head_dim, seed + 1 + block index), float64."""
     mm = p.model_map
-    q = choice.matrix(seed)
-    for norm in mm.norms:
+    q1 = q2 = None
+    if r1:
+        untie_embeddings(p, report)  # the lm_head reads the stream, the embedding writes it: one Q each side
+        mm = p.model_map
+        check_plain_norms(p, "R1")
+        choice = choose_rotation(mm.hidden, kind)
+        q1 = choice.matrix(seed)
+        report.notes["R1"] = choice.describe() + (", random signs" if choice.kind != "orthogonal" else "")
+    if r2:
+        check_v_to_o(mm)
+        q2 = []
+        for block in mm.blocks:
+            choice = choose_rotation(block.attention.head_dim, kind, min_block=1)
+            q2.append(choice.matrix(seed + 1 + block.index))
+        if mm.blocks:
+            choice = choose_rotation(mm.blocks[0].attention.head_dim, kind, min_block=1)
+            report.notes["R2"] = choice.describe() + (", random signs per layer" if choice.kind != "orthogonal" else "")
+    return q1, q2
+
+
+def check_plain_norms(p: Program, what: str) -> None:
+    for norm in p.model_map.norms:
         if norm.kind != "rms" or norm.bias or (norm.weight and not _is_identity(p, norm)):
-            raise UnsafeRewriteError(f"norm {norm.node} is not a plain RMSNorm after folding; R1 would not be exact")
-    for emb in filter(None, (mm.embedding, mm.positional)):
-        p.set_weight(emb.weight, p.weight(emb.weight).detach().double() @ q)
-        report.count("R1 embedding", emb.weight)
-    for r in mm.readers:
-        weights.transform_inputs(p, mm.linears[r], q)
-        report.count("R1 reader", r)
-    for w in mm.writers:
-        weights.transform_outputs(p, mm.linears[w], q)
-        report.count("R1 writer", w)
-    report.notes["R1"] = choice.describe() + (", random signs" if choice.kind != "orthogonal" else "")
+            raise UnsafeRewriteError(f"norm {norm.node} is not a plain RMSNorm after folding; "
+                                     f"{what} would not be exact")
 
 
-def _is_identity(p: Program, norm) -> bool:
-    return bool(torch.all(p.weight(norm.weight) + norm.offset == 1))
-
-
-def _rotate_heads(p: Program, kind: str, seed: int, report: PassReport) -> None:
-    mm = p.model_map
+def check_v_to_o(mm) -> None:
     for block in mm.blocks:
         a = block.attention
         proof = mm.holds(f"v_to_o:{a.node}")
         if proof is None or not proof.holds:
             raise UnsafeRewriteError(f"R2 at attention {a.node}: {proof.reason if proof else 'not proved'}")
-        choice = choose_rotation(a.head_dim, kind, min_block=1)
-        q = choice.matrix(seed + 1 + block.index)
-        v = mm.linears[a.v.linear]
-        for h in range(a.n_kv_heads):
-            start = a.v.start + h * a.head_dim
-            weights.transform_outputs(p, v, q, start, start + a.head_dim)
-        o = mm.linears[a.o]
-        weights.transform_inputs(p, o, torch.block_diag(*[q] * a.n_heads))
-        report.count("R2 head pair", f"{a.v.linear}→{a.o} ({a.n_kv_heads} kv heads, {a.n_heads} heads)")
-    if mm.blocks:
-        choice = choose_rotation(mm.blocks[0].attention.head_dim, kind, min_block=1)
-        report.notes["R2"] = choice.describe() + (", random signs per layer" if choice.kind != "orthogonal" else "")
+
+
+def rotated_weights(p: Program, q1: torch.Tensor | None, q2: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Every weight (and bias) that R1 = ``q1`` and R2 = ``q2[block]`` change, by source name: float64 tensors
+    computed from ``p``'s current weights, differentiable in q1/q2 (SpinQuant learns through this function;
+    ``fuse_rotations`` writes its result). Weights touched by both (v, o) get both, R1 first."""
+    mm = p.model_map
+    new: dict[str, torch.Tensor] = {}
+
+    def get(name):
+        return new[name] if name in new else p.weight(name).detach().double()
+
+    def outputs(lin, m, start=0, stop=None):
+        new[lin.weight], b = weights.outputs_transformed(get(lin.weight), get(lin.bias) if lin.bias else None,
+                                                          lin, m, start, stop)
+        if lin.bias:
+            new[lin.bias] = b
+
+    if q1 is not None:
+        for emb in filter(None, (mm.embedding, mm.positional)):
+            new[emb.weight] = get(emb.weight) @ q1
+        for r in mm.readers:
+            lin = mm.linears[r]
+            new[lin.weight] = weights.inputs_transformed(get(lin.weight), lin, q1)
+        for w in mm.writers:
+            outputs(mm.linears[w], q1)
+    if q2 is not None:
+        for block, q in zip(mm.blocks, q2, strict=True):
+            a = block.attention
+            outputs(mm.linears[a.v.linear], torch.block_diag(*[q] * a.n_kv_heads), a.v.start,
+                    a.v.start + a.n_kv_heads * a.head_dim)
+            o = mm.linears[a.o]
+            new[o.weight] = weights.inputs_transformed(get(o.weight), o, torch.block_diag(*[q] * a.n_heads))
+    return new
+
+
+def fuse_rotations(p: Program, q1: torch.Tensor | None, q2: list[torch.Tensor] | None, report: PassReport) -> None:
+    """Write R1/R2 into ``p``'s weights (``prepare_rotations`` has untied and checked) and count the sites."""
+    with torch.no_grad():
+        for name, value in rotated_weights(p, q1, q2).items():
+            p.set_weight(name, value)
+    mm = p.model_map
+    if q1 is not None:
+        for emb in filter(None, (mm.embedding, mm.positional)):
+            report.count("R1 embedding", emb.weight)
+        for r in mm.readers:
+            report.count("R1 reader", r)
+        for w in mm.writers:
+            report.count("R1 writer", w)
+    if q2 is not None:
+        for block in mm.blocks:
+            a = block.attention
+            report.count("R2 head pair", f"{a.v.linear}→{a.o} ({a.n_kv_heads} kv heads, {a.n_heads} heads)")
+
+
+def _is_identity(p: Program, norm) -> bool:
+    return bool(torch.all(p.weight(norm.weight) + norm.offset == 1))
 
 
 def plan(mm, kind: str = "hadamard", seed: int = 0, r1: bool = True, r2: bool = True) -> list[str]:
@@ -132,11 +185,7 @@ def plan(mm, kind: str = "hadamard", seed: int = 0, r1: bool = True, r2: bool = 
         lines.append(f"R1 {c.describe()} (seed {seed}): {n_emb} embedding(s), {len(mm.readers)} readers, "
                      f"{len(mm.writers)} writers fused")
     if r2:
-        for block in mm.blocks:
-            proof = mm.holds(f"v_to_o:{block.attention.node}")
-            if proof is None or not proof.holds:
-                raise UnsafeRewriteError(f"R2 at attention {block.attention.node}: "
-                                         f"{proof.reason if proof else 'not proved'}")
+        check_v_to_o(mm)
         a = mm.blocks[0].attention
         c = choose_rotation(a.head_dim, kind, min_block=1)
         lines.append(f"R2 {c.describe()} per layer: {len(mm.blocks)} v→o pairs fused "

@@ -5,6 +5,10 @@ For a linear y = x·Wᵀ + b (W laid out [..., out, in] after moving its axes th
   scale is M = diag(γ), a rotated stream x·Q (Q orthogonal, Q⁻ᵀ = Q) needs W ← W·Q;
 - a writer whose output should become y·M takes W ← Mᵀ·W and b ← b·M (``transform_outputs``),
   on all output rows or on a range of them (one head of a fused qkv).
+
+``inputs_transformed`` / ``outputs_transformed`` are the same algebra as pure functions of tensors (no
+write-back, no detach), so a pass that learns M (SpinQuant) differentiates through exactly the update that
+the in-place functions apply.
 """
 
 from __future__ import annotations
@@ -34,20 +38,38 @@ def scale_inputs(p: Program, lin: Linear, s: torch.Tensor) -> None:
     _store(p, lin, _canonical(p, lin) * s.double())
 
 
+def inputs_transformed(w: torch.Tensor, lin: Linear, m: torch.Tensor) -> torch.Tensor:
+    """W·M along ``lin``'s input axis, float64, in ``w``'s layout (differentiable in ``w`` and ``m``)."""
+    canonical = w.double().movedim((lin.out_axis, lin.in_axis), (-2, -1))
+    return (canonical @ m.double()).movedim((-2, -1), (lin.out_axis, lin.in_axis))
+
+
+def outputs_transformed(w: torch.Tensor, b: torch.Tensor | None, lin: Linear, m: torch.Tensor, start: int = 0,
+                        stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, b) with output rows [start, stop) ← Mᵀ·W[rows], b[rows]·M; float64, differentiable, out of place."""
+    stop = lin.out_features if stop is None else stop
+    m = m.double()
+    canonical = w.double().movedim((lin.out_axis, lin.in_axis), (-2, -1))
+    rows = m.T @ canonical[..., start:stop, :]
+    canonical = torch.cat([canonical[..., :start, :], rows, canonical[..., stop:, :]], dim=-2)
+    w = canonical.movedim((-2, -1), (lin.out_axis, lin.in_axis))
+    if b is not None:
+        b = b.double()
+        b = torch.cat([b[..., :start], b[..., start:stop] @ m, b[..., stop:]], dim=-1)
+    return w, b
+
+
 def transform_inputs(p: Program, lin: Linear, m: torch.Tensor) -> None:
     """W ← W·M along the input axis."""
-    _store(p, lin, _canonical(p, lin) @ m.double())
+    p.set_weight(lin.weight, inputs_transformed(p.weight(lin.weight).detach(), lin, m))
 
 
 def transform_outputs(p: Program, lin: Linear, m: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
     """y[start:stop] ← y[start:stop]·M: W[rows] ← Mᵀ·W[rows], b[rows] ← b[rows]·M."""
-    stop = lin.out_features if stop is None else stop
-    w = _canonical(p, lin)
-    w[..., start:stop, :] = m.double().T @ w[..., start:stop, :]
-    _store(p, lin, w)
-    if lin.bias:
-        b = p.weight(lin.bias).detach().double()
-        b[..., start:stop] = b[..., start:stop] @ m.double()
+    b = p.weight(lin.bias).detach() if lin.bias else None
+    w, b = outputs_transformed(p.weight(lin.weight).detach(), b, lin, m, start, stop)
+    p.set_weight(lin.weight, w)
+    if b is not None:
         p.set_weight(lin.bias, b)
 
 
