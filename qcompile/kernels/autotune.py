@@ -85,6 +85,7 @@ class _Store:
 
 _store = _Store()
 _memo: dict[str, str] = {}
+_chosen: dict[tuple, Candidate] = {}  # (family, key, device) -> winner: the per-call fast path
 
 
 def _full_key(family: str, key: tuple, device: torch.device) -> str:
@@ -92,6 +93,25 @@ def _full_key(family: str, key: tuple, device: torch.device) -> str:
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return f"{gpu}|triton-{triton.__version__}|{family}|{','.join(map(str, key))}"
+
+
+def choose(
+    family: str,
+    key: tuple,
+    make_candidates: Callable[[], list[Candidate]],
+    run: Callable[[Candidate], Any],
+    device: torch.device,
+) -> Candidate:
+    """``pick`` behind an in-process memo keyed by the cheap tuple ``(family, key, device)``, so that
+    a call after the first costs one dict lookup (the op layer's per-call budget is microseconds)."""
+    hit = _chosen.get((family, key, device))
+    if hit is not None:
+        return hit
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    cand = pick(family, key, make_candidates(), run, device)
+    if not capturing:  # a choice made blind during capture is not remembered
+        _chosen[(family, key, device)] = cand
+    return cand
 
 
 def pick(

@@ -1,6 +1,8 @@
 """Every ``torch.ops.qcompile.*`` op, declared once: schema, CPU/any-device implementation (the
 plain-torch ground truth in ``reference.py``), CUDA implementation (Triton, imported on first use),
 fake implementation (shapes only, for ``torch.export`` and ``torch.compile``), and a typed wrapper.
+Shapes are checked inside each implementation (real and fake), once per call, so a direct
+``torch.ops.qcompile.*`` call from a lowered graph is checked exactly like a wrapper call.
 
 Schemas::
 
@@ -65,9 +67,7 @@ def _hadamard_fake(x: Tensor, block: int = 0) -> Tensor:
 def hadamard(x: Tensor, block: int | None = None) -> Tensor:
     """``x @ H`` over the last dim: the normalized Hadamard of the whole dim, or block-diagonal
     blocks of size ``block``."""
-    bs = 0 if block is None else block
-    shapes.check_hadamard(x, bs)
-    return torch.ops.qcompile.hadamard(x, bs)
+    return torch.ops.qcompile.hadamard(x, 0 if block is None else block)  # checked inside the op
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +118,6 @@ def quantize_per_token(
     """Per-token ``(codes int8, scales float32 [..., 1], zeros int8 [..., 1])`` of ``x`` — or of
     ``hadamard(x, block)`` when ``rotate``, fused into one pass."""
     bs = 0 if block is None else block
-    shapes.check_quantize_per_token(x, bits, symmetric, clip_ratio, rotate, bs)
     return torch.ops.qcompile.quantize_per_token(x, bits, symmetric, float(clip_ratio), rotate, bs)
 
 
@@ -164,7 +163,6 @@ def linear_w4a16(
 ) -> Tensor:
     """``x @ W.T + bias`` for a canonical int4 W; ``group_size`` None = per-channel (K)."""
     g = x.shape[-1] if group_size is None else group_size
-    shapes.check_linear_w4a16(x, packed_weight, scales, zeros, g, bias)
     return torch.ops.qcompile.linear_w4a16(x, packed_weight, scales, zeros, g, bias)
 
 
@@ -215,9 +213,8 @@ _linear_w4a4 = _declare_w4ax("linear_w4a4")
 
 def _w4ax(name: str, x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
     g = x_codes.shape[-1] if group_size is None else group_size
-    args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, g, bias, out_dtype)
-    shapes.check_linear_w4ax(name, *args)
-    return getattr(torch.ops.qcompile, name)(*args)
+    return getattr(torch.ops.qcompile, name)(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, g, bias,
+                                             out_dtype)
 
 
 def linear_w4a8(
@@ -272,3 +269,28 @@ def fake_quant(x: Tensor, bits: int, symmetric: bool = True, clip_ratio: float =
     """Per-token (last-dim) quantize→dequantize of activations, or of K/V per (token, head) when the last
     dim is head_dim; the graph op that marks where the lowering quantizes for real."""
     return torch.ops.qcompile.fake_quant(x, bits, symmetric, float(clip_ratio))
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd, for transforms that learn through the fake-quantized graph (SpinQuant): the Hadamard's
+# backward is x ↦ x·Hᵀ; fake quantization passes gradients straight through.
+
+
+def _hadamard_backward(ctx, grad):
+    from qcompile.quant.hadamard import hadamard_transform
+
+    return hadamard_transform(grad, ctx.block_size or None, transpose=True), None
+
+
+def _hadamard_setup(ctx, inputs, output):
+    ctx.block_size = inputs[1]
+
+
+torch.library.register_autograd("qcompile::hadamard", _hadamard_backward, setup_context=_hadamard_setup)
+
+
+def _fake_quant_backward(ctx, grad):
+    return grad, None, None, None
+
+
+torch.library.register_autograd("qcompile::fake_quant", _fake_quant_backward)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from qcompile.errors import ShapeError
 from qcompile.quant.hadamard import has_hadamard
@@ -26,9 +25,7 @@ def check_hadamard_size(op: str, n: int, block_size: int) -> int:
     b = n if block_size == 0 else block_size
     if n % b:
         raise ShapeError(f"{op}: Hadamard block_size={b} must divide the last dim {n}")
-    with unset_fake_temporarily():  # has_hadamard builds and caches real matrices; never fake ones
-        known = has_hadamard(b)
-    if not known:
+    if not has_hadamard(b):
         raise ShapeError(
             f"{op}: no Hadamard matrix of size {b} (n = m·2^k needs a constructible order m); "
             "choose a block_size that has one (qcompile.quant.hadamard.largest_hadamard_block)"

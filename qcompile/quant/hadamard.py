@@ -126,9 +126,20 @@ def _paley2(q: int) -> torch.Tensor:
     return torch.kron(C, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
 
 
-@functools.lru_cache(maxsize=None)
 def _unnormalized(m: int) -> torch.Tensor | None:
-    """A ±1 Hadamard matrix of order m, or None when no construction here reaches m."""
+    """A ±1 Hadamard matrix of order m, or None when no construction here reaches m.
+
+    Built and cached as real tensors even when first asked for while tracing (under a FakeTensorMode,
+    e.g. inside torch.export): a cached fake tensor would poison every later real call.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return _construct(m)
+
+
+@functools.lru_cache(maxsize=None)
+def _construct(m: int) -> torch.Tensor | None:
     if m == 1:
         return torch.ones(1, 1, dtype=torch.float64)
     if m == 2:
@@ -143,9 +154,9 @@ def _unnormalized(m: int) -> torch.Tensor | None:
     pp = _prime_power(q)
     if pp and q % 4 == 1:
         return _paley2(q)
-    half = _unnormalized(m // 2)
+    half = _construct(m // 2)
     if half is not None:
-        return torch.kron(_unnormalized(2), half)
+        return torch.kron(_construct(2), half)
     return None
 
 
@@ -184,18 +195,13 @@ def _require(n: int) -> tuple[int, int]:
     return factors
 
 
-@functools.lru_cache(maxsize=None)
-def _small_factor(m: int) -> torch.Tensor:
-    return _unnormalized(m)
-
-
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The orthogonal H_n = (H_m ⊗ H_{2^k}) / √n, dense (for fusing into weights and for tests)."""
     m, p = _require(n)
     sylvester = torch.ones(1, 1, dtype=torch.float64)
     while sylvester.shape[0] < p:
         sylvester = torch.kron(_unnormalized(2), sylvester)
-    return (torch.kron(_small_factor(m), sylvester) / math.sqrt(n)).to(dtype)
+    return (torch.kron(_unnormalized(m), sylvester) / math.sqrt(n)).to(dtype)
 
 
 def _fwht(x: torch.Tensor) -> torch.Tensor:
@@ -226,7 +232,7 @@ def hadamard_transform(x: torch.Tensor, block: int | None = None, transpose: boo
     lead = x.shape[:-1]
     y = _fwht(x.reshape(*lead, n // b, m, p))
     if m > 1:
-        a = _small_factor(m).to(dtype=x.dtype, device=x.device)
+        a = _unnormalized(m).to(dtype=x.dtype, device=x.device)
         y = torch.einsum("mi,...ip->...mp" if transpose else "im,...ip->...mp", a, y)
     return (y / math.sqrt(b)).reshape(*lead, n)
 

@@ -2,7 +2,6 @@
 compute what the reference ``linear_w4a16`` computes from the canonical weight."""
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -38,7 +37,8 @@ def _run_ort(mw, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, mw.N])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"A": x})[0]
 

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.kernels import reference
-from qcompile.quant.formats import Granularity, PackedWeight, QuantSpec, compute_qparams, fake_quantize_per_token, quantize
+from qcompile.quant.formats import (
+    Granularity,
+    PackedWeight,
+    QuantSpec,
+    compute_qparams,
+    fake_quantize_per_token,
+    quantize,
+)
 from qcompile.quant.hadamard import hadamard_matrix, hadamard_transform
 
 

@@ -135,3 +135,32 @@ def test_plan_unit_sizes():
     assert plan_unit(14336).tile == 16384
     assert plan_unit(28672) is None  # 28·1024 pads to 32768 > MAX_TILE: torch rotates it
     assert plan_unit(11008) is None  # no Hadamard of that size at all
+
+
+@pytest.mark.parametrize("asym_w, sym_act, has_bias", [(True, False, True), (False, True, False)])
+def test_w4ax_unpack_int_mm_strategy(asym_w, sym_act, has_bias):
+    gen = torch.Generator().manual_seed(7)
+    m, n, k = 24, 40, 136
+    packed, scales, zeros = _weight(n, k, k, asym_w, gen)
+    codes, sa, za = reference.quantize_per_token(torch.randn(m, k, generator=gen), 4, sym_act, 0.9)
+    za = None if sym_act else za
+    bias = torch.randn(n, generator=gen) if has_bias else None
+    cand = w4ax.candidates(m, n, k, k)[-1]
+    assert cand.name == "unpack_int_mm"
+    y = w4ax.run(cand, codes, sa.reshape(-1), None if za is None else za.reshape(-1), packed, scales, zeros, k, bias,
+                 torch.float32)
+    ref = reference.linear_w4a8(codes, sa, za, packed, scales, zeros, k, bias, torch.float32)
+    assert _rel(y, ref) < 1e-5
+
+
+def test_block_diagonal_rotation_fused_path(monkeypatch):
+    """Many rows take the fused two-pass kernel (few rows rotate blocks in parallel first): same codes."""
+    monkeypatch.setattr(rotate_quant, "SPLIT_ROWS", 0)
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(3, 1024, generator=gen) * 2).to(torch.bfloat16)
+    for bits, sym in ((8, True), (4, False)):
+        c, s, z = rotate_quant.quantize_per_token(x, bits, sym, 0.9, 256)
+        rc, rs, rz = reference.quantize_per_token(x, bits, sym, 0.9, True, 256)
+        d = (c.int() - rc.int()).abs()
+        assert d.max() <= 1 and d.float().mean() < 2e-3
+        assert _rel(s, rs.reshape(-1)) < 5e-5

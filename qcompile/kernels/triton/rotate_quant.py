@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qcompile.kernels.autotune import Candidate, pick
+from qcompile.kernels.autotune import Candidate, choose
 from qcompile.kernels.hadamard_plan import MAX_TILE, UnitPlan, next_pow2, plan_unit, pm1_matrix
 
 
@@ -55,18 +55,22 @@ def _mm_pm1(t, h, SPLITS: tl.constexpr):
 
 @triton.jit
 def _transform(t, hm, h1, h2, ROWS: tl.constexpr, MP: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-               SPLITS: tl.constexpr):
-    """``t [ROWS, MP, P1·P2]`` → t ×₂ H_P2 ×₁ H_P1 ×₀ H_M (each factor skipped when its size is 1)."""
+               SPLITS: tl.constexpr, FIRST_SPLITS: tl.constexpr):
+    """``t [ROWS, MP, P1·P2]`` → t ×₂ H_P2 ×₁ H_P1 ×₀ H_M (each factor skipped when its size is 1).
+    The first contraction reads the input itself, exact in FIRST_SPLITS parts (1 for bfloat16)."""
     P: tl.constexpr = P1 * P2
     if P2 > 1:
-        t = tl.reshape(_mm_pm1(tl.reshape(t, (ROWS * MP * P1, P2)), h2, SPLITS), (ROWS, MP, P))
+        t = tl.reshape(_mm_pm1(tl.reshape(t, (ROWS * MP * P1, P2)), h2, FIRST_SPLITS), (ROWS, MP, P))
     if P1 > 1:
         u = tl.permute(tl.reshape(t, (ROWS * MP, P1, P2)), (0, 2, 1))
         u = _mm_pm1(tl.reshape(u, (ROWS * MP * P2, P1)), h1, SPLITS)
         t = tl.reshape(tl.permute(tl.reshape(u, (ROWS * MP, P2, P1)), (0, 2, 1)), (ROWS, MP, P))
     if MP > 1:
         u = tl.reshape(tl.permute(t, (0, 2, 1)), (ROWS * P, MP))
-        u = _mm_pm1(u, hm, SPLITS)
+        if P2 > 1:
+            u = _mm_pm1(u, hm, SPLITS)
+        else:
+            u = _mm_pm1(u, hm, FIRST_SPLITS)
         t = tl.permute(tl.reshape(u, (ROWS, P, MP)), (0, 2, 1))
     return t
 
@@ -74,12 +78,12 @@ def _transform(t, hm, h1, h2, ROWS: tl.constexpr, MP: tl.constexpr, P1: tl.const
 @triton.jit
 def _load_unit(x_ptr, row, rmask, u, local, lmask, N, U, stride_x, hm, h1, h2, norm,
                ROWS: tl.constexpr, MP: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-               SPLITS: tl.constexpr, TRANSFORM: tl.constexpr):
+               SPLITS: tl.constexpr, FIRST_SPLITS: tl.constexpr, TRANSFORM: tl.constexpr):
     offs = u * U + local
     mask = rmask & lmask & (offs < N)
     t = tl.load(x_ptr + row[:, None, None] * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if TRANSFORM:
-        t = _transform(t, hm, h1, h2, ROWS, MP, P1, P2, SPLITS) * norm
+        t = _transform(t, hm, h1, h2, ROWS, MP, P1, P2, SPLITS, FIRST_SPLITS) * norm
     return t, offs, mask
 
 
@@ -102,7 +106,8 @@ def _rotate_quant_kernel(
     x_ptr, y_ptr, s_ptr, z_ptr, hm_ptr, h1_ptr, h2_ptr,
     R, N, stride_x, stride_y, m_real, U, NU, norm, clip,
     ROWS: tl.constexpr, MP: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, SPLITS: tl.constexpr,
-    TRANSFORM: tl.constexpr, QUANT: tl.constexpr, SYMMETRIC: tl.constexpr, BITS: tl.constexpr,
+    FIRST_SPLITS: tl.constexpr, TRANSFORM: tl.constexpr, QUANT: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BITS: tl.constexpr,
     SINGLE: tl.constexpr,
 ):
     P: tl.constexpr = P1 * P2
@@ -126,14 +131,14 @@ def _rotate_quant_kernel(
     if not QUANT:
         for u in range(NU):
             t, offs, mask = _load_unit(x_ptr, row, rmask, u, local, lmask, N, U, stride_x, hm, h1, h2, norm,
-                                       ROWS, MP, P1, P2, SPLITS, TRANSFORM)
+                                       ROWS, MP, P1, P2, SPLITS, FIRST_SPLITS, TRANSFORM)
             tl.store(y_ptr + row[:, None, None] * stride_y + offs, t.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         QMAX: tl.constexpr = (1 << BITS) - 1
         SHIFT: tl.constexpr = 1 << (BITS - 1)
         if SINGLE:
             t, offs, mask = _load_unit(x_ptr, row, rmask, 0, local, lmask, N, U, stride_x, hm, h1, h2, norm,
-                                       ROWS, MP, P1, P2, SPLITS, TRANSFORM)
+                                       ROWS, MP, P1, P2, SPLITS, FIRST_SPLITS, TRANSFORM)
             hi = tl.maximum(tl.max(tl.max(t, axis=2), axis=1), 0.0)
             lo = tl.minimum(tl.min(tl.min(t, axis=2), axis=1), 0.0)
         else:
@@ -141,7 +146,7 @@ def _rotate_quant_kernel(
             lo = tl.zeros([ROWS], dtype=tl.float32)
             for u in range(NU):
                 t, offs, mask = _load_unit(x_ptr, row, rmask, u, local, lmask, N, U, stride_x, hm, h1, h2, norm,
-                                           ROWS, MP, P1, P2, SPLITS, TRANSFORM)
+                                           ROWS, MP, P1, P2, SPLITS, FIRST_SPLITS, TRANSFORM)
                 hi = tl.maximum(hi, tl.max(tl.max(t, axis=2), axis=1))
                 lo = tl.minimum(lo, tl.min(tl.min(t, axis=2), axis=1))
         if SYMMETRIC:
@@ -156,7 +161,7 @@ def _rotate_quant_kernel(
         else:
             for u in range(NU):
                 t, offs, mask = _load_unit(x_ptr, row, rmask, u, local, lmask, N, U, stride_x, hm, h1, h2, norm,
-                                           ROWS, MP, P1, P2, SPLITS, TRANSFORM)
+                                           ROWS, MP, P1, P2, SPLITS, FIRST_SPLITS, TRANSFORM)
                 tl.store(y_ptr + row[:, None, None] * stride_y + offs, _codes(t, scale, zero, QMAX, SHIFT),
                          mask=mask)
         row_mask = row < R
@@ -198,7 +203,8 @@ def _launch(cand: Candidate, x: Tensor, y: Tensor, s: Tensor, z: Tensor, up: Uni
         m_real, U, NU, norm = up.m, unit, n // unit, 1.0 / math.sqrt(unit)
     _rotate_quant_kernel[(triton.cdiv(R, rows),)](
         x, y, s, z, hm, h1, h2, R, n, x.stride(0), y.stride(0), m_real, U, NU, norm, clip,
-        ROWS=rows, SPLITS=splits, TRANSFORM=up is not None, QUANT=quant, SYMMETRIC=symmetric, BITS=bits,
+        ROWS=rows, SPLITS=splits, FIRST_SPLITS=1 if x.dtype == torch.bfloat16 else splits,
+        TRANSFORM=up is not None, QUANT=quant, SYMMETRIC=symmetric, BITS=bits,
         SINGLE=NU == 1, num_warps=cand.meta["num_warps"], **geo,
     )
 
@@ -212,16 +218,21 @@ def _bucket(R: int) -> int:
     return min(next_pow2(R), 8192)
 
 
-def hadamard(x: Tensor, unit: int) -> Tensor:
-    """``x [R, n]`` → ``x @ blockdiag(H_unit, …)`` in ``x.dtype`` (requires ``supports(unit)``)."""
+def hadamard(x: Tensor, unit: int, out_dtype: torch.dtype | None = None) -> Tensor:
+    """``x [R, n]`` → ``x @ blockdiag(H_unit, …)`` in ``out_dtype`` (default ``x.dtype``; requires
+    ``supports(unit)``). Blocks are independent, so each is its own row: a short ``x`` still fills the GPU."""
+    R, n = x.shape
+    x = x.reshape(R * (n // unit), unit)
     up = plan_unit(unit)
-    y = torch.empty_like(x)
-    splits = 3 if x.dtype == torch.float32 else 2
-    cands = _candidates(up.tile, up.min_rows)
-    key = (_bucket(x.shape[0]), x.shape[1], unit, str(x.dtype))
-    run = lambda c: _launch(c, x, y, y, y, up, x.shape[1], unit, False, 8, True, 1.0, splits)  # noqa: E731
-    run(pick("hadamard", key, cands, run, x.device))
-    return y
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    splits = 3 if y.dtype == torch.float32 else 2
+    key = (_bucket(x.shape[0]), unit, unit, x.dtype, y.dtype)
+    run = lambda c: _launch(c, x, y, y, y, up, unit, unit, False, 8, True, 1.0, splits)  # noqa: E731
+    run(choose("hadamard", key, lambda: _candidates(up.tile, up.min_rows), run, x.device))
+    return y.reshape(R, n)
+
+
+SPLIT_ROWS = 512  # below this many rows, a block-diagonal rotation runs blocks in parallel, then quantizes
 
 
 def quantize_per_token(x: Tensor, bits: int, symmetric: bool, clip: float, unit: int | None
@@ -229,15 +240,20 @@ def quantize_per_token(x: Tensor, bits: int, symmetric: bool, clip: float, unit:
     """``x [R, n]`` → int8 codes ``[R, n]``, float32 scales ``[R]``, int8 zeros ``[R]``; rotated by
     ``blockdiag(H_unit, …)`` first when ``unit`` is given (requires ``supports(unit)``)."""
     R, n = x.shape
+    if unit is not None and unit < n and R < SPLIT_ROWS:
+        # few rows: the fused kernel would give each program a whole row of n/unit blocks in series;
+        # rotate every block in parallel into float32, then quantize (the same numbers, two launches)
+        return quantize_per_token(hadamard(x, unit, torch.float32), bits, symmetric, clip, None)
     up = None if unit is None else plan_unit(unit)
     codes = torch.empty((R, n), dtype=torch.int8, device=x.device)
     scales = torch.empty((R,), dtype=torch.float32, device=x.device)
     zeros = torch.empty((R,), dtype=torch.int8, device=x.device)
-    if up is None:
-        cands = [Candidate(f"r{r}_w{w}", dict(ROWS=r, num_warps=w)) for r, w in ((1, 4), (2, 4), (4, 8), (1, 8))]
-    else:
-        cands = _candidates(up.tile, up.min_rows)
-    key = (_bucket(R), n, unit or 0, bits, symmetric, str(x.dtype))
+    def make() -> list[Candidate]:
+        if up is None:
+            return [Candidate(f"r{r}_w{w}", dict(ROWS=r, num_warps=w)) for r, w in ((1, 4), (2, 4), (4, 8), (1, 8))]
+        return _candidates(up.tile, up.min_rows)
+
+    key = (_bucket(R), n, unit or 0, bits, symmetric, x.dtype)
     run = lambda c: _launch(c, x, codes, scales, zeros, up, n, unit or n, True, bits, symmetric, clip, 2)  # noqa: E731
-    run(pick("rotate_quant", key, cands, run, x.device))
+    run(choose("rotate_quant", key, make, run, x.device))
     return codes, scales, zeros

@@ -18,6 +18,11 @@ scaled into a float32 accumulator. The activation-zero correction needs the weig
 ``Σ ŵ``, reduced from the same registers (only when ``za`` is given). Everything after the dot —
 scales, zero correction, bias, cast to bf16/fp16/fp32 — is fused into the epilogue. Split-K (for
 decode-sized M) adds float32 partials atomically; the epilogue is linear, so each split applies it.
+
+For large M with per-channel weights a second strategy competes in the autotuner: unpack ŵ once to a
+dense int8 ``[N, K]`` (plus its row sums), run cuBLAS's ``torch._int_mm``, and apply the same
+epilogue in one pass over the int32 result — the unpack costs one read of the int4 weight and one
+write of N·K bytes, small beside an M ≥ 128 product.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import triton.language as tl
 from torch import Tensor
 
 from qcompile.errors import ShapeError
-from qcompile.kernels.autotune import Candidate, pick
+from qcompile.kernels.autotune import Candidate, choose
+from qcompile.kernels.triton import w4a16
 
 
 @triton.jit
@@ -87,11 +93,11 @@ def _w4ax_kernel(
         wi = tl.where((k < K)[None, :], q - zw[:, None], 0)
         w8 = wi.to(tl.int8)
         if PER_CHANNEL:
-            acc = tl.dot(a, tl.trans(w8), acc)
+            acc = tl.dot(a, tl.trans(w8), acc, out_dtype=tl.int32)
             if HAS_AZ:
                 wsum += tl.sum(wi, axis=1)
         else:
-            part = tl.dot(a, tl.trans(w8))
+            part = tl.dot(a, tl.trans(w8), out_dtype=tl.int32)
             if HAS_AZ:
                 part -= za[:, None] * tl.sum(wi, axis=1)[None, :]
             sw = tl.load(s_ptr + offs_n * stride_sn + grp, mask=n_mask, other=0.0).to(tl.float32)
@@ -115,6 +121,77 @@ def _w4ax_kernel(
         tl.atomic_add(yp, out, mask=ym)
 
 
+@triton.jit
+def _unpack_int8_kernel(
+    w_ptr, z_ptr, out_ptr, sum_ptr, N, K, KH, stride_wn, stride_zn, stride_on,
+    HAS_WZ: tl.constexpr, BLOCK_N: tl.constexpr, H: tl.constexpr,
+):
+    """Per-channel ŵ = q − z as int8 ``[N, K]`` and its row sums ``Σ_k ŵ`` (int32 ``[N]``)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if HAS_WZ:
+        zw = tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.int32)
+    else:
+        zw = tl.full([BLOCK_N], 8, tl.int32)
+    total = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for step in range(0, tl.cdiv(KH, H)):
+        j = step * H + tl.arange(0, H)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + j[None, :], mask=n_mask[:, None] & (j < KH)[None, :],
+                    other=0)
+        k = step * 2 * H + tl.arange(0, 2 * H)
+        q = tl.reshape(tl.join(w & 15, w >> 4), (BLOCK_N, 2 * H)).to(tl.int32)
+        wi = tl.where((k < K)[None, :], q - zw[:, None], 0)
+        total += tl.sum(wi, axis=1)
+        tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], wi.to(tl.int8),
+                 mask=n_mask[:, None] & (k < K)[None, :])
+    tl.store(sum_ptr + offs_n, total, mask=n_mask)
+
+
+@triton.jit
+def _int_mm_epilogue_kernel(
+    acc_ptr, sa_ptr, za_ptr, wsum_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_am, stride_sn, stride_ym,
+    HAS_AZ: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``y = (acc − za ⊗ Σŵ) · sa ⊗ sw + bias`` from ``torch._int_mm``'s int32 result, in one pass."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    mask = m_mask[:, None] & n_mask[None, :]
+    acc = tl.load(acc_ptr + offs_m[:, None] * stride_am + offs_n[None, :], mask=mask, other=0)
+    if HAS_AZ:
+        za = tl.load(za_ptr + offs_m, mask=m_mask, other=0).to(tl.int32)
+        acc -= za[:, None] * tl.load(wsum_ptr + offs_n, mask=n_mask, other=0)[None, :]
+    sa = tl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
+    sw = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def unpack_int_mm(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor, zw: Tensor | None,
+                  bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """The unpack → ``torch._int_mm`` → epilogue strategy (per-channel weights, M > 16, K and N % 8 == 0)."""
+    M, K = a.shape
+    N, KH = packed.shape
+    w8 = torch.empty((N, K), dtype=torch.int8, device=a.device)
+    wsum = torch.empty((N,), dtype=torch.int32, device=a.device)
+    _unpack_int8_kernel[(triton.cdiv(N, 16),)](
+        packed, zw if zw is not None else packed, w8, wsum, N, K, KH, packed.stride(0),
+        zw.stride(0) if zw is not None else 0, w8.stride(0), HAS_WZ=zw is not None, BLOCK_N=16, H=128, num_warps=4,
+    )
+    acc = torch._int_mm(a, w8.t())
+    y = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    grid = (triton.cdiv(M, 64), triton.cdiv(N, 128))
+    _int_mm_epilogue_kernel[grid](
+        acc, sa, za if za is not None else sa, wsum, sw, bias if bias is not None else sw, y, M, N, acc.stride(0),
+        sw.stride(0), y.stride(0), HAS_AZ=za is not None, HAS_BIAS=bias is not None, BLOCK_M=64, BLOCK_N=128,
+        num_warps=4,
+    )
+    return y
+
+
 def block_k_choices(K: int, group_size: int) -> list[int]:
     """K tiles the kernel may use: any for per-channel weights, else those dividing the group."""
     per_channel = group_size >= K
@@ -134,20 +211,39 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[Candidate]:
     elif M <= 128:
         shapes = ((64, 64, 1, 4, 4), (64, 128, 1, 4, 4), (32, 64, 1, 4, 4), (128, 128, 1, 8, 3))
     else:
-        shapes = ((128, 128, 1, 8, 3), (128, 256, 1, 8, 3), (128, 128, 1, 4, 4), (64, 128, 1, 4, 4),
-                  (256, 128, 1, 8, 3))
+        shapes = ((256, 128, 1, 8, 3), (128, 128, 1, 8, 3), (128, 128, 1, 4, 4), (256, 128, 1, 8, 4),
+                  (128, 256, 1, 8, 4))
     out = []
     for bk in ks[:2]:
         for bm, bn, split, warps, stages in shapes:
             out.append(Candidate(f"m{bm}_n{bn}_k{bk}_s{split}_w{warps}_st{stages}",
                                  dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=8,
                                       num_warps=warps, num_stages=stages)))
+    if M > 16 and group_size >= K and K % 8 == 0 and N % 8 == 0:
+        out.append(Candidate("unpack_int_mm", dict(kind="unpack_int_mm")))
+    if M <= 16:
+        out.append(Candidate("act_dequant_gemv", dict(kind="act_dequant_gemv")))
     return out
+
+
+def act_dequant_gemv(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor, zw: Tensor | None,
+                     group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """Decode-sized M: the weight read is the whole cost, so dequantize the few activation rows to
+    float32 exactly as the reference does (``(a − za)·sa``) and run the tuned W4A16 GEMV."""
+    xf = a.float()
+    if za is not None:
+        xf = xf - za.float()[:, None]
+    xf = xf * sa[:, None]
+    return w4a16.linear(xf, packed, sw, zw, group_size, None if bias is None else bias.float()).to(out_dtype)
 
 
 def run(cand: Candidate, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor,
         zw: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     """``a [M, K]`` int8 codes, ``sa [M]``, ``za [M]`` → ``[M, N]`` in ``out_dtype``."""
+    if cand.meta.get("kind") == "unpack_int_mm":
+        return unpack_int_mm(a, sa, za, packed, sw, zw, bias, out_dtype)
+    if cand.meta.get("kind") == "act_dequant_gemv":
+        return act_dequant_gemv(a, sa, za, packed, sw, zw, group_size, bias, out_dtype)
     meta = dict(cand.meta)
     M, K = a.shape
     N, KH = packed.shape
@@ -168,9 +264,8 @@ def linear(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor,
            group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     M, K = a.shape
     N = packed.shape[0]
-    cands = candidates(M, N, K, group_size)
     bucket = M if M <= 16 else min(1 << (M - 1).bit_length(), 8192)
-    key = (bucket, N, K, group_size, za is not None, zw is not None, bias is not None, str(out_dtype))
-    cand = pick("w4ax", key, cands, lambda c: run(c, a, sa, za, packed, sw, zw, group_size, bias, out_dtype),
-                a.device)
+    key = (bucket, N, K, group_size, za is not None, zw is not None, bias is not None, out_dtype)
+    cand = choose("w4ax", key, lambda: candidates(M, N, K, group_size),
+                  lambda c: run(c, a, sa, za, packed, sw, zw, group_size, bias, out_dtype), a.device)
     return run(cand, a, sa, za, packed, sw, zw, group_size, bias, out_dtype)
