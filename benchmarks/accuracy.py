@@ -11,6 +11,7 @@ and the Markdown table is rewritten after every row, with the command, machine a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import fnmatch
 import json
@@ -37,7 +38,10 @@ ROWS = [  # most decisive first: a long run can be cut short and still answer th
     ("FP", "fp", {}),
     ("W4A16 per-channel", "rtn", {}),
     ("W4A16 g128", "gptq", {"group": 128, "symmetric": False}),
+    ("W4A16 g128", "quarot+gptq", {"group": 128, "a": 16, "kv": 16, "symmetric": False}),
+    ("W4A16 g128", "gptq", {"group": 128, "symmetric": False, "act_order": True, "static_groups": True}),
     ("W4A16 g64", "gptq", {"group": 64, "symmetric": False}),
+    ("W4A16 g64", "quarot+gptq", {"group": 64, "a": 16, "kv": 16, "symmetric": False}),
     ("W4A4", "quarot+gptq", {"kv": 16}),
     ("W4A8", "quarot+gptq", {"a": 8, "kv": 16}),
     ("W4A4KV4", "quarot+gptq", {}),
@@ -64,9 +68,17 @@ def row_key(setting: str, spec: str, overrides: dict) -> str:
     return f"{setting} | {spec}" + (f" | {extra}" if extra else "")
 
 
+BIT_KEYS = ("w", "a", "kv", "group", "symmetric")
+
+
 def build_recipe(spec: str, overrides: dict, calib_samples: int, calib_seq: int) -> Recipe:
+    """The recipe with bit-width overrides and any other weight-quantizer field (act_order, ...)."""
     recipe = Recipe(name="fp") if spec == "fp" else load_recipe(spec)
-    return recipe.with_bits(**overrides).with_calibration(calib_samples, calib_seq)
+    recipe = recipe.with_bits(**{k: v for k, v in overrides.items() if k in BIT_KEYS})
+    extra = {k: v for k, v in overrides.items() if k not in BIT_KEYS}
+    if extra:
+        recipe = dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, **extra))
+    return recipe.with_calibration(calib_samples, calib_seq)
 
 
 def describe(recipe: Recipe) -> str:
