@@ -98,7 +98,10 @@ def test_not_a_model_directory(tmp_path):
 
 @pytest.mark.real
 def test_lowered_smollm2_matches_fake_quant(smollm2_program, smollm2_ids):
+    import dataclasses
+
     r = load_recipe("rtn").with_bits(group=128, symmetric=False)
+    r = dataclasses.replace(r, weights=dataclasses.replace(r.weights, clip_search=False))  # the grid is not the point
     fake = quantize(smollm2_program, r, progress=False)
     low = lower(fake)
     assert low.reports[-1].counts["W4A16"] == 210 and not low.reports[-1].skipped
