@@ -43,6 +43,7 @@ ROWS = [  # most decisive first: a long run can be cut short and still answer th
     ("W4A16 g64", "gptq", {"group": 64, "symmetric": False}),
     ("W4A4", "quarot+gptq", {"kv": 16}),
     ("W4A16 g64", "quarot+gptq", {"group": 64, "a": 16, "kv": 16, "symmetric": False}),
+    ("W4A4 g64", "quarot+gptq", {"kv": 16, "group": 64, "symmetric": False}),
     ("W4A8", "quarot+gptq", {"a": 8, "kv": 16}),
     ("W4A16 g128", "leanquant", {"group": 128}),
     ("W4A4KV4", "quarot+gptq", {}),
@@ -57,7 +58,6 @@ ROWS = [  # most decisive first: a long run can be cut short and still answer th
     ("W4A16 per-row codebook", "leanquant-nu", {}),
     ("W4A8", "quarot", {"a": 8, "kv": 16}),
     ("W4A8", "quarot+leanquant", {"a": 8, "kv": 16}),
-    ("W4A4 g64", "quarot+gptq", {"kv": 16, "group": 64}),
     ("W4A4KV4", "quarot", {}),
     ("W4A4KV4", "quarot+leanquant", {}),
 ]
