@@ -126,6 +126,16 @@ class Program:
         with self.module.graph.inserting_before(first):
             return self.module.graph.get_attr(name)
 
+    def insert_on_operand(self, consumer: str, pos: int, op, *args) -> fx.Node:
+        """Put ``op(operand, *args)`` between operand ``pos`` of node ``consumer`` and the consumer."""
+        node = self.node(consumer)
+        src = node.args[pos]
+        with self.module.graph.inserting_before(node):
+            new = self.module.graph.call_function(op, (src, *args))
+        new.meta["val"] = src.meta.get("val")
+        node.update_arg(pos, new)
+        return new
+
     def node(self, name: str) -> fx.Node:
         return fx_ir.node_by_name(self.module, name)
 

@@ -35,13 +35,7 @@ def _matrix(choice: RotationChoice) -> torch.Tensor:
 
 
 def _insert(p: Program, consumer: str, pos: int, choice: RotationChoice) -> str:
-    node = p.node(consumer)
-    src = node.args[pos]
-    with p.module.graph.inserting_before(node):
-        h = p.module.graph.call_function(torch.ops.qcompile.hadamard.default, (src, choice.block or 0))
-    h.meta["val"] = src.meta.get("val")
-    node.update_arg(pos, h)
-    return h.name
+    return p.insert_on_operand(consumer, pos, torch.ops.qcompile.hadamard.default, choice.block or 0).name
 
 
 def online_hadamard(program: Program, r3: bool = True, r4: bool = True) -> Program:

@@ -31,12 +31,7 @@ from qcompile.recipe import Recipe, WeightQuant
 
 
 def _insert_fake_quant(p: Program, consumer: str, pos: int, bits: int, symmetric: bool, clip: float) -> None:
-    node = p.node(consumer)
-    src = node.args[pos]
-    with p.module.graph.inserting_before(node):
-        q = p.module.graph.call_function(torch.ops.qcompile.fake_quant.default, (src, bits, symmetric, float(clip)))
-    q.meta["val"] = src.meta.get("val")
-    node.update_arg(pos, q)
+    p.insert_on_operand(consumer, pos, torch.ops.qcompile.fake_quant.default, bits, symmetric, float(clip))
 
 
 def _quantize_weight(w: torch.Tensor, H: torch.Tensor | None, wq: WeightQuant, name: str):
