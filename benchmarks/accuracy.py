@@ -138,7 +138,9 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
     parser.add_argument("--name", default="accuracy-smollm2")
     args = parser.parse_args()
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    # the table's command is the one that regenerates all of it: a --rows filter only selects what runs now
+    kept = [a for i, a in enumerate(sys.argv[1:]) if a != "--rows" and (i == 0 or sys.argv[i] != "--rows")]
+    command = " ".join(["python benchmarks/accuracy.py", *kept])
     RESULTS.mkdir(exist_ok=True)
     cache_path, table_path = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.md"
     rows = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
