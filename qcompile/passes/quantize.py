@@ -74,6 +74,7 @@ class _SequentialQuantizer(fx.Interpreter):
         self.p, self.wq, self.report = p, wq, report
         self.targets = {n: p.model_map.linears[n] for n in targets}
         self.hessians: dict[fx.Node, torch.Tensor] = {}  # per input value, shared by its readers
+        self.readers_left: dict[fx.Node, int] = {}  # quantized readers of each input still to come
         self.bar = tqdm(total=len(targets), desc=wq.method, unit="linear", disable=not progress)
 
     def run_node(self, n: fx.Node):
@@ -84,8 +85,12 @@ class _SequentialQuantizer(fx.Interpreter):
                 acc = HessianAccumulator(lin.in_features, name=lin.weight)
                 acc.add(self.env[x_node].detach().reshape(-1, lin.in_features))
                 self.hessians[x_node] = acc.hessian()
+                self.readers_left[x_node] = sum(1 for u in x_node.users if u.name in self.targets)
             w = self.p.weight(lin.weight).detach().float()
             _store(self.p, lin, _quantize_weight(w, self.hessians[x_node], self.wq, lin.weight), self.report)
+            self.readers_left[x_node] -= 1
+            if not self.readers_left[x_node]:  # memory stays bounded by the Hessians of one layer
+                del self.hessians[x_node]
             self.bar.update(1)
         return super().run_node(n)
 
