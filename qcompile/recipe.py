@@ -4,7 +4,9 @@ A recipe is data (a YAML file under ``qcompile/recipes/`` or a user's file), val
 before anything runs: an unknown pass, key or value is a ``RecipeError`` naming it. Recipes compose by
 name with ``+`` (``quarot+gptq``): the passes are concatenated in order (a pass repeated with the same
 options runs once, with other options it is an error), and each later recipe's quantization sections
-override the earlier ones.
+override the earlier ones. A chain has one channel migration: when an earlier recipe migrates (smooth or
+shift_scale), it stands in for a later recipe's, so ``osplus+duquant`` is DuQuant with OS+ in the place
+of its SmoothQuant.
 
     name: quarot
     passes:
@@ -31,6 +33,7 @@ from qcompile.quant.formats import Granularity, QuantSpec
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 WEIGHT_METHODS = ("rtn", "gptq", "leanquant", "leanquant-nu")
+MIGRATIONS = ("smooth", "shift_scale")  # passes that move channel scales between activations and weights
 
 
 def _from_dict(cls, d: dict, where: str):
@@ -272,10 +275,12 @@ def load_recipe(spec: str) -> Recipe:
     parts = [_load_one(s) for s in spec.split("+")]
     recipe = parts[0]
     for nxt in parts[1:]:
+        migrates = any(n in MIGRATIONS for n, _ in recipe.passes)
         recipe = Recipe(
             name=f"{recipe.name}+{nxt.name}",
             description="; ".join(filter(None, (recipe.description, nxt.description))),
-            passes=recipe.passes + tuple(p for p in nxt.passes if p not in recipe.passes),
+            passes=recipe.passes + tuple(p for p in nxt.passes
+                                         if p not in recipe.passes and not (migrates and p[0] in MIGRATIONS)),
             weights=nxt.weights or recipe.weights,
             activations=nxt.activations or recipe.activations,
             kv=nxt.kv or recipe.kv,

@@ -18,6 +18,15 @@ def test_composition_takes_passes_from_the_first_and_weights_from_the_last():
     assert r.weights.method == "gptq" and r.activations.bits == 4 and r.kv.bits == 4
 
 
+def test_an_earlier_migration_stands_in_for_a_later_recipes():
+    r = load_recipe("osplus+duquant+gptq")
+    assert [n for n, _ in r.passes] == ["fold_norms", "shift_scale", "duquant"]
+    assert r.options("duquant")["placement"] == "duquant" and r.weights.method == "gptq"
+    both = {"passes": [{"fold_norms": {}}, {"smooth": {}}, {"shift_scale": {}}]}
+    with pytest.raises(RecipeError, match="smooth then shift_scale cannot compose"):
+        Recipe.from_dict(both)  # a single recipe naming two migrations is still refused
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
