@@ -51,9 +51,9 @@ class ChannelStats:
 
 
 class _Watcher(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule, watch: dict[str, int], stats: dict, keep: int):
+    def __init__(self, module: fx.GraphModule, watch: dict[str, int], stats: dict, keep: int, make):
         super().__init__(module, garbage_collect_values=True)
-        self.watch, self.stats, self.keep = watch, stats, keep
+        self.watch, self.stats, self.keep, self.make = watch, stats, keep, make
 
     def run_node(self, n: fx.Node):
         pos = self.watch.get(n.name)
@@ -61,19 +61,20 @@ class _Watcher(fx.Interpreter):
             value = self.env[n.args[pos]]
             if not bool(torch.isfinite(value).all()):
                 raise CalibrationError(f"calibration: NaN/inf in the input of node {n.name}")
-            self.stats.setdefault(n.name, ChannelStats()).update(value, self.keep)
+            self.stats.setdefault(n.name, self.make()).update(value, self.keep)
         return super().run_node(n)
 
 
 @torch.no_grad()
 def collect(program: Program, windows: torch.Tensor, watch: dict[str, int], batch: int = 4,
-            keep_tokens: int = 0, progress: bool = True) -> dict[str, ChannelStats]:
+            keep_tokens: int = 0, progress: bool = True, make=ChannelStats) -> dict[str, ChannelStats]:
     """Stats of operand ``pos`` of each watched node ``{node name: pos}`` over all windows [n, seq].
 
     ``keep_tokens`` > 0 also keeps that many token rows per node (for searches that need samples).
+    ``make`` builds each node's accumulator: a ``ChannelStats`` subclass that reduces more (e.g. moments).
     """
     stats: dict[str, ChannelStats] = {}
-    watcher = _Watcher(program.module, watch, stats, keep_tokens)
+    watcher = _Watcher(program.module, watch, stats, keep_tokens, make)
     for start in tqdm(range(0, windows.shape[0], batch), desc="calibrate", unit="batch", disable=not progress):
         watcher.run(windows[start : start + batch])
     return stats
