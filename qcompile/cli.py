@@ -1,5 +1,8 @@
 """``qcompile inspect|plan|quantize|eval``: the command line.
 
+``inspect MODEL --recipe NAME --stats [--plot DIR]`` measures what a recipe's transforms do to the
+activations its linears will quantize (``qcompile.analysis.stats``) and draws it (``analysis.plots``).
+
 Every command takes a MODEL: ``smollm2-135m``, a local checkpoint folder or .gguf file, or
 ``tiny:ARCH`` (a small random model of a known architecture, for trying things out); ``eval`` also
 takes a directory written by ``quantize``.
@@ -28,6 +31,8 @@ def cmd_inspect(args) -> None:
     from qcompile.api import capture, load_model
     from qcompile.pipeline import describe_model
 
+    if args.stats or args.plot or args.recipe:
+        return cmd_stats(args)
     model, _ = load_model(args.model)
     mm = capture(model).model_map
     if args.json:
@@ -44,6 +49,31 @@ def cmd_inspect(args) -> None:
     for inv in mm.invariances:
         if not inv.holds:
             print(f"not proved: {inv.name}: {inv.reason}")
+
+
+def cmd_stats(args) -> None:
+    """Activation max |x| and kurtosis at every linear input, before and after the recipe's transforms."""
+    from qcompile.analysis import plots, stats
+    from qcompile.api import capture, load_model
+    from qcompile.recipe import Recipe, load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe(name="fp")
+    recipe = recipe.with_calibration(args.calib_samples, args.calib_seq)
+    model, tokenizer = load_model(args.model)
+    program = capture(model)
+    stats.check_keys(program, args.plot_site or [])
+    c = stats.compare(program, recipe, tokenizer, args.calib_samples, args.calib_seq,
+                      seed=recipe.calibration.seed + 1, keep_tokens=args.calib_seq if args.plot else 0,
+                      progress=not args.no_progress)
+    if args.plot:
+        keys = args.plot_site or list(dict.fromkeys([c.largest(), "0:down"]))
+        c.plots = plots.write(c, args.model, keys, args.plot)
+    if args.json:
+        print(json.dumps({"model": args.model} | c.to_dict()))
+        return
+    print(f"{args.model}: activation statistics at the inputs of the quantized linears")
+    for line in c.lines():
+        print(line)
 
 
 def cmd_plan(args) -> None:
@@ -94,6 +124,17 @@ def main(argv=None) -> int:
     p = sub.add_parser("inspect", help="match the model's structure and print its map")
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--stats", action="store_true",
+                   help="activation max |x| and kurtosis per linear input, before and after --recipe's transforms")
+    p.add_argument("--recipe", help="the transforms to measure (quantization off); default: none (fp)")
+    p.add_argument("--plot", metavar="DIR", help="also write PNG plots to DIR (implies --stats)")
+    p.add_argument("--plot-site", action="append", metavar="LAYER:ROLE",
+                   help="site to plot per channel and per token (role: qkv, o, up, down); repeatable; "
+                        "default: the largest input and 0:down")
+    p.add_argument("--calib-samples", type=int, default=4,
+                   help="windows to measure on (and to fit calibrating transforms on; default 4)")
+    p.add_argument("--calib-seq", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("plan", help="print every site a recipe rewrites, and refusals")
     p.add_argument("model")
