@@ -4,6 +4,12 @@ fake implementation (shapes only, for ``torch.export`` and ``torch.compile``), a
 Shapes are checked inside each implementation (real and fake), once per call, so a direct
 ``torch.ops.qcompile.*`` call from a lowered graph is checked exactly like a wrapper call.
 
+The ops are declared with the low-level ``torch.library.Library`` (``define`` + ``impl`` per dispatch
+key + ``register_fake``) rather than ``torch.library.custom_op``: the latter wraps every call in
+Python autograd and aliasing checks (~10 µs per call, measured), a decode GEMV's whole GPU time.
+Only ``hadamard`` and ``fake_quant`` have backward formulas (registered below); the linear and
+quantize ops are inference ops.
+
 Schemas::
 
     qcompile::hadamard(Tensor x, int block=0) -> Tensor
@@ -46,22 +52,34 @@ def _cuda():
 # hadamard
 
 
-@torch.library.custom_op("qcompile::hadamard", mutates_args=(), schema="(Tensor x, int block=0) -> Tensor")
+_lib = torch.library.Library("qcompile", "DEF")  # noqa: TOR901 - low-level registration, see the docstring
+
+
+def _op(schema: str, default, cuda, fake) -> None:
+    """Declare ``qcompile::<schema>`` with its reference (any device), CUDA and fake implementations."""
+    name = schema.split("(", 1)[0]
+    _lib.define(schema)
+    _lib.impl(name, default, "CompositeExplicitAutograd")
+    _lib.impl(name, cuda, "CUDA")
+    torch.library.register_fake(f"qcompile::{name}", fake, lib=_lib)
+
+
 def _hadamard(x: Tensor, block: int = 0) -> Tensor:
     shapes.check_hadamard(x, block)
     return reference.hadamard(x, block)
 
 
-@_hadamard.register_kernel("cuda")
 def _hadamard_cuda(x: Tensor, block: int = 0) -> Tensor:
     shapes.check_hadamard(x, block)
     return _cuda().hadamard(x, block)
 
 
-@_hadamard.register_fake
 def _hadamard_fake(x: Tensor, block: int = 0) -> Tensor:
     shapes.check_hadamard(x, block)
     return torch.empty_like(x)
+
+
+_op("hadamard(Tensor x, int block=0) -> Tensor", _hadamard, _hadamard_cuda, _hadamard_fake)
 
 
 def hadamard(x: Tensor, block: int | None = None) -> Tensor:
@@ -74,11 +92,6 @@ def hadamard(x: Tensor, block: int | None = None) -> Tensor:
 # quantize_per_token
 
 
-@torch.library.custom_op(
-    "qcompile::quantize_per_token",
-    mutates_args=(),
-    schema="(Tensor x, int bits, bool symmetric, float clip_ratio, bool rotate, int block) -> (Tensor, Tensor, Tensor)",
-)
 def _quantize_per_token(
     x: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool, block: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,7 +99,6 @@ def _quantize_per_token(
     return reference.quantize_per_token(x, bits, symmetric, clip_ratio, rotate, block)
 
 
-@_quantize_per_token.register_kernel("cuda")
 def _quantize_per_token_cuda(
     x: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool, block: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -94,7 +106,6 @@ def _quantize_per_token_cuda(
     return _cuda().quantize_per_token(x, bits, symmetric, clip_ratio, rotate, block)
 
 
-@_quantize_per_token.register_fake
 def _quantize_per_token_fake(
     x: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool, block: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,6 +116,10 @@ def _quantize_per_token_fake(
         torch.empty(tok, dtype=torch.float32, device=x.device),
         torch.empty(tok, dtype=torch.int8, device=x.device),
     )
+
+
+_op("quantize_per_token(Tensor x, int bits, bool symmetric, float clip_ratio, bool rotate, int block) "
+    "-> (Tensor, Tensor, Tensor)", _quantize_per_token, _quantize_per_token_cuda, _quantize_per_token_fake)
 
 
 def quantize_per_token(
@@ -125,11 +140,6 @@ def quantize_per_token(
 # linear_w4a16
 
 
-@torch.library.custom_op(
-    "qcompile::linear_w4a16",
-    mutates_args=(),
-    schema="(Tensor x, Tensor packed_weight, Tensor scales, Tensor? zeros, int group_size, Tensor? bias) -> Tensor",
-)
 def _linear_w4a16(
     x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
 ) -> Tensor:
@@ -137,7 +147,6 @@ def _linear_w4a16(
     return reference.linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
 
 
-@_linear_w4a16.register_kernel("cuda")
 def _linear_w4a16_cuda(
     x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
 ) -> Tensor:
@@ -145,12 +154,15 @@ def _linear_w4a16_cuda(
     return _cuda().linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
 
 
-@_linear_w4a16.register_fake
 def _linear_w4a16_fake(
     x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
 ) -> Tensor:
     shapes.check_linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
     return x.new_empty((*x.shape[:-1], packed_weight.shape[0]))
+
+
+_op("linear_w4a16(Tensor x, Tensor packed_weight, Tensor scales, Tensor? zeros, int group_size, Tensor? bias) "
+    "-> Tensor", _linear_w4a16, _linear_w4a16_cuda, _linear_w4a16_fake)
 
 
 def linear_w4a16(
@@ -170,45 +182,28 @@ def linear_w4a16(
 # linear_w4a8 / linear_w4a4
 
 
-def _declare_w4ax(name: str):
-    @torch.library.custom_op(
-        f"qcompile::{name}",
-        mutates_args=(),
-        schema="(Tensor x_codes, Tensor x_scales, Tensor? x_zeros, Tensor packed_weight, Tensor w_scales, "
-        "Tensor? w_zeros, int group_size, Tensor? bias, ScalarType out_dtype) -> Tensor",
-    )
-    def op(
-        x_codes: Tensor,
-        x_scales: Tensor,
-        x_zeros: Tensor | None,
-        packed_weight: Tensor,
-        w_scales: Tensor,
-        w_zeros: Tensor | None,
-        group_size: int,
-        bias: Tensor | None,
-        out_dtype: torch.dtype,
-    ) -> Tensor:
+def _declare_w4ax(name: str) -> None:
+    def op(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
         args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype)
         shapes.check_linear_w4ax(name, *args)
         return reference.linear_w4a8(*args)
 
-    @op.register_kernel("cuda")
-    def _cuda_impl(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
+    def cuda(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
         args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype)
         shapes.check_linear_w4ax(name, *args)
         return _cuda().linear_w4ax(*args)
 
-    @op.register_fake
-    def _fake(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
+    def fake(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
         args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype)
         shapes.check_linear_w4ax(name, *args)
         return x_codes.new_empty((*x_codes.shape[:-1], packed_weight.shape[0]), dtype=out_dtype)
 
-    return op
+    _op(f"{name}(Tensor x_codes, Tensor x_scales, Tensor? x_zeros, Tensor packed_weight, Tensor w_scales, "
+        "Tensor? w_zeros, int group_size, Tensor? bias, ScalarType out_dtype) -> Tensor", op, cuda, fake)
 
 
-_linear_w4a8 = _declare_w4ax("linear_w4a8")
-_linear_w4a4 = _declare_w4ax("linear_w4a4")
+_declare_w4ax("linear_w4a8")
+_declare_w4ax("linear_w4a4")
 
 
 def _w4ax(name: str, x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
@@ -253,16 +248,19 @@ def linear_w4a4(
 # fake_quant: quantize-dequantize per token (the simulation the lowering replaces with real int ops)
 
 
-@torch.library.custom_op("qcompile::fake_quant", mutates_args=())
 def _fake_quant(x: Tensor, bits: int, symmetric: bool, clip_ratio: float) -> Tensor:
     from qcompile.quant.formats import fake_quantize_per_token
 
     return fake_quantize_per_token(x, bits, symmetric, clip_ratio)
 
 
-@_fake_quant.register_fake
 def _fake_quant_fake(x: Tensor, bits: int, symmetric: bool, clip_ratio: float) -> Tensor:
     return torch.empty_like(x)
+
+
+_lib.define("fake_quant(Tensor x, int bits, bool symmetric, float clip_ratio) -> Tensor")
+_lib.impl("fake_quant", _fake_quant, "CompositeExplicitAutograd")
+torch.library.register_fake("qcompile::fake_quant", _fake_quant_fake, lib=_lib)
 
 
 def fake_quant(x: Tensor, bits: int, symmetric: bool = True, clip_ratio: float = 1.0) -> Tensor:

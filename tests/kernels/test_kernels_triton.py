@@ -53,13 +53,34 @@ def test_w4a16_variants(seed):
     ref = reference.linear_w4a16(x.float(), packed, scales, zeros, g, None if bias is None else bias.float())
     cands = w4a16.candidates(m, n, k, g)
     kinds = {c.meta["kind"] for c in cands}
-    assert kinds == ({"gemv", "skinny"} if m == 1 else {"skinny"} if m <= 16 else {"gemm", "dequant_cublas"}) or (
-        m == 1 and kinds == {"skinny"}  # odd groups: no reduction kernel
-    )
+    word_gemv = k % 8 == 0 and (g >= k or g % 8 == 0)  # the word GEMV reads K as int32 words of 8 codes
+    expect = {"gemv", "skinny"} if m == 1 and word_gemv else {"skinny"} if m <= 16 else {"gemm", "dequant_cublas"}
+    assert kinds == expect
     for cand in cands:
         y = w4a16.run(cand, x, packed, scales, zeros, g, bias)
         assert y.dtype == dt and y.shape == (m, n)
         assert _rel(y, ref) < TOL[dt], (cand.name, _rel(y, ref))
+
+
+@pytest.mark.parametrize("n, k, g, asym, has_bias, dt", [
+    (40, 576, 128, True, True, torch.bfloat16), (33, 256, 256, False, False, torch.float32),
+    (17, 320, 64, True, False, torch.float16), (9, 96, 32, False, True, torch.bfloat16),
+    (5, 120, 40, True, True, torch.float32), (70, 1088, 128, False, False, torch.bfloat16)])
+def test_word_gemv(n, k, g, asym, has_bias, dt):
+    """The M = 1 word GEMV on shapes it serves: partial last groups, odd group counts, every dtype,
+    and a weight view at an odd byte offset (copied to aligned words)."""
+    gen = torch.Generator().manual_seed(k + n)
+    packed, scales, zeros = _weight(n, k, g, asym, gen)
+    x = torch.randn(1, k, generator=gen).to(dt)
+    bias = torch.randn(n, generator=gen).to(dt) if has_bias else None
+    ref = reference.linear_w4a16(x.float(), packed, scales, zeros, g, None if bias is None else bias.float())
+    cands = [c for c in w4a16.candidates(1, n, k, g) if c.meta["kind"] == "gemv"]
+    assert cands
+    for cand in cands:
+        assert _rel(w4a16.run(cand, x, packed, scales, zeros, g, bias), ref) < TOL[dt], cand.name
+    shifted = torch.cat([torch.zeros(n, 1, dtype=torch.uint8), packed], dim=1)[:, 1:]
+    assert shifted.data_ptr() % 4 and torch.equal(shifted, packed)
+    assert _rel(w4a16.run(cands[0], x, shifted, scales, zeros, g, bias), ref) < TOL[dt]
 
 
 @pytest.mark.parametrize("seed", range(10))

@@ -38,142 +38,98 @@ import triton.language as tl
 from torch import Tensor
 
 from qcompile.kernels.autotune import Candidate, choose
+from qcompile.kernels.triton.launch import launch
+from qcompile.kernels.triton.int4 import offset_codes, offset_codes_asm, unpack, word_codes
 
 
 @triton.jit
-def _offset_codes(n, dt: tl.constexpr):
-    """Codes ``n`` (uint8, < 16) as ``OFFSET + n`` in ``dt``, exactly, by writing n into the low
-    mantissa bits of OFFSET (bfloat16: 128 = 0x4300, float16: 1024 = 0x6400, float32: 2^23 =
-    0x4B000000): one bitwise op instead of a quarter-rate integer→float conversion."""
-    if dt == tl.bfloat16:
-        return (n.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
-    elif dt == tl.float16:
-        return (n.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-    else:
-        return (n.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
-
-
-_PAIRS_ASM = """
-{
-.reg .b32 t0, t1, u0, u1;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-lop3.b32 $0, t0, 0x000F000F, MAGIC, 0xEA;
-lop3.b32 $1, t1, 0x000F000F, MAGIC, 0xEA;
-shr.b32 u0, t0, 4;
-shr.b32 u1, t1, 4;
-lop3.b32 $2, u0, 0x000F000F, MAGIC, 0xEA;
-lop3.b32 $3, u1, 0x000F000F, MAGIC, 0xEA;
-}
-"""
-_PAIRS_BF16 = tl.constexpr(_PAIRS_ASM.replace("MAGIC", "0x43004300"))  # 128 + q, two bf16 per register
-_PAIRS_F16 = tl.constexpr(_PAIRS_ASM.replace("MAGIC", "0x64006400"))  # 1024 + q, two fp16 per register
-
-
-@triton.jit
-def _offset_codes_asm(w, dt: tl.constexpr):
-    """``(_offset_codes(w & 15, dt), _offset_codes(w >> 4, dt))`` for 16-bit dt, four packed bytes
-    at a time (PTX, CUDA only): ``prmt`` spreads bytes b0, b1 into the two 16-bit halves of a word and
-    one ``lop3`` masks a nibble into each half and ORs in OFFSET's exponent — two codes per
-    instruction, where the generic path spends about four instructions per code."""
-    if dt == tl.bfloat16:
-        return tl.inline_asm_elementwise(_PAIRS_BF16, "=r,=r,=r,=r,r", [w],
-                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise(_PAIRS_F16, "=r,=r,=r,=r,r", [w],
-                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-
-
-@triton.jit
-def _gemv_load(wp, step, rel, n_mask, KH, STEP_BYTES: tl.constexpr, EVEN_K: tl.constexpr):
-    """The ``[BLOCK_N, NGB, GH]`` byte tile of one K step. With EVEN_K nothing is masked along K, so
-    the mask is constant along rows and the loads stay 16 bytes wide (a per-byte K mask would make
-    Triton fall back to 1-byte loads and a shuffle reduction over every byte)."""
-    j = step * STEP_BYTES + rel
-    if EVEN_K:
-        return tl.load(wp + j[None, :, :], mask=n_mask[:, None, None], other=0)
-    return tl.load(wp + j[None, :, :], mask=n_mask[:, None, None] & (j < KH)[None, :, :], other=0)
-
-
-@triton.jit
-def _gemv_step(acc, w, step, x_ptr, s_ptr, z_ptr, offs_n, n_mask, chunk, K, G, group_size, stride_sn,
-               HAS_ZEROS: tl.constexpr, NGB: tl.constexpr, GH: tl.constexpr, EVEN_K: tl.constexpr):
-    BK: tl.constexpr = 2 * NGB * GH
-    # x[2j] and x[2j+1] as two stride-2 loads (tiny, cache-resident): a contiguous load split in
-    # registers would hand its lane layout to the weight tile and cost it its 16-byte loads
-    jj = step * (NGB * GH) + chunk[:, None] * GH + tl.arange(0, GH)[None, :]  # [NGB, GH] byte columns
-    if EVEN_K:
-        xe = tl.load(x_ptr + 2 * jj).to(tl.float32)
-        xo = tl.load(x_ptr + 2 * jj + 1).to(tl.float32)
-    else:
-        xe = tl.load(x_ptr + 2 * jj, mask=2 * jj < K, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + 2 * jj + 1, mask=2 * jj + 1 < K, other=0.0).to(tl.float32)
-    lo = _offset_codes(w & 15, tl.float32) - 8388608.0
-    hi = _offset_codes(w >> 4, tl.float32) - 8388608.0
-    part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BLOCK_N, NGB]
-    xsum = tl.sum(xe + xo, axis=1)  # [NGB]
-    grp = (step * BK + chunk * (2 * GH)) // group_size
-    gmask = n_mask[:, None] & (grp < G)[None, :]
-    goffs = offs_n[:, None] * stride_sn + grp[None, :]
-    s = tl.load(s_ptr + goffs, mask=gmask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        z = tl.load(z_ptr + goffs, mask=gmask, other=0).to(tl.float32)
-    else:
-        z = 8.0
-    return acc + tl.sum((part - z * xsum[None, :]) * s, axis=1)
+def _split8(v, A: tl.constexpr, B: tl.constexpr):
+    """``v [A, B, 8]`` → its eight ``[A, B]`` slices (all inside each thread)."""
+    a, b = tl.split(tl.reshape(v, (A, B, 4, 2)))
+    a0, a1 = tl.split(tl.reshape(a, (A, B, 2, 2)))
+    b0, b1 = tl.split(tl.reshape(b, (A, B, 2, 2)))
+    x0, x4 = tl.split(a0)
+    x2, x6 = tl.split(a1)
+    x1, x5 = tl.split(b0)
+    x3, x7 = tl.split(b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    N, K, KH, G, group_size, stride_wn, stride_sn,
-    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-    NGB: tl.constexpr, GH: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, EVEN_K: tl.constexpr,
+    N, KW, stride_wn, stride_sn, stride_sg,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NC: tl.constexpr, CW: tl.constexpr,
+    CHUNKS_PER_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
 ):
-    BK: tl.constexpr = 2 * NGB * GH  # columns of K per step: NGB chunks of 2·GH, each inside one group
+    BW: tl.constexpr = NC * CW  # int32 words (8 codes each) per row and step: NC chunks, each in one group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    chunk = tl.arange(0, NGB)
-    rel = chunk[:, None] * GH + tl.arange(0, GH)[None, :]  # [NGB, GH] byte offsets inside a step
-    wp = w_ptr + offs_n[:, None, None] * stride_wn
-    steps = tl.cdiv(K, BK)
+    chunk = tl.arange(0, NC)
+    rel = chunk[:, None] * CW + tl.arange(0, CW)[None, :]  # [NC, CW] word offsets inside a step
+    steps = tl.cdiv(KW, BW)
     per_split = tl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, steps)
+    wp = w_ptr + offs_n[:, None, None] * stride_wn + rel[None, :, :]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if PREFETCH:  # the next step's bytes are requested before this step's arithmetic: 2x bytes in flight
-        if first < last:
-            w = _gemv_load(wp, first, rel, n_mask, KH, NGB * GH, EVEN_K)
-            for step in range(first, last - 1):
-                w_next = _gemv_load(wp, step + 1, rel, n_mask, KH, NGB * GH, EVEN_K)
-                acc = _gemv_step(acc, w, step, x_ptr, s_ptr, z_ptr, offs_n, n_mask, chunk, K, G, group_size,
-                                 stride_sn, HAS_ZEROS, NGB, GH, EVEN_K)
-                w = w_next
-            acc = _gemv_step(acc, w, last - 1, x_ptr, s_ptr, z_ptr, offs_n, n_mask, chunk, K, G, group_size,
-                             stride_sn, HAS_ZEROS, NGB, GH, EVEN_K)
-    else:
-        for step in range(first, last):
-            w = _gemv_load(wp, step, rel, n_mask, KH, NGB * GH, EVEN_K)
-            acc = _gemv_step(acc, w, step, x_ptr, s_ptr, z_ptr, offs_n, n_mask, chunk, K, G, group_size,
-                             stride_sn, HAS_ZEROS, NGB, GH, EVEN_K)
+    for step in range(first, last):
+        wi = step * BW + rel
+        xo = wi[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        if EVEN:
+            w = tl.load(wp + step * BW, mask=n_mask[:, None, None], other=0)
+            xv = tl.load(x_ptr + xo).to(tl.float32)
+        else:
+            w = tl.load(wp + step * BW, mask=n_mask[:, None, None] & (wi < KW)[None, :, :], other=0)
+            xv = tl.load(x_ptr + xo, mask=(wi < KW)[:, :, None], other=0.0).to(tl.float32)
+        xsum = tl.sum(tl.sum(xv, axis=2), axis=1)  # [NC]: Σx per chunk
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv, NC, CW)
+        x0 = x0 * 2.0  # the scales that give every code of int4.word_codes the offset 128
+        x1 = x1 * 0.125
+        x2 = x2 * 2.0
+        x3 = x3 * 0.125
+        x4 = x4 * 2.0
+        x5 = x5 * 0.125
+        x6 = x6 * 2.0
+        x7 = x7 * 0.125
+        offset = 128.0 * tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)  # [NC]
+        c0, c1, c2, c3, c4, c5, c6, c7 = word_codes(w, ASM)
+        part = c0 * x0[None, :, :]
+        part = tl.fma(c1, x1[None, :, :], part)
+        part = tl.fma(c2, x2[None, :, :], part)
+        part = tl.fma(c3, x3[None, :, :], part)
+        part = tl.fma(c4, x4[None, :, :], part)
+        part = tl.fma(c5, x5[None, :, :], part)
+        part = tl.fma(c6, x6[None, :, :], part)
+        part = tl.fma(c7, x7[None, :, :], part)
+        p = tl.sum(part, axis=2)  # [BLOCK_N, NC]
+        grp = (step * NC + chunk) // CHUNKS_PER_GROUP
+        gofs = offs_n[:, None] * stride_sn + grp[None, :] * stride_sg
+        gmask = n_mask[:, None] & (step * BW + chunk * CW < KW)[None, :]  # chunks past K have no group
+        s = tl.load(s_ptr + gofs, mask=gmask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + gofs, mask=gmask, other=0).to(tl.float32)
+        else:
+            z = 8.0
+        acc += tl.sum((p - offset[None, :] - z * xsum[None, :]) * s, axis=1)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if SPLIT_K == 1:
         tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
     else:
-        tl.atomic_add(y_ptr + offs_n, acc, mask=n_mask)
+        tl.atomic_add(y_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
 
 
 @triton.jit
 def _skinny_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    M, N, K, KH, G, group_size, stride_xm, stride_wn, stride_sn, stride_ym,
+    M, N, K, KH, group_size, stride_xm, stride_wn, stride_sn, stride_sg, stride_ym,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, OFFSET: tl.constexpr, ASM: tl.constexpr = False,
+    STEPS_PER_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFSET: tl.constexpr, ASM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -212,27 +168,27 @@ def _skinny_kernel(
             else:
                 ze = 8.0
                 zo = 8.0
-            we = ((_offset_codes(w & 15, tl.float32) - (ze + 8388608.0)) * se).to(dt)
-            wo = ((_offset_codes(w >> 4, tl.float32) - (zo + 8388608.0)) * so).to(dt)
+            we = ((offset_codes(w & 15, tl.float32) - (ze + 8388608.0)) * se).to(dt)
+            wo = ((offset_codes(w >> 4, tl.float32) - (zo + 8388608.0)) * so).to(dt)
             acc += tl.dot(we, xe, input_precision=DOT_PRECISION)
             acc += tl.dot(wo, xo, input_precision=DOT_PRECISION)
         else:
-            # codes enter the dot as OFFSET + q (exact, see _offset_codes); OFFSET·Σx comes off with z
+            # codes enter the dot as OFFSET + q (exact, see int4.offset_codes); OFFSET·Σx comes off with z
             if OFFSET == 0:
                 ce = (w & 15).to(dt)
                 co = (w >> 4).to(dt)
             elif ASM:
-                ce, co = _offset_codes_asm(w, dt)
+                ce, co = offset_codes_asm(w, dt)
             else:
-                ce = _offset_codes(w & 15, dt)
-                co = _offset_codes(w >> 4, dt)
+                ce = offset_codes(w & 15, dt)
+                co = offset_codes(w >> 4, dt)
             part = tl.dot(ce, xe, input_precision=DOT_PRECISION)
             part += tl.dot(co, xo, input_precision=DOT_PRECISION)
             xsum = tl.sum(xe.to(tl.float32), axis=0) + tl.sum(xo.to(tl.float32), axis=0)  # [BLOCK_M]
-            grp = (step * 2 * H) // group_size
-            s = tl.load(s_ptr + offs_n * stride_sn + grp, mask=n_mask, other=0.0).to(tl.float32)
+            grp = step // STEPS_PER_GROUP
+            s = tl.load(s_ptr + offs_n * stride_sn + grp * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
             if HAS_ZEROS:
-                z = tl.load(z_ptr + offs_n * stride_sn + grp, mask=n_mask, other=0).to(tl.float32) + OFFSET
+                z = tl.load(z_ptr + offs_n * stride_sn + grp * stride_sg, mask=n_mask, other=0).to(tl.float32) + OFFSET
             else:
                 z = tl.full([BLOCK_N], 8.0 + OFFSET, tl.float32)
             acc += (part - z[:, None] * xsum[None, :]) * s[:, None]
@@ -282,8 +238,8 @@ def _gemm_kernel(
         w = tl.load(
             w_ptr + offs_n[:, None] * stride_wn + j[None, :], mask=n_mask[:, None] & (j < KH)[None, :], other=0
         )
-        q = tl.reshape(tl.join(w & 15, w >> 4), (BLOCK_N, BLOCK_K))  # back to K order
-        q = _offset_codes(q, tl.float32) - 8388608.0
+        q = unpack(w, BLOCK_N, BLOCK_K)  # back to K order
+        q = offset_codes(q, tl.float32) - 8388608.0
         if GATHER:
             gofs = offs_n[:, None] * stride_sn + k[None, :] // group_size
             gm = n_mask[:, None] & (k < K)[None, :]
@@ -320,7 +276,7 @@ def _dequant_kernel(
     j = tl.program_id(1) * H + tl.arange(0, H)
     n_mask = offs_n < N
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + j[None, :], mask=n_mask[:, None] & (j < KH)[None, :], other=0)
-    q = _offset_codes(tl.reshape(tl.join(w & 15, w >> 4), (BLOCK_N, 2 * H)), tl.float32)  # 2^23 + q
+    q = offset_codes(unpack(w, BLOCK_N, 2 * H), tl.float32)  # 2^23 + q
     k = tl.program_id(1) * 2 * H + tl.arange(0, 2 * H)
     km = n_mask[:, None] & (k < K)[None, :]
     if GATHER:
@@ -359,35 +315,35 @@ def _precision(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
 
 
+def _gemv_chunk(K: int, group_size: int, G: int) -> int | None:
+    """Words per chunk of the word GEMV (a power of two ≤ 16 dividing the group's words), or None
+    when the shape does not fit it (K or the group not a multiple of 8 codes)."""
+    if K % 8 or (G > 1 and group_size % 8):
+        return None
+    return 16 if G == 1 else min(16, _pow2_divisor(group_size // 8))
+
+
 def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False) -> list[Candidate]:
-    """Variants worth timing for this shape; the first is the untuned default. ``asm`` adds the
-    inline-PTX unpacking variants (CUDA, 16-bit activations only)."""
+    """Variants worth timing for this shape; the first is the untuned default. ``asm`` selects the
+    inline-PTX unpacking (CUDA only; the tensor-core kernels use it for 16-bit activations)."""
     G = -(-K // group_size)
     out: list[Candidate] = []
-    if M == 1:
-        for bn, bk, split, warps, pf in ((16, 1024, 1, 4, 1), (16, 1024, 1, 4, 0), (32, 512, 1, 4, 1),
-                                         (32, 512, 1, 4, 0), (8, 1024, 1, 2, 1), (8, 1024, 1, 2, 0),
-                                         (16, 512, 1, 4, 1), (64, 256, 1, 4, 0), (16, 512, 2, 4, 0),
-                                         (16, 1024, 4, 4, 1), (16, 1024, 4, 4, 0), (32, 256, 2, 4, 1),
-                                         (8, 2048, 1, 2, 1), (16, 2048, 1, 4, 0)):
-            c = _chunk(group_size, G, bk)
-            if c < 2:
-                continue
-            out.append(Candidate(f"gemv_n{bn}_k{bk}_s{split}_w{warps}{'_pf' if pf else ''}",
-                                 dict(kind="gemv", BLOCK_N=bn, NGB=bk // c, GH=c // 2, SPLIT_K=split,
-                                      PREFETCH=bool(pf), num_warps=warps)))
+    cw = _gemv_chunk(K, group_size, G) if M == 1 else None
+    if cw is not None:
+        for bn, nc, split, warps in ((16, 8, 1, 4), (32, 8, 1, 4), (16, 16, 1, 8), (32, 4, 1, 4), (8, 8, 1, 2),
+                                     (16, 8, 2, 4), (32, 8, 2, 8), (64, 4, 1, 8)):
+            nc = max(1, nc * 16 // cw) if cw < 16 else nc
+            out.append(Candidate(f"gemv_n{bn}_c{nc}x{cw}_s{split}_w{warps}",
+                                 dict(kind="gemv", BLOCK_N=bn, NC=nc, CW=cw, SPLIT_K=split, ASM=asm,
+                                      num_warps=warps)))
     if M <= 16:
         c = _chunk(group_size, G, 128)
         gather = c < 32
-        shapes = [(64, 64, 1, 4, 4, False), (128, 64, 1, 4, 4, False), (32, 64, 1, 4, 4, False),
-                  (64, 64, 2, 4, 4, False), (128, 64, 2, 8, 3, False), (64, 32, 1, 4, 5, False)]
-        if asm and not gather:
-            shapes += [(64, 64, 2, 4, 4, True), (64, 64, 1, 4, 4, True), (128, 64, 2, 4, 4, True),
-                       (128, 64, 1, 8, 4, True), (64, 64, 4, 4, 4, True), (32, 64, 2, 4, 4, True)]
-        for bn, h, split, warps, stages, use_asm in shapes:
+        use_asm = asm and not gather
+        for bn, h, split, warps, stages in ((64, 64, 1, 4, 4), (128, 64, 1, 8, 4), (128, 64, 2, 4, 4),
+                                            (64, 64, 2, 4, 4), (32, 64, 2, 4, 4), (256, 64, 1, 8, 3)):
             h = 32 if gather else min(h, c // 2)
-            out.append(Candidate(f"skinny_n{bn}_h{h}_s{split}_w{warps}_st{stages}{'_gather' if gather else ''}"
-                                 f"{'_asm' if use_asm else ''}",
+            out.append(Candidate(f"skinny_n{bn}_h{h}_s{split}_w{warps}_st{stages}{'_gather' if gather else ''}",
                                  dict(kind="skinny", BLOCK_N=bn, H=h, SPLIT_K=split, GATHER=gather, ASM=use_asm,
                                       num_warps=warps, num_stages=stages)))
         return out
@@ -421,8 +377,8 @@ def dequantize(packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size:
 def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None,
         group_size: int, bias: Tensor | None) -> Tensor:
     """``x [M, K] @ Wᵀ (+ bias)`` with one candidate; x must have unit stride along K."""
-    meta = dict(cand.meta)
-    kind = meta.pop("kind")
+    meta = cand.meta
+    kind = meta["kind"]
     M, K = x.shape
     N, KH = packed.shape
     G = scales.shape[1]
@@ -431,26 +387,37 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     zp = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     bp = bias if bias is not None else scales
-    common = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None)
+    flags = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None)
     split = meta.get("SPLIT_K", 1)
     y = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else torch.empty(
         (M, N), dtype=x.dtype, device=x.device)
+    sg = 1 if G > 1 else 0  # scale column of a step: its group, or column 0 for per-channel weights
     if kind == "gemv":
-        grid = (triton.cdiv(N, meta["BLOCK_N"]), split)
-        even = K % (2 * meta["NGB"] * meta["GH"]) == 0
-        _gemv_kernel[grid](x, packed, scales, zp, bp, y, N, K, KH, G, group_size, packed.stride(0),
-                           scales.stride(0), **common, EVEN_K=even, **meta)
+        if packed.data_ptr() % 4 or packed.stride(0) % 4:  # a view off word alignment: copy it
+            packed = packed.clone(memory_format=torch.contiguous_format)
+        bw = meta["NC"] * meta["CW"]
+        KW = KH // 4
+        consts = dict(flags, BLOCK_N=meta["BLOCK_N"], NC=meta["NC"], CW=meta["CW"],
+                      CHUNKS_PER_GROUP=group_size // (8 * meta["CW"]) if G > 1 else 1, SPLIT_K=split,
+                      EVEN=KW % bw == 0, ASM=meta["ASM"])
+        launch(_gemv_kernel, (triton.cdiv(N, meta["BLOCK_N"]), split),
+               (x, packed.view(torch.int32), scales, zp, bp, y, N, KW, packed.stride(0) // 4, scales.stride(0), sg),
+               consts, meta["num_warps"])
     elif kind == "skinny":
-        grid = (triton.cdiv(N, meta["BLOCK_N"]), split)
+        h = meta["H"]
         offset = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
-        _skinny_kernel[grid](x, packed, scales, zp, bp, y, M, N, K, KH, G, group_size, x.stride(0),
-                             packed.stride(0), scales.stride(0), y.stride(0), **common, BLOCK_M=16,
-                             DOT_PRECISION=_precision(x), OFFSET=offset, **meta)
+        consts = dict(flags, GATHER=meta["GATHER"], BLOCK_M=16, BLOCK_N=meta["BLOCK_N"], H=h, SPLIT_K=split,
+                      STEPS_PER_GROUP=max(1, group_size // (2 * h)) if G > 1 else 1,
+                      DOT_PRECISION=_precision(x), OFFSET=offset, ASM=meta["ASM"] and offset > 0)
+        launch(_skinny_kernel, (triton.cdiv(N, meta["BLOCK_N"]), split),
+               (x, packed, scales, zp, bp, y, M, N, K, KH, group_size, x.stride(0), packed.stride(0),
+                scales.stride(0), sg, y.stride(0)), consts, meta["num_warps"], meta["num_stages"])
     else:
-        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _gemm_kernel[grid](x, packed, scales, zp, bp, y, M, N, K, KH, G, group_size, x.stride(0),
-                           packed.stride(0), scales.stride(0), y.stride(0), **common,
-                           DOT_PRECISION=_precision(x), **meta)
+        consts = dict(flags, GATHER=meta["GATHER"], BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"],
+                      BLOCK_K=meta["BLOCK_K"], GROUP_M=meta["GROUP_M"], DOT_PRECISION=_precision(x))
+        launch(_gemm_kernel, (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+               (x, packed, scales, zp, bp, y, M, N, K, KH, G, group_size, x.stride(0), packed.stride(0),
+                scales.stride(0), y.stride(0)), consts, meta["num_warps"], meta["num_stages"])
     return y.to(x.dtype) if split > 1 else y
 
 
@@ -465,7 +432,6 @@ def linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, grou
     N = packed.shape[0]
     key = (_bucket(M), N, K, group_size, zeros is not None, bias is not None, x.dtype)
     family = "w4a16_decode" if M <= 16 else "w4a16_prefill"
-    asm = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-    cand = choose(family, key, lambda: candidates(M, N, K, group_size, asm),
+    cand = choose(family, key, lambda: candidates(M, N, K, group_size, x.is_cuda),
                   lambda c: run(c, x, packed, scales, zeros, group_size, bias), x.device)
     return run(cand, x, packed, scales, zeros, group_size, bias)

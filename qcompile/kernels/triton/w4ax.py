@@ -35,6 +35,8 @@ from torch import Tensor
 from qcompile.errors import ShapeError
 from qcompile.kernels.autotune import Candidate, choose
 from qcompile.kernels.triton import w4a16
+from qcompile.kernels.triton.int4 import unpack
+from qcompile.kernels.triton.launch import launch
 
 
 @triton.jit
@@ -83,7 +85,7 @@ def _w4ax_kernel(
         w = tl.load(
             w_ptr + offs_n[:, None] * stride_wn + j[None, :], mask=n_mask[:, None] & (j < KH)[None, :], other=0
         )
-        q = tl.reshape(tl.join(w & 15, w >> 4), (BLOCK_N, BLOCK_K)).to(tl.int32)  # back to K order
+        q = unpack(w, BLOCK_N, BLOCK_K).to(tl.int32)  # back to K order
         if not PER_CHANNEL:
             grp = (step * BLOCK_K) // group_size
             if HAS_WZ:
@@ -139,7 +141,7 @@ def _unpack_int8_kernel(
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + j[None, :], mask=n_mask[:, None] & (j < KH)[None, :],
                     other=0)
         k = step * 2 * H + tl.arange(0, 2 * H)
-        q = tl.reshape(tl.join(w & 15, w >> 4), (BLOCK_N, 2 * H)).to(tl.int32)
+        q = unpack(w, BLOCK_N, 2 * H).to(tl.int32)
         wi = tl.where((k < K)[None, :], q - zw[:, None], 0)
         total += tl.sum(wi, axis=1)
         tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], wi.to(tl.int8),
@@ -244,19 +246,20 @@ def run(cand: Candidate, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tenso
         return unpack_int_mm(a, sa, za, packed, sw, zw, bias, out_dtype)
     if cand.meta.get("kind") == "act_dequant_gemv":
         return act_dequant_gemv(a, sa, za, packed, sw, zw, group_size, bias, out_dtype)
-    meta = dict(cand.meta)
+    meta = cand.meta
     M, K = a.shape
     N, KH = packed.shape
     split = meta["SPLIT_K"]
     y = torch.zeros((M, N), dtype=torch.float32, device=a.device) if split > 1 else torch.empty(
         (M, N), dtype=out_dtype, device=a.device)
+    consts = dict(HAS_AZ=za is not None, HAS_WZ=zw is not None, HAS_BIAS=bias is not None,
+                  PER_CHANNEL=group_size >= K, BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"],
+                  BLOCK_K=meta["BLOCK_K"], GROUP_M=meta["GROUP_M"], SPLIT_K=split)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-    _w4ax_kernel[grid](
-        a, sa, za if za is not None else sa, packed, sw, zw if zw is not None else sw,
-        bias if bias is not None else sw, y, M, N, K, KH, group_size, a.stride(0), packed.stride(0),
-        sw.stride(0), y.stride(0), HAS_AZ=za is not None, HAS_WZ=zw is not None, HAS_BIAS=bias is not None,
-        PER_CHANNEL=group_size >= K, **meta,
-    )
+    launch(_w4ax_kernel, grid,
+           (a, sa, za if za is not None else sa, packed, sw, zw if zw is not None else sw,
+            bias if bias is not None else sw, y, M, N, K, KH, group_size, a.stride(0), packed.stride(0),
+            sw.stride(0), y.stride(0)), consts, meta["num_warps"], meta["num_stages"])
     return y.to(out_dtype) if split > 1 else y
 
 

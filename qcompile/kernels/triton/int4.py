@@ -1,0 +1,114 @@
+"""Triton helpers that turn canonical int4 weights into numbers: the one dequantization front end
+of every INT4 kernel (``w4a16.py`` and ``w4ax.py``).
+
+Canonical layout (``qcompile.quant.formats``): byte ``j`` of a row holds code ``k = 2j`` in its low
+and ``k = 2j + 1`` in its high nibble; read as a little-endian int32 word, word ``w`` holds the eight
+codes ``k = 8w + i`` at bits ``4i .. 4i + 3``.
+
+Codes become floats without an integer→float conversion (a quarter-rate instruction) by writing the
+nibble into the mantissa of a power of two ("magic number"): with ``OFFSET = 2^e`` whose mantissa
+unit is 1, ``bits(OFFSET) | q`` *is* the float ``OFFSET + q``, exactly. The offset is taken off
+after the multiply-accumulate, once per group: ``Σ x·(OFFSET + q) − (OFFSET + z)·Σ x = Σ x·(q − z)``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def unpack(w, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Bytes ``w [ROWS, COLS/2]`` → codes ``[ROWS, COLS]`` (uint8) in K order: the low and high
+    nibbles joined along a new last axis that stays inside each thread, so the reshape is free."""
+    return tl.reshape(tl.join(w & 15, w >> 4), (ROWS, COLS))
+
+
+@triton.jit
+def offset_codes(n, dt: tl.constexpr):
+    """Codes ``n`` (integers < 16) as ``OFFSET + n`` in ``dt`` (bfloat16: 128 = 0x4300, float16:
+    1024 = 0x6400, float32: 2^23 = 0x4B000000): one bitwise op per code."""
+    if dt == tl.bfloat16:
+        return (n.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+    elif dt == tl.float16:
+        return (n.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        return (n.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+_PAIRS_ASM = """
+{
+.reg .b32 t0, t1, u0, u1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, MAGIC, 0xEA;
+shr.b32 u0, t0, 4;
+shr.b32 u1, t1, 4;
+lop3.b32 $2, u0, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $3, u1, 0x000F000F, MAGIC, 0xEA;
+}
+"""
+_PAIRS_BF16 = tl.constexpr(_PAIRS_ASM.replace("MAGIC", "0x43004300"))  # 128 + q, two bf16 per register
+_PAIRS_F16 = tl.constexpr(_PAIRS_ASM.replace("MAGIC", "0x64006400"))  # 1024 + q, two fp16 per register
+
+
+@triton.jit
+def offset_codes_asm(w, dt: tl.constexpr):
+    """``(offset_codes(w & 15, dt), offset_codes(w >> 4, dt))`` for 16-bit dt, four bytes at a time
+    (PTX, CUDA only): ``prmt`` spreads two bytes into the halves of a word, one ``lop3`` masks a
+    nibble into each half and ORs in OFFSET — two codes per instruction."""
+    if dt == tl.bfloat16:
+        return tl.inline_asm_elementwise(_PAIRS_BF16, "=r,=r,=r,=r,r", [w],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(_PAIRS_F16, "=r,=r,=r,=r,r", [w],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+# Word → eight float32 codes. Byte b moves to bits 15..22 (one shift), then one lop3 per nibble keeps
+# bits 15..18 (the low nibble: 128 + q/2) or 19..22 (the high one: 128 + 8·q) — both inside the
+# float32 mantissa, whose bit 16 is worth 1 at 128 — and ORs in the float32 128 = 0x43000000. The
+# caller scales the activations of even k by 2 and of odd k by 1/8 (exact), so every code carries the
+# same offset: (128 + q/2)·2x = 128·(2x) + q·x and (128 + 8q)·x/8 = 128·(x/8) + q·x.
+_WORD_ASM = tl.constexpr("""
+{
+.reg .b32 b0, b1, b2, b3, m0, m1, k;
+mov.b32 m0, 0x00078000;
+mov.b32 m1, 0x00780000;
+mov.b32 k, 0x43000000;
+shl.b32 b0, $8, 15;
+shl.b32 b1, $8, 7;
+shr.b32 b2, $8, 1;
+shr.b32 b3, $8, 9;
+lop3.b32 $0, b0, m0, k, 0xEA;
+lop3.b32 $1, b0, m1, k, 0xEA;
+lop3.b32 $2, b1, m0, k, 0xEA;
+lop3.b32 $3, b1, m1, k, 0xEA;
+lop3.b32 $4, b2, m0, k, 0xEA;
+lop3.b32 $5, b2, m1, k, 0xEA;
+lop3.b32 $6, b3, m0, k, 0xEA;
+lop3.b32 $7, b3, m1, k, 0xEA;
+}
+""")
+
+
+@triton.jit
+def _word_code(w, SHIFT: tl.constexpr, MASK: tl.constexpr):
+    if SHIFT > 0:
+        v = w << SHIFT
+    else:
+        v = w >> (-SHIFT)  # arithmetic shift: the copied sign bits land above the mask
+    return ((v & MASK) | 0x43000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def word_codes(w, ASM: tl.constexpr):
+    """An int32 word of eight canonical codes → eight float32 tiles: ``128 + q_i/2`` for even i
+    (pair with 2·x), ``128 + 8·q_i`` for odd i (pair with x/8). ASM: the same in 12 PTX instructions."""
+    if ASM:
+        return tl.inline_asm_elementwise(_WORD_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
+                                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    return (_word_code(w, 15, 0x78000), _word_code(w, 15, 0x780000), _word_code(w, 7, 0x78000),
+            _word_code(w, 7, 0x780000), _word_code(w, -1, 0x78000), _word_code(w, -1, 0x780000),
+            _word_code(w, -9, 0x78000), _word_code(w, -9, 0x780000))
