@@ -66,7 +66,7 @@ def cmd_stats(args) -> None:
                       seed=recipe.calibration.seed + 1, keep_tokens=args.calib_seq if args.plot else 0,
                       progress=not args.no_progress)
     if args.plot:
-        keys = args.plot_site or list(dict.fromkeys([c.largest(), "0:down"]))
+        keys = args.plot_site or list(dict.fromkeys([c.largest(), c.largest("qkv"), "0:down"]))
         c.plots = plots.write(c, args.model, keys, args.plot)
     if args.json:
         print(json.dumps({"model": args.model} | c.to_dict()))
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", metavar="DIR", help="also write PNG plots to DIR (implies --stats)")
     p.add_argument("--plot-site", action="append", metavar="LAYER:ROLE",
                    help="site to plot per channel and per token (role: qkv, o, up, down); repeatable; "
-                        "default: the largest input and 0:down")
+                        "default: the largest input, the largest qkv input and 0:down")
     p.add_argument("--calib-samples", type=int, default=4,
                    help="windows to measure on (and to fit calibrating transforms on; default 4)")
     p.add_argument("--calib-seq", type=int, default=512, help="tokens per window (default 512)")

@@ -66,8 +66,14 @@ def channels(c: Comparison, key: str, title: str, path: Path) -> Path:
     fig, axes = plt.subplots(2, 1, figsize=(10, 5), dpi=DPI, sharey=True)
     for ax, s, when, color in ((axes[0], b, "before", "C3"), (axes[1], a, "after", "C0")):
         y = s.channel_max.numpy()
-        ax.bar(range(len(y)), y, width=1.0, color=color)
-        ax.set_xlim(-0.5, len(y) - 0.5)
+        ax.fill_between(range(len(y)), y, color=color, alpha=0.35, lw=0)
+        ax.plot(y, color=color, lw=0.6)  # a line, not bars: a one-channel spike stays visible at any width
+        top = int(y.argmax())
+        right = top > 0.8 * len(y)
+        ax.annotate(f"ch {top}: {y[top]:.1f}", (top, y[top]), xytext=(-4 if right else 4, -10),
+                    textcoords="offset points", ha="right" if right else "left", fontsize=8)
+        ax.set_xlim(0, len(y) - 1)
+        ax.set_ylim(bottom=0)
         ax.set_ylabel("max |x|")
         ax.set_title(f"{when}: max {s.max:.2f}, kurtosis {s.kurtosis:.1f}", fontsize=9, loc="left")
     axes[1].set_xlabel("channel")

@@ -157,9 +157,9 @@ class Comparison:
                 "kurtosis_before": max(b.kurtosis for b, _ in pairs),
                 "kurtosis_after": max(a.kurtosis for _, a in pairs)}
 
-    def largest(self) -> str:
-        """The site whose input has the largest max |x| before the transforms."""
-        return max(self.before, key=lambda s: s.max).site.key
+    def largest(self, role: str | None = None) -> str:
+        """The site (of one role, or any) whose input has the largest max |x| before the transforms."""
+        return max((s for s in self.before if role in (None, s.site.role)), key=lambda s: s.max).site.key
 
     def to_dict(self) -> dict:
         return {
