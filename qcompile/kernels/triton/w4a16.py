@@ -73,7 +73,7 @@ def _gemv_kernel(
     per_split = tl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, steps)
-    wp = w_ptr + offs_n[:, None, None] * stride_wn + rel[None, :, :]
+    wp = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None, None] * stride_wn + rel[None, :, :]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for step in range(first, last):
         wi = step * BW + rel
@@ -330,8 +330,7 @@ def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False) -> li
     out: list[Candidate] = []
     cw = _gemv_chunk(K, group_size, G) if M == 1 else None
     if cw is not None:
-        for bn, nc, split, warps in ((16, 8, 1, 4), (32, 8, 1, 4), (16, 16, 1, 8), (32, 4, 1, 4), (8, 8, 1, 2),
-                                     (16, 8, 2, 4), (32, 8, 2, 8), (64, 4, 1, 8)):
+        for bn, nc, split, warps in ((32, 8, 1, 4), (8, 4, 1, 1), (64, 4, 1, 4), (16, 8, 1, 4)):
             nc = max(1, nc * 16 // cw) if cw < 16 else nc
             out.append(Candidate(f"gemv_n{bn}_c{nc}x{cw}_s{split}_w{warps}",
                                  dict(kind="gemv", BLOCK_N=bn, NC=nc, CW=cw, SPLIT_K=split, ASM=asm,
@@ -340,8 +339,8 @@ def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False) -> li
         c = _chunk(group_size, G, 128)
         gather = c < 32
         use_asm = asm and not gather
-        for bn, h, split, warps, stages in ((64, 64, 1, 4, 4), (128, 64, 1, 8, 4), (128, 64, 2, 4, 4),
-                                            (64, 64, 2, 4, 4), (32, 64, 2, 4, 4), (256, 64, 1, 8, 3)):
+        for bn, h, split, warps, stages in ((64, 64, 2, 4, 4), (64, 64, 1, 4, 4), (128, 64, 1, 8, 4),
+                                            (128, 64, 2, 4, 4)):
             h = 32 if gather else min(h, c // 2)
             out.append(Candidate(f"skinny_n{bn}_h{h}_s{split}_w{warps}_st{stages}{'_gather' if gather else ''}",
                                  dict(kind="skinny", BLOCK_N=bn, H=h, SPLIT_K=split, GATHER=gather, ASM=use_asm,
@@ -366,11 +365,10 @@ def dequantize(packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size:
     gather = chunk < 32
     bn, h = 32, (64 if gather else chunk // 2)
     grid = (triton.cdiv(N, bn), triton.cdiv(packed.shape[1], h))
-    _dequant_kernel[grid](
-        packed, scales, zeros if zeros is not None else scales, out, N, K, packed.shape[1], group_size,
-        packed.stride(0), scales.stride(0), out.stride(0), HAS_ZEROS=zeros is not None, GATHER=gather,
-        BLOCK_N=bn, H=h, num_warps=4,
-    )
+    launch(_dequant_kernel, grid,
+           (packed, scales, zeros if zeros is not None else scales, out, N, K, packed.shape[1], group_size,
+            packed.stride(0), scales.stride(0), out.stride(0)),
+           dict(HAS_ZEROS=zeros is not None, GATHER=gather, BLOCK_N=bn, H=h), 4)
     return out
 
 
@@ -389,8 +387,7 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
     bp = bias if bias is not None else scales
     flags = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None)
     split = meta.get("SPLIT_K", 1)
-    y = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else torch.empty(
-        (M, N), dtype=x.dtype, device=x.device)
+    y = x.new_zeros((M, N), dtype=torch.float32) if split > 1 else x.new_empty((M, N))
     sg = 1 if G > 1 else 0  # scale column of a step: its group, or column 0 for per-channel weights
     if kind == "gemv":
         if packed.data_ptr() % 4 or packed.stride(0) % 4:  # a view off word alignment: copy it
@@ -401,7 +398,7 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
                       CHUNKS_PER_GROUP=group_size // (8 * meta["CW"]) if G > 1 else 1, SPLIT_K=split,
                       EVEN=KW % bw == 0, ASM=meta["ASM"])
         launch(_gemv_kernel, (triton.cdiv(N, meta["BLOCK_N"]), split),
-               (x, packed.view(torch.int32), scales, zp, bp, y, N, KW, packed.stride(0) // 4, scales.stride(0), sg),
+               (x, packed, scales, zp, bp, y, N, KW, packed.stride(0) // 4, scales.stride(0), sg),
                consts, meta["num_warps"])
     elif kind == "skinny":
         h = meta["H"]

@@ -179,18 +179,16 @@ def unpack_int_mm(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: 
     N, KH = packed.shape
     w8 = torch.empty((N, K), dtype=torch.int8, device=a.device)
     wsum = torch.empty((N,), dtype=torch.int32, device=a.device)
-    _unpack_int8_kernel[(triton.cdiv(N, 16),)](
-        packed, zw if zw is not None else packed, w8, wsum, N, K, KH, packed.stride(0),
-        zw.stride(0) if zw is not None else 0, w8.stride(0), HAS_WZ=zw is not None, BLOCK_N=16, H=128, num_warps=4,
-    )
+    launch(_unpack_int8_kernel, (triton.cdiv(N, 16),),
+           (packed, zw if zw is not None else packed, w8, wsum, N, K, KH, packed.stride(0),
+            zw.stride(0) if zw is not None else 0, w8.stride(0)),
+           dict(HAS_WZ=zw is not None, BLOCK_N=16, H=128), 4)
     acc = torch._int_mm(a, w8.t())
     y = torch.empty((M, N), dtype=out_dtype, device=a.device)
-    grid = (triton.cdiv(M, 64), triton.cdiv(N, 128))
-    _int_mm_epilogue_kernel[grid](
-        acc, sa, za if za is not None else sa, wsum, sw, bias if bias is not None else sw, y, M, N, acc.stride(0),
-        sw.stride(0), y.stride(0), HAS_AZ=za is not None, HAS_BIAS=bias is not None, BLOCK_M=64, BLOCK_N=128,
-        num_warps=4,
-    )
+    launch(_int_mm_epilogue_kernel, (triton.cdiv(M, 64), triton.cdiv(N, 128)),
+           (acc, sa, za if za is not None else sa, wsum, sw, bias if bias is not None else sw, y, M, N, acc.stride(0),
+            sw.stride(0), y.stride(0)),
+           dict(HAS_AZ=za is not None, HAS_BIAS=bias is not None, BLOCK_M=64, BLOCK_N=128), 4)
     return y
 
 
