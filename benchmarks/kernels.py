@@ -276,6 +276,14 @@ def quick_check(chk: Checker) -> None:
                 y = w4ax.run(cand, codes, sa.reshape(-1), None if za_ is None else za_.reshape(-1), packed, scales,
                              zeros, K, bias, torch.float32)
             chk(f"w4ax M{M} {N}x{K} {cand.name}", rel(y, ref) < 1e-5, f"rel {rel(y, ref):.2e}")
+    for M, N, K, asym_w, has_bias in ((2048, 4096, 4096, False, False), (256, 1008, 576, True, True)):
+        packed, scales, zeros = rand_weight(N, K, K, asym_w)  # W4A4 through FP8: bf16 output, 4-bit codes
+        codes, sa, _ = reference.quantize_per_token(torch.randn(M, K, device=DEV), 4, True, 0.9)
+        bias = torch.randn(N, device=DEV) if has_bias else None
+        ref = reference.linear_w4a8(codes, sa, None, packed, scales, zeros, K, bias, torch.float32)
+        for _ in range(2):
+            y = w4ax.unpack_fp8_mm(codes, sa.reshape(-1), packed, scales, zeros, bias, torch.bfloat16)
+        chk(f"w4a4 fp8 M{M} {N}x{K}", rel(y, ref) < 1e-2, f"rel {rel(y, ref):.2e}")
     x = torch.randn(64, 4096, device=DEV, dtype=torch.bfloat16) * 3
     for bits, sym, clip in ((8, True, 1.0), (4, False, 0.9)):
         c, s, z = (t.cpu() for t in ops.quantize_per_token(x, bits, sym, clip))
@@ -369,11 +377,12 @@ def bench_linear(N: int, K: int, M: int, ceil: dict, decode_graph: bool = True) 
     pc_bytes = N * K / 2 + N * 2
     for bits in (8, 4):
         op = f"w4a{bits}"
+        lin = ops.linear_w4a4 if bits == 4 else ops.linear_w4a8
         c, s, _ = ops.quantize_per_token(x, bits, True, 0.9)
-        add(op, [lambda w=w, c=c, s=s: ops.linear_w4a8(c, s, None, w[0], w[1], None, K) for w in wc],
+        add(op, [lambda w=w, c=c, s=s: lin(c, s, None, w[0], w[1], None, K) for w in wc],
             pc_bytes + M * K + M * N * 2, ceil["int8_ops"])
-        add(op + "+q", [lambda w=w: ops.linear_w4a8(*ops.quantize_per_token(x, bits, True, 0.9)[:2], None, w[0], w[1],
-                                                    None, K) for w in wc],
+        add(op + "+q", [lambda w=w: lin(*ops.quantize_per_token(x, bits, True, 0.9)[:2], None, w[0], w[1], None, K)
+                        for w in wc],
             pc_bytes + act + M * K, ceil["int8_ops"])
     del wc
     return rows
@@ -495,7 +504,7 @@ def variants(ceil: dict) -> list[dict]:
         if M >= 16:
             wc = [rand_weight(N, K, K) for _ in range(n_copies(N * K / 2))]
             c, s, _ = ops.quantize_per_token(x, 4, True, 0.9)
-            for cand in w4ax.candidates(M, N, K, K):
+            for cand in w4ax.candidates(M, N, K, K, fp8=True):
                 calls = [lambda w=w, cd=cand: w4ax.run(cd, c, s.reshape(-1), None, w[0], w[1], None, K, None,
                                                        torch.bfloat16) for w in wc]
                 try:

@@ -191,7 +191,7 @@ def _declare_w4ax(name: str) -> None:
     def cuda(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
         args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype)
         shapes.check_linear_w4ax(name, *args)
-        return _cuda().linear_w4ax(*args)
+        return _cuda().linear_w4ax(*args, act_bits=4 if name == "linear_w4a4" else 8)
 
     def fake(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
         args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype)

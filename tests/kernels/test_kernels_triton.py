@@ -174,6 +174,21 @@ def test_w4ax_unpack_int_mm_strategy(asym_w, sym_act, has_bias):
     assert _rel(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("asym_w, has_bias", [(True, True), (False, False)])
+def test_w4a4_unpack_fp8_mm_strategy(asym_w, has_bias):
+    """4-bit codes and ŵ are exact in float8 e4m3: the FP8 GEMM matches the reference to bf16 rounding."""
+    gen = torch.Generator().manual_seed(9)
+    m, n, k = 24, 48, 160
+    packed, scales, zeros = _weight(n, k, k, asym_w, gen)
+    codes, sa, _ = reference.quantize_per_token(torch.randn(m, k, generator=gen), 4, True, 0.9)
+    bias = torch.randn(n, generator=gen) if has_bias else None
+    assert "unpack_fp8_mm" in {c.name for c in w4ax.candidates(m, n, k, k, fp8=True)}
+    assert "unpack_fp8_mm" not in {c.name for c in w4ax.candidates(m, n, k, k)}
+    y = w4ax.unpack_fp8_mm(codes, sa.reshape(-1), packed, scales, zeros, bias, torch.bfloat16)
+    ref = reference.linear_w4a8(codes, sa, None, packed, scales, zeros, k, bias, torch.float32)
+    assert y.dtype == torch.bfloat16 and _rel(y, ref) < 1e-2
+
+
 def test_block_diagonal_rotation_fused_path(monkeypatch):
     """Many rows take the fused two-pass kernel (few rows rotate blocks in parallel first): same codes."""
     monkeypatch.setattr(rotate_quant, "SPLIT_ROWS", 0)

@@ -80,7 +80,8 @@ def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None
 
 
 def linear_w4ax(x_codes: Tensor, x_scales: Tensor, x_zeros: Tensor | None, packed: Tensor, w_scales: Tensor,
-                w_zeros: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+                w_zeros: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype,
+                act_bits: int = 8) -> Tensor:
     N = packed.shape[0]
     out_shape = (*x_codes.shape[:-1], N)
     if x_codes.numel() == 0:
@@ -88,5 +89,5 @@ def linear_w4ax(x_codes: Tensor, x_scales: Tensor, x_zeros: Tensor | None, packe
     sa = x_scales.reshape(-1).contiguous()
     za = None if x_zeros is None else x_zeros.reshape(-1).contiguous()
     y = w4ax.linear(_rows(x_codes), sa, za, _weight(packed), _weight(w_scales), _weight(w_zeros),
-                    group_size, _weight(bias), out_dtype)
+                    group_size, _weight(bias), out_dtype, act_bits)
     return y.reshape(out_shape)

@@ -173,6 +173,9 @@ def _rotate_quant_kernel(
 # Host side
 
 
+PLAIN_CHUNK = 8192  # row elements one program quantizes per pass without a rotation (one pass ≤ 8192)
+
+
 @functools.lru_cache(maxsize=64)
 def _factors(up: UnitPlan, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     dummy = torch.zeros(1, dtype=torch.bfloat16, device=device)
@@ -193,7 +196,7 @@ def _launch(cand: Candidate, x: Tensor, y: Tensor, s: Tensor, z: Tensor, up: Uni
     R = x.shape[0]
     rows = cand.meta["ROWS"]
     if up is None:  # plain quantization, chunked along the row
-        chunk = min(next_pow2(n), 2048)
+        chunk = min(next_pow2(n), PLAIN_CHUNK)
         hm = h1 = h2 = s
         geo = dict(MP=1, P1=1, P2=chunk)
         m_real, U, NU, norm = 1, chunk, triton.cdiv(n, chunk), 1.0

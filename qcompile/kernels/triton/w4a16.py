@@ -7,24 +7,27 @@ uint8 ``[N, G]`` or None (z = 8); ``G = ceil(K/g)``, the last group possibly par
 Algebra. ``y[m, n] = Σ_k x[m, k]·(q[n, k] − z[n, k//g])·s[n, k//g]``. Two rewrites make the
 memory-bound (decode) kernels cheap:
 
-* **even/odd split** — the low nibbles of a byte row multiply ``x[:, 0::2]``, the high nibbles
-  ``x[:, 1::2]``: the packed bytes are used as loaded, with no interleaving shuffle; only the tiny,
-  cache-resident activation is read with stride 2;
 * **scale after the sum** — inside one group ``Σ_k x·(q − z)·s = s·(Σ_k q·x − z·Σ_k x)``: codes
-  enter the products as exact small integers and scale/zero cost one multiply-add per (row, group)
-  instead of per weight element. A tile of K is therefore chosen to lie inside one group
-  (``chunk | g``), or the weight is per-channel (G = 1).
+  enter the products as exact small integers (as magic-number floats ``OFFSET + q``, see ``int4``;
+  the offset leaves with ``z``) and scale/zero cost one multiply-add per (row, group) instead of per
+  weight element. A tile of K therefore lies inside one group, or the weight is per-channel (G = 1).
+* **no reordering of the packed bytes** — the M = 1 kernel reads each row as int32 words of eight
+  codes ``k = 8w … 8w + 7`` and pairs code i with ``x[8w + i]``; the tensor-core kernel pairs the low
+  nibbles of a byte tile with ``x[:, 0::2]`` and the high ones with ``x[:, 1::2]``. Either way the
+  weight is used as loaded, only the small activation is rearranged.
 
 Kernels:
 
-* ``_gemv_kernel`` (M = 1): a tile ``[BLOCK_N, NGB chunks, GH bytes]`` per step, reduced on CUDA
-  cores; wide row-contiguous byte loads; optional split-K (float32 atomics).
-* ``_skinny_kernel`` (M ≤ 16): the same even/odd algebra on tensor cores with A and B swapped,
-  ``acc[BLOCK_N, 16] += dot(codes[BLOCK_N, H], x_halfᵀ[H, 16])``, so the weight tile is the wide
-  operand and the few tokens the narrow one.
+* ``_gemv_kernel`` (M = 1): a tile ``[BLOCK_N, NC chunks, CW words]`` per step, each chunk inside one
+  group; 16-byte loads, 12 PTX instructions unpack a word into eight float32 codes
+  (``int4.word_codes``), eight FMAs per word, reductions on CUDA cores. Needs K and g multiples of 8.
+* ``_skinny_kernel`` (M ≤ 16, and M = 1 shapes the GEMV does not take): the even/odd algebra on tensor
+  cores with A and B swapped, ``acc[BLOCK_N, 16] += dot(codes[BLOCK_N, H], x_halfᵀ[H, 16])``, so the
+  weight tile is the wide operand and the few tokens the narrow one.
 * ``_gemm_kernel`` (prefill): the classic tiled GEMM; the weight tile is dequantized in registers
-  (``(q − z)·s`` per element, interleaved back to K order) before ``dot``.
-* ``_dequant_kernel``: the dense weight, for the dequantize-then-cuBLAS strategy at large M.
+  (``(q − z)·s`` per element, back in K order) before ``dot``.
+* ``_dequant_kernel``: the dense weight, for the dequantize-then-cuBLAS strategy at large M (the
+  tuned choice on the H200 at M ≥ 128: cuBLAS's bf16 GEMM beats the fused Triton GEMM there).
 
 Non-aligned groups (``g`` not a multiple of the tile) use a per-element gather of scale and zero
 (``GATHER``): correct for any ``g``, slower, never the tuned default for power-of-two groups.
