@@ -38,7 +38,7 @@ from torch import Tensor
 from qcompile.errors import ShapeError
 from qcompile.kernels.autotune import Candidate, choose
 from qcompile.kernels.triton import w4a16
-from qcompile.kernels.triton.int4 import unpack
+from qcompile.kernels.triton.int4 import offset_codes, unpack
 from qcompile.kernels.triton.launch import launch
 
 
@@ -143,14 +143,15 @@ def _unpack_kernel(
     j = tl.program_id(1) * H + tl.arange(0, H)
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + j[None, :], mask=n_mask[:, None] & (j < KH)[None, :], other=0)
     k = tl.program_id(1) * 2 * H + tl.arange(0, 2 * H)
-    q = unpack(w, BLOCK_N, 2 * H).to(tl.int32)
-    wi = tl.where((k < K)[None, :], q - zw[:, None], 0)
+    q = unpack(w, BLOCK_N, 2 * H)
     if out_ptr.dtype.element_ty == tl.int8:
+        wi = tl.where((k < K)[None, :], q.to(tl.int32) - zw[:, None], 0)
         wo = wi.to(tl.int8)
-    else:
-        wo = wi.to(tl.float32).to(out_ptr.dtype.element_ty)
+    else:  # (2^23 + q) − (2^23 + z): exact, without a quarter-rate int→float conversion
+        wo = (offset_codes(q, tl.float32) - (zw.to(tl.float32) + 8388608.0)[:, None]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], wo, mask=n_mask[:, None] & (k < K)[None, :])
     if HAS_SUM:
+        wi = tl.where((k < K)[None, :], q.to(tl.int32) - zw[:, None], 0)
         tl.atomic_add(sum_ptr + offs_n, tl.sum(wi, axis=1), mask=n_mask, sem="relaxed")
 
 
