@@ -19,8 +19,12 @@ memory-bound (decode) kernels cheap:
 Kernels:
 
 * ``_gemv_kernel`` (M = 1): a tile ``[BLOCK_N, NC chunks, CW words]`` per step, each chunk inside one
-  group; 16-byte loads, 12 PTX instructions unpack a word into eight float32 codes
-  (``int4.word_codes``), eight FMAs per word, reductions on CUDA cores. Needs K and g multiples of 8.
+  group; 16-byte loads with the next step's words in flight, 12 PTX instructions unpack a word into
+  eight float32 codes (``int4.word_codes``), eight FMAs per word, reductions on CUDA cores. The
+  activation comes as ten contiguous float32 planes made by ``_gemv_prep_kernel`` (one tiny launch),
+  which the kernel reads in the weight tile's own layout: splitting x in the main loop instead made
+  Triton convert layouts through shared memory, with barriers, eleven times per step. Needs K and g
+  multiples of 8.
 * ``_skinny_kernel`` (M ≤ 16, and M = 1 shapes the GEMV does not take): the even/odd algebra on tensor
   cores with A and B swapped, ``acc[BLOCK_N, 16] += dot(codes[BLOCK_N, H], x_halfᵀ[H, 16])``, so the
   weight tile is the wide operand and the few tokens the narrow one.
@@ -45,22 +49,47 @@ from qcompile.kernels.triton.launch import launch
 from qcompile.kernels.triton.int4 import offset_codes, offset_codes_asm, unpack, word_codes
 
 
+PLANES = 10  # rows of the GEMV's activation table: x'_0 … x'_7, then 128·Σ_i x'_i and Σ_i x_i per word
+
+
 @triton.jit
-def _split8(v, A: tl.constexpr, B: tl.constexpr):
-    """``v [A, B, 8]`` → its eight ``[A, B]`` slices (all inside each thread)."""
-    a, b = tl.split(tl.reshape(v, (A, B, 4, 2)))
-    a0, a1 = tl.split(tl.reshape(a, (A, B, 2, 2)))
-    b0, b1 = tl.split(tl.reshape(b, (A, B, 2, 2)))
-    x0, x4 = tl.split(a0)
-    x2, x6 = tl.split(a1)
-    x1, x5 = tl.split(b0)
-    x3, x7 = tl.split(b1)
-    return x0, x1, x2, x3, x4, x5, x6, x7
+def _gemv_prep_kernel(x_ptr, xp_ptr, KW, BLOCK: tl.constexpr):
+    """The activation as the GEMV consumes it, one float32 row ``xp[p, w]`` per plane p: for word w
+    (codes ``k = 8w + i``) ``x'_i = 2·x[8w+i]`` (even i) or ``x[8w+i]/8`` (odd i), the scales that give
+    every code of ``int4.word_codes`` the offset 128; ``xp[8, w] = 128·Σ_i x'_i`` (that offset, summed)
+    and ``xp[9, w] = Σ_i x[8w+i]`` (for the zero point). Contiguous rows, so the GEMV loads them in the
+    weight tile's own layout."""
+    w = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = w < KW
+    off = tl.zeros([BLOCK], dtype=tl.float32)
+    tot = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(8):
+        v = tl.load(x_ptr + 8 * w + i, mask=m, other=0.0).to(tl.float32)
+        vs = v * (2.0 if i % 2 == 0 else 0.125)
+        tl.store(xp_ptr + i * KW + w, vs, mask=m)
+        off += vs
+        tot += v
+    tl.store(xp_ptr + 8 * KW + w, 128.0 * off, mask=m)
+    tl.store(xp_ptr + 9 * KW + w, tot, mask=m)
+
+
+@triton.jit
+def _gemv_weights(wp, step, BW: tl.constexpr, xr, KW, n_mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(wp + step * BW, mask=n_mask[:, None, None], other=0)
+    return tl.load(wp + step * BW, mask=n_mask[:, None, None] & (step * BW + xr < KW), other=0)
+
+
+@triton.jit
+def _plane(xp, P: tl.constexpr, KW, xm, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(xp + P * KW)
+    return tl.load(xp + P * KW, mask=xm, other=0.0)
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    xp_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     N, KW, stride_wn, stride_sn, stride_sg,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NC: tl.constexpr, CW: tl.constexpr,
     CHUNKS_PER_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
@@ -77,53 +106,45 @@ def _gemv_kernel(
     first = pid_k * per_split
     last = tl.minimum(first + per_split, steps)
     wp = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None, None] * stride_wn + rel[None, :, :]
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # the activation planes are read through a [BLOCK_N, NC, CW] pointer tile that is constant along
+    # rows: the loads then take the weight tile's layout (no shared-memory layout conversion, no
+    # barrier), and the compiler issues each distinct address once
+    xr = rel[None, :, :] + 0 * offs_n[:, None, None]
+    acc = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
+    w = _gemv_weights(wp, first, BW, xr, KW, n_mask, EVEN)
     for step in range(first, last):
-        wi = step * BW + rel
-        xo = wi[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-        if EVEN:
-            w = tl.load(wp + step * BW, mask=n_mask[:, None, None], other=0)
-            xv = tl.load(x_ptr + xo).to(tl.float32)
-        else:
-            w = tl.load(wp + step * BW, mask=n_mask[:, None, None] & (wi < KW)[None, :, :], other=0)
-            xv = tl.load(x_ptr + xo, mask=(wi < KW)[:, :, None], other=0.0).to(tl.float32)
-        xsum = tl.sum(tl.sum(xv, axis=2), axis=1)  # [NC]: Σx per chunk
-        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv, NC, CW)
-        x0 = x0 * 2.0  # the scales that give every code of int4.word_codes the offset 128
-        x1 = x1 * 0.125
-        x2 = x2 * 2.0
-        x3 = x3 * 0.125
-        x4 = x4 * 2.0
-        x5 = x5 * 0.125
-        x6 = x6 * 2.0
-        x7 = x7 * 0.125
-        offset = 128.0 * tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)  # [NC]
-        c0, c1, c2, c3, c4, c5, c6, c7 = word_codes(w, ASM)
-        part = c0 * x0[None, :, :]
-        part = tl.fma(c1, x1[None, :, :], part)
-        part = tl.fma(c2, x2[None, :, :], part)
-        part = tl.fma(c3, x3[None, :, :], part)
-        part = tl.fma(c4, x4[None, :, :], part)
-        part = tl.fma(c5, x5[None, :, :], part)
-        part = tl.fma(c6, x6[None, :, :], part)
-        part = tl.fma(c7, x7[None, :, :], part)
-        p = tl.sum(part, axis=2)  # [BLOCK_N, NC]
+        # the next step's words are requested before this step's arithmetic: two steps in flight
+        w_next = _gemv_weights(wp, step + 1, BW, xr, KW, n_mask & (offs_n * 0 + step + 1 < last), EVEN)
+        xp = xp_ptr + step * BW + xr
+        xm = step * BW + xr < KW
         grp = (step * NC + chunk) // CHUNKS_PER_GROUP
         gofs = offs_n[:, None] * stride_sn + grp[None, :] * stride_sg
         gmask = n_mask[:, None] & (step * BW + chunk * CW < KW)[None, :]  # chunks past K have no group
-        s = tl.load(s_ptr + gofs, mask=gmask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + gofs, mask=gmask, other=0).to(tl.float32)
+            z = tl.load(z_ptr + offs_n[:, None, None] * stride_sn + grp[None, :, None] * stride_sg + 0 * xr,
+                        mask=gmask[:, :, None], other=0).to(tl.float32)
         else:
             z = 8.0
-        acc += tl.sum((p - offset[None, :] - z * xsum[None, :]) * s, axis=1)
+        c0, c1, c2, c3, c4, c5, c6, c7 = word_codes(w, ASM)
+        part = c0 * _plane(xp, 0, KW, xm, EVEN) - (_plane(xp, 8, KW, xm, EVEN) + z * _plane(xp, 9, KW, xm, EVEN))
+        part = tl.fma(c1, _plane(xp, 1, KW, xm, EVEN), part)
+        part = tl.fma(c2, _plane(xp, 2, KW, xm, EVEN), part)
+        part = tl.fma(c3, _plane(xp, 3, KW, xm, EVEN), part)
+        part = tl.fma(c4, _plane(xp, 4, KW, xm, EVEN), part)
+        part = tl.fma(c5, _plane(xp, 5, KW, xm, EVEN), part)
+        part = tl.fma(c6, _plane(xp, 6, KW, xm, EVEN), part)
+        part = tl.fma(c7, _plane(xp, 7, KW, xm, EVEN), part)
+        s = tl.load(s_ptr + gofs, mask=gmask, other=0.0).to(tl.float32)
+        acc += tl.sum(part, axis=2) * s
+        w = w_next
+    out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         if pid_k == 0:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if SPLIT_K == 1:
-        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
     else:
-        tl.atomic_add(y_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
+        tl.atomic_add(y_ptr + offs_n, out, mask=n_mask, sem="relaxed")
 
 
 @triton.jit
@@ -333,7 +354,7 @@ def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False) -> li
     out: list[Candidate] = []
     cw = _gemv_chunk(K, group_size, G) if M == 1 else None
     if cw is not None:
-        for bn, nc, split, warps in ((32, 8, 1, 4), (8, 4, 1, 1), (64, 4, 1, 4), (16, 8, 1, 4)):
+        for bn, nc, split, warps in ((16, 4, 1, 1), (4, 8, 1, 1), (16, 16, 1, 4), (32, 4, 1, 2)):
             nc = max(1, nc * 16 // cw) if cw < 16 else nc
             out.append(Candidate(f"gemv_n{bn}_c{nc}x{cw}_s{split}_w{warps}",
                                  dict(kind="gemv", BLOCK_N=bn, NC=nc, CW=cw, SPLIT_K=split, ASM=asm,
@@ -395,13 +416,14 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
     if kind == "gemv":
         if packed.data_ptr() % 4 or packed.stride(0) % 4:  # a view off word alignment: copy it
             packed = packed.clone(memory_format=torch.contiguous_format)
-        bw = meta["NC"] * meta["CW"]
         KW = KH // 4
+        xp = torch.empty((PLANES, KW), dtype=torch.float32, device=x.device)
+        launch(_gemv_prep_kernel, (triton.cdiv(KW, 256),), (x, xp, KW), dict(BLOCK=256), 4)
         consts = dict(flags, BLOCK_N=meta["BLOCK_N"], NC=meta["NC"], CW=meta["CW"],
                       CHUNKS_PER_GROUP=group_size // (8 * meta["CW"]) if G > 1 else 1, SPLIT_K=split,
-                      EVEN=KW % bw == 0, ASM=meta["ASM"])
+                      EVEN=KW % (meta["NC"] * meta["CW"]) == 0, ASM=meta["ASM"])
         launch(_gemv_kernel, (triton.cdiv(N, meta["BLOCK_N"]), split),
-               (x, packed, scales, zp, bp, y, N, KW, packed.stride(0) // 4, scales.stride(0), sg),
+               (xp, packed, scales, zp, bp, y, N, KW, packed.stride(0) // 4, scales.stride(0), sg),
                consts, meta["num_warps"])
     elif kind == "skinny":
         h = meta["H"]
