@@ -29,6 +29,14 @@ def smollm2_ids(smollm2):
 
 
 @pytest.fixture(scope="session")
+def smollm2_logits(smollm2, smollm2_ids):
+    """The original model's logits on ``smollm2_ids``: what every exact rewrite must reproduce."""
+    model, _ = smollm2
+    with torch.no_grad():
+        return model(input_ids=smollm2_ids).logits
+
+
+@pytest.fixture(scope="session")
 def tiny_programs():
     """{arch: (model, Program)} for every tiny architecture, captured once."""
     return {arch: (m := tiny(arch), Program.capture(m)) for arch in TINY_ARCHS}

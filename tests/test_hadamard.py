@@ -15,12 +15,15 @@ def test_constructed_orders_are_hadamard(m):
     assert torch.equal(H @ H.T, m * torch.eye(m, dtype=H.dtype))
 
 
+@pytest.mark.parametrize("dense_max", [had.DENSE_MAX, 0])  # the dense product and the butterflies
 @pytest.mark.parametrize("n", [64, 576, 1536, 96, 28 * 16, 40 * 8, 52 * 4])
-def test_transform_matches_dense_orthogonal_matrix(n):
+def test_transform_matches_dense_orthogonal_matrix(n, dense_max, monkeypatch):
+    monkeypatch.setattr(had, "DENSE_MAX", dense_max)
     H = had.hadamard_matrix(n)
     assert torch.allclose(H @ H.T, torch.eye(n, dtype=H.dtype), atol=1e-10)
     x = torch.randn(3, 2, n, dtype=torch.float64)
     assert torch.allclose(had.hadamard_transform(x), x @ H, atol=1e-9)
+    assert torch.allclose(had.hadamard_transform(x, transpose=True), x @ H.T, atol=1e-9)
 
 
 def test_factors_of_real_sizes():

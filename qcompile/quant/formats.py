@@ -243,7 +243,7 @@ def compute_qparams(
 
 
 def _expanded(p: Tensor, w: Tensor, spec: QuantSpec) -> Tensor:
-    if spec.granularity is Granularity.TENSOR:
+    if spec.granularity is Granularity.TENSOR or p.shape[-1] == 1:  # one group per row: broadcast
         return p
     k = w.shape[-1]
     return expand_groups(p, k, group_length(spec, k))

@@ -217,12 +217,24 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+DENSE_MAX = 768  # up to this order one matmul with H beats the O(n log n) butterflies on a CPU
+
+
+@functools.lru_cache(maxsize=None)
+def _dense(n: int) -> torch.Tensor:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # a real tensor even when first built while tracing, as _unnormalized
+        return hadamard_matrix(n)
+
+
 def hadamard_transform(x: torch.Tensor, block: int | None = None, transpose: bool = False) -> torch.Tensor:
     """x @ H_n over the last dim (n = block, applied block-diagonally, or the whole last dim).
 
     With a block b dividing n the transform is x @ diag(H_b, …, H_b), the fallback for sizes that
     have no Hadamard of their own. ``transpose`` applies Hᵀ = H⁻¹ instead (the backward of x ↦ x·H):
     the Sylvester factor is symmetric, so only the small factor changes, (A ⊗ B)ᵀ = Aᵀ ⊗ B.
+    Orders up to ``DENSE_MAX`` multiply by the dense H; larger ones run the butterflies.
     """
     n = x.shape[-1]
     b = n if block is None else block
@@ -230,6 +242,9 @@ def hadamard_transform(x: torch.Tensor, block: int | None = None, transpose: boo
         raise ShapeError(f"Hadamard block {b} does not divide the last dim {n}")
     m, p = _require(b)
     lead = x.shape[:-1]
+    if b <= DENSE_MAX:
+        h = _dense(b).to(dtype=x.dtype, device=x.device)
+        return (x.reshape(*lead, n // b, b) @ (h.T if transpose else h)).reshape(*lead, n)
     y = _fwht(x.reshape(*lead, n // b, m, p))
     if m > 1:
         a = _unnormalized(m).to(dtype=x.dtype, device=x.device)

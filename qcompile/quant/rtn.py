@@ -34,7 +34,9 @@ from qcompile.quant.formats import (
     straight_through,
 )
 
-__all__ = ["linear_shrinks", "search_qparams", "mse_qparams", "rtn_quantize", "fake_quantize_mse"]
+__all__ = [
+    "linear_shrinks", "search_qparams", "mse_qparams", "coarse_to_fine_mse_qparams", "rtn_quantize", "fake_quantize_mse",
+]
 
 
 def linear_shrinks(grid: int = 100, max_shrink: float = 0.8) -> list[float]:
@@ -54,12 +56,14 @@ def search_qparams(
     norm: float = 2.0,
     col_weight: Tensor | None = None,
     scale_dtype: torch.dtype | None = None,
+    with_index: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-group (scale, zero) of ``w [N, K]`` minimising ``Σ_k col_weight[k]·|Q(w) − w|^norm``.
 
     Each candidate ``(a, b)`` uses the range ``clip_ratio·[a·lo, b·hi]`` (symmetric specs use ``a``
-    only). The first candidate wins ties, so put the reference range first. Vectorised over all
-    rows and groups; the loop is over candidates only.
+    only); ``candidates`` may also be a pair of tensors ``(a, b)`` of shape ``[C, N, G]``, one list per
+    group. The first candidate wins ties, so put the reference range first. Vectorised over all
+    rows and groups; the loop is over candidates only. ``with_index`` also returns which candidate won.
     """
     if w.dim() != 2 or spec.granularity not in (Granularity.CHANNEL, Granularity.GROUP):
         raise RecipeError(
@@ -78,12 +82,15 @@ def search_qparams(
     # a leading axis, so the loop runs a handful of large ops instead of many small ones.
     xg = _group_view(x, g, "zero")
     wg = None if col_weight is None else _group_view(col_weight.float().expand_as(x), g, "zero")
-    a_all = torch.tensor([a for a, _ in candidates], dtype=torch.float32, device=x.device)
-    b_all = torch.tensor([a if spec.symmetric else b for a, b in candidates], dtype=torch.float32, device=x.device)
-    chunk = max(1, min(len(candidates), (1 << 24) // max(xg.numel(), 1)))
+    if isinstance(candidates, tuple) and torch.is_tensor(candidates[0]):
+        a_all, b_all = candidates[0], candidates[0 if spec.symmetric else 1]
+    else:
+        a_all = torch.tensor([a for a, _ in candidates], device=x.device).view(-1, 1, 1)
+        b_all = torch.tensor([a if spec.symmetric else b for a, b in candidates], device=x.device).view(-1, 1, 1)
+    chunk = max(1, min(len(a_all), (1 << 24) // max(xg.numel(), 1)))
     best_err = best_s = best_z = None
-    for c0 in range(0, len(candidates), chunk):
-        a, b = a_all[c0 : c0 + chunk, None, None], b_all[c0 : c0 + chunk, None, None]
+    for c0 in range(0, len(a_all), chunk):
+        a, b = a_all[c0 : c0 + chunk], b_all[c0 : c0 + chunk]
         s, z = qparams_from_range(a * lo, b * hi, spec, 1.0, scale_dtype)  # [C, N, G]
         s4, z4 = s.unsqueeze(-1), z.unsqueeze(-1)
         e = (torch.round(xg / s4) + z4).clamp_(0, spec.qmax).sub_(z4).mul_(s4).sub_(xg).abs_()
@@ -93,13 +100,15 @@ def search_qparams(
         err, idx = e.sum(-1).min(0)  # the first of equal errors wins
         s = s.gather(0, idx[None]).squeeze(0)
         z = z.gather(0, idx[None]).squeeze(0)
+        idx = idx + c0
         if best_err is None:
-            best_err, best_s, best_z = err, s, z
+            best_err, best_s, best_z, best_i = err, s, z, idx
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-    return best_s, best_z
+            best_i = torch.where(better, idx, best_i)
+    return (best_s, best_z, best_i) if with_index else (best_s, best_z)
 
 
 def mse_qparams(
@@ -114,6 +123,20 @@ def mse_qparams(
     """QuaRot's linear clip search (one shrink factor for both ends of the range)."""
     cands = [(c, c) for c in linear_shrinks(grid, max_shrink)]
     return search_qparams(w, spec, cands, norm=norm, scale_dtype=scale_dtype)
+
+
+def coarse_to_fine_mse_qparams(
+    w: Tensor, spec: QuantSpec, *, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4, stride: int = 8
+) -> tuple[Tensor, Tensor]:
+    """``mse_qparams`` on a budget: every ``stride``-th shrink, then the ``stride − 1`` neighbours on each
+    side of each group's best. It finds the exhaustive optimum unless a group's error has a second valley
+    narrower than ``stride`` grid steps, with about ``n/stride + 2·stride`` candidates instead of n."""
+    shrinks = torch.tensor(linear_shrinks(grid, max_shrink), device=w.device)
+    coarse = shrinks[::stride].view(-1, 1, 1)
+    _, _, won = search_qparams(w, spec, (coarse, coarse), norm=norm, with_index=True)
+    offsets = torch.arange(-(stride - 1), stride, device=w.device).view(-1, 1, 1)
+    near = shrinks[(won[None] * stride + offsets).clamp(0, len(shrinks) - 1)]  # [2·stride − 1, N, G]
+    return search_qparams(w, spec, (near, near), norm=norm)
 
 
 def rtn_quantize(
@@ -139,9 +162,10 @@ def rtn_quantize(
 
 
 def fake_quantize_mse(w: Tensor, spec: QuantSpec, **search) -> Tensor:
-    """RTN fake-quant with the clip search recomputed on every call (SpinQuant's weight quantizer);
-    straight-through gradient, output in ``w``'s dtype."""
-    s, z = mse_qparams(w, spec, **search)
+    """RTN fake-quant with the clip search recomputed on every call (SpinQuant's weight quantizer, run at
+    every training step over every linear, hence the coarse-to-fine search); straight-through gradient,
+    output in ``w``'s dtype."""
+    s, z = coarse_to_fine_mse_qparams(w, spec, **search)
     wq = dequantize(quantize(w.detach(), s, z, spec), s, z, spec, w.dtype)
     return straight_through(w, wq)
 

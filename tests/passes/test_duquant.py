@@ -75,10 +75,17 @@ def test_refusals(tiny_programs):
 
 
 @pytest.mark.real
-def test_smollm2_duquant_is_exact(smollm2, smollm2_program, smollm2_ids):
-    model, _ = smollm2
-    with torch.no_grad():
-        ref = model(input_ids=smollm2_ids).logits
+def test_smollm2_duquant_is_exact(smollm2_program, smollm2_ids, smollm2_logits):
+    ref = smollm2_logits
     out = duquant(fold_norms(smollm2_program), calibration=smollm2_ids[:, :64], steps=4, tokens=128)
     assert max_rel_error(out.logits(smollm2_ids), ref) <= TOL
     assert out.reports[-1].counts["online transform"] == 120
+
+
+@pytest.mark.real
+def test_smollm2_duquant_fused_is_exact(smollm2_program, smollm2_ids, smollm2_logits):
+    out = duquant(fold_norms(smollm2_program), calibration=smollm2_ids[:, :64], placement="fused", steps=4,
+                  tokens=128)
+    out = online_hadamard(out, r4=False)
+    assert max_rel_error(out.logits(smollm2_ids), smollm2_logits) <= TOL
+    assert out.reports[-2].counts["online transform"] == 30  # the down inputs only

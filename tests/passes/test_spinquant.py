@@ -144,3 +144,12 @@ def test_recipes_plan_and_compose(tiny_programs):
     assert r.activations.bits == 4 and r.kv.bits == 4
     w16 = plan(program.model_map, r)
     assert any("W16 (weights in float)" in line for line in w16)
+
+
+@pytest.mark.real
+def test_smollm2_learned_rotations_fuse_exactly(smollm2_program, smollm2_ids, smollm2_logits):
+    folded = fold_norms(smollm2_program)
+    out = online_hadamard(spinquant(folded, calibration=smollm2_ids[:, :64], steps=2, batch=1, seq=64))
+    assert max_rel_error(out.logits(smollm2_ids), smollm2_logits) <= TOL
+    q = out.model_map.linears[out.model_map.blocks[0].attention.q.linear].weight
+    assert (out.weight(q) - rotate(folded).weight(q)).abs().max() > 1e-4  # the steps moved R1 off the Hadamard

@@ -5,7 +5,14 @@ import torch
 
 from qcompile.errors import RecipeError
 from qcompile.quant.formats import QuantSpec, compute_qparams, dequantize, group_reduce, quantize
-from qcompile.quant.rtn import fake_quantize_mse, linear_shrinks, mse_qparams, rtn_quantize, search_qparams
+from qcompile.quant.rtn import (
+    coarse_to_fine_mse_qparams,
+    fake_quantize_mse,
+    linear_shrinks,
+    mse_qparams,
+    rtn_quantize,
+    search_qparams,
+)
 
 
 def _heavy_tailed(n=16, k=320, seed=0):
@@ -41,6 +48,17 @@ def test_search_never_increases_error(spec, g, norm):
     assert bool((searched <= base * (1 + 1e-6)).all())
     gain = 0.9 if spec.clip_ratio == 1.0 else 0.99  # heavy tails: clipping must actually help
     assert searched.sum() < gain * base.sum()
+
+
+@pytest.mark.parametrize("spec, g", SPECS)
+def test_coarse_to_fine_search_finds_nearly_every_exhaustive_optimum(spec, g):
+    w = _heavy_tailed(seed=spec.bits + 7)
+    s1, z1 = mse_qparams(w, spec)
+    s2, z2 = coarse_to_fine_mse_qparams(w, spec)
+    exhaustive, fast = _group_err(w, s1, z1, spec, g, 2.4), _group_err(w, s2, z2, spec, g, 2.4)
+    assert bool((fast >= exhaustive * (1 - 1e-6)).all())  # never better than the exhaustive optimum
+    assert (s1 == s2).float().mean() > 0.95  # and the same one almost everywhere
+    assert fast.sum() <= exhaustive.sum() * 1.01
 
 
 def test_candidates_and_validation():
