@@ -9,7 +9,7 @@ from qcompile.errors import RecipeError
 from qcompile.models import TINY_ARCHS
 from qcompile.passes.calibrate import collect
 from qcompile.passes.fold_norms import fold_norms
-from qcompile.passes.shift_scale import scales_for, shift_scale, threshold_grid
+from qcompile.passes.shift_scale import scales_for, search_order, shift_scale, threshold_grid
 
 TOL = 1e-4
 
@@ -69,15 +69,44 @@ def test_shift_centres_and_scale_bounds_the_range(tiny_programs):
     assert "t = " in line
 
 
+def _search_mse(report) -> dict[str, float]:
+    """{site: the search's MSE at its chosen threshold}, from the report's site lines."""
+    return {line.split(":")[0]: float(line.split("search MSE ")[1].split()[0])
+            for line in report.sites if "search MSE " in line}
+
+
 def test_search_never_worse_than_unscaled(tiny_programs):
     # t = T_max is the first candidate and gives s = 1: so a 1-step grid is the unscaled error
     _, program = tiny_programs["qwen2"]
     p = fold_norms(program)
     one = shift_scale(p, calibration=_calib(), max_steps=1, shift=False)
     many = shift_scale(p, calibration=_calib(), max_steps=16, shift=False)
-    err = lambda r, site: float(next(s for s in r.sites if s.startswith(site)).rsplit("MSE ", 1)[1])  # noqa: E731
     for site in ("block 0 attn_norm", "block 1 ffn_norm"):
-        assert err(many.reports[-1], site) <= err(one.reports[-1], site)
+        assert _search_mse(many.reports[-1])[site] <= _search_mse(one.reports[-1])[site]
+
+
+def test_coarse_to_fine_search_finds_a_unimodal_minimum_with_few_evaluations():
+    errors = [(i - 613) ** 2 for i in range(1000)]
+    tried = []
+
+    def best_of(indices):
+        tried.extend(indices)
+        return min(indices, key=lambda i: errors[i])
+
+    rest = search_order(1000, 64, best_of)
+    assert 613 in tried + rest and len(tried) + len(rest) < 100
+    assert search_order(50, 0, best_of) == list(range(50))
+
+
+def test_coarse_search_is_close_to_every_threshold(tiny_programs):
+    _, program = tiny_programs["llama"]
+    p = fold_norms(program)
+    mse = {}
+    for coarse in (0, 4):
+        out = shift_scale(p, calibration=_calib(), max_steps=32, coarse=coarse)
+        mse[coarse] = _search_mse(out.reports[-1])
+    assert len(mse[0]) == 6 and mse[0].keys() == mse[4].keys()  # 2 layers × (2 norms + up→down)
+    assert all(mse[0][k] * (1 - 1e-9) <= mse[4][k] <= mse[0][k] * 1.1 for k in mse[0])
 
 
 def test_bad_options_are_refused(tiny_programs):
