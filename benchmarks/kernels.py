@@ -167,7 +167,7 @@ def check(chk: Checker) -> None:
         x = torch.randn(M, K, device=DEV, dtype=dt)
         bias = torch.randn(N, device=DEV, dtype=dt) if has_bias else None
         ref = reference.linear_w4a16(x.float(), packed, scales, zeros, g, None if bias is None else bias.float())
-        for cand in w4a16.candidates(M, N, K, g):
+        for cand in w4a16.candidates(M, N, K, g, asm=True, x_dtype=dt):
             try:
                 y = w4a16.run(cand, x, packed, scales, zeros, g, bias)
                 torch.cuda.synchronize()
@@ -259,7 +259,7 @@ def quick_check(chk: Checker) -> None:
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         bias = torch.randn(N, device=DEV, dtype=torch.bfloat16) if has_bias else None
         ref = reference.linear_w4a16(x.float(), packed, scales, zeros, g, None if bias is None else bias.float())
-        for cand in w4a16.candidates(M, N, K, g, asm=True):
+        for cand in w4a16.candidates(M, N, K, g, asm=True, x_dtype=torch.bfloat16):
             w4a16.run(cand, x, packed, scales, zeros, g, bias)  # compiles; the second call takes the fast launch
             e = rel(w4a16.run(cand, x, packed, scales, zeros, g, bias), ref)
             chk(f"w4a16 M{M} {N}x{K} {cand.name}", e < 1e-2, f"rel {e:.2e}")

@@ -3,11 +3,11 @@
 The Triton kernels read the canonical layout (``qcompile.quant.formats``) as it is, so there is no
 ``to_triton_layout``; one format fewer to save, load and test. The M = 1 GEMV reads a row as
 little-endian int32 words of eight consecutive codes and unpacks each word with 12 instructions
-(``triton/int4.py``); the tensor-core kernels pair low and high nibbles with even and odd
-activations; the GEMMs interleave nibbles in registers. A K-interleaved layout was weighed for the
-GEMV and not adopted: on the H200 a Triton kernel that only streams the canonical words reaches
-~4.2 TB/s (measured), so the layout is not what limits the kernel (its arithmetic and the layout
-conversions Triton inserts for the activations are).
+(``triton/int4.py``), pairing them with the word's eight activations read by one 16-byte load; the
+tensor-core kernels pair low and high nibbles with even and odd activations; the GEMMs interleave
+nibbles in registers. A K-interleaved layout was weighed for the GEMV and not adopted: on the H200 a
+Triton kernel that only streams the canonical words reaches ~4.2 TB/s (measured), so the layout is
+not what limits the kernel (its arithmetic and activation traffic are).
 
 ``to_matmulnbits`` maps it onto onnxruntime's ``com.microsoft::MatMulNBits`` (contrib op):
 

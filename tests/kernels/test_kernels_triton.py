@@ -83,6 +83,16 @@ def test_word_gemv(n, k, g, asym, has_bias, dt):
     assert _rel(w4a16.run(cands[0], x, shifted, scales, zeros, g, bias), ref) < TOL[dt]
 
 
+def test_word_gemv_fused_only_for_16bit_cuda():
+    """The GEMV that reads x itself (one 16-byte PTX load per word, so CUDA only, not interpretable)
+    is offered only with asm and a 16-bit activation; the GPU side is checked by the benchmark's
+    --quick-check, every candidate against the reference."""
+    def fused(asm, dt):
+        return [c.name for c in w4a16.candidates(1, 4096, 4096, 128, asm, dt) if c.meta.get("FUSED")]
+    assert fused(True, torch.bfloat16) and fused(True, torch.float16)
+    assert not fused(True, torch.float32) and not fused(False, torch.bfloat16)
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_w4ax_variants(seed):
     m, n, k, g, asym_w, has_bias = _shape(100 + seed, [1, 3, 16, 20, 64])

@@ -112,3 +112,55 @@ def word_codes(w, ASM: tl.constexpr):
     return (_word_code(w, 15, 0x78000), _word_code(w, 15, 0x780000), _word_code(w, 7, 0x78000),
             _word_code(w, 7, 0x780000), _word_code(w, -1, 0x78000), _word_code(w, -1, 0x780000),
             _word_code(w, -9, 0x78000), _word_code(w, -9, 0x780000))
+
+
+# Eight 16-bit activations ``x[8w … 8w + 7]`` (16 bytes, 16-byte aligned) → eight float32, loaded by
+# the thread that holds word w: one vector load, then one instruction per value (bfloat16: its bits
+# shifted into the high half of a float32; float16: a conversion). In PTX because Triton gives eight
+# stride-8 loads ``x[8w + i]`` a layout of their own and converts them through shared memory; an
+# elementwise asm stays in its operand's layout. Marked pure: x is read-only while a kernel runs.
+_XWORD_BF16 = tl.constexpr("""
+{
+.reg .b32 a, b, c, d;
+ld.global.v4.b32 {a, b, c, d}, [$8];
+shl.b32 $0, a, 16;
+and.b32 $1, a, 0xFFFF0000;
+shl.b32 $2, b, 16;
+and.b32 $3, b, 0xFFFF0000;
+shl.b32 $4, c, 16;
+and.b32 $5, c, 0xFFFF0000;
+shl.b32 $6, d, 16;
+and.b32 $7, d, 0xFFFF0000;
+}
+""")
+_XWORD_F16 = tl.constexpr("""
+{
+.reg .b32 a, b, c, d;
+.reg .b16 l, h;
+ld.global.v4.b32 {a, b, c, d}, [$8];
+mov.b32 {l, h}, a;
+cvt.f32.f16 $0, l;
+cvt.f32.f16 $1, h;
+mov.b32 {l, h}, b;
+cvt.f32.f16 $2, l;
+cvt.f32.f16 $3, h;
+mov.b32 {l, h}, c;
+cvt.f32.f16 $4, l;
+cvt.f32.f16 $5, h;
+mov.b32 {l, h}, d;
+cvt.f32.f16 $6, l;
+cvt.f32.f16 $7, h;
+}
+""")
+
+
+@triton.jit
+def word_activations(ptr, dt: tl.constexpr):
+    """``x[8w + i]`` for i = 0 … 7 as float32 tiles, from a tile of 16-byte aligned pointers
+    ``x + 8w`` (PTX, CUDA only): one 16-byte load per word, in the caller's layout."""
+    addr = ptr.to(tl.uint64, bitcast=True)
+    if dt == tl.bfloat16:
+        return tl.inline_asm_elementwise(_XWORD_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,l", [addr],
+                                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_XWORD_F16, "=r,=r,=r,=r,=r,=r,=r,=r,l", [addr],
+                                     dtype=(tl.float32,) * 8, is_pure=True, pack=1)

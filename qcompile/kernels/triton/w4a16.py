@@ -9,8 +9,9 @@ memory-bound (decode) kernels cheap:
 
 * **scale after the sum** — inside one group ``Σ_k x·(q − z)·s = s·(Σ_k q·x − z·Σ_k x)``: codes
   enter the products as exact small integers (as magic-number floats ``OFFSET + q``, see ``int4``;
-  the offset leaves with ``z``) and scale/zero cost one multiply-add per (row, group) instead of per
-  weight element. A tile of K therefore lies inside one group, or the weight is per-channel (G = 1).
+  the offset leaves with ``z``) and scale/zero cost one multiply-add per (row, group) — per (row, word
+  of 8 codes) in the GEMV — instead of per weight element. A tile of K (a word) therefore lies inside
+  one group, or the weight is per-channel (G = 1).
 * **no reordering of the packed bytes** — the M = 1 kernel reads each row as int32 words of eight
   codes ``k = 8w … 8w + 7`` and pairs code i with ``x[8w + i]``; the tensor-core kernel pairs the low
   nibbles of a byte tile with ``x[:, 0::2]`` and the high ones with ``x[:, 1::2]``. Either way the
@@ -18,12 +19,16 @@ memory-bound (decode) kernels cheap:
 
 Kernels:
 
-* ``_gemv_kernel`` (M = 1): a tile ``[BLOCK_N, NC chunks, CW words]`` per step, each chunk inside one
-  group; 16-byte loads with the next step's words in flight, 12 PTX instructions unpack a word into
-  eight float32 codes (``int4.word_codes``), eight FMAs per word, reductions on CUDA cores. The
-  activation comes as ten contiguous float32 planes made by ``_gemv_prep_kernel`` (one tiny launch),
-  which the kernel reads in the weight tile's own layout: splitting x in the main loop instead made
-  Triton convert layouts through shared memory, with barriers, eleven times per step. Needs K and g
+* ``_gemv_kernel`` (M = 1): a 2-D tile ``[BLOCK_N rows, BW words]`` per step, 4 consecutive words per
+  thread and row, every row of the program in every thread, the next step's words in flight; 12 PTX
+  instructions unpack a word into eight float32 codes (``int4.word_codes``), eight FMAs per word, and
+  one more applies the word's group scale and zero (``s·(Σ_i q_i·x_i − z·Σ_i x_i)``), so the row
+  reduction happens once, after the loop. The activation tile ``[1, BW]`` takes the weight tile's
+  layout, so each activation value is loaded once per thread and feeds all BLOCK_N rows from a
+  register (the earlier 3-D tile gave each thread one or two rows on the H200's Triton 3.6, and ten
+  activation loads per weight load). FUSED (16-bit x, CUDA): each thread reads its words' eight
+  activations with one 16-byte load (``int4.word_activations``) and scales them itself; otherwise
+  ``_gemv_prep_kernel`` writes them as ten float32 planes first (one more launch). Needs K and g
   multiples of 8.
 * ``_skinny_kernel`` (M ≤ 16, and M = 1 shapes the GEMV does not take): the even/odd algebra on tensor
   cores with A and B swapped, ``acc[BLOCK_N, 16] += dot(codes[BLOCK_N, H], x_halfᵀ[H, 16])``, so the
@@ -46,7 +51,7 @@ from torch import Tensor
 
 from qcompile.kernels.autotune import Candidate, choose
 from qcompile.kernels.triton.launch import launch
-from qcompile.kernels.triton.int4 import offset_codes, offset_codes_asm, unpack, word_codes
+from qcompile.kernels.triton.int4 import offset_codes, offset_codes_asm, unpack, word_activations, word_codes
 
 
 PLANES = 10  # rows of the GEMV's activation table: x'_0 … x'_7, then 128·Σ_i x'_i and Σ_i x_i per word
@@ -74,10 +79,10 @@ def _gemv_prep_kernel(x_ptr, xp_ptr, KW, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_weights(wp, step, BW: tl.constexpr, xr, KW, n_mask, EVEN: tl.constexpr):
+def _gemv_weights(wp, step, BW: tl.constexpr, col, KW, n_mask, EVEN: tl.constexpr):
     if EVEN:
-        return tl.load(wp + step * BW, mask=n_mask[:, None, None], other=0)
-    return tl.load(wp + step * BW, mask=n_mask[:, None, None] & (step * BW + xr < KW), other=0)
+        return tl.load(wp + step * BW, mask=n_mask[:, None], other=0)
+    return tl.load(wp + step * BW, mask=n_mask[:, None] & (step * BW + col < KW), other=0)
 
 
 @triton.jit
@@ -89,62 +94,77 @@ def _plane(xp, P: tl.constexpr, KW, xm, EVEN: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    xp_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    N, KW, stride_wn, stride_sn, stride_sg,
-    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NC: tl.constexpr, CW: tl.constexpr,
-    CHUNKS_PER_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    N, KW, GW, stride_wn, stride_sn, stride_sg,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr,
+    EVEN: tl.constexpr, FUSED: tl.constexpr, ASM: tl.constexpr,
 ):
-    BW: tl.constexpr = NC * CW  # int32 words (8 codes each) per row and step: NC chunks, each in one group
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    chunk = tl.arange(0, NC)
-    rel = chunk[:, None] * CW + tl.arange(0, CW)[None, :]  # [NC, CW] word offsets inside a step
+    col = tl.arange(0, BW)[None, :]  # [1, BW] int32 words (8 codes each) of a step
     steps = tl.cdiv(KW, BW)
-    per_split = tl.cdiv(steps, SPLIT_K)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, steps)
-    wp = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None, None] * stride_wn + rel[None, :, :]
-    # the activation planes are read through a [BLOCK_N, NC, CW] pointer tile that is constant along
-    # rows: the loads then take the weight tile's layout (no shared-memory layout conversion, no
-    # barrier), and the compiler issues each distinct address once
-    xr = rel[None, :, :] + 0 * offs_n[:, None, None]
-    acc = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
-    w = _gemv_weights(wp, first, BW, xr, KW, n_mask, EVEN)
-    for step in range(first, last):
+    wp = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * stride_wn + col
+    gp = offs_n[:, None] * stride_sn
+    # Tiles are [BLOCK_N, BW] with BW = 4 words × 32·num_warps threads: each thread holds 4 consecutive
+    # words of every row of the program (a 2-D tile leaves Triton no other layout), so the activation
+    # tile [1, BW] has the same layout and each activation value, loaded once, feeds BLOCK_N rows from
+    # a register.
+    acc = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+    w = _gemv_weights(wp, 0, BW, col, KW, n_mask, EVEN)
+    for step in range(0, steps):
         # the next step's words are requested before this step's arithmetic: two steps in flight
-        w_next = _gemv_weights(wp, step + 1, BW, xr, KW, n_mask & (offs_n * 0 + step + 1 < last), EVEN)
-        xp = xp_ptr + step * BW + xr
-        xm = step * BW + xr < KW
-        grp = (step * NC + chunk) // CHUNKS_PER_GROUP
-        gofs = offs_n[:, None] * stride_sn + grp[None, :] * stride_sg
-        gmask = n_mask[:, None] & (step * BW + chunk * CW < KW)[None, :]  # chunks past K have no group
+        w_next = _gemv_weights(wp, step + 1, BW, col, KW, n_mask & (offs_n * 0 + step + 1 < steps), EVEN)
+        word = step * BW + col
+        km = word < KW
+        if FUSED:  # the planes made here from x itself, as the prep kernel makes them
+            if EVEN:
+                t0, t1, t2, t3, t4, t5, t6, t7 = word_activations(x_ptr + 8 * word, x_ptr.dtype.element_ty)
+            else:  # words past K read word 0 and count as zeros
+                t0, t1, t2, t3, t4, t5, t6, t7 = word_activations(x_ptr + 8 * tl.where(km, word, 0),
+                                                                  x_ptr.dtype.element_ty)
+                t0, t1, t2, t3 = tl.where(km, t0, 0.0), tl.where(km, t1, 0.0), tl.where(km, t2, 0.0), \
+                    tl.where(km, t3, 0.0)
+                t4, t5, t6, t7 = tl.where(km, t4, 0.0), tl.where(km, t5, 0.0), tl.where(km, t6, 0.0), \
+                    tl.where(km, t7, 0.0)
+            tot = ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7))
+            x0, x2, x4, x6 = 2.0 * t0, 2.0 * t2, 2.0 * t4, 2.0 * t6
+            x1, x3, x5, x7 = 0.125 * t1, 0.125 * t3, 0.125 * t5, 0.125 * t7
+            off = 128.0 * (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)))
+        else:
+            xp = x_ptr + word
+            x0 = _plane(xp, 0, KW, km, EVEN)
+            x1 = _plane(xp, 1, KW, km, EVEN)
+            x2 = _plane(xp, 2, KW, km, EVEN)
+            x3 = _plane(xp, 3, KW, km, EVEN)
+            x4 = _plane(xp, 4, KW, km, EVEN)
+            x5 = _plane(xp, 5, KW, km, EVEN)
+            x6 = _plane(xp, 6, KW, km, EVEN)
+            x7 = _plane(xp, 7, KW, km, EVEN)
+            off = _plane(xp, 8, KW, km, EVEN)
+            tot = _plane(xp, 9, KW, km, EVEN)
+        c0, c1, c2, c3, c4, c5, c6, c7 = word_codes(w, ASM)
+        part = c0 * x0 - off
+        part = tl.fma(c1, x1, part)
+        part = tl.fma(c2, x2, part)
+        part = tl.fma(c3, x3, part)
+        part = tl.fma(c4, x4, part)
+        part = tl.fma(c5, x5, part)
+        part = tl.fma(c6, x6, part)
+        part = tl.fma(c7, x7, part)
+        # each word takes its group's scale and zero, s·(Σ_i q_i·x_i − z·Σ_i x_i); the row sums at the end
+        gofs = gp + (word // GW) * stride_sg
+        gmask = n_mask[:, None] & km
+        s = tl.load(s_ptr + gofs, mask=gmask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + offs_n[:, None, None] * stride_sn + grp[None, :, None] * stride_sg + 0 * xr,
-                        mask=gmask[:, :, None], other=0).to(tl.float32)
+            z = tl.load(z_ptr + gofs, mask=gmask, other=0).to(tl.float32)
         else:
             z = 8.0
-        c0, c1, c2, c3, c4, c5, c6, c7 = word_codes(w, ASM)
-        part = c0 * _plane(xp, 0, KW, xm, EVEN) - (_plane(xp, 8, KW, xm, EVEN) + z * _plane(xp, 9, KW, xm, EVEN))
-        part = tl.fma(c1, _plane(xp, 1, KW, xm, EVEN), part)
-        part = tl.fma(c2, _plane(xp, 2, KW, xm, EVEN), part)
-        part = tl.fma(c3, _plane(xp, 3, KW, xm, EVEN), part)
-        part = tl.fma(c4, _plane(xp, 4, KW, xm, EVEN), part)
-        part = tl.fma(c5, _plane(xp, 5, KW, xm, EVEN), part)
-        part = tl.fma(c6, _plane(xp, 6, KW, xm, EVEN), part)
-        part = tl.fma(c7, _plane(xp, 7, KW, xm, EVEN), part)
-        s = tl.load(s_ptr + gofs, mask=gmask, other=0.0).to(tl.float32)
-        acc += tl.sum(part, axis=2) * s
+        acc = tl.fma(part - z * tot, s, acc)
         w = w_next
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.atomic_add(y_ptr + offs_n, out, mask=n_mask, sem="relaxed")
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -339,26 +359,28 @@ def _precision(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
 
 
-def _gemv_chunk(K: int, group_size: int, G: int) -> int | None:
-    """Words per chunk of the word GEMV (a power of two ≤ 16 dividing the group's words), or None
-    when the shape does not fit it (K or the group not a multiple of 8 codes)."""
-    if K % 8 or (G > 1 and group_size % 8):
-        return None
-    return 16 if G == 1 else min(16, _pow2_divisor(group_size // 8))
+def _word_gemv(K: int, group_size: int, G: int) -> bool:
+    """Whether the word GEMV takes the shape: it reads K as int32 words of 8 codes, each word inside
+    one group."""
+    return K % 8 == 0 and (G == 1 or group_size % 8 == 0)
 
 
-def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False) -> list[Candidate]:
+def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False,
+               x_dtype: torch.dtype | None = None) -> list[Candidate]:
     """Variants worth timing for this shape; the first is the untuned default. ``asm`` selects the
-    inline-PTX unpacking (CUDA only; the tensor-core kernels use it for 16-bit activations)."""
+    inline-PTX unpacking (CUDA only; the tensor-core kernels use it for 16-bit activations) and, for
+    16-bit ``x_dtype``, the GEMV that reads x itself (no prep launch)."""
     G = -(-K // group_size)
     out: list[Candidate] = []
-    cw = _gemv_chunk(K, group_size, G) if M == 1 else None
-    if cw is not None:
-        for bn, nc, split, warps in ((16, 4, 1, 1), (4, 8, 1, 1), (16, 16, 1, 4), (32, 4, 1, 2)):
-            nc = max(1, nc * 16 // cw) if cw < 16 else nc
-            out.append(Candidate(f"gemv_n{bn}_c{nc}x{cw}_s{split}_w{warps}",
-                                 dict(kind="gemv", BLOCK_N=bn, NC=nc, CW=cw, SPLIT_K=split, ASM=asm,
-                                      num_warps=warps)))
+    if M == 1 and _word_gemv(K, group_size, G):
+        fuse = asm and x_dtype in (torch.bfloat16, torch.float16)
+        for bn, warps, fused in ((4, 1, True), (8, 1, True), (8, 2, True), (4, 2, True), (2, 1, True),
+                                 (4, 1, False), (8, 1, False), (8, 2, False)):
+            if fused and not fuse:
+                continue
+            bw = 4 * 32 * warps  # 4 words (16 bytes) per thread and row
+            out.append(Candidate(f"gemv_n{bn}_b{bw}_w{warps}{'_fused' if fused else ''}",
+                                 dict(kind="gemv", BLOCK_N=bn, BW=bw, FUSED=fused, ASM=asm, num_warps=warps)))
     if M <= 16:
         c = _chunk(group_size, G, 128)
         gather = c < 32
@@ -417,13 +439,17 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
         if packed.data_ptr() % 4 or packed.stride(0) % 4:  # a view off word alignment: copy it
             packed = packed.clone(memory_format=torch.contiguous_format)
         KW = KH // 4
-        xp = torch.empty((PLANES, KW), dtype=torch.float32, device=x.device)
-        launch(_gemv_prep_kernel, (triton.cdiv(KW, 256),), (x, xp, KW), dict(BLOCK=256), 4)
-        consts = dict(flags, BLOCK_N=meta["BLOCK_N"], NC=meta["NC"], CW=meta["CW"],
-                      CHUNKS_PER_GROUP=group_size // (8 * meta["CW"]) if G > 1 else 1, SPLIT_K=split,
-                      EVEN=KW % (meta["NC"] * meta["CW"]) == 0, ASM=meta["ASM"])
-        launch(_gemv_kernel, (triton.cdiv(N, meta["BLOCK_N"]), split),
-               (xp, packed, scales, zp, bp, y, N, KW, packed.stride(0) // 4, scales.stride(0), sg),
+        xp = x
+        if meta["FUSED"] and x.data_ptr() % 16:  # a view off 16-byte alignment: copy it
+            xp = x.clone(memory_format=torch.contiguous_format)
+        if not meta["FUSED"]:
+            xp = torch.empty((PLANES, KW), dtype=torch.float32, device=x.device)
+            launch(_gemv_prep_kernel, (triton.cdiv(KW, 256),), (x, xp, KW), dict(BLOCK=256), 4)
+        consts = dict(flags, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"], EVEN=KW % meta["BW"] == 0,
+                      FUSED=meta["FUSED"], ASM=meta["ASM"])
+        launch(_gemv_kernel, (triton.cdiv(N, meta["BLOCK_N"]),),
+               (xp, packed, scales, zp, bp, y, N, KW, group_size // 8 if G > 1 else KW, packed.stride(0) // 4,
+                scales.stride(0), sg),
                consts, meta["num_warps"])
     elif kind == "skinny":
         h = meta["H"]
@@ -454,6 +480,6 @@ def linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, grou
     N = packed.shape[0]
     key = (_bucket(M), N, K, group_size, zeros is not None, bias is not None, x.dtype)
     family = "w4a16_decode" if M <= 16 else "w4a16_prefill"
-    cand = choose(family, key, lambda: candidates(M, N, K, group_size, x.is_cuda),
+    cand = choose(family, key, lambda: candidates(M, N, K, group_size, x.is_cuda, x.dtype),
                   lambda c: run(c, x, packed, scales, zeros, group_size, bias), x.device)
     return run(cand, x, packed, scales, zeros, group_size, bias)
