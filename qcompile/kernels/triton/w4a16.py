@@ -374,8 +374,8 @@ def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False,
     out: list[Candidate] = []
     if M == 1 and _word_gemv(K, group_size, G):
         fuse = asm and x_dtype in (torch.bfloat16, torch.float16)
-        for bn, warps, fused in ((4, 1, True), (8, 1, True), (8, 2, True), (4, 2, True), (2, 1, True),
-                                 (4, 1, False), (8, 1, False), (8, 2, False)):
+        for bn, warps, fused in ((4, 1, True), (8, 1, True), (8, 2, True), (4, 2, True), (4, 1, False),
+                                 (8, 1, False), (8, 2, False)):
             if fused and not fuse:
                 continue
             bw = 4 * 32 * warps  # 4 words (16 bytes) per thread and row
