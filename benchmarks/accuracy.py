@@ -57,6 +57,7 @@ ROWS = [  # most decisive first: a long run can be cut short and still answer th
     # issue 5: each transform at W4A4 with its paper's quantizers, then chained with GPTQ at g64
     ("W4A4", "quarot", {"kv": 16}),
     *[("W4A4", "quarot", {"kv": 16, "rotate.seed": s}) for s in (1, 2, 3)],
+    ("W4A4", "quarot", {"kv": 16, "weights.symmetric": False, "activations.symmetric": False}),  # duquant's quantizers
     ("W4A4", "smoothquant", {"w": 4, "a": 4}),
     ("W4A4", "smoothquant", OSPLUS_QUANT),
     ("W4A4", "osplus", {}),
@@ -64,6 +65,7 @@ ROWS = [  # most decisive first: a long run can be cut short and still answer th
     ("W4A4", "duquant", {"kv": 16}),
     ("W4A4", "duquant-fused", {"kv": 16}),
     ("W4A4", "spinquant", {"kv": 16, "spinquant.kv_bits": 16, **SPIN_CPU}),
+    ("W4A4", "spinquant", {"kv": 16, "spinquant.kv_bits": 16, **SPIN_CPU, "spinquant.steps": 0}),  # its start
     ("W4A4KV4", "duquant", {}),
     ("W4A4 g64", "duquant+gptq", W4A4_G64),
     ("W4A4 g64", "spinquant-w16+gptq", {**W4A4_G64, "spinquant.kv_bits": 16, **SPIN_CPU}),
