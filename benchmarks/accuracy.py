@@ -125,9 +125,9 @@ def describe(recipe: Recipe, overrides: dict) -> str:
              + (" act-order" if w.act_order else "")]
     if recipe.activations:
         a = recipe.activations
-        parts.append(f"A{a.bits} per-token clip {a.clip_ratio}")
+        parts.append(f"A{a.bits} {'sym' if a.symmetric else 'asym'} per-token clip {a.clip_ratio}")
     if recipe.kv:
-        parts.append(f"KV{recipe.kv.bits} clip {recipe.kv.clip_ratio}")
+        parts.append(f"KV{recipe.kv.bits} {'sym' if recipe.kv.symmetric else 'asym'} clip {recipe.kv.clip_ratio}")
     if recipe.passes:
         parts.append("+".join(n for n, _ in recipe.passes))
     parts += [f"{k}={v}" for k, v in sorted(overrides.items()) if "." in k and k.split(".")[0] in dict(recipe.passes)]
@@ -181,6 +181,9 @@ def main() -> None:
     cache_path, table_path = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.md"
     rows = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
 
+    for r in ROWS:  # cached rows are described by today's code
+        if row_key(*r) in rows:
+            rows[row_key(*r)]["details"] = describe(build_recipe(r[1], r[2], args.calib_samples, args.calib_seq), r[2])
     todo = [r for r in ROWS if fnmatch.fnmatch(row_key(*r), args.rows) and row_key(*r) not in rows]
     if todo:
         model, tokenizer = qc.load_model("smollm2-135m")

@@ -9,7 +9,6 @@ from qcompile.models import TINY_ARCHS
 from qcompile.passes.calibrate import collect
 from qcompile.passes.fold_norms import fold_norms
 from qcompile.passes.smooth import smooth, smoothing_scales
-from qcompile.program import Program
 
 TOL = 1e-4
 
