@@ -191,8 +191,7 @@ def _search(p, cone, values, lo, hi, z, grid, w_spec, a_bits, coarse):
             errors[i] = (out.float() - ref).square().mean().item()
         return min(sorted(errors), key=errors.get)
 
-    evaluate(search_order(len(thresholds), coarse, evaluate))
-    i = min(sorted(errors), key=errors.get)
+    i = evaluate(search_order(len(thresholds), coarse, evaluate))  # the best of every threshold tried
     return errors[i], thresholds[i], scales_for(lo, hi, thresholds[i]), len(errors)
 
 
