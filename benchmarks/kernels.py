@@ -51,11 +51,11 @@ TARGETS = {  # (N, K, M, op) -> target µs (the issue's table)
 # inputs
 
 
-def rand_weight(N: int, K: int, g: int, asym: bool = False):
+def rand_weight(N: int, K: int, g: int, asym: bool = False, dev: str = DEV):
     G = -(-K // g)
-    packed = torch.randint(0, 256, (N, (K + 1) // 2), dtype=torch.uint8, device=DEV)
-    scales = (torch.rand(N, G, device=DEV) * 0.02 + 0.002).half()
-    zeros = torch.randint(0, 16, (N, G), dtype=torch.uint8, device=DEV) if asym else None
+    packed = torch.randint(0, 256, (N, (K + 1) // 2), dtype=torch.uint8, device=dev)
+    scales = (torch.rand(N, G, device=dev) * 0.02 + 0.002).half()
+    zeros = torch.randint(0, 16, (N, G), dtype=torch.uint8, device=dev) if asym else None
     return packed, scales, zeros
 
 
@@ -254,7 +254,8 @@ def quick_check(chk: Checker) -> None:
     biased case each): what the benchmark times is checked first, in seconds rather than minutes."""
     torch.manual_seed(2)
     for M, N, K, g, asym, has_bias in ((1, 4096, 4096, 128, False, False), (16, 4096, 4096, 128, False, False),
-                                       (1, 300, 576, 128, True, True), (2048, 4096, 4096, 128, False, False)):
+                                       (1, 300, 576, 128, True, True), (1, 300, 640, 40, True, True),
+                                       (2048, 4096, 4096, 128, False, False)):
         packed, scales, zeros = rand_weight(N, K, g, asym)
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         bias = torch.randn(N, device=DEV, dtype=torch.bfloat16) if has_bias else None
@@ -316,6 +317,18 @@ def overhead() -> list[dict]:
             us = time_calls([lambda w=w, fn=fn: fn(w) for w in ws], graph=mode == "graph")
             rows.append(dict(layer=name, mode=mode, us=us, cand=cand.name))
             print(f"  overhead {name:36s} {mode:8s} {us:7.1f} us  ({cand.name})", flush=True)
+    # where the host time of the typed wrapper goes (cProfile inflates small calls; read it as a ranking)
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        for w in ws:
+            ops.linear_w4a16(x, w[0], w[1], None, 128)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     return rows
 
 
@@ -413,75 +426,128 @@ def bench_rotate_quant(ceil: dict) -> list[dict]:
 # one decode step of a Llama-2-7B-shaped model (random weights, KV cache)
 
 
-def llama_decode(ceil: dict, mode: str, ctx: int = 1024) -> dict:
+def decode_steps(mode: str, ctx: int = 1024, dims: tuple = (4096, 32, 128, 11008, 32, 32000), dev: str = DEV):
+    """One batch-1 decode step of a Llama-shaped stack (``dims`` = hidden, heads, head dim, FFN,
+    layers, vocabulary; random weights, KV cache of ``ctx``), its linears in ``mode`` (bf16 cuBLAS,
+    our W4A16 g128, or our W4A4 with online Hadamard on the down input): ``(eager step, step with
+    each layer torch.compile'd)``. One layer function serves both; its weights are arguments, so one
+    compiled graph serves every layer (Inductor fuses the norms, RoPE, SiLU·up and residual adds and
+    calls our ops as they are)."""
     torch.manual_seed(0)
-    H, NH, HD, FF, L, V = 4096, 32, 128, 11008, 32, 32000
+    H, NH, HD, FF, L, V = dims
     dt = torch.bfloat16
 
-    def lin(N, K):
+    def weight(N, K):
         if mode == "bf16":
-            w = torch.randn(N, K, device=DEV, dtype=dt) * 0.02
-            return lambda x: F.linear(x, w)
+            return (torch.randn(N, K, device=dev, dtype=dt) * 0.02,)
         if mode == "w4a16":
-            p, s, _ = rand_weight(N, K, 128)
-            return lambda x: ops.linear_w4a16(x, p, s, None, 128)
-        p, s, _ = rand_weight(N, K, K)  # w4a4: per-channel weights, per-token 4-bit activations
-        block = 0 if K == H else 256  # down_proj input: online Hadamard, block-diagonal 256 (11008 has none)
-        rot = K != H
+            return rand_weight(N, K, 128, dev=dev)[:2]
+        return rand_weight(N, K, K, dev=dev)[:2]  # w4a4: per-channel weights, per-token 4-bit activations
 
-        def f(x):
-            c, sc, _ = ops.quantize_per_token(x, 4, True, 0.9, rot, block if rot else None)
-            return ops.linear_w4a4(c, sc, None, p, s, None, K, None, dt)
-        return f
+    def lin(x, w):
+        if mode == "bf16":
+            return F.linear(x, w[0])
+        if mode == "w4a16":
+            return ops.linear_w4a16(x, w[0], w[1], None, 128)
+        K = x.shape[-1]
+        rot = K != H  # down_proj input: online Hadamard, block-diagonal 256 (11008 has no full one)
+        c, sc, _ = ops.quantize_per_token(x, 4, True, 0.9, rot, 256 if rot else None)
+        return ops.linear_w4a4(c, sc, None, w[0], w[1], None, K, None, dt)
 
-    layers = []
-    for _ in range(L):
-        layers.append(dict(
-            qkv=lin(3 * H, H), o=lin(H, H), gu=lin(2 * FF, H), down=lin(H, FF),
-            n1=torch.ones(H, device=DEV, dtype=dt), n2=torch.ones(H, device=DEV, dtype=dt),
-            kc=torch.randn(1, NH, ctx, HD, device=DEV, dtype=dt), vc=torch.randn(1, NH, ctx, HD, device=DEV, dtype=dt),
-        ))
-    head = torch.randn(V, H, device=DEV, dtype=dt) * 0.02
-    nf = torch.ones(H, device=DEV, dtype=dt)
+    layers = [dict(qkv=weight(3 * H, H), o=weight(H, H), gu=weight(2 * FF, H), down=weight(H, FF),
+                   n1=torch.ones(H, device=dev, dtype=dt), n2=torch.ones(H, device=dev, dtype=dt),
+                   kc=torch.randn(1, NH, ctx, HD, device=dev, dtype=dt),
+                   vc=torch.randn(1, NH, ctx, HD, device=dev, dtype=dt)) for _ in range(L)]
+    head = torch.randn(V, H, device=dev, dtype=dt) * 0.02
+    nf = torch.ones(H, device=dev, dtype=dt)
     pos = ctx - 1
-    inv = 1.0 / (10000 ** (torch.arange(0, HD, 2, device=DEV).float() / HD))
+    inv = 1.0 / (10000 ** (torch.arange(0, HD, 2, device=dev).float() / HD))
     freqs = torch.polar(torch.ones_like(inv), pos * inv)  # complex64 [HD/2]
+    cos, sin = freqs.real.contiguous(), freqs.imag.contiguous()
 
-    def rms(x, w):
-        return F.rms_norm(x, (H,), w, 1e-6)
+    def rope(t):  # t [1, 2, NH, HD]: q and k together, as (even, odd) pairs
+        t = t.float().reshape(1, 2, NH, HD // 2, 2)
+        a, b = t[..., 0], t[..., 1]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).reshape(1, 2, NH, 1, HD).to(dt)
 
-    def rope(t):  # t [1, 2, NH, HD]: q and k together, as complex pairs
-        tc = torch.view_as_complex(t.float().reshape(1, 2, NH, HD // 2, 2))
-        return torch.view_as_real(tc * freqs).reshape(1, 2, NH, 1, HD).to(dt)
+    def layer(h, n1, n2, kc, vc, qkv_w, o_w, gu_w, down_w):
+        qkv = lin(F.rms_norm(h, (H,), n1, 1e-6), qkv_w)
+        q, k = rope(qkv[:, : 2 * H].view(1, 2, NH, HD)).unbind(1)
+        v = qkv[:, 2 * H:].view(1, NH, 1, HD)
+        kc[:, :, pos: pos + 1] = k
+        vc[:, :, pos: pos + 1] = v
+        h = h + lin(F.scaled_dot_product_attention(q, kc, vc).reshape(1, H), o_w)
+        g, u = lin(F.rms_norm(h, (H,), n2, 1e-6), gu_w).chunk(2, dim=-1)
+        return h + lin(F.silu(g) * u, down_w)
 
-    x0 = torch.randn(1, H, device=DEV, dtype=dt)
+    x0 = torch.randn(1, H, device=dev, dtype=dt)
 
-    def step():
-        h = x0
-        for ly in layers:
-            qkv = ly["qkv"](rms(h, ly["n1"]))
-            q, k = rope(qkv[:, : 2 * H].view(1, 2, NH, HD)).unbind(1)
-            v = qkv[:, 2 * H :].view(1, NH, 1, HD)
-            ly["kc"][:, :, pos : pos + 1] = k
-            ly["vc"][:, :, pos : pos + 1] = v
-            a = F.scaled_dot_product_attention(q, ly["kc"], ly["vc"])
-            h = h + ly["o"](a.reshape(1, H))
-            gu = ly["gu"](rms(h, ly["n2"]))
-            g, u = gu.chunk(2, dim=-1)
-            h = h + ly["down"](F.silu(g) * u)
-        return F.linear(rms(h, nf), head)
+    def stepper(fn):
+        def step():
+            h = x0
+            for ly in layers:
+                h = fn(h, ly["n1"], ly["n2"], ly["kc"], ly["vc"], ly["qkv"], ly["o"], ly["gu"], ly["down"])
+            return F.linear(F.rms_norm(h, (H,), nf, 1e-6), head)
+        return step
 
+    return stepper(layer), stepper(torch.compile(layer, dynamic=False))
+
+
+def llama_decode(ceil: dict, mode: str) -> dict:
+    """The 7B-shaped decode step (``decode_steps``) timed as launched, as a CUDA-graph replay, and
+    compiled then graph-replayed: how a deployment would run it."""
+    eager, compiled = decode_steps(mode)
     out = {}
     for gmode in ("launched", "graph"):
-        out[gmode] = time_calls([step], graph=(gmode == "graph"), budget_s=1.0)
-    print(f"  7B decode {mode:6s} launched {out['launched']:8.1f} us  graph {out['graph']:8.1f} us", flush=True)
-    del layers
+        out[gmode] = time_calls([eager], graph=(gmode == "graph"), budget_s=1.0)
+    t0 = time.time()
+    try:
+        out["compiled graph"] = time_calls([compiled], graph=True, budget_s=1.0)
+    except Exception as exc:  # noqa: BLE001 - reported, and the eager rows still stand
+        print(f"  7B decode {mode} compiled: {exc!r}"[:300], flush=True)
+    print(f"  7B decode {mode:6s} " + "  ".join(f"{k} {v:8.1f} us" for k, v in out.items())
+          + f"  (compile + timing {time.time() - t0:.0f}s)", flush=True)
+    del eager, compiled
     torch.cuda.empty_cache()
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 # variants at the target rows (for tuning the candidate lists)
+
+
+def gemv_variants() -> list[dict]:
+    """The M = 1 GEMV's meta-parameters swept at every decode shape, against tinygemm."""
+    from qcompile.kernels.autotune import Candidate
+
+    rows = []
+    for N, K in SHAPES:
+        x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+        w4_bytes = N * K / 2 + N * (K // 128) * 2
+        tg = [tinygemm_weight(N, K, 128) for _ in range(n_copies(w4_bytes))]
+        us = time_calls([lambda t=t: torch._weight_int4pack_mm(x, t[0], 128, t[1]) for t in tg], graph=True,
+                        budget_s=0.1)
+        rows.append(dict(N=N, K=K, cand="tinygemm", us=us))
+        print(f"  gemv {N}x{K} {'tinygemm':32s} {us:8.1f} us", flush=True)
+        del tg
+        ws = [rand_weight(N, K, 128) for _ in range(n_copies(w4_bytes))]
+        for bn in (4, 8):
+            for warps in (1, 2, 4):
+                for chunk in (1, 4):
+                    name = f"gemv_n{bn}_w{warps}_c{chunk}"
+                    cand = Candidate(name, dict(kind="gemv", BLOCK_N=bn, BW=128 * warps, FUSED=True, ASM=True,
+                                                CHUNK=chunk, num_warps=warps))
+                    calls = [lambda w=w, c=cand: w4a16.run(c, x, w[0], w[1], None, 128, None) for w in ws]
+                    try:
+                        us = time_calls(calls, graph=True, budget_s=0.1)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"  gemv {name}: {exc!r}"[:200], flush=True)
+                        continue
+                    rows.append(dict(N=N, K=K, cand=name, us=us, floor_us=w4_bytes / 4.25e12 * 1e6))
+                    print(f"  gemv {N}x{K} {name:32s} {us:8.1f} us", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    return rows
 
 
 def variants(ceil: dict) -> list[dict]:
@@ -576,10 +642,13 @@ def markdown(ceil: dict, lin: list[dict], rq: list[dict], dec: dict, cmd: str) -
                      f"{r['tbps']:.2f} | {r['frac_copy']:.2f} |")
     if dec:
         lines += ["", "## One decode step, Llama-2-7B shapes (32 layers, KV cache 1024, batch 1, random weights)", "",
-                  "| model | launched µs | graph µs | speed-up vs bf16 (graph) |", "|---|---|---|---|"]
+                  "| model | launched µs | graph µs | compiled + graph µs | speed-up vs bf16 (graph) | "
+                  "speed-up vs bf16 (compiled + graph) |", "|---|---|---|---|---|---|"]
         for k, v in dec.items():
-            speedup = dec["bf16"]["graph"] / v["graph"]
-            lines.append(f"| {k} | {v['launched']:.0f} | {v['graph']:.0f} | {speedup:.2f}× |")
+            comp, comp_bf16 = v.get("compiled graph"), dec["bf16"].get("compiled graph")
+            lines.append(f"| {k} | {v['launched']:.0f} | {v['graph']:.0f} | "
+                         f"{'–' if comp is None else f'{comp:.0f}'} | {dec['bf16']['graph'] / v['graph']:.2f}× | "
+                         f"{'–' if comp is None or comp_bf16 is None else f'{comp_bf16 / comp:.2f}×'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -605,6 +674,7 @@ def main() -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--quick-check", action="store_true")
     ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--gemv-variants", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--decode", action="store_true", help="with --bench: the 7B decode step")
@@ -634,6 +704,8 @@ def main() -> int:
         result["overhead"] = overhead()
     if args.variants:
         result["variants"] = variants(ceil)
+    if args.gemv_variants:
+        result["gemv_variants"] = gemv_variants()
     lin, rq, dec = [], [], {}
 
     def save() -> None:  # after every section, so a run cut short still leaves its tables

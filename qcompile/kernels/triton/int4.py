@@ -67,51 +67,55 @@ def offset_codes_asm(w, dt: tl.constexpr):
 
 
 # Word → eight float32 codes. Byte b moves to bits 15..22 (one shift), then one lop3 per nibble keeps
-# bits 15..18 (the low nibble: 128 + q/2) or 19..22 (the high one: 128 + 8·q) — both inside the
-# float32 mantissa, whose bit 16 is worth 1 at 128 — and ORs in the float32 128 = 0x43000000. The
-# caller scales the activations of even k by 2 and of odd k by 1/8 (exact), so every code carries the
-# same offset: (128 + q/2)·2x = 128·(2x) + q·x and (128 + 8q)·x/8 = 128·(x/8) + q·x.
+# bits 15..18 (the low nibble) or 19..22 (the high one) and ORs in a power of two whose mantissa unit
+# sits at the nibble's lowest bit: 256.0 = 0x43800000 (bit 15 worth 1) and 16.0 = 0x41800000 (bit 19
+# worth 1). So even codes read 256 + q and odd codes 16 + q, exactly, and pair with x as it is:
+# Σ_i c_i·x_i = Σ_i q_i·x_i + 256·Σ_even x + 16·Σ_odd x.
 _WORD_ASM = tl.constexpr("""
 {
-.reg .b32 b0, b1, b2, b3, m0, m1, k;
+.reg .b32 b0, b1, b2, b3, m0, m1, k0, k1;
 mov.b32 m0, 0x00078000;
 mov.b32 m1, 0x00780000;
-mov.b32 k, 0x43000000;
+mov.b32 k0, 0x43800000;
+mov.b32 k1, 0x41800000;
 shl.b32 b0, $8, 15;
 shl.b32 b1, $8, 7;
 shr.b32 b2, $8, 1;
 shr.b32 b3, $8, 9;
-lop3.b32 $0, b0, m0, k, 0xEA;
-lop3.b32 $1, b0, m1, k, 0xEA;
-lop3.b32 $2, b1, m0, k, 0xEA;
-lop3.b32 $3, b1, m1, k, 0xEA;
-lop3.b32 $4, b2, m0, k, 0xEA;
-lop3.b32 $5, b2, m1, k, 0xEA;
-lop3.b32 $6, b3, m0, k, 0xEA;
-lop3.b32 $7, b3, m1, k, 0xEA;
+lop3.b32 $0, b0, m0, k0, 0xEA;
+lop3.b32 $1, b0, m1, k1, 0xEA;
+lop3.b32 $2, b1, m0, k0, 0xEA;
+lop3.b32 $3, b1, m1, k1, 0xEA;
+lop3.b32 $4, b2, m0, k0, 0xEA;
+lop3.b32 $5, b2, m1, k1, 0xEA;
+lop3.b32 $6, b3, m0, k0, 0xEA;
+lop3.b32 $7, b3, m1, k1, 0xEA;
 }
 """)
+EVEN_OFFSET = tl.constexpr(256.0)  # what word_codes adds to an even code
+ODD_OFFSET = tl.constexpr(16.0)  # … and to an odd one
 
 
 @triton.jit
-def _word_code(w, SHIFT: tl.constexpr, MASK: tl.constexpr):
+def _word_code(w, SHIFT: tl.constexpr, MASK: tl.constexpr, MAGIC: tl.constexpr):
     if SHIFT > 0:
         v = w << SHIFT
     else:
         v = w >> (-SHIFT)  # arithmetic shift: the copied sign bits land above the mask
-    return ((v & MASK) | 0x43000000).to(tl.float32, bitcast=True)
+    return ((v & MASK) | MAGIC).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def word_codes(w, ASM: tl.constexpr):
-    """An int32 word of eight canonical codes → eight float32 tiles: ``128 + q_i/2`` for even i
-    (pair with 2·x), ``128 + 8·q_i`` for odd i (pair with x/8). ASM: the same in 12 PTX instructions."""
+    """An int32 word of eight canonical codes → eight float32 tiles ``EVEN_OFFSET + q_i`` (even i)
+    and ``ODD_OFFSET + q_i`` (odd i). ASM: the same in 12 PTX instructions."""
     if ASM:
         return tl.inline_asm_elementwise(_WORD_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
                                          dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    return (_word_code(w, 15, 0x78000), _word_code(w, 15, 0x780000), _word_code(w, 7, 0x78000),
-            _word_code(w, 7, 0x780000), _word_code(w, -1, 0x78000), _word_code(w, -1, 0x780000),
-            _word_code(w, -9, 0x78000), _word_code(w, -9, 0x780000))
+    return (_word_code(w, 15, 0x78000, 0x43800000), _word_code(w, 15, 0x780000, 0x41800000),
+            _word_code(w, 7, 0x78000, 0x43800000), _word_code(w, 7, 0x780000, 0x41800000),
+            _word_code(w, -1, 0x78000, 0x43800000), _word_code(w, -1, 0x780000, 0x41800000),
+            _word_code(w, -9, 0x78000, 0x43800000), _word_code(w, -9, 0x780000, 0x41800000))
 
 
 # Eight 16-bit activations ``x[8w … 8w + 7]`` (16 bytes, 16-byte aligned) → eight float32, loaded by

@@ -9,9 +9,9 @@ memory-bound (decode) kernels cheap:
 
 * **scale after the sum** — inside one group ``Σ_k x·(q − z)·s = s·(Σ_k q·x − z·Σ_k x)``: codes
   enter the products as exact small integers (as magic-number floats ``OFFSET + q``, see ``int4``;
-  the offset leaves with ``z``) and scale/zero cost one multiply-add per (row, group) — per (row, word
-  of 8 codes) in the GEMV — instead of per weight element. A tile of K (a word) therefore lies inside
-  one group, or the weight is per-channel (G = 1).
+  the offset leaves with ``z``) and scale/zero cost one multiply-add per (row, group) — per (row,
+  chunk of a thread's 4 words) in the GEMV — instead of per weight element. A tile of K (a chunk)
+  therefore lies inside one group, or the weight is per-channel (G = 1).
 * **no reordering of the packed bytes** — the M = 1 kernel reads each row as int32 words of eight
   codes ``k = 8w … 8w + 7`` and pairs code i with ``x[8w + i]``; the tensor-core kernel pairs the low
   nibbles of a byte tile with ``x[:, 0::2]`` and the high ones with ``x[:, 1::2]``. Either way the
@@ -21,15 +21,18 @@ Kernels:
 
 * ``_gemv_kernel`` (M = 1): a 2-D tile ``[BLOCK_N rows, BW words]`` per step, 4 consecutive words per
   thread and row, every row of the program in every thread, the next step's words in flight; 12 PTX
-  instructions unpack a word into eight float32 codes (``int4.word_codes``), eight FMAs per word, and
-  one more applies the word's group scale and zero (``s·(Σ_i q_i·x_i − z·Σ_i x_i)``), so the row
-  reduction happens once, after the loop. The activation tile ``[1, BW]`` takes the weight tile's
-  layout, so each activation value is loaded once per thread and feeds all BLOCK_N rows from a
-  register (the earlier 3-D tile gave each thread one or two rows on the H200's Triton 3.6, and ten
-  activation loads per weight load). FUSED (16-bit x, CUDA): each thread reads its words' eight
-  activations with one 16-byte load (``int4.word_activations``) and scales them itself; otherwise
-  ``_gemv_prep_kernel`` writes them as ten float32 planes first (one more launch). Needs K and g
-  multiples of 8.
+  instructions unpack a word into eight float32 codes ``256 + q`` / ``16 + q`` (``int4.word_codes``)
+  that pair with x as it is, eight FMAs per word (the first also takes off the offsets, and z = 8 for
+  symmetric weights: an activation-only term), and when a thread's 4 words lie in one group
+  (``CHUNK = 4``: g a multiple of 32, or per-channel) their sums are added in the thread and the
+  group's scale (and zero) applied once per chunk; the row reduction happens once, after the loop.
+  Compiled for sm_90 this is ~30 SASS instructions per word (37 with a scale per word). The
+  activation tile ``[1, BW]`` takes the weight tile's layout, so each activation value is loaded once
+  per thread and feeds all BLOCK_N rows from a register (the earlier 3-D tile gave each thread one or
+  two rows on the H200's Triton 3.6, and ten activation loads per weight load). FUSED (16-bit x,
+  CUDA): each thread reads its words' eight activations with one 16-byte load
+  (``int4.word_activations``); otherwise ``_gemv_prep_kernel`` writes them as ten float32 planes
+  first (one more launch). Needs K and g multiples of 8.
 * ``_skinny_kernel`` (M ≤ 16, and M = 1 shapes the GEMV does not take): the even/odd algebra on tensor
   cores with A and B swapped, ``acc[BLOCK_N, 16] += dot(codes[BLOCK_N, H], x_halfᵀ[H, 16])``, so the
   weight tile is the wide operand and the few tokens the narrow one.
@@ -51,30 +54,29 @@ from torch import Tensor
 
 from qcompile.kernels.autotune import Candidate, choose
 from qcompile.kernels.triton.launch import launch
-from qcompile.kernels.triton.int4 import offset_codes, offset_codes_asm, unpack, word_activations, word_codes
+from qcompile.kernels.triton.int4 import (EVEN_OFFSET, ODD_OFFSET, offset_codes, offset_codes_asm, unpack,
+                                          word_activations, word_codes)
 
 
-PLANES = 10  # rows of the GEMV's activation table: x'_0 … x'_7, then 128·Σ_i x'_i and Σ_i x_i per word
+PLANES = 10  # rows of the GEMV's activation table: x_0 … x_7, the codes' offsets summed, Σ_i x_i per word
 
 
 @triton.jit
 def _gemv_prep_kernel(x_ptr, xp_ptr, KW, BLOCK: tl.constexpr):
     """The activation as the GEMV consumes it, one float32 row ``xp[p, w]`` per plane p: for word w
-    (codes ``k = 8w + i``) ``x'_i = 2·x[8w+i]`` (even i) or ``x[8w+i]/8`` (odd i), the scales that give
-    every code of ``int4.word_codes`` the offset 128; ``xp[8, w] = 128·Σ_i x'_i`` (that offset, summed)
-    and ``xp[9, w] = Σ_i x[8w+i]`` (for the zero point). Contiguous rows, so the GEMV loads them in the
-    weight tile's own layout."""
+    (codes ``k = 8w + i``) ``xp[i, w] = x[8w+i]``; ``xp[8, w]`` the offsets ``int4.word_codes`` puts
+    on the word's codes, summed (``256·Σ_even x + 16·Σ_odd x``); ``xp[9, w] = Σ_i x[8w+i]`` (for the
+    zero point). Contiguous rows, so the GEMV loads them in the weight tile's own layout."""
     w = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = w < KW
     off = tl.zeros([BLOCK], dtype=tl.float32)
     tot = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(8):
         v = tl.load(x_ptr + 8 * w + i, mask=m, other=0.0).to(tl.float32)
-        vs = v * (2.0 if i % 2 == 0 else 0.125)
-        tl.store(xp_ptr + i * KW + w, vs, mask=m)
-        off += vs
+        tl.store(xp_ptr + i * KW + w, v, mask=m)
+        off += v * (EVEN_OFFSET if i % 2 == 0 else ODD_OFFSET)
         tot += v
-    tl.store(xp_ptr + 8 * KW + w, 128.0 * off, mask=m)
+    tl.store(xp_ptr + 8 * KW + w, off, mask=m)
     tl.store(xp_ptr + 9 * KW + w, tot, mask=m)
 
 
@@ -93,11 +95,19 @@ def _plane(xp, P: tl.constexpr, KW, xm, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _chunk_sum(t, ROWS: tl.constexpr, BW: tl.constexpr, CHUNK: tl.constexpr):
+    """``t [ROWS, BW]`` summed over runs of CHUNK consecutive words (inside one thread: free)."""
+    if CHUNK == 1:
+        return t
+    return tl.sum(tl.reshape(t, (ROWS, BW // CHUNK, CHUNK)), axis=2)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     N, KW, GW, stride_wn, stride_sn, stride_sg,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr,
-    EVEN: tl.constexpr, FUSED: tl.constexpr, ASM: tl.constexpr,
+    CHUNK: tl.constexpr, EVEN: tl.constexpr, FUSED: tl.constexpr, ASM: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -108,8 +118,9 @@ def _gemv_kernel(
     # Tiles are [BLOCK_N, BW] with BW = 4 words × 32·num_warps threads: each thread holds 4 consecutive
     # words of every row of the program (a 2-D tile leaves Triton no other layout), so the activation
     # tile [1, BW] has the same layout and each activation value, loaded once, feeds BLOCK_N rows from
-    # a register.
-    acc = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+    # a register. A thread's CHUNK words share one group: their sums are added in the thread, and the
+    # group's scale and zero are applied once per chunk.
+    acc = tl.zeros([BLOCK_N, BW // CHUNK], dtype=tl.float32)
     w = _gemv_weights(wp, 0, BW, col, KW, n_mask, EVEN)
     for step in range(0, steps):
         # the next step's words are requested before this step's arithmetic: two steps in flight
@@ -118,18 +129,16 @@ def _gemv_kernel(
         km = word < KW
         if FUSED:  # the planes made here from x itself, as the prep kernel makes them
             if EVEN:
-                t0, t1, t2, t3, t4, t5, t6, t7 = word_activations(x_ptr + 8 * word, x_ptr.dtype.element_ty)
+                x0, x1, x2, x3, x4, x5, x6, x7 = word_activations(x_ptr + 8 * word, x_ptr.dtype.element_ty)
             else:  # words past K read word 0 and count as zeros
-                t0, t1, t2, t3, t4, t5, t6, t7 = word_activations(x_ptr + 8 * tl.where(km, word, 0),
+                x0, x1, x2, x3, x4, x5, x6, x7 = word_activations(x_ptr + 8 * tl.where(km, word, 0),
                                                                   x_ptr.dtype.element_ty)
-                t0, t1, t2, t3 = tl.where(km, t0, 0.0), tl.where(km, t1, 0.0), tl.where(km, t2, 0.0), \
-                    tl.where(km, t3, 0.0)
-                t4, t5, t6, t7 = tl.where(km, t4, 0.0), tl.where(km, t5, 0.0), tl.where(km, t6, 0.0), \
-                    tl.where(km, t7, 0.0)
-            tot = ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7))
-            x0, x2, x4, x6 = 2.0 * t0, 2.0 * t2, 2.0 * t4, 2.0 * t6
-            x1, x3, x5, x7 = 0.125 * t1, 0.125 * t3, 0.125 * t5, 0.125 * t7
-            off = 128.0 * (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)))
+                x0, x1, x2, x3 = tl.where(km, x0, 0.0), tl.where(km, x1, 0.0), tl.where(km, x2, 0.0), \
+                    tl.where(km, x3, 0.0)
+                x4, x5, x6, x7 = tl.where(km, x4, 0.0), tl.where(km, x5, 0.0), tl.where(km, x6, 0.0), \
+                    tl.where(km, x7, 0.0)
+            tot = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+            off = EVEN_OFFSET * ((x0 + x2) + (x4 + x6)) + ODD_OFFSET * ((x1 + x3) + (x5 + x7))
         else:
             xp = x_ptr + word
             x0 = _plane(xp, 0, KW, km, EVEN)
@@ -142,8 +151,10 @@ def _gemv_kernel(
             x7 = _plane(xp, 7, KW, km, EVEN)
             off = _plane(xp, 8, KW, km, EVEN)
             tot = _plane(xp, 9, KW, km, EVEN)
+        # Σ_i c_i·x_i − offsets = Σ_i q_i·x_i; without zero points z = 8 is taken off here too (an
+        # activation-only term, shared by the BLOCK_N rows)
         c0, c1, c2, c3, c4, c5, c6, c7 = word_codes(w, ASM)
-        part = c0 * x0 - off
+        part = tl.fma(c0, x0, -off if HAS_ZEROS else -(off + 8.0 * tot))
         part = tl.fma(c1, x1, part)
         part = tl.fma(c2, x2, part)
         part = tl.fma(c3, x3, part)
@@ -151,15 +162,18 @@ def _gemv_kernel(
         part = tl.fma(c5, x5, part)
         part = tl.fma(c6, x6, part)
         part = tl.fma(c7, x7, part)
-        # each word takes its group's scale and zero, s·(Σ_i q_i·x_i − z·Σ_i x_i); the row sums at the end
-        gofs = gp + (word // GW) * stride_sg
-        gmask = n_mask[:, None] & km
+        part = _chunk_sum(part, BLOCK_N, BW, CHUNK)
+        # each chunk takes its group's scale (and zero): s·(Σ q·x − z·Σ x); the row sums at the end
+        first = step * BW + CHUNK * tl.arange(0, BW // CHUNK)[None, :]  # the chunk's first word
+        gofs = gp + (first // GW) * stride_sg
+        gmask = n_mask[:, None] & (first < KW)
         s = tl.load(s_ptr + gofs, mask=gmask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             z = tl.load(z_ptr + gofs, mask=gmask, other=0).to(tl.float32)
-        else:
-            z = 8.0
-        acc = tl.fma(part - z * tot, s, acc)
+            # summed in the weight tile's layout: a [1, BW] tile reshaped alone takes a layout of its
+            # own and a shared-memory round trip per step
+            part -= z * _chunk_sum(tl.broadcast_to(tot, (BLOCK_N, BW)), BLOCK_N, BW, CHUNK)
+        acc = tl.fma(part, s, acc)
         w = w_next
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -445,7 +459,9 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
         if not meta["FUSED"]:
             xp = torch.empty((PLANES, KW), dtype=torch.float32, device=x.device)
             launch(_gemv_prep_kernel, (triton.cdiv(KW, 256),), (x, xp, KW), dict(BLOCK=256), 4)
-        consts = dict(flags, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"], EVEN=KW % meta["BW"] == 0,
+        chunk = 4 if G == 1 or (group_size // 8) % 4 == 0 else 1  # a thread's 4 words in one group
+        chunk = meta.get("CHUNK", chunk)
+        consts = dict(flags, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"], CHUNK=chunk, EVEN=KW % meta["BW"] == 0,
                       FUSED=meta["FUSED"], ASM=meta["ASM"])
         launch(_gemv_kernel, (triton.cdiv(N, meta["BLOCK_N"]),),
                (xp, packed, scales, zp, bp, y, N, KW, group_size // 8 if G > 1 else KW, packed.stride(0) // 4,
