@@ -531,20 +531,21 @@ def gemv_variants() -> list[dict]:
         print(f"  gemv {N}x{K} {'tinygemm':32s} {us:8.1f} us", flush=True)
         del tg
         ws = [rand_weight(N, K, 128) for _ in range(n_copies(w4_bytes))]
-        for bn in (4, 8):
-            for warps in (1, 2, 4):
-                for chunk in (1, 4):
-                    name = f"gemv_n{bn}_w{warps}_c{chunk}"
-                    cand = Candidate(name, dict(kind="gemv", BLOCK_N=bn, BW=128 * warps, FUSED=True, ASM=True,
-                                                CHUNK=chunk, num_warps=warps))
-                    calls = [lambda w=w, c=cand: w4a16.run(c, x, w[0], w[1], None, 128, None) for w in ws]
-                    try:
-                        us = time_calls(calls, graph=True, budget_s=0.1)
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"  gemv {name}: {exc!r}"[:200], flush=True)
-                        continue
-                    rows.append(dict(N=N, K=K, cand=name, us=us, floor_us=w4_bytes / 4.25e12 * 1e6))
-                    print(f"  gemv {N}x{K} {name:32s} {us:8.1f} us", flush=True)
+        cands = [Candidate(f"gemv_n{bn}_w{warps}", dict(kind="gemv", BLOCK_N=bn, BW=128 * warps, FUSED=True,
+                                                         ASM=True, num_warps=warps))
+                 for bn in (4, 8) for warps in (1, 2, 4)]
+        cands += [Candidate(f"mma_w{warps}_s{slabs}_k{split}", dict(kind="mma_gemv", WARPS=warps, SLABS=slabs,
+                                                                   SPLIT_K=split))
+                  for warps in (1, 2, 4) for slabs in (1, 2) for split in (1, 2, 4)]
+        for cand in cands:
+            calls = [lambda w=w, c=cand: w4a16.run(c, x, w[0], w[1], None, 128, None) for w in ws]
+            try:
+                us = time_calls(calls, graph=True, budget_s=0.1)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  gemv {cand.name}: {exc!r}"[:200], flush=True)
+                continue
+            rows.append(dict(N=N, K=K, cand=cand.name, us=us, floor_us=w4_bytes / 4.25e12 * 1e6))
+            print(f"  gemv {N}x{K} {cand.name:32s} {us:8.1f} us", flush=True)
         del ws
         torch.cuda.empty_cache()
     return rows

@@ -1,13 +1,27 @@
 """Backend weight layouts, each derived from the canonical packed int4 format by one function.
 
-The Triton kernels read the canonical layout (``qcompile.quant.formats``) as it is, so there is no
-``to_triton_layout``; one format fewer to save, load and test. The M = 1 GEMV reads a row as
-little-endian int32 words of eight consecutive codes and unpacks each word with 12 instructions
-(``triton/int4.py``), pairing them with the word's eight activations read by one 16-byte load; the
-tensor-core kernels pair low and high nibbles with even and odd activations; the GEMMs interleave
-nibbles in registers. A K-interleaved layout was weighed for the GEMV and not adopted: on the H200 a
-Triton kernel that only streams the canonical words reaches ~4.2 TB/s (measured), so the layout is
-not what limits the kernel (its arithmetic and activation traffic are).
+Most Triton kernels read the canonical layout (``qcompile.quant.formats``) as it is: the word GEMV
+reads a row as little-endian int32 words of eight consecutive codes, the tensor-core kernels pair low
+and high nibbles with even and odd activations, the GEMMs interleave nibbles in registers.
+
+``to_mma_tiles`` is the one derived Triton layout, for the tensor-core GEMV (``triton/mma_gemv.py``):
+each lane of a warp holds, in one int32 word, exactly the eight codes of its A fragment of a
+``mma.m16n8k16`` (16 rows × 16 k), so the weight goes from memory to the tensor cores with one
+16-byte load per four fragments, a few bit operations and no data exchange between lanes. K is cut
+into slabs of 64; in slab k-tile ``j`` (of 4), the fragment column ``κ = 2t + 8h + e`` (lane
+``l = 4g + t``, h, e ∈ {0, 1}) is the slab's ``k = 16t + 4j + 2h + e`` — a permutation of k inside
+the slab (the dot product does not care) that gives each lane 16 consecutive activations per slab
+(two 16-byte loads) instead of eight scattered pairs. Lane l's word for k-tile j, with
+``A[r][d] = code of row r at slab k = 16t + 4j + d``::
+
+    byte 0 = A[g][0]   | A[g][2] << 4          byte 2 = A[g+8][0]   | A[g+8][2] << 4
+    byte 1 = A[g][1]   | A[g][3] << 4          byte 3 = A[g+8][1]   | A[g+8][3] << 4
+
+so the low nibbles of bytes (0, 1) and (2, 3) and the high nibbles of the same pairs are the
+fragment's four 2 × 16-bit registers, and the B registers are the activation pairs ``(x[d=0], x[1])``
+and ``(x[2], x[3])``. Tiles are stored ``[N/16, K/64, 32 lanes, 4 k-tiles]``: a lane's four k-tiles
+are one 16-byte load, a warp's 512 bytes contiguous. Rows are padded to a multiple of 16 with code 0;
+K must be a multiple of 64.
 
 ``to_matmulnbits`` maps it onto onnxruntime's ``com.microsoft::MatMulNBits`` (contrib op):
 
@@ -91,3 +105,49 @@ def to_matmulnbits(
             zb = torch.cat([zb, torch.full_like(zb[:, :1], 8)], dim=1)
         zp = (zb[:, 0::2] | (zb[:, 1::2] << 4)).contiguous()
     return MatMulNBitsWeight(B, s.contiguous(), zp, K, N, b)
+
+
+MMA_ROWS, MMA_STEP = 16, 64  # a fragment tile is 16 rows; a slab of K is 64 (4 k-tiles of 16)
+
+
+def _slot_index(device: torch.device) -> tuple[Tensor, Tensor]:
+    """Row in the tile and k in the slab of every code: ``[32 lanes, 4 k-tiles, 8 slots]`` each, slots
+    in byte order (byte 0 lo, byte 0 hi, byte 1 lo, …, byte 3 hi)."""
+    lane = torch.arange(32, device=device)[:, None, None]
+    j = torch.arange(4, device=device)[None, :, None]
+    slot = torch.arange(8, device=device)[None, None, :]
+    g, t = lane // 4, lane % 4
+    row = g + 8 * (slot // 4)
+    d = torch.tensor([0, 2, 1, 3, 0, 2, 1, 3], device=device)[slot]
+    return row.expand(32, 4, 8), (16 * t + 4 * j + d).expand(32, 4, 8)
+
+
+def to_mma_tiles(packed: Tensor, in_features: int) -> Tensor:
+    """Canonical ``packed uint8 [N, K/2]`` → int32 ``[ceil(N/16), K/64, 32, 4]`` fragment words (see the
+    module docstring); runs on the weight's device."""
+    K = in_features
+    if K % MMA_STEP:
+        raise ShapeError(f"to_mma_tiles: K = {K} is not a multiple of {MMA_STEP}")
+    N = packed.shape[0]
+    nt = -(-N // MMA_ROWS)
+    codes = torch.stack((packed & 15, packed >> 4), -1).reshape(N, -1)[:, :K].to(torch.int32)
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, nt * MMA_ROWS - N))
+    slabs = codes.reshape(nt, MMA_ROWS, K // MMA_STEP, MMA_STEP).permute(0, 2, 1, 3)  # [nt, slabs, 16, 64]
+    row, col = _slot_index(packed.device)
+    frag = slabs[:, :, row, col]  # [nt, slabs, 32, 4, 8]
+    shifts = 4 * torch.arange(8, device=packed.device, dtype=torch.int32)
+    words = (frag << shifts).sum(-1, dtype=torch.int64)  # < 2^32: the eight nibbles never overlap
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def from_mma_tiles(tiles: Tensor, out_features: int) -> Tensor:
+    """The inverse of ``to_mma_tiles``: canonical ``packed uint8 [N, K/2]``."""
+    nt, n_slabs = tiles.shape[:2]
+    K = n_slabs * MMA_STEP
+    words = tiles.to(torch.int64) & 0xFFFFFFFF
+    frag = (words[..., None] >> (4 * torch.arange(8, device=tiles.device))) & 15  # [nt, slabs, 32, 4, 8]
+    row, col = _slot_index(tiles.device)
+    out = torch.empty(nt, n_slabs, MMA_ROWS, MMA_STEP, dtype=torch.int64, device=tiles.device)
+    out[:, :, row, col] = frag
+    codes = out.permute(0, 2, 1, 3).reshape(nt * MMA_ROWS, K)[:out_features].to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)

@@ -33,6 +33,8 @@ Kernels:
   CUDA): each thread reads its words' eight activations with one 16-byte load
   (``int4.word_activations``); otherwise ``_gemv_prep_kernel`` writes them as ten float32 planes
   first (one more launch). Needs K and g multiples of 8.
+* ``mma_gemv`` (M = 1, 16-bit x, CUDA; its own module): the GEMV on tensor cores, from a derived
+  weight layout made once per weight; ~19 instructions per word against the word GEMV's ~30.
 * ``_skinny_kernel`` (M ≤ 16, and M = 1 shapes the GEMV does not take): the even/odd algebra on tensor
   cores with A and B swapped, ``acc[BLOCK_N, 16] += dot(codes[BLOCK_N, H], x_halfᵀ[H, 16])``, so the
   weight tile is the wide operand and the few tokens the narrow one.
@@ -53,6 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qcompile.kernels.autotune import Candidate, choose
+from qcompile.kernels.triton import mma_gemv
 from qcompile.kernels.triton.launch import launch
 from qcompile.kernels.triton.int4 import (EVEN_OFFSET, ODD_OFFSET, offset_codes, offset_codes_asm, unpack,
                                           word_activations, word_codes)
@@ -386,6 +389,10 @@ def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False,
     16-bit ``x_dtype``, the GEMV that reads x itself (no prep launch)."""
     G = -(-K // group_size)
     out: list[Candidate] = []
+    if asm and mma_gemv.supports(M, K, group_size, G, x_dtype):
+        for warps, slabs, split in ((2, 2, 1), (1, 2, 1), (4, 2, 1), (1, 2, 2), (2, 2, 2), (1, 2, 4), (2, 1, 1)):
+            out.append(Candidate(f"mma_gemv_w{warps}_s{slabs}_k{split}",
+                                 dict(kind="mma_gemv", WARPS=warps, SLABS=slabs, SPLIT_K=split)))
     if M == 1 and _word_gemv(K, group_size, G):
         fuse = asm and x_dtype in (torch.bfloat16, torch.float16)
         for bn, warps, fused in ((4, 1, True), (8, 1, True), (8, 2, True), (4, 2, True), (4, 1, False),
@@ -440,6 +447,8 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
     M, K = x.shape
     N, KH = packed.shape
     G = scales.shape[1]
+    if kind == "mma_gemv":
+        return mma_gemv.run(x, packed, scales, zeros, group_size, bias, meta["WARPS"], meta["SLABS"], meta["SPLIT_K"])
     if kind == "dequant_cublas":
         w = dequantize(packed, scales, zeros, group_size, K, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
