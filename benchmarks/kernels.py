@@ -533,10 +533,10 @@ def gemv_variants() -> list[dict]:
         ws = [rand_weight(N, K, 128) for _ in range(n_copies(w4_bytes))]
         cands = [Candidate(f"gemv_n{bn}_w{warps}", dict(kind="gemv", BLOCK_N=bn, BW=128 * warps, FUSED=True,
                                                          ASM=True, num_warps=warps))
-                 for bn in (4, 8) for warps in (1, 2, 4)]
+                 for bn in (4, 8) for warps in (1, 2, 4) if bn == 8]
         cands += [Candidate(f"mma_w{warps}_s{slabs}_k{split}", dict(kind="mma_gemv", WARPS=warps, SLABS=slabs,
                                                                    SPLIT_K=split))
-                  for warps in (1, 2, 4) for slabs in (1, 2) for split in (1, 2, 4)]
+                  for warps in (1, 2, 4) for slabs in (1, 2) for split in (1, 2, 4, 8) if slabs == 2 or split == 4]
         for cand in cands:
             calls = [lambda w=w, c=cand: w4a16.run(c, x, w[0], w[1], None, 128, None) for w in ws]
             try:
@@ -589,14 +589,18 @@ def variants(ceil: dict) -> list[dict]:
 # report
 
 
-def markdown(ceil: dict, lin: list[dict], rq: list[dict], dec: dict, cmd: str) -> str:
-    dev = torch.cuda.get_device_name()
+def machine() -> dict:
+    return dict(machine=f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+                        f"{__import__('triton').__version__}, python {platform.python_version()}",
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def markdown(ceil: dict, lin: list[dict], rq: list[dict], dec: dict, cmd: str, where: dict) -> str:
     lines = [
         "# INT4 kernels on the H200", "",
         f"- command: `{cmd}`",
-        f"- machine: {dev}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
-        f"python {platform.python_version()}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {where['machine']}",
+        f"- date: {where['date']}",
         f"- ceilings measured here: copy {ceil['copy_bw'] / 1e12:.2f} TB/s (read+write), int8 `_int_mm` "
         f"{ceil['int8_ops'] / 1e12:.0f} TOPS, bf16 `F.linear` {ceil['bf16_flops'] / 1e12:.0f} TFLOP/s (8192³)",
         "- times: median µs per call; weights rotated over copies totalling ≥ 240 MB (4× L2); "
@@ -670,6 +674,20 @@ def summary(lin: list[dict]) -> None:
                 print(f"{N}x{K} {mode:8s} w4a16 {a:7.1f}  tinygemm {b:7.1f}  speed-up {b / a:.2f} (target 1.6)")
 
 
+def report(paths: list[str], md: str) -> int:
+    """One table from several runs (each within the device's per-call time limit): linear rows
+    concatenated in run order, the decode step and Hadamard rows from whichever run has them."""
+    runs = [json.load(open(p)) for p in paths]
+    lin = [r for run in runs for r in run.get("linear", [])]
+    rq = next((run["rotate_quant"] for run in runs if run.get("rotate_quant")), [])
+    dec = next((run["decode"] for run in runs if run.get("decode")), {})
+    cmd = " && ".join(run["command"] for run in runs)
+    with open(md, "w") as f:
+        f.write(markdown(runs[0]["ceilings"], lin, rq, dec, cmd, runs[0]["where"]))
+    print(f"wrote {md} from {len(paths)} runs ({len(lin)} linear rows)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
@@ -679,16 +697,23 @@ def main() -> int:
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--decode", action="store_true", help="with --bench: the 7B decode step")
+    ap.add_argument("--skip-rotate-quant", action="store_true", help="with --bench: no Hadamard + quantize rows")
     ap.add_argument("--shapes", default="all", help="comma list of NxK, or 'all'")
     ap.add_argument("--md", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--report", nargs="+", default=None,
+                    help="no GPU: write --md from the JSON files of runs over parts of the shapes")
     args = ap.parse_args()
+    if args.report:
+        return report(args.report, args.md)
     cmd = "PYTHONPATH=. python3 benchmarks/kernels.py " + " ".join(sys.argv[1:])
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.time()
     result: dict = {}
     ceil = ceilings()
     result["ceilings"] = ceil
+    result["command"] = cmd
+    result["where"] = machine()
     print(f"copy {ceil['copy_bw'] / 1e12:.2f} TB/s  int8 {ceil['int8_ops'] / 1e12:.0f} TOPS  "
           f"bf16 {ceil['bf16_flops'] / 1e12:.0f} TFLOP/s", flush=True)
     if args.check:
@@ -714,7 +739,7 @@ def main() -> int:
         if args.md and args.bench:
             os.makedirs(os.path.dirname(args.md) or ".", exist_ok=True)
             with open(args.md, "w") as f:
-                f.write(markdown(ceil, lin, rq, dec, cmd))
+                f.write(markdown(ceil, lin, rq, dec, cmd, result["where"]))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1, default=str)
@@ -731,7 +756,8 @@ def main() -> int:
                 for mode in ("bf16", "w4a16", "w4a4"):
                     dec[mode] = llama_decode(ceil, mode)
                 save()
-        rq = bench_rotate_quant(ceil)
+        if not args.skip_rotate_quant:
+            rq = bench_rotate_quant(ceil)
     save()
     if args.bench:
         summary(lin)

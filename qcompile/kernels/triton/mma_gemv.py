@@ -90,17 +90,19 @@ def _split4(v, n: tl.constexpr):
 
 
 @triton.jit
-def _slab(w, xlo, xhi, zg, zg8, c0, c1, c2, c3, n: tl.constexpr, dt: tl.constexpr):
-    """The four mmas of a 64-k slab: ``w [n, 4]`` the lane's fragment words (k-tiles 0…3); ``xlo``,
-    ``xhi [n, 4]`` its 16 activations as 32-bit pairs 0…3 and 4…7 (k-tile j takes pairs 2j, 2j + 1)."""
+def _slab(w, xlo, xhi, zg, zg8, acc, n: tl.constexpr, dt: tl.constexpr):
+    """The mmas of a 64-k slab: ``w [n, 4]`` the lane's fragment words (k-tiles 0…3); ``xlo``, ``xhi
+    [n, 4]`` its 16 activations as 32-bit pairs 0…3 and 4…7 (k-tile j takes pairs 2j, 2j + 1). ``acc``:
+    one accumulator (c0, c1, c2, c3) per k-tile, so the four mma chains are independent (an mma
+    waits for the one before it on the same accumulator)."""
     w0, w1, w2, w3 = _split4(w, n)
     p0, p1, p2, p3 = _split4(xlo, n)
     p4, p5, p6, p7 = _split4(xhi, n)
-    c0, c1, c2, c3 = _mma(w0, zg, zg8, p0, p1, c0, c1, c2, c3, dt)
-    c0, c1, c2, c3 = _mma(w1, zg, zg8, p2, p3, c0, c1, c2, c3, dt)
-    c0, c1, c2, c3 = _mma(w2, zg, zg8, p4, p5, c0, c1, c2, c3, dt)
-    c0, c1, c2, c3 = _mma(w3, zg, zg8, p6, p7, c0, c1, c2, c3, dt)
-    return c0, c1, c2, c3
+    a0 = _mma(w0, zg, zg8, p0, p1, acc[0][0], acc[0][1], acc[0][2], acc[0][3], dt)
+    a1 = _mma(w1, zg, zg8, p2, p3, acc[1][0], acc[1][1], acc[1][2], acc[1][3], dt)
+    a2 = _mma(w2, zg, zg8, p4, p5, acc[2][0], acc[2][1], acc[2][2], acc[2][3], dt)
+    a3 = _mma(w3, zg, zg8, p6, p7, acc[3][0], acc[3][1], acc[3][2], acc[3][3], dt)
+    return a0, a1, a2, a3
 
 
 @triton.jit
@@ -150,11 +152,14 @@ def _mma_gemv_kernel(
         zg = _zero_pair(z_ptr, rg * stride_sn + grp, mg, HAS_ZEROS, dt)
         zg8 = _zero_pair(z_ptr, rg8 * stride_sn + grp, mg8, HAS_ZEROS, dt)
         zero = tl.zeros([n], dtype=tl.float32)
+        z4 = (zero, zero, zero, zero)
         xs = xp + 32 * slab
-        c0, c1, c2, c3 = _slab(wa, tl.load(xs), tl.load(xs + 4), zg, zg8, zero, zero, zero, zero, n, dt)
+        acc = _slab(wa, tl.load(xs), tl.load(xs + 4), zg, zg8, (z4, z4, z4, z4), n, dt)
         if SLABS == 2:
-            c0, c1, c2, c3 = _slab(wb, tl.load(xs + 32), tl.load(xs + 36), zg, zg8, c0, c1, c2, c3, n, dt)
+            acc = _slab(wb, tl.load(xs + 32), tl.load(xs + 36), zg, zg8, acc, n, dt)
             wb = wb_next
+        c0 = (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0])  # row g
+        c2 = (acc[0][2] + acc[1][2]) + (acc[2][2] + acc[3][2])  # row g + 8
         acc_g = tl.fma(c0, tl.load(sp_g + grp, mask=mg, other=0.0).to(tl.float32), acc_g)
         acc_g8 = tl.fma(c2, tl.load(sp_g8 + grp, mask=mg8, other=0.0).to(tl.float32), acc_g8)
         wa = wa_next
