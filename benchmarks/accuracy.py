@@ -68,6 +68,7 @@ ROWS = [  # most decisive first: a long run can be cut short and still answer th
     ("W4A4", "spinquant", {"kv": 16, "spinquant.kv_bits": 16, **SPIN_CPU, "spinquant.steps": 0}),  # its start
     ("W4A4KV4", "duquant", {}),
     ("W4A4 g64", "duquant+gptq", W4A4_G64),
+    ("W4A4KV4 g64", "duquant+gptq", {"group": 64, "symmetric": False}),
     ("W4A4 g64", "spinquant-w16+gptq", {**W4A4_G64, "spinquant.kv_bits": 16, **SPIN_CPU}),
     ("W4A4 g64", "osplus+duquant+gptq", W4A4_G64),
     ("W4A4 g64", "quarot+gptq", {**W4A4_G64, "activations.symmetric": False}),
