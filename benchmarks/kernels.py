@@ -255,6 +255,7 @@ def quick_check(chk: Checker) -> None:
     torch.manual_seed(2)
     for M, N, K, g, asym, has_bias in ((1, 4096, 4096, 128, False, False), (16, 4096, 4096, 128, False, False),
                                        (1, 300, 576, 128, True, True), (1, 300, 640, 40, True, True),
+                                       (3, 300, 576, 128, True, True), (11, 40, 256, 64, False, True),
                                        (2048, 4096, 4096, 128, False, False)):
         packed, scales, zeros = rand_weight(N, K, g, asym)
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
@@ -764,7 +765,7 @@ def main() -> int:
     if "check" in result:
         print(f"check: {result['check']['passed']} passed, {len(result['check']['failed'])} failed")
     print(f"total {time.time() - t0:.0f}s")
-    return 0
+    return 1 if result.get("check", {}).get("failed") else 0
 
 
 if __name__ == "__main__":

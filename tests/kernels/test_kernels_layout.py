@@ -75,19 +75,29 @@ def test_block_size_rules():
 
 
 def _mma_emulated(tiles: torch.Tensor, x: torch.Tensor, scales, zeros, g: int, n: int) -> torch.Tensor:
-    """What ``mma_gemv`` computes, written from the PTX fragment rules of ``mma.m16n8k16`` (A row-major:
-    lane 4g + t holds a0 a1 = A[g][2t, 2t+1], a2 a3 = A[g+8][2t, 2t+1], a4 a5 = A[g][2t+8, 2t+9],
-    a6 a7 = A[g+8][2t+8, 2t+9]; B: b0 b1 = B[2t, 2t+1][g], b2 b3 = B[2t+8, 2t+9][g]) and the kernel's
-    register assembly: A registers (lo b0, lo b1), (lo b2, lo b3), (hi b0, hi b1), (hi b2, hi b3); B
-    registers = the lane's activation pairs 2j and 2j + 1 of the slab (pair p = x[16t + 2p, +1])."""
+    """What ``mma_gemv`` computes for ``x [M ≤ 8, K]``, written from the PTX fragment rules of
+    ``mma.m16n8k16`` (A row-major: lane 4g + t holds a0 a1 = A[g][2t, 2t+1], a2 a3 = A[g+8][2t, 2t+1],
+    a4 a5 = A[g][2t+8, 2t+9], a6 a7 = A[g+8][2t+8, 2t+9]; B: b0 b1 = B[2t, 2t+1][g], b2 b3 =
+    B[2t+8, 2t+9][g]; C: c0 c1 = C[g][2t, 2t+1], c2 c3 = C[g+8][2t, 2t+1]) and the kernel's register
+    assembly: A registers (lo b0, lo b1), (lo b2, lo b3), (hi b0, hi b1), (hi b2, hi b3); B registers =
+    pairs 2j and 2j + 1 of token g's slab activations from 16t (pair p = x[g, 16t + 2p, +1])."""
     nt, slabs = tiles.shape[:2]
-    y = torch.zeros(nt * 16, dtype=torch.float64)
+    M = x.shape[0]
+    y = torch.zeros(M, nt * 16, dtype=torch.float64)
     words = tiles.to(torch.int64) & 0xFFFFFFFF
     for tile in range(nt):
+        rows = torch.arange(tile * 16, tile * 16 + 16)
+        live = rows < n
         for s in range(slabs):
+            grp = (s * 64) // g
+            z = torch.full((16,), 8.0, dtype=torch.float64)
+            sc = torch.zeros(16, dtype=torch.float64)
+            sc[live] = scales[rows[live], grp].double()
+            if zeros is not None:
+                z[live] = zeros[rows[live], grp].double()
             for j in range(4):
                 A = torch.zeros(16, 16, dtype=torch.float64)
-                B = torch.zeros(16, dtype=torch.float64)
+                B = torch.zeros(16, 8, dtype=torch.float64)
                 for lane in range(32):
                     gg, t = divmod(lane, 4)
                     w = int(words[tile, s, lane, j])
@@ -95,19 +105,13 @@ def _mma_emulated(tiles: torch.Tensor, x: torch.Tensor, scales, zeros, g: int, n
                     regs = [(b[0] & 15, b[1] & 15), (b[2] & 15, b[3] & 15), (b[0] >> 4, b[1] >> 4), (b[2] >> 4, b[3] >> 4)]
                     for (r, c), reg in zip(((gg, 2 * t), (gg + 8, 2 * t), (gg, 2 * t + 8), (gg + 8, 2 * t + 8)), regs):
                         A[r, c], A[r, c + 1] = reg
-                    xs = x[s * 64 + 16 * t: s * 64 + 16 * t + 16].double()
-                    B[2 * t], B[2 * t + 1] = xs[4 * j], xs[4 * j + 1]  # pair 2j
-                    B[2 * t + 8], B[2 * t + 9] = xs[4 * j + 2], xs[4 * j + 3]  # pair 2j + 1
-                rows = torch.arange(tile * 16, tile * 16 + 16)
-                live = rows < n
-                grp = (s * 64) // g
-                z = torch.full((16,), 8.0, dtype=torch.float64)
-                sc = torch.zeros(16, dtype=torch.float64)
-                sc[live] = scales[rows[live], grp].double()
-                if zeros is not None:
-                    z[live] = zeros[rows[live], grp].double()
-                y[rows] += sc * ((A - z[:, None]) @ B)
-    return y[:n]
+                    if gg < M:
+                        xs = x[gg, s * 64 + 16 * t: s * 64 + 16 * t + 16].double()
+                        B[2 * t, gg], B[2 * t + 1, gg] = xs[4 * j], xs[4 * j + 1]  # pair 2j
+                        B[2 * t + 8, gg], B[2 * t + 9, gg] = xs[4 * j + 2], xs[4 * j + 3]  # pair 2j + 1
+                C = (A - z[:, None]) @ B  # [16 rows, 8 tokens]
+                y[:, rows] += (sc[:, None] * C)[:, :M].T
+    return y[:, :n]
 
 
 @pytest.mark.parametrize("n, k, g, asym", [(40, 192, 64, True), (16, 128, 128, False), (21, 64, 64, False)])
@@ -120,8 +124,8 @@ def test_mma_tiles_roundtrip_and_fragments(n, k, g, asym):
     tiles = to_mma_tiles(packed, k)
     assert tiles.shape == (-(-n // 16), k // 64, 32, 4) and tiles.dtype == torch.int32
     assert torch.equal(from_mma_tiles(tiles, n), packed)
-    x = torch.randn(k, generator=torch.Generator().manual_seed(1))
-    ref = reference.linear_w4a16(x[None].double(), packed, scales, zeros, g, None)[0]
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
+    ref = reference.linear_w4a16(x.double(), packed, scales, zeros, g, None)
     assert torch.allclose(_mma_emulated(tiles, x, scales, zeros, g, n), ref, rtol=1e-5, atol=1e-5)  # ref: float32 math
     with pytest.raises(ShapeError, match="multiple of 64"):
         to_mma_tiles(packed[:, :16], 32)

@@ -1,4 +1,4 @@
-"""Tensor-core W4A16 GEMV for decode (M = 1, 16-bit x; CUDA only, PTX).
+"""Tensor-core W4A16 GEMV for decode (M ≤ 16 tokens, 16-bit x; CUDA only, PTX).
 
 Why: the word GEMV (``w4a16._gemv_kernel``) spends ~30 instructions per word of eight codes (12 to
 unpack, 8 FMAs, the rest on activations, scales and addresses), so at 28672×8192 it is issue-bound
@@ -12,12 +12,12 @@ caller): lane ``l = 4g + t`` of a warp holds the codes of rows ``g, g + 8`` at `
 2t+9`` of a 16 × 16 tile, four consecutive k-tiles in one 16-byte load.
 
 Algebra, per warp = one tile of 16 rows, per step of one or two 64-k slabs (inside one group, or
-per-channel): ``C[r, n] = Σ_k (q[r, k] − z[r])·B[k, n]`` with every column of B equal to x, so each
-lane's accumulators ``c0`` (row g) and ``c2`` (row g + 8) are the rows' partial dots; they take the
-group's scale, ``acc += s·C``, and lanes ``t = 0`` store the two rows at the end. A lane's B
-registers are pairs of its 16 consecutive activations of the slab (the layout permutes k inside a
-slab to make them so). Products are exact (a small integer times a 16-bit float) and accumulate in
-float32.
+per-channel): ``C[r, n] = Σ_k (q[r, k] − z[r])·x[n, k]``, token n in column n of B (a second block of
+8 columns for tokens 8…15: the A fragment is unpacked once and feeds both). Lane ``4g + t`` reads
+tokens g and 8 + g as its B registers: pairs of the token's 16 consecutive activations in the slab
+(the layout permutes k inside a slab to make them so), and holds C for rows g, g + 8 and tokens 2t,
+2t + 1 (+ 8): those take the group's scale, ``acc += s·C``, and are stored at the end. Products are
+exact (a small integer times a 16-bit float) and accumulate in float32.
 
 Every tensor here is 1-D over the program's ``32·num_warps`` threads (one element per thread, lane =
 index mod 32), so the warp-wide ``mma.sync`` in an elementwise asm runs converged, in every lane.
@@ -34,38 +34,57 @@ from torch.utils.weak import WeakIdKeyDictionary
 from qcompile.kernels.layout import MMA_STEP, to_mma_tiles
 from qcompile.kernels.triton.launch import launch
 
-_MMA_ASM = """
-{
-.reg .b32 t0, t1, u0, u1, a0, a1, a2, a3;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-lop3.b32 a0, t0, 0x000F000F, MAGIC, 0xEA;
-lop3.b32 a1, t1, 0x000F000F, MAGIC, 0xEA;
-shr.b32 u0, t0, 4;
-shr.b32 u1, t1, 4;
-lop3.b32 a2, u0, 0x000F000F, MAGIC, 0xEA;
-lop3.b32 a3, u1, 0x000F000F, MAGIC, 0xEA;
-mma.sync.aligned.m16n8k16.row.col.f32.DT.DT.f32 {$0, $1, $2, $3}, {a0, a1, a2, a3}, {$7, $8}, {$9, $10, $11, $12};
-mma.sync.aligned.m16n8k16.row.col.f32.DT.DT.f32 {$0, $1, $2, $3}, {$5, $6, $5, $6}, {$7, $8}, {$0, $1, $2, $3};
-}
-"""
+def _mma_asm(blocks: int, magic: str, dt: str) -> str:
+    """PTX: unpack word $W into the A fragment, then per block of 8 tokens two mmas (codes, then the
+    constant ``−(OFFSET + z)``) into that block's accumulators."""
+    n_out = 4 * blocks
+    w, zg, zg8 = n_out, n_out + 1, n_out + 2
+    b = n_out + 3  # B registers: two per block
+    c = b + 2 * blocks  # accumulators in
+    lines = [
+        "{", ".reg .b32 t0, t1, u0, u1, a0, a1, a2, a3;",
+        f"prmt.b32 t0, ${w}, 0, 0x4140;", f"prmt.b32 t1, ${w}, 0, 0x4342;",
+        f"lop3.b32 a0, t0, 0x000F000F, {magic}, 0xEA;", f"lop3.b32 a1, t1, 0x000F000F, {magic}, 0xEA;",
+        "shr.b32 u0, t0, 4;", "shr.b32 u1, t1, 4;",
+        f"lop3.b32 a2, u0, 0x000F000F, {magic}, 0xEA;", f"lop3.b32 a3, u1, 0x000F000F, {magic}, 0xEA;",
+    ]
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{dt}.{dt}.f32"
+    for k in range(blocks):
+        d = ", ".join(f"${4 * k + i}" for i in range(4))
+        cin = ", ".join(f"${c + 4 * k + i}" for i in range(4))
+        bb = f"${b + 2 * k}, ${b + 2 * k + 1}"
+        lines += [f"{mma} {{{d}}}, {{a0, a1, a2, a3}}, {{{bb}}}, {{{cin}}};",
+                  f"{mma} {{{d}}}, {{${zg}, ${zg8}, ${zg}, ${zg8}}}, {{{bb}}}, {{{d}}};"]
+    return "\n".join(lines + ["}"])
+
+
 # a0 = (lo b0, lo b1) = row g, slab k d = 0, 1; a1 = (lo b2, lo b3) = row g + 8; a2, a3: the same rows at
-# d = 2, 3. The first mma adds Σ (OFFSET + q)·x, the second Σ −(OFFSET + z)·x ($5, $6: that constant
-# for rows g and g + 8 in both halves): exact products, the codes' offset and zero gone in float32.
-_MMA_BF16 = tl.constexpr(_MMA_ASM.replace("MAGIC", "0x43004300").replace("DT", "bf16"))
-_MMA_F16 = tl.constexpr(_MMA_ASM.replace("MAGIC", "0x64006400").replace("DT", "f16"))
+# d = 2, 3 (layout.to_mma_tiles). Products are exact; the offset and zero leave in float32.
+_BF16_1 = tl.constexpr(_mma_asm(1, "0x43004300", "bf16"))
+_BF16_2 = tl.constexpr(_mma_asm(2, "0x43004300", "bf16"))
+_F16_1 = tl.constexpr(_mma_asm(1, "0x64006400", "f16"))
+_F16_2 = tl.constexpr(_mma_asm(2, "0x64006400", "f16"))
+_CONS_1 = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 5 + ["f"] * 4))
+_CONS_2 = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 7 + ["f"] * 8))
 
 
 @triton.jit
-def _mma(word, zg, zg8, b0, b1, c0, c1, c2, c3, dt: tl.constexpr):
-    """``C += (codes(word) − z)·B`` for one 16 × 16 tile: unpack, two mmas."""
-    if dt == tl.bfloat16:
-        return tl.inline_asm_elementwise(_MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,f,f,f,f",
-                                         [word, zg, zg8, b0, b1, c0, c1, c2, c3],
-                                         dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-    return tl.inline_asm_elementwise(_MMA_F16, "=f,=f,=f,=f,r,r,r,r,r,f,f,f,f",
-                                     [word, zg, zg8, b0, b1, c0, c1, c2, c3],
-                                     dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+def _mma(word, zg, zg8, p, q, c, BLOCKS: tl.constexpr, dt: tl.constexpr):
+    """``C += (codes(word) − z)·B`` for one 16 × 16 tile and 8 (or 16) tokens: B registers ``p``
+    (tokens 0…7) and ``q`` (8…15), accumulators ``c`` (4 per block of tokens)."""
+    if BLOCKS == 1:
+        args = [word, zg, zg8, p[0], p[1], c[0], c[1], c[2], c[3]]
+        if dt == tl.bfloat16:
+            out = tl.inline_asm_elementwise(_BF16_1, _CONS_1, args, dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise(_F16_1, _CONS_1, args, dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        args = [word, zg, zg8, p[0], p[1], q[0], q[1], c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]
+        if dt == tl.bfloat16:
+            out = tl.inline_asm_elementwise(_BF16_2, _CONS_2, args, dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise(_F16_2, _CONS_2, args, dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    return out
 
 
 @triton.jit
@@ -90,27 +109,55 @@ def _split4(v, n: tl.constexpr):
 
 
 @triton.jit
-def _slab(w, xlo, xhi, zg, zg8, acc, n: tl.constexpr, dt: tl.constexpr):
-    """The mmas of a 64-k slab: ``w [n, 4]`` the lane's fragment words (k-tiles 0…3); ``xlo``, ``xhi
-    [n, 4]`` its 16 activations as 32-bit pairs 0…3 and 4…7 (k-tile j takes pairs 2j, 2j + 1). ``acc``:
-    one accumulator (c0, c1, c2, c3) per k-tile, so the four mma chains are independent (an mma
-    waits for the one before it on the same accumulator)."""
+def _activations(xp, xm, n: tl.constexpr):
+    """A lane's 16 activations of a slab for one token, as 32-bit pairs 0…7 (two 16-byte loads)."""
+    a0, a1, a2, a3 = _split4(tl.load(xp, mask=xm, other=0), n)
+    a4, a5, a6, a7 = _split4(tl.load(xp + 4, mask=xm, other=0), n)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _slab(w, xp, xq, xm, xmq, zg, zg8, c, n: tl.constexpr, BLOCKS: tl.constexpr, dt: tl.constexpr):
+    """The mmas of a 64-k slab: ``w [n, 4]`` the lane's fragment words (k-tiles 0…3); ``xp``/``xq``
+    the lane's activation pointers for its tokens g and 8 + g (k-tile j takes pairs 2j, 2j + 1)."""
     w0, w1, w2, w3 = _split4(w, n)
-    p0, p1, p2, p3 = _split4(xlo, n)
-    p4, p5, p6, p7 = _split4(xhi, n)
-    a0 = _mma(w0, zg, zg8, p0, p1, acc[0][0], acc[0][1], acc[0][2], acc[0][3], dt)
-    a1 = _mma(w1, zg, zg8, p2, p3, acc[1][0], acc[1][1], acc[1][2], acc[1][3], dt)
-    a2 = _mma(w2, zg, zg8, p4, p5, acc[2][0], acc[2][1], acc[2][2], acc[2][3], dt)
-    a3 = _mma(w3, zg, zg8, p6, p7, acc[3][0], acc[3][1], acc[3][2], acc[3][3], dt)
-    return a0, a1, a2, a3
+    p = _activations(xp, xm, n)
+    q = p
+    if BLOCKS == 2:
+        q = _activations(xq, xmq, n)
+    c = _mma(w0, zg, zg8, (p[0], p[1]), (q[0], q[1]), c, BLOCKS, dt)
+    c = _mma(w1, zg, zg8, (p[2], p[3]), (q[2], q[3]), c, BLOCKS, dt)
+    c = _mma(w2, zg, zg8, (p[4], p[5]), (q[4], q[5]), c, BLOCKS, dt)
+    c = _mma(w3, zg, zg8, (p[6], p[7]), (q[6], q[7]), c, BLOCKS, dt)
+    return c
+
+
+@triton.jit
+def _store(y_ptr, stride_ym, tok, rg, rg8, v0, v1, v2, v3, M, mg, mg8, SPLIT_K: tl.constexpr):
+    """C fragment → y: ``v0, v1`` = row g for tokens tok, tok + 1; ``v2, v3`` = row g + 8."""
+    m0 = tok < M
+    m1 = tok + 1 < M
+    p0 = y_ptr + tok * stride_ym
+    p1 = p0 + stride_ym
+    if SPLIT_K == 1:
+        dt = y_ptr.dtype.element_ty
+        tl.store(p0 + rg, v0.to(dt), mask=mg & m0)
+        tl.store(p1 + rg, v1.to(dt), mask=mg & m1)
+        tl.store(p0 + rg8, v2.to(dt), mask=mg8 & m0)
+        tl.store(p1 + rg8, v3.to(dt), mask=mg8 & m1)
+    else:
+        tl.atomic_add(p0 + rg, v0, mask=mg & m0)
+        tl.atomic_add(p1 + rg, v1, mask=mg & m1)
+        tl.atomic_add(p0 + rg8, v2, mask=mg8 & m0)
+        tl.atomic_add(p1 + rg8, v3, mask=mg8 & m1)
 
 
 @triton.jit
 def _mma_gemv_kernel(
     x_ptr, t_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    N, N_SLABS, NT, stride_sn,
+    M, N, N_SLABS, NT, stride_xm, stride_ym, stride_sn,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SLABS_PER_GROUP: tl.constexpr, SLABS: tl.constexpr,
-    SPLIT_K: tl.constexpr, NUM_WARPS: tl.constexpr,
+    BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr, NUM_WARPS: tl.constexpr,
 ):
     dt = x_ptr.dtype.element_ty
     n: tl.constexpr = 32 * NUM_WARPS
@@ -132,12 +179,19 @@ def _mma_gemv_kernel(
     # a slab of a tile: 32 lanes × 4 words; the lane's 16 bytes of slab q at wp + 128·q
     wp = t_ptr + ((tile * N_SLABS)[:, None] * 128 + lane[:, None] * 4 + quad[None, :])
     wmask = live[:, None]
-    # the lane's 16 activations of slab q: 32-bit pairs 32·q + 8t … 32·q + 8t + 7
-    xp = x_ptr.to(tl.pointer_type(tl.int32)) + (8 * t[:, None] + quad[None, :])  # pairs 0…3; 4…7 at +4
+    # B column n = token n (lane 4g + t reads tokens g and 8 + g): its 16 activations of slab q are
+    # the 32-bit pairs 32·q + 8t … 32·q + 8t + 7 of the token's row
+    xw = x_ptr.to(tl.pointer_type(tl.int32))
+    xp = xw + (g * (stride_xm // 2) + 8 * t)[:, None] + quad[None, :]
+    xq = xp + 8 * (stride_xm // 2)
+    xm = (g < M)[:, None]
+    xmq = (g + 8 < M)[:, None]
     sp_g = s_ptr + rg * stride_sn
     sp_g8 = s_ptr + rg8 * stride_sn
-    acc_g = tl.zeros([n], dtype=tl.float32)
-    acc_g8 = tl.zeros([n], dtype=tl.float32)
+    zero = tl.zeros([n], dtype=tl.float32)
+    acc = (zero, zero, zero, zero)
+    if BLOCKS == 2:
+        acc = (zero, zero, zero, zero, zero, zero, zero, zero)
     wa = tl.load(wp + first * SLABS * 128, mask=wmask & (first < last), other=0)
     if SLABS == 2:
         wb = tl.load(wp + (first * 2 + 1) * 128, mask=wmask & (first < last), other=0)
@@ -151,38 +205,44 @@ def _mma_gemv_kernel(
         grp = 0 if SLABS_PER_GROUP == 0 else slab // SLABS_PER_GROUP  # the step lies in one group
         zg = _zero_pair(z_ptr, rg * stride_sn + grp, mg, HAS_ZEROS, dt)
         zg8 = _zero_pair(z_ptr, rg8 * stride_sn + grp, mg8, HAS_ZEROS, dt)
-        zero = tl.zeros([n], dtype=tl.float32)
-        z4 = (zero, zero, zero, zero)
-        xs = xp + 32 * slab
-        acc = _slab(wa, tl.load(xs), tl.load(xs + 4), zg, zg8, (z4, z4, z4, z4), n, dt)
+        c = (zero, zero, zero, zero)
+        if BLOCKS == 2:
+            c = (zero, zero, zero, zero, zero, zero, zero, zero)
+        c = _slab(wa, xp + 32 * slab, xq + 32 * slab, xm, xmq, zg, zg8, c, n, BLOCKS, dt)
         if SLABS == 2:
-            acc = _slab(wb, tl.load(xs + 32), tl.load(xs + 36), zg, zg8, acc, n, dt)
+            c = _slab(wb, xp + 32 * (slab + 1), xq + 32 * (slab + 1), xm, xmq, zg, zg8, c, n, BLOCKS, dt)
             wb = wb_next
-        c0 = (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0])  # row g
-        c2 = (acc[0][2] + acc[1][2]) + (acc[2][2] + acc[3][2])  # row g + 8
-        acc_g = tl.fma(c0, tl.load(sp_g + grp, mask=mg, other=0.0).to(tl.float32), acc_g)
-        acc_g8 = tl.fma(c2, tl.load(sp_g8 + grp, mask=mg8, other=0.0).to(tl.float32), acc_g8)
+        s_g = tl.load(sp_g + grp, mask=mg, other=0.0).to(tl.float32)
+        s_g8 = tl.load(sp_g8 + grp, mask=mg8, other=0.0).to(tl.float32)
+        if BLOCKS == 1:
+            acc = (tl.fma(c[0], s_g, acc[0]), tl.fma(c[1], s_g, acc[1]), tl.fma(c[2], s_g8, acc[2]),
+                   tl.fma(c[3], s_g8, acc[3]))
+        else:
+            acc = (tl.fma(c[0], s_g, acc[0]), tl.fma(c[1], s_g, acc[1]), tl.fma(c[2], s_g8, acc[2]),
+                   tl.fma(c[3], s_g8, acc[3]), tl.fma(c[4], s_g, acc[4]), tl.fma(c[5], s_g, acc[5]),
+                   tl.fma(c[6], s_g8, acc[6]), tl.fma(c[7], s_g8, acc[7]))
         wa = wa_next
+    bias_g = zero
+    bias_g8 = zero
     if HAS_BIAS:
         if tl.program_id(1) == 0:
-            acc_g += tl.load(b_ptr + rg, mask=mg, other=0.0).to(tl.float32)
-            acc_g8 += tl.load(b_ptr + rg8, mask=mg8, other=0.0).to(tl.float32)
-    lead = t == 0  # lanes 4g + t hold the same two rows; one of them writes
-    if SPLIT_K == 1:
-        tl.store(y_ptr + rg, acc_g.to(y_ptr.dtype.element_ty), mask=mg & lead)
-        tl.store(y_ptr + rg8, acc_g8.to(y_ptr.dtype.element_ty), mask=mg8 & lead)
-    else:
-        tl.atomic_add(y_ptr + rg, acc_g, mask=mg & lead)
-        tl.atomic_add(y_ptr + rg8, acc_g8, mask=mg8 & lead)
+            bias_g = tl.load(b_ptr + rg, mask=mg, other=0.0).to(tl.float32)
+            bias_g8 = tl.load(b_ptr + rg8, mask=mg8, other=0.0).to(tl.float32)
+    # lane 4g + t holds rows g, g + 8 for tokens 2t, 2t + 1 (and 8 + 2t, 9 + 2t in the second block)
+    _store(y_ptr, stride_ym, 2 * t, rg, rg8, acc[0] + bias_g, acc[1] + bias_g, acc[2] + bias_g8,
+           acc[3] + bias_g8, M, mg, mg8, SPLIT_K)
+    if BLOCKS == 2:
+        _store(y_ptr, stride_ym, 8 + 2 * t, rg, rg8, acc[4] + bias_g, acc[5] + bias_g, acc[6] + bias_g8,
+               acc[7] + bias_g8, M, mg, mg8, SPLIT_K)
 
 
 _tiles: WeakIdKeyDictionary = WeakIdKeyDictionary()  # packed weight -> (its version, its mma tiles)
 
 
 def supports(M: int, K: int, group_size: int, n_groups: int, x_dtype: torch.dtype | None) -> bool:
-    """Shapes and dtypes this kernel takes: one token, 16-bit x, K a multiple of 64 and every step of
-    64 k inside one group."""
-    return (M == 1 and x_dtype in (torch.bfloat16, torch.float16) and K % MMA_STEP == 0
+    """Shapes and dtypes this kernel takes: up to 16 tokens, 16-bit x, K a multiple of 64 and every
+    step of 64 k inside one group."""
+    return (1 <= M <= 16 and x_dtype in (torch.bfloat16, torch.float16) and K % MMA_STEP == 0
             and (n_groups == 1 or group_size % MMA_STEP == 0))
 
 
@@ -199,9 +259,10 @@ def tiles_of(packed: Tensor, K: int) -> Tensor:
 
 def run(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None,
         warps: int, slabs: int, split: int) -> Tensor:
-    """``x [1, K] @ Wᵀ (+ bias)`` (x contiguous; scales and zeros with unit stride along groups).
-    ``slabs`` (1 or 2) 64-k slabs per loop step, taken as 1 where 2 would straddle groups or K."""
-    K = x.shape[1]
+    """``x [M ≤ 16, K] @ Wᵀ (+ bias)`` (x with unit stride along K; scales and zeros with unit stride
+    along groups). ``slabs`` (1 or 2) 64-k slabs per loop step, taken as 1 where 2 would straddle
+    groups or K."""
+    M, K = x.shape
     N = packed.shape[0]
     tiles = tiles_of(packed, K)
     nt, n_slabs = tiles.shape[:2]
@@ -209,12 +270,12 @@ def run(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_s
     spg = group_size // MMA_STEP if G > 1 else 0
     if n_slabs % slabs or (spg and spg % slabs):
         slabs = 1
-    y = x.new_zeros((1, N), dtype=torch.float32) if split > 1 else x.new_empty((1, N))
-    if x.data_ptr() % 16:
-        x = x.clone()
+    y = x.new_zeros((M, N), dtype=torch.float32) if split > 1 else x.new_empty((M, N))
+    if x.data_ptr() % 16 or x.stride(0) % 8:  # rows are read as 16-byte vectors
+        x = x.clone(memory_format=torch.contiguous_format)
     launch(_mma_gemv_kernel, (triton.cdiv(nt, warps), split),
            (x, tiles, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
-            N, n_slabs, nt, scales.stride(0)),
+            M, N, n_slabs, nt, x.stride(0), y.stride(0), scales.stride(0)),
            dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SLABS_PER_GROUP=spg, SLABS=slabs,
-                SPLIT_K=split, NUM_WARPS=warps), warps)
+                BLOCKS=1 if M <= 8 else 2, SPLIT_K=split, NUM_WARPS=warps), warps)
     return y.to(x.dtype) if split > 1 else y
