@@ -517,13 +517,13 @@ def llama_decode(ceil: dict, mode: str) -> dict:
 # variants at the target rows (for tuning the candidate lists)
 
 
-def gemv_variants() -> list[dict]:
-    """The M = 1 GEMV's meta-parameters swept at every decode shape, against tinygemm."""
+def gemv_variants(M: int = 1) -> list[dict]:
+    """The decode kernels' meta-parameters swept at every decode shape for M tokens, against tinygemm."""
     from qcompile.kernels.autotune import Candidate
 
     rows = []
     for N, K in SHAPES:
-        x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         w4_bytes = N * K / 2 + N * (K // 128) * 2
         tg = [tinygemm_weight(N, K, 128) for _ in range(n_copies(w4_bytes))]
         us = time_calls([lambda t=t: torch._weight_int4pack_mm(x, t[0], 128, t[1]) for t in tg], graph=True,
@@ -534,7 +534,8 @@ def gemv_variants() -> list[dict]:
         ws = [rand_weight(N, K, 128) for _ in range(n_copies(w4_bytes))]
         cands = [Candidate(f"gemv_n{bn}_w{warps}", dict(kind="gemv", BLOCK_N=bn, BW=128 * warps, FUSED=True,
                                                          ASM=True, num_warps=warps))
-                 for bn in (4, 8) for warps in (1, 2, 4) if bn == 8]
+                 for bn in (4, 8) for warps in (1, 2, 4) if bn == 8 and M == 1]
+        cands += [c for c in w4a16.candidates(M, N, K, 128, True, torch.bfloat16) if c.meta["kind"] == "skinny"]
         cands += [Candidate(f"mma_w{warps}_s{slabs}_k{split}", dict(kind="mma_gemv", WARPS=warps, SLABS=slabs,
                                                                    SPLIT_K=split))
                   for warps in (1, 2, 4) for slabs in (1, 2) for split in (1, 2, 4, 8) if slabs == 2 or split == 4]
@@ -545,8 +546,8 @@ def gemv_variants() -> list[dict]:
             except Exception as exc:  # noqa: BLE001
                 print(f"  gemv {cand.name}: {exc!r}"[:200], flush=True)
                 continue
-            rows.append(dict(N=N, K=K, cand=cand.name, us=us, floor_us=w4_bytes / 4.25e12 * 1e6))
-            print(f"  gemv {N}x{K} {cand.name:32s} {us:8.1f} us", flush=True)
+            rows.append(dict(N=N, K=K, M=M, cand=cand.name, us=us, floor_us=w4_bytes / 4.25e12 * 1e6))
+            print(f"  gemv M={M} {N}x{K} {cand.name:32s} {us:8.1f} us", flush=True)
         del ws
         torch.cuda.empty_cache()
     return rows
@@ -694,7 +695,8 @@ def main() -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--quick-check", action="store_true")
     ap.add_argument("--variants", action="store_true")
-    ap.add_argument("--gemv-variants", action="store_true")
+    ap.add_argument("--gemv-variants", type=int, nargs="*", default=None, metavar="M",
+                    help="sweep the decode kernels for these token counts (none given: 1)")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--decode", action="store_true", help="with --bench: the 7B decode step")
@@ -731,8 +733,8 @@ def main() -> int:
         result["overhead"] = overhead()
     if args.variants:
         result["variants"] = variants(ceil)
-    if args.gemv_variants:
-        result["gemv_variants"] = gemv_variants()
+    if args.gemv_variants is not None:
+        result["gemv_variants"] = [r for m in (args.gemv_variants or [1]) for r in gemv_variants(m)]
     lin, rq, dec = [], [], {}
 
     def save() -> None:  # after every section, so a run cut short still leaves its tables

@@ -390,7 +390,7 @@ def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False,
     G = -(-K // group_size)
     out: list[Candidate] = []
     if asm and mma_gemv.supports(M, K, group_size, G, x_dtype):
-        for warps, slabs, split in ((1, 2, 2), (1, 2, 1), (2, 2, 8), (1, 2, 4)):
+        for warps, slabs, split in ((1, 2, 2), (1, 2, 4), (1, 2, 8), (2, 2, 8)):
             out.append(Candidate(f"mma_gemv_w{warps}_s{slabs}_k{split}",
                                  dict(kind="mma_gemv", WARPS=warps, SLABS=slabs, SPLIT_K=split)))
     if M == 1 and _word_gemv(K, group_size, G):
