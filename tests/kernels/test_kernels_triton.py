@@ -210,3 +210,22 @@ def test_block_diagonal_rotation_fused_path(monkeypatch):
         d = (c.int() - rc.int()).abs()
         assert d.max() <= 1 and d.float().mean() < 2e-3
         assert _rel(s, rs.reshape(-1)) < 5e-5
+
+
+def test_mma_gemv_offered_only_where_it_applies():
+    """The tensor-core GEMV (PTX, so CUDA only; checked on the GPU by the benchmark's --quick-check) is
+    a candidate for ≤ 16 tokens of 16-bit x with K a multiple of 64 and groups of whole 64-k slabs;
+    its derived layout is made once per weight and remade after an in-place change."""
+    from qcompile.kernels.triton import mma_gemv
+
+    def offered(m, k, g, asm=True, dt=torch.bfloat16):
+        return any(c.meta["kind"] == "mma_gemv" for c in w4a16.candidates(m, 4096, k, g, asm, dt))
+    assert offered(1, 4096, 128) and offered(16, 576, 64) and offered(3, 4096, 4096)
+    assert not offered(17, 4096, 128) and not offered(1, 4096, 32) and not offered(1, 4000, 4000)
+    assert not offered(1, 4096, 128, asm=False) and not offered(1, 4096, 128, dt=torch.float32)
+    packed = torch.randint(0, 256, (20, 64), dtype=torch.uint8)
+    first = mma_gemv.tiles_of(packed, 128)
+    assert mma_gemv.tiles_of(packed, 128) is first
+    packed[0, 0] ^= 1
+    again = mma_gemv.tiles_of(packed, 128)
+    assert again is not first and not torch.equal(again, first)
