@@ -25,6 +25,7 @@ behaviour); rotations are computed from token rows rather than the official per-
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from qcompile.errors import RecipeError, UnsafeRewriteError
 from qcompile.passes import weights
@@ -84,7 +85,7 @@ def _rows(stats, node: str) -> torch.Tensor:
 @torch.no_grad()
 def duquant(program: Program, *, calibration: torch.Tensor, placement: str = "duquant", block: int = 128,
             steps: int = 256, permute: bool = True, index: str = "channel", tokens: int = 2048, seed: int = 0,
-            batch: int = 4) -> Program:
+            batch: int = 4, progress: bool = True) -> Program:
     _check(placement, block, steps, tokens, index)
     for done in ("duquant", "spinquant"):
         if program.has_run(done):
@@ -102,7 +103,7 @@ def duquant(program: Program, *, calibration: torch.Tensor, placement: str = "du
             if b.ffn.kind != "moe":
                 watch[b.ffn.down] = 0
         stats = collect(p, calibration, watch, batch=batch, keep_tokens=tokens, progress=False)
-        for b in mm.blocks:
+        for b in tqdm(mm.blocks, desc="duquant", unit="block", disable=not progress):
             for what, norm in (("qkv", b.attn_norm), ("gate/up", b.ffn_norm)):
                 t = duquant_transform(_rows(stats, norm.readers[0]), seed=seed + b.index, **opts)
                 out = p.node(norm.node)
@@ -121,14 +122,14 @@ def duquant(program: Program, *, calibration: torch.Tensor, placement: str = "du
                 weights.transform_inputs(p, mm.linears[lin], t.matrix())
                 report.count("online transform", f"block {b.index} {what} input ({n} aten ops, kept steps {t.steps})")
     else:
-        _fused(p, calibration, report, opts, tokens, seed, batch)
+        _fused(p, calibration, report, opts, tokens, seed, batch, progress)
     report.notes["placement"] = placement
     report.notes["greedy"] = f"block {block}, {steps} steps, {'R·P·R' if permute else 'R'}, {index}-indexed"
     p.rematch()
     return p.done(report)
 
 
-def _fused(p: Program, calibration, report, opts, tokens, seed, batch) -> None:
+def _fused(p: Program, calibration, report, opts, tokens, seed, batch, progress) -> None:
     untie_embeddings(p, report)
     mm = p.model_map
     for norm in mm.norms:
@@ -155,7 +156,7 @@ def _fused(p: Program, calibration, report, opts, tokens, seed, batch) -> None:
     report.count("fused stream: reader", n=len(mm.readers))
     report.count("fused stream: writer", n=len(mm.writers))
     report.notes["stream kept steps"] = t.steps
-    for b in mm.blocks:
+    for b in tqdm(mm.blocks, desc="duquant-fused", unit="block", disable=not progress):
         a = b.attention
         proof = mm.holds(f"v_to_o:{a.node}")
         if proof is None or not proof.holds:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
+from tqdm import tqdm
 
 from qcompile.errors import RecipeError, UnsafeRewriteError
 from qcompile.graph.fx import _VIEWS
@@ -198,7 +199,7 @@ def _search(p, cone, values, lo, hi, z, grid, w_spec, a_bits, coarse):
 @torch.no_grad()
 def shift_scale(program: Program, *, calibration: torch.Tensor, shift: bool = True, scale: bool = True,
                 w_bits: int = 4, a_bits: int = 4, floor: float = 0.0, max_steps: int = 0, coarse: int = 0,
-                search_windows: int = 1, up_down: bool = True, batch: int = 4) -> Program:
+                search_windows: int = 1, up_down: bool = True, batch: int = 4, progress: bool = True) -> Program:
     """OS+ on the norm sites (shift and/or scale) and up→down (scale); ``floor`` 0 picks the official
     one for the model (1.0 with LayerNorm, else 0.1); ``coarse`` > 0 searches the grid coarse-to-fine
     (``search_order``), 0 evaluates every threshold as the official code does."""
@@ -230,7 +231,7 @@ def shift_scale(program: Program, *, calibration: torch.Tensor, shift: bool = Tr
         needed = {n for c in cones.values() for n in (c.outside | {c.start, c.end})}
         rec = _Recorder(p.module, needed)
         rec.run(calibration[:search_windows])
-        for site, lo, hi, z in plans:
+        for site, lo, hi, z in tqdm(plans, desc="shift_scale search", unit="site", disable=not progress):
             cone = cones[site.name]
             t_max = float(torch.maximum(hi.abs(), lo.abs()).max())
             grid = threshold_grid(t_max, floor, max_steps)
