@@ -536,9 +536,9 @@ def gemv_variants(M: int = 1) -> list[dict]:
                                                          ASM=True, num_warps=warps))
                  for bn in (4, 8) for warps in (1, 2, 4) if bn == 8 and M == 1]
         cands += [c for c in w4a16.candidates(M, N, K, 128, True, torch.bfloat16) if c.meta["kind"] == "skinny"]
-        cands += [Candidate(f"mma_w{warps}_s2_k{split}_d{depth}", dict(kind="mma_gemv", WARPS=warps, SLABS=2,
-                                                                       SPLIT_K=split, DEPTH=depth))
-                  for warps in (1, 2) for split in (1, 2, 4, 8) for depth in (1, 2) if warps == 1 or split == 8]
+        cands += [Candidate(f"mma_w{warps}_s{slabs}_k{split}", dict(kind="mma_gemv", WARPS=warps, SLABS=slabs,
+                                                                   SPLIT_K=split))
+                  for warps in (1, 2, 4) for slabs in (1, 2) for split in (1, 2, 4, 8) if slabs == 2 or split == 4]
         for cand in cands:
             calls = [lambda w=w, c=cand: w4a16.run(c, x, w[0], w[1], None, 128, None) for w in ws]
             try:

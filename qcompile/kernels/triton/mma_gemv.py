@@ -133,17 +133,6 @@ def _slab(w, xp, xq, xm, xmq, zg, zg8, c, n: tl.constexpr, BLOCKS: tl.constexpr,
 
 
 @triton.jit
-def _step_words(wp, step, last, wmask, SLABS: tl.constexpr):
-    """The lane's fragment words of a loop step (SLABS slabs of 16 bytes; zeros past the last step)."""
-    m = wmask & (step < last)
-    wa = tl.load(wp + step * SLABS * 128, mask=m, other=0)
-    wb = wa
-    if SLABS == 2:
-        wb = tl.load(wp + (step * 2 + 1) * 128, mask=m, other=0)
-    return wa, wb
-
-
-@triton.jit
 def _store(y_ptr, stride_ym, tok, rg, rg8, v0, v1, v2, v3, M, mg, mg8, SPLIT_K: tl.constexpr):
     """C fragment → y: ``v0, v1`` = row g for tokens tok, tok + 1; ``v2, v3`` = row g + 8."""
     m0 = tok < M
@@ -168,7 +157,7 @@ def _mma_gemv_kernel(
     x_ptr, t_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, N_SLABS, NT, stride_xm, stride_ym, stride_sn,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SLABS_PER_GROUP: tl.constexpr, SLABS: tl.constexpr,
-    BLOCKS: tl.constexpr, DEPTH: tl.constexpr, SPLIT_K: tl.constexpr, NUM_WARPS: tl.constexpr,
+    BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr, NUM_WARPS: tl.constexpr,
 ):
     dt = x_ptr.dtype.element_ty
     n: tl.constexpr = 32 * NUM_WARPS
@@ -203,12 +192,15 @@ def _mma_gemv_kernel(
     acc = (zero, zero, zero, zero)
     if BLOCKS == 2:
         acc = (zero, zero, zero, zero, zero, zero, zero, zero)
-    # DEPTH steps of words in flight: requested DEPTH steps before their arithmetic
-    cur = _step_words(wp, first, last, wmask, SLABS)
-    if DEPTH == 2:
-        nxt = _step_words(wp, first + 1, last, wmask, SLABS)
+    wa = tl.load(wp + first * SLABS * 128, mask=wmask & (first < last), other=0)
+    if SLABS == 2:
+        wb = tl.load(wp + (first * 2 + 1) * 128, mask=wmask & (first < last), other=0)
     for step in range(first, last):
-        new = _step_words(wp, step + DEPTH, last, wmask, SLABS)
+        # the next step's words are requested before this step's arithmetic
+        more = step + 1 < last
+        wa_next = tl.load(wp + (step + 1) * SLABS * 128, mask=wmask & more, other=0)
+        if SLABS == 2:
+            wb_next = tl.load(wp + ((step + 1) * 2 + 1) * 128, mask=wmask & more, other=0)
         slab = step * SLABS
         grp = 0 if SLABS_PER_GROUP == 0 else slab // SLABS_PER_GROUP  # the step lies in one group
         zg = _zero_pair(z_ptr, rg * stride_sn + grp, mg, HAS_ZEROS, dt)
@@ -216,9 +208,10 @@ def _mma_gemv_kernel(
         c = (zero, zero, zero, zero)
         if BLOCKS == 2:
             c = (zero, zero, zero, zero, zero, zero, zero, zero)
-        c = _slab(cur[0], xp + 32 * slab, xq + 32 * slab, xm, xmq, zg, zg8, c, n, BLOCKS, dt)
+        c = _slab(wa, xp + 32 * slab, xq + 32 * slab, xm, xmq, zg, zg8, c, n, BLOCKS, dt)
         if SLABS == 2:
-            c = _slab(cur[1], xp + 32 * (slab + 1), xq + 32 * (slab + 1), xm, xmq, zg, zg8, c, n, BLOCKS, dt)
+            c = _slab(wb, xp + 32 * (slab + 1), xq + 32 * (slab + 1), xm, xmq, zg, zg8, c, n, BLOCKS, dt)
+            wb = wb_next
         s_g = tl.load(sp_g + grp, mask=mg, other=0.0).to(tl.float32)
         s_g8 = tl.load(sp_g8 + grp, mask=mg8, other=0.0).to(tl.float32)
         if BLOCKS == 1:
@@ -228,11 +221,7 @@ def _mma_gemv_kernel(
             acc = (tl.fma(c[0], s_g, acc[0]), tl.fma(c[1], s_g, acc[1]), tl.fma(c[2], s_g8, acc[2]),
                    tl.fma(c[3], s_g8, acc[3]), tl.fma(c[4], s_g, acc[4]), tl.fma(c[5], s_g, acc[5]),
                    tl.fma(c[6], s_g8, acc[6]), tl.fma(c[7], s_g8, acc[7]))
-        if DEPTH == 2:
-            cur = nxt
-            nxt = new
-        else:
-            cur = new
+        wa = wa_next
     bias_g = zero
     bias_g8 = zero
     if HAS_BIAS:
@@ -269,10 +258,10 @@ def tiles_of(packed: Tensor, K: int) -> Tensor:
 
 
 def run(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None,
-        warps: int, slabs: int, split: int, depth: int = 1) -> Tensor:
+        warps: int, slabs: int, split: int) -> Tensor:
     """``x [M ≤ 16, K] @ Wᵀ (+ bias)`` (x with unit stride along K; scales and zeros with unit stride
     along groups). ``slabs`` (1 or 2) 64-k slabs per loop step, taken as 1 where 2 would straddle
-    groups or K; ``depth`` (1 or 2) loop steps of weights in flight ahead of the arithmetic."""
+    groups or K."""
     M, K = x.shape
     N = packed.shape[0]
     tiles = tiles_of(packed, K)
@@ -288,5 +277,5 @@ def run(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_s
            (x, tiles, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
             M, N, n_slabs, nt, x.stride(0), y.stride(0), scales.stride(0)),
            dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SLABS_PER_GROUP=spg, SLABS=slabs,
-                BLOCKS=1 if M <= 8 else 2, DEPTH=depth, SPLIT_K=split, NUM_WARPS=warps), warps)
+                BLOCKS=1 if M <= 8 else 2, SPLIT_K=split, NUM_WARPS=warps), warps)
     return y.to(x.dtype) if split > 1 else y

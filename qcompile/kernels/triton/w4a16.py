@@ -448,8 +448,7 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
     N, KH = packed.shape
     G = scales.shape[1]
     if kind == "mma_gemv":
-        return mma_gemv.run(x, packed, scales, zeros, group_size, bias, meta["WARPS"], meta["SLABS"], meta["SPLIT_K"],
-                            meta.get("DEPTH", 1))
+        return mma_gemv.run(x, packed, scales, zeros, group_size, bias, meta["WARPS"], meta["SLABS"], meta["SPLIT_K"])
     if kind == "dequant_cublas":
         w = dequantize(packed, scales, zeros, group_size, K, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
