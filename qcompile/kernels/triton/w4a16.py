@@ -33,8 +33,9 @@ Kernels:
   CUDA): each thread reads its words' eight activations with one 16-byte load
   (``int4.word_activations``); otherwise ``_gemv_prep_kernel`` writes them as ten float32 planes
   first (one more launch). Needs K and g multiples of 8.
-* ``mma_gemv`` (M = 1, 16-bit x, CUDA; its own module): the GEMV on tensor cores, from a derived
-  weight layout made once per weight; ~19 instructions per word against the word GEMV's ~30.
+* ``mma_gemv`` (M ≤ 16, 16-bit x, CUDA; its own module): the GEMV on tensor cores, tokens as the
+  MMA's narrow operand, from a derived weight layout made once per weight; ~19 instructions per word
+  against the word GEMV's ~30.
 * ``_skinny_kernel`` (M ≤ 16, and M = 1 shapes the GEMV does not take): the even/odd algebra on tensor
   cores with A and B swapped, ``acc[BLOCK_N, 16] += dot(codes[BLOCK_N, H], x_halfᵀ[H, 16])``, so the
   weight tile is the wide operand and the few tokens the narrow one.
@@ -469,7 +470,6 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
             xp = torch.empty((PLANES, KW), dtype=torch.float32, device=x.device)
             launch(_gemv_prep_kernel, (triton.cdiv(KW, 256),), (x, xp, KW), dict(BLOCK=256), 4)
         chunk = 4 if G == 1 or (group_size // 8) % 4 == 0 else 1  # a thread's 4 words in one group
-        chunk = meta.get("CHUNK", chunk)
         consts = dict(flags, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"], CHUNK=chunk, EVEN=KW % meta["BW"] == 0,
                       FUSED=meta["FUSED"], ASM=meta["ASM"])
         launch(_gemv_kernel, (triton.cdiv(N, meta["BLOCK_N"]),),
