@@ -45,6 +45,15 @@ class PassReport:
         return out
 
 
+def move_quantized(qw, device: torch.device):
+    """A QuantizedWeight (or any dataclass of tensors) with every tensor field on ``device``."""
+    if not dataclasses.is_dataclass(qw):
+        return qw
+    moved = {f.name: getattr(qw, f.name).to(device) for f in dataclasses.fields(qw)
+             if f.init and isinstance(getattr(qw, f.name), torch.Tensor)}
+    return dataclasses.replace(qw, **moved) if moved else qw
+
+
 @dataclass
 class Program:
     module: fx.GraphModule
@@ -57,6 +66,7 @@ class Program:
     @classmethod
     def capture(cls, model: torch.nn.Module, example_ids: torch.Tensor | None = None) -> "Program":
         module = fx_ir.capture(model, example_ids)
+        fx_ir.canonicalize_linears(module)  # Conv1D / x @ Wᵀ → aten.linear with an [out, in] weight
         aliases: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             aliases.setdefault(id(p), []).append(name)
@@ -87,10 +97,37 @@ class Program:
     def has_run(self, name: str) -> bool:
         return any(r.name == name for r in self.reports)
 
+    # --- devices -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (the device of the first parameter or buffer)."""
+        return fx_ir.module_device(self.module)
+
+    def to(self, device: torch.device | str) -> "Program":
+        """Move every weight, buffer and tensor constant of the graph, and the quantized codes and grids, to
+        ``device`` (in place; returns self). The graph itself holds no device (``graph.fx.follow_input_device``),
+        so it then runs on ``device``'s inputs."""
+        device = torch.device(device)
+        self.module.to(device)
+        for n in self.module.graph.nodes:  # constants registered as plain attributes (not parameters/buffers)
+            if n.op != "get_attr":
+                continue
+            *path, leaf = n.target.split(".")
+            owner = self.module
+            for part in path:
+                owner = getattr(owner, part)
+            value = getattr(owner, leaf, None)
+            if isinstance(value, torch.Tensor) and value.device != device and leaf not in owner._parameters \
+                    and leaf not in owner._buffers:
+                setattr(owner, leaf, value.to(device))
+        self.quantized = {k: move_quantized(q, device) for k, q in self.quantized.items()}
+        return self
+
     # --- running -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.module(input_ids=input_ids)
+        """Logits for ``input_ids`` [batch, seq], computed on the Program's device (the ids are moved there)."""
+        out = self.module(input_ids=input_ids.to(self.device))
         return out.logits if hasattr(out, "logits") else out[0]
 
     # --- weights -------------------------------------------------------------------------------------------
@@ -121,7 +158,8 @@ class Program:
             raise QCompileError(f"a weight named {name} already exists")
         if hasattr(mod, leaf):
             delattr(mod, leaf)
-        mod.register_parameter(leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+        value = value.detach().to(self.device, copy=True)  # new weights live with the others
+        mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
         first = next(n for n in self.module.graph.nodes if n.op != "placeholder")
         with self.module.graph.inserting_before(first):
             return self.module.graph.get_attr(name)

@@ -4,10 +4,23 @@ The captured graph is the *unlifted* module of the ExportedProgram (``ep.module(
 ``get_attr`` nodes whose targets are the model's own parameter names, so the source name of a weight
 is its identity from capture to the saved file. The sequence length is a dynamic dimension, so one
 capture serves calibration, evaluation and generation lengths alike.
+
+A captured graph belongs to no device. Two things would otherwise tie it to the one it was traced on:
+
+- **fused-attention guards.** ``scaled_dot_product_attention`` stays one op in the graph, but the exporter
+  computes its output shape by running the kernel choice of the tracing device; on CUDA the memory-efficient
+  kernel pads a mask whose last dimension is not a multiple of its alignment, and that branch becomes the
+  guard ``seq % 8 == 0``, which the dynamic ``seq`` dimension then violates. The shape of attention does not
+  depend on the kernel, so tracing runs under the math reference (``portable_tracing``); at run time the
+  op still picks the fastest kernel of the device it runs on.
+- **device constants.** Factory ops and casts record the tracing device (``arange(..., device=cpu)``,
+  ``to(inv_freq, cpu)``, ``_assert_tensor_metadata(device=cpu)``); ``follow_input_device`` rewrites every
+  such constant to ``input_ids.device``, so the graph runs wherever its input and weights are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -23,6 +36,7 @@ _KIND = {
     aten.embedding.default: "embedding",
     aten.scaled_dot_product_attention.default: "attention",
     aten.add.Tensor: "add",
+    aten.add_.Tensor: "add",  # Falcon's ``mlp_output += attention_output``; its output is what later ops read
     aten.sub.Tensor: "sub",
     aten.mul.Tensor: "mul",
     aten.div.Tensor: "div",
@@ -43,6 +57,8 @@ _KIND = {
     aten.split.Tensor: "split",
     aten.split_with_sizes.default: "split",
     aten.sum.dim_IntList: "sum",
+    aten.matmul.default: "matmul",  # of two activations (a matmul against a weight is made a linear at capture)
+    aten.bmm.default: "matmul",
 }
 _ACTIVATIONS = {
     aten.silu.default: "silu",
@@ -71,7 +87,10 @@ _VIEWS = {
     aten.flatten.using_ints,
     aten.dropout.default,  # captured in eval mode: identity
     aten.type_as.default,
+    aten.numpy_T.default,
+    aten.lift_fresh_copy.default,
 }
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int}
 
 
 def export_inputs(model: torch.nn.Module, example_ids: torch.Tensor | None = None, max_seq: int = 8192):
@@ -99,16 +118,72 @@ def export_error(what: str, model, e: Exception) -> CaptureError:
     )
 
 
+@contextlib.contextmanager
+def portable_tracing():
+    """Trace attention through its math reference, so no fused kernel's alignment rule becomes a shape guard."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def module_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a module that has none)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def export(model: torch.nn.Module, example_ids: torch.Tensor, dims: dict) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of ``model(input_ids=…)`` with ``portable_tracing``; the example ids are
+    moved to the model's device (meta models trace too: their graph is the same)."""
+    example_ids = example_ids.to(module_device(model))
+    with torch.no_grad(), portable_tracing():
+        return torch.export.export(model, (), {"input_ids": example_ids}, dynamic_shapes={"input_ids": dims},
+                                   strict=False)
+
+
+def follow_input_device(gm: fx.GraphModule) -> int:
+    """Rewrite every ``torch.device`` constant in ``gm``'s ops to the first tensor input's device (one
+    ``getattr(input, "device")`` node); returns how many constants were rewritten."""
+    graph = gm.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    source = next((n for n in inputs if isinstance(n.meta.get("val"), torch.Tensor)), inputs[0] if inputs else None)
+    if source is None:
+        return 0
+    device_node = None
+    count = 0
+
+    def sub(a):
+        nonlocal device_node, count
+        if not isinstance(a, torch.device):
+            return a
+        if device_node is None:
+            with graph.inserting_after(inputs[-1]):
+                device_node = graph.call_function(getattr, (source, "device"))
+        count += 1
+        return device_node
+
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n is not device_node:
+            n.args = fx.node.map_aggregate(n.args, sub)
+            n.kwargs = fx.node.map_aggregate(n.kwargs, sub)
+    if count:
+        gm.recompile()
+    return count
+
+
 def capture(model: torch.nn.Module, example_ids: torch.Tensor | None = None, max_seq: int = 8192) -> fx.GraphModule:
-    """``torch.export`` the model (input_ids → logits, no KV cache) with dynamic batch and sequence length."""
+    """``torch.export`` the model (input_ids → logits, no KV cache) with dynamic batch and sequence length,
+    on the model's device, into a graph that runs on any device (see the module docstring)."""
     example_ids, dims = export_inputs(model, example_ids, max_seq)
     try:
-        with torch.no_grad():
-            ep = torch.export.export(model, (), {"input_ids": example_ids}, dynamic_shapes={"input_ids": dims},
-                                     strict=False)
+        ep = export(model, example_ids, dims)
     except Exception as e:  # torch.export raises many types; name the construct it reports
         raise export_error("torch.export", model, e) from e
-    return ep.module()
+    gm = ep.module()
+    follow_input_device(gm)
+    return gm
 
 
 def _shape(node: fx.Node):
@@ -161,7 +236,8 @@ def _linear_attrs(node: fx.Node, params: dict[fx.Node, str]) -> dict:
     w = node.args[1]
     if node.target == aten.linear.default:
         bias = node.args[2] if len(node.args) > 2 else None
-        return {"weight": params.get(w), "bias": params.get(bias) if bias is not None else None, "in_axis": -1,
+        return {"weight": params.get(_through_casts(w)),
+                "bias": params.get(_through_casts(bias)) if bias is not None else None, "in_axis": -1,
                 "out_axis": -2, "experts": None}
     # grouped expert matmul x @ transpose(W[E, out, in]) (transformers' grouped_mm)
     src = w
@@ -169,6 +245,75 @@ def _linear_attrs(node: fx.Node, params: dict[fx.Node, str]) -> dict:
         src = src.args[0]
     return {"weight": params.get(src), "bias": None, "in_axis": -1, "out_axis": -2,
             "experts": int(src.meta["val"].shape[0]) if "val" in src.meta else None}
+
+
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default, aten.type_as.default}
+
+
+def _through_casts(node):
+    """The node a chain of dtype casts starts from (a router's ``weight.float()`` is still the weight)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CASTS:
+        node = node.args[0]
+    return node
+
+
+def _param_2d(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    node = _through_casts(node)
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = _attr(gm, node.target)
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            return value
+    return None
+
+
+def canonicalize_linears(gm: fx.GraphModule) -> list[str]:
+    """Rewrite every matmul against a 2-D weight into ``aten.linear(x, W[out, in], b)``; return the weights
+    whose storage was transposed.
+
+    - ``matmul(x, Wᵀ)`` / ``mm(x, Wᵀ)`` (Falcon's ``x @ W.T``) is ``linear(x, W)``: no data moves;
+    - ``addmm(b, x, W)`` and ``matmul(x, W)`` with W stored [in, out] (GPT-2's Conv1D) is ``linear(x, Wᵀ, b)``:
+      the parameter is replaced, under its source name, by its transpose (W is read nowhere else; a weight
+      read by other nodes too is left as it is, and stays an unmatched matmul).
+    Afterwards every weight of the graph is [out, in], so passes and kernels see one layout.
+    """
+    transposed = []
+    graph = gm.graph
+    readers: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            readers[n.target] = readers.get(n.target, 0) + len(n.users)
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == aten.addmm.default and len(node.args) == 3 and not node.kwargs:
+            bias, x, w = node.args
+        elif node.target in (aten.matmul.default, aten.mm.default):
+            (x, w), bias = node.args, None
+        else:
+            continue
+        if _param_2d(gm, x) is not None or (bias is not None and (
+                not isinstance(bias, fx.Node) or _through_casts(bias).op != "get_attr")):
+            continue
+        if isinstance(w, fx.Node) and w.op == "call_function" and w.target in _TRANSPOSES and (
+                w.target != aten.transpose.int or sorted(d % 2 for d in w.args[1:]) == [0, 1]) and \
+                _param_2d(gm, w.args[0]) is not None:
+            weight = w.args[0]  # x @ Wᵀ with W [out, in]
+        elif _param_2d(gm, w) is not None and _through_casts(w) is w and readers.get(w.target) == 1:
+            value = _attr(gm, w.target)  # x @ W with W [in, out]: store Wᵀ under the same name
+            *path, leaf = w.target.split(".")
+            mod = gm.get_submodule(".".join(path)) if path else gm
+            setattr(mod, leaf, torch.nn.Parameter(value.detach().t().contiguous(), requires_grad=False))
+            w.meta["val"] = getattr(mod, leaf)
+            weight = w
+            transposed.append(w.target)
+        else:
+            continue
+        node.target = aten.linear.default
+        node.args = (x, weight) if bias is None else (x, weight, bias)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return transposed
 
 
 def _is_grouped_mm(node: fx.Node) -> bool:

@@ -15,6 +15,7 @@ from torch import fx
 from tqdm import tqdm
 
 from qcompile.errors import CalibrationError
+from qcompile.passes.blockwise import collect_blockwise
 from qcompile.program import Program
 
 
@@ -58,25 +59,39 @@ class _Watcher(fx.Interpreter):
     def run_node(self, n: fx.Node):
         pos = self.watch.get(n.name)
         if pos is not None:
-            value = self.env[n.args[pos]]
-            if not bool(torch.isfinite(value).all()):
-                raise CalibrationError(f"calibration: NaN/inf in the input of node {n.name}")
-            self.stats.setdefault(n.name, self.make()).update(value, self.keep)
+            _observe(n, self.env[n.args[pos]], self.stats, self.keep, self.make)
         return super().run_node(n)
+
+
+def _observe(n: fx.Node, value: torch.Tensor, stats: dict, keep: int, make) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise CalibrationError(f"calibration: NaN/inf in the input of node {n.name}")
+    stats.setdefault(n.name, make()).update(value, keep)
 
 
 @torch.no_grad()
 def collect(program: Program, windows: torch.Tensor, watch: dict[str, int], batch: int = 4,
-            keep_tokens: int = 0, progress: bool = True, make=ChannelStats) -> dict[str, ChannelStats]:
+            keep_tokens: int = 0, progress: bool = True, make=ChannelStats,
+            device: torch.device | str | None = None) -> dict[str, ChannelStats]:
     """Stats of operand ``pos`` of each watched node ``{node name: pos}`` over all windows [n, seq].
 
     ``keep_tokens`` > 0 also keeps that many token rows per node (for searches that need samples).
     ``make`` builds each node's accumulator: a ``ChannelStats`` subclass that reduces more (e.g. moments).
+    With ``device`` the graph runs block by block there (``passes.blockwise``), the weights staying where
+    they are; each node still sees the batches in order, so the statistics are the same.
     """
     stats: dict[str, ChannelStats] = {}
+    if device is not None:
+        def on_node(n, env):
+            pos = watch.get(n.name)
+            if pos is not None:
+                _observe(n, env[n.args[pos]], stats, keep_tokens, make)
+
+        collect_blockwise(program, windows, on_node, set(watch), batch=batch, device=device, progress=progress)
+        return stats
     watcher = _Watcher(program.module, watch, stats, keep_tokens, make)
     for start in tqdm(range(0, windows.shape[0], batch), desc="calibrate", unit="batch", disable=not progress):
-        watcher.run(windows[start : start + batch])
+        watcher.run(windows[start : start + batch].to(program.device))
     return stats
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.analysis.modelmap import Linear
 from qcompile.errors import RecipeError
+from qcompile.passes.blockwise import quantize_blockwise
 from qcompile.pipeline import quantized_linears
 from qcompile.program import PassReport, Program
 from qcompile.quant.gptq import HessianAccumulator, gptq_quantize
@@ -97,8 +98,14 @@ class _SequentialQuantizer(fx.Interpreter):
 
 @torch.no_grad()
 def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None = None,
-             progress: bool = True) -> Program:
-    """The fake-quantized Program; ``calibration`` holds token windows [n, seq] for GPTQ/LeanQuant."""
+             progress: bool = True, device: torch.device | str | None = None, batch: int = 4) -> Program:
+    """The fake-quantized Program; ``calibration`` holds token windows [n, seq] for GPTQ/LeanQuant.
+
+    With ``device``, GPTQ/LeanQuant run block by block (``passes.blockwise``): one block's weights on
+    ``device`` at a time, calibration activations carried forward in batches of ``batch`` windows, the rest
+    of the weights where they are. Without it, the whole graph runs at once on the Program's device over
+    all windows (the reference path; the same weights up to float summation order).
+    """
     p = program.clone()
     report = PassReport("quantize")
     mm = p.model_map
@@ -123,9 +130,18 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
         else:
             if calibration is None:
                 raise RecipeError(f"weights.method {wq.method} needs calibration windows")
-            runner = _SequentialQuantizer(p, targets, wq, report, progress)
-            runner.run(calibration)
-            runner.bar.close()
+            if device is not None:
+                def quantize_linear(lin, H):
+                    w = p.weight(lin.weight).detach().float()
+                    _store(p, lin, _quantize_weight(w, H, wq, lin.weight), report)
+
+                quantize_blockwise(p, {n: mm.linears[n] for n in targets}, quantize_linear, calibration,
+                                   device=device, batch=batch, progress=progress)
+                report.notes["execution"] = f"block by block on {torch.device(device)}, batches of {batch} windows"
+            else:
+                runner = _SequentialQuantizer(p, targets, wq, report, progress)
+                runner.run(calibration.to(p.device))
+                runner.bar.close()
         report.notes["weights"] = f"{wq.method} {wq.spec.bits}-bit {'g' + str(wq.group_size) if wq.group_size else 'per-channel'}"
     p.rematch()
     return p.done(report)

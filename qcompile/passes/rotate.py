@@ -136,6 +136,9 @@ def rotated_weights(p: Program, q1: torch.Tensor | None, q2: list[torch.Tensor] 
         if lin.bias:
             new[lin.bias] = b
 
+    device = p.weight(mm.linears[next(iter(mm.linears))].weight).device
+    q1 = q1.to(device) if q1 is not None else None
+    q2 = [q.to(device) for q in q2] if q2 is not None else None
     if q1 is not None:
         for emb in filter(None, (mm.embedding, mm.positional)):
             new[emb.weight] = get(emb.weight) @ q1

@@ -35,20 +35,21 @@ def linear(p: Program, node: str) -> Linear:
 
 def scale_inputs(p: Program, lin: Linear, s: torch.Tensor) -> None:
     """W ← W·diag(s): the reader absorbs a per-input-channel scale."""
-    _store(p, lin, _canonical(p, lin) * s.double())
+    w = _canonical(p, lin)
+    _store(p, lin, w * s.to(w.device, torch.float64))
 
 
 def inputs_transformed(w: torch.Tensor, lin: Linear, m: torch.Tensor) -> torch.Tensor:
     """W·M along ``lin``'s input axis, float64, in ``w``'s layout (differentiable in ``w`` and ``m``)."""
     canonical = w.double().movedim((lin.out_axis, lin.in_axis), (-2, -1))
-    return (canonical @ m.double()).movedim((-2, -1), (lin.out_axis, lin.in_axis))
+    return (canonical @ m.to(canonical.device, torch.float64)).movedim((-2, -1), (lin.out_axis, lin.in_axis))
 
 
 def outputs_transformed(w: torch.Tensor, b: torch.Tensor | None, lin: Linear, m: torch.Tensor, start: int = 0,
                         stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W, b) with output rows [start, stop) ← Mᵀ·W[rows], b[rows]·M; float64, differentiable, out of place."""
     stop = lin.out_features if stop is None else stop
-    m = m.double()
+    m = m.to(w.device, torch.float64)
     canonical = w.double().movedim((lin.out_axis, lin.in_axis), (-2, -1))
     rows = m.T @ canonical[..., start:stop, :]
     canonical = torch.cat([canonical[..., :start, :], rows, canonical[..., stop:, :]], dim=-2)
@@ -88,7 +89,7 @@ def add_to_bias(p: Program, lin: Linear, delta: torch.Tensor) -> Linear:
         linears[lin.node] = lin
         p.with_map(linears=linears)
     b = p.weight(lin.bias).detach().double()
-    p.set_weight(lin.bias, b + delta.double())
+    p.set_weight(lin.bias, b + delta.to(b.device, torch.float64))
     return lin
 
 

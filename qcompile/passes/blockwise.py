@@ -1,0 +1,270 @@
+"""blockwise: run a Program's graph one transformer block at a time, on a chosen device.
+
+The captured graph is one flat fx graph. ``Segments`` cuts it after each block's residual add
+(``Block.ffn_add``): segment 0 runs from the inputs through block 0 (embeddings, rotary tables, the
+mask, block 0), segment i is block i, and a tail holds the final norm and the lm_head. Between segments,
+for every calibration batch, only the values that later segments read are kept (the residual stream,
+the rotary tables, the mask): the activations are carried block to block.
+
+``BlockRunner`` runs one segment over every batch with the segment's weights moved to the compute
+device and moved back to where they were afterwards, so the device holds one block's weights, the
+carried activations and one batch's working values. Running segment by segment computes exactly what
+the whole graph computes (the same ops on the same values); only the order in which batches and
+blocks interleave changes, so reductions over batches (Hessians, statistics) are summed in the same
+order as in a whole-graph run per batch.
+
+``quantize_blockwise`` is GPTQ/LeanQuant layer by layer: within a block, the linears that share an
+input (q/k/v, o, gate/up, down, in graph order: GPTQ's sequential groups) are a *stage*; for each stage
+the block runs from its input up to the stage's input over all batches (earlier stages already
+quantized), the Hessian is summed, the stage's weights are quantized on the device, and after the last
+stage the whole block runs once more to carry its output forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import fx
+from tqdm import tqdm
+
+from qcompile.errors import QCompileError
+from qcompile.program import Program, move_quantized
+
+
+class DeviceMemoryError(QCompileError):
+    """The plan's per-block memory does not fit the device; raised before the heavy step starts."""
+
+
+def _owner(gm: torch.nn.Module, target: str):
+    *path, leaf = target.split(".")
+    obj = gm
+    for part in path:
+        obj = getattr(obj, part)
+    return obj, leaf
+
+
+def move_attr(gm: torch.nn.Module, target: str, device: torch.device) -> None:
+    """Move one parameter, buffer or tensor constant to ``device``, keeping the Parameter object."""
+    owner, leaf = _owner(gm, target)
+    if leaf in owner._parameters and owner._parameters[leaf] is not None:
+        param = owner._parameters[leaf]
+        if param.device != device:
+            param.data = param.data.to(device)
+    elif leaf in owner._buffers and owner._buffers[leaf] is not None:
+        owner._buffers[leaf] = owner._buffers[leaf].to(device)
+    else:
+        value = getattr(owner, leaf)
+        if isinstance(value, torch.Tensor):
+            setattr(owner, leaf, value.to(device))
+
+
+def attr_device(gm: torch.nn.Module, target: str) -> torch.device | None:
+    owner, leaf = _owner(gm, target)
+    value = getattr(owner, leaf, None)
+    return value.device if isinstance(value, torch.Tensor) else None
+
+
+class Segments:
+    """The graph's nodes cut after each block's residual add; what each segment reads and leaves behind."""
+
+    def __init__(self, gm: fx.GraphModule, model_map):
+        nodes = list(gm.graph.nodes)
+        index = {n: i for i, n in enumerate(nodes)}
+        by_name = {n.name: n for n in nodes}
+        ends = [index[by_name[b.ffn_add]] for b in model_map.blocks]
+        if ends != sorted(ends):
+            raise QCompileError("blockwise: the blocks' residual adds are not in graph order; run the whole graph")
+        cuts = [-1, *ends, len(nodes)]
+        self.nodes: list[list[fx.Node]] = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            self.nodes.append([n for n in nodes[a + 1 : b + 1] if n.op in ("call_function", "call_method",
+                                                                              "call_module")])
+        self.names = [f"block {i}" for i in range(len(ends))] + ["tail"]
+        self.inputs = [n for n in nodes if n.op == "placeholder"]
+        seg_of = {n: k for k, seg in enumerate(self.nodes) for n in seg}
+        for n in self.inputs:
+            seg_of[n] = -1
+        # the weights each segment reads, and the values that outlive each segment
+        self.attrs: list[list[str]] = [sorted({a.target for n in seg for a in n.all_input_nodes if a.op == "get_attr"})
+                                       for seg in self.nodes]
+        last_reader: dict[fx.Node, int] = {}
+        for k, seg in enumerate(self.nodes):
+            for n in seg:
+                for a in n.all_input_nodes:
+                    if a.op != "get_attr":
+                        last_reader[a] = max(last_reader.get(a, -1), k)
+        self.live_out: list[set[fx.Node]] = [
+            {v for v, last in last_reader.items() if seg_of.get(v, -1) <= k < last} for k in range(len(self.nodes))
+        ]
+        # within a segment: after which node each value is dead (unless it lives on)
+        self.free_after: list[dict[fx.Node, list[fx.Node]]] = []
+        for k, seg in enumerate(self.nodes):
+            last: dict[fx.Node, fx.Node] = {}
+            for n in seg:
+                for a in n.all_input_nodes:
+                    if a.op != "get_attr":
+                        last[a] = n
+            free: dict[fx.Node, list[fx.Node]] = {}
+            for v, n in last.items():
+                if v not in self.live_out[k]:
+                    free.setdefault(n, []).append(v)
+            self.free_after.append(free)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+class BlockRunner(fx.Interpreter):
+    """Runs the segments of ``program``'s graph over batches of windows on ``device``."""
+
+    def __init__(self, program: Program, device: torch.device | str | None = None, segments: Segments | None = None):
+        super().__init__(program.module, garbage_collect_values=False)
+        self.program = program
+        self.device = torch.device(device) if device is not None else program.device
+        self.segments = segments or Segments(program.module, program.model_map)
+        self.on_node: Callable[[fx.Node, dict], None] | None = None  # called before a node runs
+
+    def start(self, windows: torch.Tensor, batch: int) -> list[dict]:
+        """One environment per batch of windows: the graph's input on the device."""
+        if len(self.segments.inputs) != 1:
+            raise QCompileError("blockwise: the graph must take input_ids alone")
+        ids = self.segments.inputs[0]
+        return [{ids: windows[s : s + batch].to(self.device)} for s in range(0, windows.shape[0], batch)]
+
+    @contextlib.contextmanager
+    def weights_on_device(self, k: int):
+        """Segment ``k``'s weights on the device while the block runs, back where they were after."""
+        gm = self.module
+        home = {t: attr_device(gm, t) for t in self.segments.attrs[k]}
+        for t in home:
+            move_attr(gm, t, self.device)
+        try:
+            yield
+        finally:
+            for t, dev in home.items():
+                if dev is not None and dev != self.device:
+                    move_attr(gm, t, dev)
+
+    def run_segment(self, k: int, envs: list[dict], until: fx.Node | None = None) -> list[dict]:
+        """Run segment ``k`` over every batch; with ``until``, only up to that node and return each batch's
+        value of it (the carried environments are untouched); else return the new carried environments."""
+        seg = self.segments.nodes[k]
+        stop = len(seg) if until is None else (seg.index(until) + 1 if until in seg else 0)
+        attrs = {a: self.fetch_attr(a.target) for n in seg[:stop] for a in n.all_input_nodes if a.op == "get_attr"}
+        free = self.segments.free_after[k]
+        out = []
+        for env in envs:
+            self.env = {**env, **attrs}
+            for n in seg[:stop]:
+                if self.on_node is not None:
+                    self.on_node(n, self.env)
+                self.env[n] = self.run_node(n)
+                if until is None:
+                    for v in free.get(n, ()):
+                        self.env.pop(v, None)
+            if until is not None:
+                out.append(self.env[until])
+            else:
+                out.append({v: self.env[v] for v in self.segments.live_out[k]})
+            self.env = {}
+        return out
+
+
+def _bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def check_memory(program: Program, segments: Segments, device: torch.device, calibration: torch.Tensor,
+                 batch: int, hessian_width: int) -> int:
+    """Predicted peak bytes on ``device`` for the largest block; raises ``DeviceMemoryError`` when it exceeds
+    the device's free memory. Counts the block's weights, the carried residual stream of every window (in
+    the weights' dtype), one batch's widest values (×6 live at once), and GPTQ's Hessian and its factors (×4)."""
+    gm = program.module
+    weights = max(sum(_bytes(_attr(gm, t)) for t in attrs) for attrs in segments.attrs)
+    mm = program.model_map
+    itemsize = program.weight(mm.linears[next(iter(mm.linears))].weight).element_size()
+    n, seq = calibration.shape
+    widest = max(lin.out_features for lin in mm.linears.values() if lin.node != mm.lm_head)
+    carried = n * seq * mm.hidden * itemsize
+    working = 6 * min(batch, n) * seq * max(widest, mm.hidden) * itemsize
+    attention = min(batch, n) * mm.blocks[0].attention.n_heads * seq * seq * itemsize  # a materialized mask/score
+    hessian = 4 * hessian_width ** 2 * 4
+    need = weights + carried + working + attention + hessian
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        if need > free:
+            raise DeviceMemoryError(
+                f"blockwise on {device}: the largest block needs about {need / 2**30:.1f} GiB (weights "
+                f"{weights / 2**30:.1f}, carried activations {carried / 2**30:.1f}, working {working / 2**30:.1f}, "
+                f"attention {attention / 2**30:.1f}, Hessians {hessian / 2**30:.1f}) but {free / 2**30:.1f} GiB of "
+                f"{total / 2**30:.1f} are free; use fewer calibration windows or a smaller batch")
+    return need
+
+
+def _attr(gm, target):
+    owner, leaf = _owner(gm, target)
+    return getattr(owner, leaf, None)
+
+
+@torch.no_grad()
+def collect_blockwise(program: Program, windows: torch.Tensor, on_node: Callable[[fx.Node, dict], None],
+                      watched: set[str], batch: int = 4, device=None, progress: bool = False) -> None:
+    """Run the graph block by block over ``windows`` calling ``on_node(node, env)`` before each node; stops
+    after the last segment that holds a watched node."""
+    runner = BlockRunner(program, device)
+    segs = runner.segments
+    last = max((k for k, seg in enumerate(segs.nodes) if any(n.name in watched for n in seg)), default=-1)
+    envs = runner.start(windows, batch)
+    runner.on_node = on_node
+    for k in tqdm(range(last + 1), desc="calibrate", unit="block", disable=not progress):
+        with runner.weights_on_device(k):
+            envs = runner.run_segment(k, envs)
+
+
+@torch.no_grad()
+def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callable, calibration: torch.Tensor,
+                       device=None, batch: int = 4, progress: bool = True) -> None:
+    """Quantize the linears ``targets`` {node name: Linear} of ``program`` in place, block by block.
+
+    ``quantize_linear(lin, H)`` quantizes one linear's weight (on the device while its block runs) against
+    Hessian ``H`` and stores it in the Program (``program.quantized[weight]``); the codes then leave the
+    device with their block, for the weights' home device.
+    """
+    from qcompile.quant.gptq import HessianAccumulator
+
+    runner = BlockRunner(program, device)
+    segs, dev = runner.segments, runner.device
+    widths = [lin.in_features for lin in targets.values()]
+    check_memory(program, segs, dev, calibration, batch, max(widths, default=0))
+    envs = runner.start(calibration, batch)
+    todo = [k for k, seg in enumerate(segs.nodes) if any(n.name in targets for n in seg)]
+    bar = tqdm(total=len(targets), desc="blockwise", unit="linear", disable=not progress)
+    for k in range(max(todo, default=-1) + 1):
+        stages: dict[fx.Node, list[fx.Node]] = {}
+        for n in segs.nodes[k]:
+            if n.name in targets:
+                stages.setdefault(n.args[0], []).append(n)
+        with runner.weights_on_device(k):
+            for x_node, readers in stages.items():
+                lin0 = targets[readers[0].name]
+                acc = HessianAccumulator(lin0.in_features, name=lin0.weight, device=dev)
+                values = runner.run_segment(k, envs, until=x_node) if x_node in segs.nodes[k] else \
+                    [env[x_node] for env in envs]
+                for v in values:
+                    acc.add(v.reshape(-1, lin0.in_features))
+                del values
+                H = acc.hessian()
+                for n in readers:
+                    quantize_linear(targets[n.name], H)
+                    bar.update(1)
+                del H, acc
+            if k < len(segs) - 1 and k < max(todo):
+                envs = runner.run_segment(k, envs)
+        for n in segs.nodes[k]:  # the codes leave the device with their block
+            lin = targets.get(n.name)
+            if lin is not None:
+                home = attr_device(program.module, lin.weight)
+                program.quantized[lin.weight] = move_quantized(program.quantized[lin.weight], home)
+    bar.close()

@@ -1,0 +1,171 @@
+"""A Program belongs to no device: captured on one, it runs on another; blockwise execution equals the whole graph.
+
+The CPU tests use the meta device as the "other" device (no values, but every device constant left in a
+graph or every weight left behind would show up as a device mismatch). Tests marked ``gpu`` need CUDA and
+run on the lent GPU (``pytest -m gpu``); elsewhere they are skipped.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from qcompile.models import tiny
+from qcompile.passes.calibrate import collect, linear_inputs
+from qcompile.passes.quantize import quantize
+from qcompile.pipeline import run_passes
+from qcompile.program import Program
+from qcompile.recipe import load_recipe
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny("llama")
+    return model, Program.capture(model)
+
+
+def _calib(n=6, seq=48, seed=0):
+    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _ids():
+    return torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(1))
+
+
+def _device_constants(gm):
+    found = []
+    for n in gm.graph.nodes:
+        torch.fx.node.map_aggregate((n.args, n.kwargs), lambda a: found.append((n.name, a))
+                                    if isinstance(a, torch.device) else a)
+    return found
+
+
+def test_captured_graph_holds_no_device(llama):
+    _, p = llama
+    assert _device_constants(p.module) == []
+    # the factory ops now take the input's device
+    aranges = [n for n in p.module.graph.nodes if n.target == torch.ops.aten.arange.default]
+    assert aranges and all(n.kwargs["device"].target is getattr for n in aranges)
+
+
+def test_capture_on_meta_then_run_on_cpu(llama):
+    model, p = llama
+    on_meta = Program.capture(copy.deepcopy(model).to("meta"))
+    assert on_meta.device.type == "meta"
+    same = lambda s: {k: v for k, v in s.items() if k != "tied"}  # noqa: E731  (ties are read from values)
+    assert same(on_meta.model_map.summary()) == same(p.model_map.summary())
+    on_meta.module.to_empty(device="cpu")
+    ref = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    with torch.no_grad():
+        for name, t in [*on_meta.module.named_parameters(), *on_meta.module.named_buffers()]:
+            t.copy_(ref[name])
+    with torch.no_grad():
+        expected = model(input_ids=_ids()).logits
+    assert torch.allclose(on_meta.logits(_ids()), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_program_to_moves_weights_and_codes(llama):
+    _, p = llama
+    q = quantize(p, load_recipe("rtn"), progress=False).to("meta")
+    assert q.device.type == "meta"
+    assert all(t.device.type == "meta" for t in [*q.module.parameters(), *q.module.buffers()])
+    assert q.quantized and all(qw.codes.device.type == "meta" and qw.weight.device.type == "meta"
+                               for qw in q.quantized.values())
+    assert q.logits(_ids()).device.type == "meta"  # the graph follows the weights, ids are moved there
+    assert p.device.type == "cpu"  # the original is untouched
+
+
+@pytest.mark.parametrize("batch", [6, 2])
+def test_blockwise_gptq_equals_whole_graph(llama, batch):
+    _, p = llama
+    recipe = load_recipe("quarot+gptq").with_bits(group=32)
+    calib = _calib()
+    rotated = run_passes(p, recipe, calib)
+    whole = quantize(rotated, recipe, calib, progress=False)
+    blocks = quantize(rotated, recipe, calib, progress=False, device="cpu", batch=batch)
+    assert set(whole.quantized) == set(blocks.quantized) and len(whole.quantized) == 14
+    for name, qw in whole.quantized.items():
+        other = blocks.quantized[name]
+        # the same ops on the same values: per batch, Hessians are summed in the same order
+        assert torch.equal(qw.codes, other.codes), name
+        assert torch.allclose(qw.weight, other.weight, rtol=0, atol=1e-6), name
+    assert torch.allclose(whole.logits(_ids()), blocks.logits(_ids()), atol=1e-5)
+    # and the quantization did something (the weights are not the rotated ones)
+    assert not torch.allclose(whole.logits(_ids()), rotated.logits(_ids()), atol=1e-3)
+
+
+def test_blockwise_statistics_equal_whole_graph(llama):
+    _, p = llama
+    watch = linear_inputs(p)
+    calib = _calib()
+    whole = collect(p, calib, watch, batch=2, keep_tokens=50, progress=False)
+    blocks = collect(p, calib, watch, batch=2, keep_tokens=50, progress=False, device="cpu")
+    assert set(whole) == set(blocks) == set(watch)
+    for n, s in whole.items():
+        b = blocks[n]
+        assert torch.equal(s.absmax, b.absmax) and torch.equal(s.sumsq, b.sumsq) and s.tokens == b.tokens
+        assert torch.equal(s.kept(), b.kept())
+
+
+def test_blockwise_refuses_nan_naming_the_node(llama):
+    _, p = llama
+    bad = p.clone()
+    w = bad.model_map.linears[bad.model_map.blocks[0].attention.o].weight
+    bad.set_weight(w, torch.full_like(bad.weight(w), float("nan")))
+    from qcompile.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="linear|mlp|node"):
+        collect(bad, _calib(), linear_inputs(bad), progress=False, device="cpu")
+
+
+# --- on the GPU ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@gpu
+def test_capture_on_cuda_matches_the_model():
+    model = tiny("llama").cuda()
+    p = Program.capture(model)
+    assert _device_constants(p.module) == []
+    with torch.no_grad():
+        expected = model(input_ids=_ids().cuda()).logits
+    got = p.logits(_ids().cuda())
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
+    # and the same graph runs on the CPU
+    assert torch.allclose(p.clone().to("cpu").logits(_ids()), expected.cpu(), atol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("recipe", ["quarot+gptq", "duquant+gptq", "smoothquant", "osplus+gptq",
+                                    "spinquant-cpu", "leanquant", "duquant-fused"])
+def test_recipes_run_on_cuda_like_on_cpu(llama, recipe):
+    from qcompile.passes.lower import lower
+
+    _, p = llama
+    r = load_recipe(recipe).with_bits(group=32)
+    calib = _calib(n=4, seq=64)
+    cpu = quantize(run_passes(p, r, calib), r, calib if r.weights.method != "rtn" else None, progress=False)
+    on_gpu = p.clone().to("cuda")
+    cuda = quantize(run_passes(on_gpu, r, calib), r, calib if r.weights.method != "rtn" else None, progress=False)
+    a, b = cpu.logits(_ids()), cuda.logits(_ids()).cpu()
+    assert torch.isfinite(b).all()
+    assert ((a - b).abs().mean() / a.abs().mean()).item() < 0.05, recipe
+    low = lower(cuda)
+    assert torch.isfinite(low.logits(_ids())).all()
+
+
+@pytest.mark.gpu
+@gpu
+def test_blockwise_on_cuda_keeps_weights_on_cpu(llama):
+    _, p = llama
+    recipe = load_recipe("quarot+gptq").with_bits(group=32)
+    calib = _calib()
+    rotated = run_passes(p, recipe, calib)
+    whole = quantize(rotated, recipe, calib, progress=False)
+    blocks = quantize(rotated, recipe, calib, progress=False, device="cuda", batch=2)
+    assert blocks.device.type == "cpu"
+    assert all(qw.codes.device.type == "cpu" for qw in blocks.quantized.values())
+    same = sum(int(torch.equal(whole.quantized[k].codes, blocks.quantized[k].codes)) for k in whole.quantized)
+    diff = max(float((whole.quantized[k].weight - blocks.quantized[k].weight).abs().mean()) for k in whole.quantized)
+    assert same >= len(whole.quantized) // 2 and diff < 1e-3
