@@ -39,3 +39,7 @@ class ShapeError(QCompileError):
 
 class ArtifactError(QCompileError):
     """A saved model directory is missing, tampered with, truncated or of another version."""
+
+
+class ExportError(QCompileError):
+    """A model cannot be exported to (or an exported folder cannot be read back from) ONNX."""

@@ -1,0 +1,228 @@
+"""ONNX export of a lowered program: one decoder graph with a KV cache, for onnxruntime and onnxruntime-genai.
+
+    OUT/model.onnx (+ model.onnx.data)  the decoder step (below), qcompile ops by ``kernels/ort``'s translations
+    OUT/genai_config.json               what onnxruntime-genai needs to run it (``og.Model(OUT)``)
+    OUT/tokenizer.json, ...             the source model's tokenizer (``save_pretrained``)
+
+The graph is the ``kv_cache`` pass's decoder step, with onnxruntime-genai's names::
+
+    (input_ids [B, S], past_key_values.{i}.key/value [B, n_kv, P, D])
+        → (logits [B, S, V], present.{i}.key/value [B, n_kv, P + S, D])
+
+P = 0 (empty past) is full-sequence scoring, so one graph serves perplexity and generation. Linears are
+translated by ``qcompile.kernels.ort`` (W4A16 → MatMulNBits, W4A8/W4A4 → per-token quantization and
+MatMulInteger, online Hadamards as reshapes and small matmuls, KV fake-quant emulated exactly); the rest is
+``torch.onnx``'s own aten translation. The recipe (YAML) and the source model are stored in the model's
+``metadata_props`` (``qcompile.recipe``, ``qcompile.model``).
+
+Everything is checked before anything is written: a linear the lowering left in float (a codebook, other
+bit widths) is refused with its name, as is an existing OUT without ``force``. The folder is written under a
+temporary name next to OUT and renamed when ``onnx.checker`` has passed, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+import qcompile
+from qcompile.errors import ExportError
+from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
+
+MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
+META_RECIPE, META_MODEL, META_VERSION, META_INT8 = "qcompile.recipe", "qcompile.model", "qcompile.version", \
+    "qcompile.int8_path"
+INT8_PATHS = ("matmulinteger", "matmulnbits")
+
+
+def is_onnx_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding ``model.onnx`` (an export, or something claiming to be one)."""
+    p = Path(path)
+    return p.is_dir() and (p / MODEL_FILE).is_file()
+
+
+def _lower_skips(pass_lines: list[str]) -> list[str]:
+    """The ``lower`` pass's ``skipped SITE: REASON`` lines (linears it left fake-quantized in float)."""
+    out, current = [], None
+    for line in pass_lines:
+        if not line.startswith(" "):
+            current = line.split(":", 1)[0]
+        elif current == "lower" and line.strip().startswith("skipped "):
+            out.append(line.strip()[len("skipped "):])
+    return out
+
+
+def _check_expressible(gm: torch.fx.GraphModule, pass_lines: list[str], where: str) -> None:
+    """Refuse, naming the first offender, what the ONNX export cannot express as the recipe meant it."""
+    from qcompile.kernels.ort import translation_table
+
+    skips = _lower_skips(pass_lines)
+    if skips:
+        raise ExportError(f"{where}: linear {skips[0]} was not lowered to an INT4 op; ONNX export would store it in "
+                          "float and drop its quantization. Quantize with a uniform (affine) 4-bit recipe.")
+    known = set(translation_table())
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not str(node.target).startswith("qcompile."):
+            continue
+        if node.target not in known:
+            raise ExportError(f"{where}: node {node.name} calls {node.target}, which has no ONNX translation")
+        if node.target == torch.ops.qcompile.fake_quant.default and any(
+                u.op == "call_function" and u.target == torch.ops.aten.linear.default for u in node.users):
+            raise ExportError(f"{where}: node {node.name} fake-quantizes the input of a float linear "
+                              f"({next(iter(node.users)).name}): a leftover the lowering could not make an INT4 op")
+
+
+def _source(source, model: str | None, recipe, tokenizer, hf_config):
+    """(GraphModule, layout, recipe, model spec, pass lines, tokenizer, HF config, where) of a saved directory or
+    a lowered Program."""
+    from qcompile import artifact
+    from qcompile.program import Program
+
+    if isinstance(source, Program):
+        layout = CacheLayout.of(source.model_map)
+        lines = [line for r in source.reports for line in r.lines()]
+        gm = copy.deepcopy(source.module)
+        return gm, layout, recipe, model or "program", lines, tokenizer, hf_config, "program"
+    root = Path(source)
+    if not artifact.is_artifact(root):
+        raise ExportError(f"{root} is not a directory written by `qcompile quantize` (no manifest.json)")
+    loaded = artifact.load(root)
+    if "cache" not in loaded.manifest:
+        raise ExportError(f"{root}: the manifest records no KV-cache layout; quantize the model again")
+    layout = CacheLayout.from_dict(loaded.manifest["cache"])
+    if tokenizer is None or hf_config is None:
+        from qcompile.api import load_model
+
+        hf_model, tok = load_model(loaded.manifest["model"])
+        tokenizer, hf_config = tokenizer or tok, hf_config or hf_model.config
+    return (loaded.module, layout, loaded.recipe, loaded.manifest["model"], loaded.manifest.get("passes", []),
+            tokenizer, hf_config, str(root))
+
+
+def _names(layout: CacheLayout) -> tuple[list[str], list[str]]:
+    ins, outs = ["input_ids"], ["logits"]
+    for i in range(layout.layers):
+        ins += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outs += [f"present.{i}.key", f"present.{i}.value"]
+    return ins, outs
+
+
+def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str):
+    """torch.onnx (dynamo) export of the decoder step with batch, S and P dynamic; returns the ir.Model."""
+    from qcompile.kernels.ort import pack_matmulnbits, translation_table, w4a8_as_matmulnbits
+
+    level = 0
+    if int8_path == "matmulnbits":
+        if w4a8_as_matmulnbits(gm):
+            level = 4
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=8191)
+    past_len = torch.export.Dim("past", min=0, max=8191)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    past = [t.normal_() for t in [torch.empty(2, h, 4, layout.head_dim) for h in layout.n_kv_heads for _ in (0, 1)]]
+    dynamic = ({0: batch, 1: seq}, *({0: batch, 2: past_len} for _ in past))
+    ins, outs = _names(layout)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            prog = torch.onnx.export(gm, (ids, *past), dynamic_shapes=dynamic, dynamo=True, input_names=ins,
+                                     output_names=outs, custom_translation_table=translation_table(level),
+                                     optimize=True, verbose=False)
+        except Exception as e:  # the exporter raises many types; keep its first line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(f"torch.onnx could not export the decoder graph: {type(e).__name__}: {first}") from e
+    model = prog.model
+    pack_matmulnbits(model)
+    return model, level
+
+
+def _genai_config(layout: CacheLayout, hf_config, tokenizer, filename: str) -> dict:
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    eos = eos if eos is not None else getattr(hf_config, "eos_token_id", 0)
+    bos = getattr(hf_config, "bos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    ctx = int(getattr(hf_config, "max_position_embeddings", 2048))
+    return {
+        "model": {
+            "bos_token_id": bos if bos is not None else eos,
+            "context_length": ctx,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": layout.head_dim,
+                "hidden_size": int(getattr(hf_config, "hidden_size", layout.head_dim * layout.n_heads[0])),
+                "inputs": {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": layout.n_heads[0],
+                "num_hidden_layers": layout.layers,
+                "num_key_value_heads": layout.n_kv_heads[0],
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else eos,
+            "type": "llama",
+            "vocab_size": int(getattr(hf_config, "vocab_size", 0)),
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def export_onnx(source, out: str | Path, *, force: bool = False, int8_path: str = "matmulinteger",
+                model: str | None = None, recipe=None, tokenizer=None, hf_config=None) -> Path:
+    """Export a saved directory (``qcompile quantize``'s output) or a lowered ``Program`` to the ONNX folder
+    ``out`` (see the module docstring). ``int8_path``: W4A8 linears as per-token int8 codes and
+    ``MatMulInteger`` (``"matmulinteger"``, exact) or as ``MatMulNBits`` with ``accuracy_level=4``
+    (``"matmulnbits"``: onnxruntime quantizes activations per block itself). ``model``/``recipe``/``tokenizer``/
+    ``hf_config`` describe a Program source (a directory records them)."""
+    import onnx
+    import onnx_ir as ir
+
+    if int8_path not in INT8_PATHS:
+        raise ExportError(f"int8_path must be one of {INT8_PATHS}, got {int8_path!r}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; choose a new folder or pass --force to replace it")
+    gm, layout, recipe, spec, lines, tokenizer, hf_config, where = _source(source, model, recipe, tokenizer,
+                                                                           hf_config)
+    _check_expressible(gm, lines, where)
+    gm = with_kv_cache(gm, layout)
+    ir_model, level = _export(gm, layout, int8_path)
+    meta = {META_MODEL: spec, META_VERSION: qcompile.__version__, META_INT8: int8_path if level else "none"}
+    if recipe is not None:
+        meta[META_RECIPE] = recipe.to_yaml()
+    ir_model.metadata_props.update(meta)
+    ir_model.producer_name = "qcompile"
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        ir.save(ir_model, tmp / MODEL_FILE, external_data=MODEL_FILE + ".data")
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=False)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        config = _genai_config(layout, hf_config, tokenizer, MODEL_FILE)
+        (tmp / GENAI_CONFIG).write_text(json.dumps(config, indent=1))
+        for f in (tmp, *tmp.iterdir()):
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+

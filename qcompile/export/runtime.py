@@ -1,0 +1,121 @@
+"""An exported ONNX folder run by onnxruntime: ``logits(ids)`` for perplexity and a decoder for ``generate``.
+
+``OrtModel(OUT)`` opens ``OUT/model.onnx`` once (CPU, ``threads`` intra-op threads) and checks that it is a
+qcompile decoder step: inputs ``input_ids`` and ``past_key_values.{i}.key/value``, outputs ``logits`` and
+``present.{i}.key/value``. A corrupt file or a foreign graph is refused with the file's name.
+
+- ``logits(ids)``: the step with an empty cache (P = 0), i.e. full-sequence scoring;
+- ``empty_cache(batch)`` / ``step(ids, cache) -> (logits, cache)``: the decoder protocol of
+  ``qcompile.generate``, the cache a list of numpy arrays ``[key_0, value_0, …]``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qcompile.errors import ExportError
+from qcompile.export.onnx import GENAI_CONFIG, META_MODEL, META_RECIPE, MODEL_FILE
+
+
+@dataclass
+class OrtModel:
+    """An onnxruntime session over an exported folder (see the module docstring)."""
+
+    path: Path
+    threads: int | None = None
+    session: object = field(init=False, repr=False)
+    metadata: dict = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(self.path)
+        f = self.path / MODEL_FILE if self.path.is_dir() else self.path
+        if not f.is_file():
+            raise ExportError(f"{f} does not exist: not an exported ONNX folder")
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(f"onnxruntime cannot load {f}: {first}. Is it a complete file written by "
+                              "`qcompile export`?") from None
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        ins = [i.name for i in self.session.get_inputs()]
+        outs = [o.name for o in self.session.get_outputs()]
+        self.layers = (len(ins) - 1) // 2
+        want_in = ["input_ids"] + [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        want_out = ["logits"] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        if ins != want_in or outs != want_out or META_MODEL not in self.metadata:
+            raise ExportError(f"{f} is not a qcompile decoder export: inputs {ins[:3]}…, outputs {outs[:3]}…, "
+                              f"metadata keys {sorted(self.metadata)[:4]}")
+        past = self.session.get_inputs()[1:]
+        self.kv_heads = [int(p.shape[1]) for p in past[0::2]]
+        self.head_dim = int(past[0].shape[3])
+
+    @property
+    def model(self) -> str:
+        return self.metadata[META_MODEL]
+
+    @property
+    def recipe_yaml(self) -> str | None:
+        return self.metadata.get(META_RECIPE)
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, h, 0, self.head_dim), dtype=np.float32) for h in self.kv_heads for _ in (0, 1)]
+
+    def step(self, ids, cache: list[np.ndarray]) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """Logits ``[B, S, V]`` of the S new tokens ``ids`` after the cached ones, and the longer cache."""
+        feed = {"input_ids": np.asarray(ids, dtype=np.int64)}
+        names = self.session.get_inputs()
+        for inp, c in zip(names[1:], cache):
+            feed[inp.name] = c
+        out = self.session.run(None, feed)
+        return torch.from_numpy(out[0]), out[1:]
+
+    def logits(self, input_ids) -> torch.Tensor:
+        """Full-sequence logits ``[B, S, V]`` (the step from an empty cache)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        return self.step(ids, self.empty_cache(ids.shape[0]))[0]
+
+
+def tokenizer_of(path: str | Path):
+    """The tokenizer saved in an exported folder (``transformers.AutoTokenizer``), or None."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not (p / "tokenizer_config.json").is_file():
+        return None
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def genai_generate(path: str | Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of ``prompt_ids`` by onnxruntime-genai (``og.Model(path)``); returns the new ids."""
+    import onnxruntime_genai as og
+
+    p = Path(path)
+    if not (p / GENAI_CONFIG).is_file():
+        raise ExportError(f"{p} has no {GENAI_CONFIG}: not an exported ONNX folder")
+    model = og.Model(str(p))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new_tokens)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
+    out = []
+    while not gen.is_done() and len(out) < max_new_tokens:
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def genai_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / GENAI_CONFIG).read_text())
