@@ -1,4 +1,4 @@
-"""The public entry points: capture a model, compile it with a recipe, evaluate it."""
+"""The public entry points: capture a model, compile it with a recipe, evaluate it, generate text."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from qcompile import artifact, models
 from qcompile.errors import QCompileError
 from qcompile.eval import data
 from qcompile.eval.perplexity import perplexity
+from qcompile.generate import CachedDecoder, Decoder, Recompute, Sampling, generate
+from qcompile.passes.kv_cache import CacheLayout, add_kv_cache
 from qcompile.passes.lower import lower
 from qcompile.passes.quantize import quantize as _quantize
 from qcompile.pipeline import needs_calibration, plan, run_passes
@@ -100,3 +102,35 @@ def evaluate(spec: str, recipe: str | Recipe | None = None, fp: bool = False, wi
         "compile_seconds": round(compile_seconds, 1),
         "seconds": round(time.time() - start, 1),
     }
+
+
+def decoder(spec: str, recipe: str | Recipe | None = None, use_cache: bool = True, progress: bool = True):
+    """(decoder, tokenizer) for generating from a model spec (optionally compiled with a recipe) or a saved
+    directory; ``use_cache=False`` recomputes the whole sequence at every step (the reference)."""
+    if artifact.is_artifact(spec):
+        loaded = artifact.load(spec)
+        _, tokenizer = load_model(loaded.manifest["model"])
+        return (loaded.decoder() if use_cache else Recompute(loaded.logits)), tokenizer
+    model, tokenizer = load_model(spec)
+    program = capture(model)
+    if recipe is not None:
+        program = compile(program, recipe, tokenizer, progress)
+        if as_recipe(recipe).quantizes:
+            program = lower(program)
+    if not use_cache:
+        return Recompute(program.logits), tokenizer
+    return CachedDecoder(add_kv_cache(program).module, CacheLayout.of(program.model_map)), tokenizer
+
+
+def generate_text(decoder: Decoder, tokenizer, prompt: str, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
+                  chat: bool = False, progress: bool = False) -> str:
+    """The text a decoder continues ``prompt`` with (``chat``: wrapped in the tokenizer's chat template)."""
+    if tokenizer is None:
+        raise QCompileError("this model has no tokenizer; generate from token ids with qcompile.generate.generate")
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = generate(decoder, ids, max_new_tokens, tokenizer.eos_token_id, sampling, progress)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

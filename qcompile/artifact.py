@@ -3,7 +3,8 @@
     DIR/model.pt2            the lowered graph and all its weights (torch.export.save)
     DIR/weights.safetensors  the packed quantized tensors by source-derived name (<weight>_packed, ...)
     DIR/recipe.yaml          the recipe that made it, every flag
-    DIR/manifest.json        format version, versions, model spec, plan, and sha256 + size of each file
+    DIR/manifest.json        format version, versions, model spec, plan, the KV-cache layout (heads per
+                             attention op), and sha256 + size of each file
 
 The directory is written under a temporary name and renamed when complete, so a failure never leaves a
 half-written output. ``load`` checks the manifest's format version, every file's size and hash (a
@@ -13,6 +14,7 @@ the ones the graph uses, before returning anything.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 import qcompile
 from qcompile.errors import ArtifactError
 from qcompile.graph.fx import export_inputs
+from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
 from qcompile.program import Program
 from qcompile.recipe import Recipe
 
@@ -72,6 +75,7 @@ def save(program: Program, out_dir: str | Path, recipe: Recipe, model: str, plan
             "recipe": recipe.name,
             "plan": plan or [],
             "passes": [line for r in program.reports for line in r.lines()],
+            "cache": CacheLayout.of(program.model_map).to_dict(),
             "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -98,6 +102,15 @@ class LoadedModel:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.module(input_ids=input_ids)
         return out.logits if hasattr(out, "logits") else out[0]
+
+    def decoder(self):
+        """A ``generate.CachedDecoder`` over a copy of the graph made into a KV-cache step (``kv_cache``)."""
+        from qcompile.generate import CachedDecoder
+
+        if "cache" not in self.manifest:
+            raise ArtifactError("this model directory records no KV-cache layout; quantize it again to generate")
+        layout = CacheLayout.from_dict(self.manifest["cache"])
+        return CachedDecoder(with_kv_cache(copy.deepcopy(self.module), layout), layout)
 
 
 def is_artifact(path: str | Path) -> bool:

@@ -1,4 +1,4 @@
-"""``qcompile inspect|plan|quantize|eval``: the command line.
+"""``qcompile inspect|plan|quantize|eval|generate``: the command line.
 
 ``inspect MODEL --recipe NAME --stats [--plot DIR]`` measures what a recipe's transforms do to the
 activations its linears will quantize (``qcompile.analysis.stats``) and draws it (``analysis.plots``).
@@ -107,6 +107,18 @@ def cmd_quantize(args) -> None:
     print(f"saved {out}")
 
 
+def cmd_generate(args) -> None:
+    from qcompile.api import decoder, generate_text
+    from qcompile.generate import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    dec, tokenizer = decoder(args.model, _recipe_with_bits(args) if args.recipe else None, use_cache=not args.no_cache,
+                             progress=not args.no_progress)
+    text = generate_text(dec, tokenizer, args.prompt, args.max_new_tokens, sampling, chat=args.chat,
+                         progress=not args.no_progress)
+    print(text)
+
+
 def _bits(parser):
     parser.add_argument("--recipe", help="recipe name, .yaml file, or a +-composition (quarot+gptq)")
     parser.add_argument("--w", type=int, help="weight bits (16: off)")
@@ -155,6 +167,19 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="end with one JSON line of the result")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("generate", help="continue a prompt, one token per step with a KV cache")
+    p.add_argument("model", help="a MODEL, or a directory written by quantize")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
+    _bits(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_generate)
     args = parser.parse_args(argv)
     try:
         args.fn(args)
