@@ -29,6 +29,7 @@ KINDS = (
     "linear",  # attrs: weight (param node), bias (param node or None), in_axis, out_axis of the weight
     "embedding",  # operand 0: the table (param), operand 1: the ids
     "attention",  # scaled-dot-product attention: operands q, k, v, [mask]
+    "matmul",  # a product of two activations (eager attention's q·kᵀ and p·v)
     "add",
     "sub",
     "mul",

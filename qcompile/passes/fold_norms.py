@@ -8,8 +8,11 @@ only n(x) (γ ← 1 − offset, where the model computes γ + offset as Gemma do
 LayerNorm models are first brought to RMS form: when every writer of the residual stream produces
 mean-free rows (W ← W − mean_out(W), b ← b − mean(b)) and the embeddings are centred, the stream x has
 mean 0 across features, so LayerNorm(x) = x / sqrt(mean(x²) + ε) is an RMSNorm, and the graph's
-layer_norm is replaced by rms_norm. Tied embeddings are untied first when the lm_head is a reader
+layer_norm is replaced by rms_norm (a LayerNorm written out loses its x − mean(x) nodes). Tied embeddings are untied first when the lm_head is a reader
 (folding the final norm into it must not touch the embedding table).
+
+Post-norms (a norm on a branch's output before the residual add: Gemma-2/3, OLMo-2) have no reader to fold
+into and are left as they are; a stream read by linears directly (a "none" norm) has nothing to fold.
 """
 
 from __future__ import annotations
@@ -49,22 +52,40 @@ def _centre_stream(p: Program, report: PassReport) -> None:
         report.count("centred writer", w)
 
 
+def check_stream(mm, what: str) -> None:
+    """Refuse ``what`` on a map whose residual stream was not proved, with the matcher's reason."""
+    if not mm.stream_matched:
+        site, reason = mm.unmatched[0] if mm.unmatched else ("final norm", "not found")
+        raise UnsafeRewriteError(f"{what} needs every reader and writer of the residual stream; {site}: {reason}")
+
+
+def _check_centring(mm) -> set:
+    kinds = {n.kind for n in mm.norms} - {"none"}
+    if kinds == {"rms", "layer"}:
+        node = next(n.node for n in mm.norms if n.kind == "layer")
+        raise UnsafeRewriteError(f"norm {node}: a model mixing LayerNorm and RMSNorm cannot be centred exactly")
+    if "layer" in kinds and any(b.post_norms for b in mm.blocks):
+        raise UnsafeRewriteError("a LayerNorm model with post-norms: its writers do not write the stream directly, "
+                                 "so it cannot be centred")
+    return kinds
+
+
 def fold_norms(program: Program) -> Program:
+    check_stream(program.model_map, "fold_norms")
     for done in ("smooth", "shift_scale", "duquant", "spinquant"):
         if program.has_run(done):
             raise UnsafeRewriteError(f"fold_norms after {done} would fold γ through its transforms (or fold its 1/s "
                                      "back into the readers and undo it); run fold_norms first")
     p = program.clone()
     report = PassReport("fold_norms")
-    kinds = {n.kind for n in p.model_map.norms}
-    if kinds == {"rms", "layer"}:
-        node = next(n.node for n in p.model_map.norms if n.kind == "layer")
-        raise UnsafeRewriteError(f"norm {node}: a model mixing LayerNorm and RMSNorm cannot be centred exactly")
+    kinds = _check_centring(p.model_map)
     untie_embeddings(p, report)
     mm = p.model_map
     if "layer" in kinds:
         _centre_stream(p, report)
     for norm in mm.norms:
+        if norm.kind == "none":
+            continue
         gamma = p.weight(norm.weight).detach().double() + norm.offset if norm.weight else None
         beta = p.weight(norm.bias).detach().double() if norm.bias else None
         for r in norm.readers:
@@ -81,11 +102,17 @@ def fold_norms(program: Program) -> Program:
             p.set_weight(norm.weight, torch.full_like(gamma, 1.0 - norm.offset))
         if beta is not None:
             p.set_weight(norm.bias, torch.zeros_like(beta))
-        if norm.kind == "layer":
+        for c in norm.centre:  # x − mean(x) = x on a mean-free stream
+            node = p.node(c)
+            node.replace_all_uses_with(node.args[0])
+        if norm.kind == "layer" and not norm.centre:
             node = p.node(norm.node)
             node.target = aten.rms_norm.default
             node.args = (node.args[0], node.args[1], None, node.args[4] if len(node.args) > 4 else 1e-5)
         report.count("folded norm", f"{norm.node} into {len(norm.readers)} readers")
+    kept = sum(len(b.post_norms) for b in mm.blocks)
+    if kept:
+        report.notes["post-norms"] = f"{kept} kept as they are (no reader to fold into)"
     p.module.graph.eliminate_dead_code()
     p.rematch()
     return p.done(report)
@@ -93,13 +120,15 @@ def fold_norms(program: Program) -> Program:
 
 def plan(mm, **options) -> list[str]:
     """What fold_norms will do to this map (refusing now what it would refuse later)."""
-    kinds = {n.kind for n in mm.norms}
-    if kinds == {"rms", "layer"}:
-        raise UnsafeRewriteError("a model mixing LayerNorm and RMSNorm cannot be centred exactly")
-    lines = [f"fold {len(mm.norms)} norms into {len(mm.readers)} readers"
+    check_stream(mm, "fold_norms")
+    kinds = _check_centring(mm)
+    lines = [f"fold {sum(n.kind != 'none' for n in mm.norms)} norms into {len(mm.readers)} readers"
              + (f" (offset γ+{mm.final_norm.offset:g})" if mm.final_norm.offset else "")]
     if mm.tied:
         lines.append(f"untie the embedding from the lm_head ({mm.embedding.weight})")
     if "layer" in kinds:
         lines.append(f"centre {len(mm.writers)} writers and the embeddings; LayerNorm → RMSNorm")
+    kept = sum(len(b.post_norms) for b in mm.blocks)
+    if kept:
+        lines.append(f"keep {kept} post-norms (no reader to fold into)")
     return lines

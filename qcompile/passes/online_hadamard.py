@@ -7,6 +7,8 @@ up/gate and down. So the graph gets ``torch.ops.qcompile.hadamard`` nodes:
 - R4: x ↦ x·H on down's input, with W_down ← W_down·H so that (xH)(W H)ᵀ = x·Wᵀ.
 H is the plain orthogonal Hadamard (no random signs: they would need another online op), or a
 block-diagonal one for sizes with no Hadamard of their own (chosen by ``online_choice``).
+Both are per site: R3 needs the block's attention op matched (q and k as its operands), R4 each down
+projection of a matched FFN (a shared expert's too); a site without them is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -38,25 +40,42 @@ def _insert(p: Program, consumer: str, pos: int, choice: RotationChoice) -> str:
     return p.insert_on_operand(consumer, pos, torch.ops.qcompile.hadamard.default, choice.block or 0).name
 
 
+def _r3_refusal(block) -> str | None:
+    if block.attention is None:
+        return next((r for _, r in block.unmatched if "attention" in r), "attention not matched")
+    return None
+
+
+def _r4_refusal(block) -> str | None:
+    if block.ffn is None:
+        return next((r for _, r in block.unmatched if "FFN" in r), "FFN not matched")
+    return None
+
+
 def online_hadamard(program: Program, r3: bool = True, r4: bool = True) -> Program:
     p = program.clone()
     report = PassReport("online_hadamard")
     mm = p.model_map
     for block in mm.blocks:
-        a = block.attention
-        if r3:
+        if r3 and (why := _r3_refusal(block)):
+            report.skip(f"R3 block {block.index}", why)
+        elif r3:
+            a = block.attention
             choice = online_choice(a.head_dim)
             for pos in (0, 1):
                 _insert(p, a.node, pos, choice)
             report.count("R3 q/k pair", a.node)
             report.notes["R3"] = choice.describe()
-        if r4:
-            down = mm.linears[block.ffn.down]
-            choice = online_choice(down.in_features)
-            _insert(p, down.node, 0, choice)
-            weights.transform_inputs(p, down, _matrix(choice))
-            report.count("R4 down input", down.node)
-            report.notes["R4"] = choice.describe()
+        if r4 and (why := _r4_refusal(block)):
+            report.skip(f"R4 block {block.index}", why)
+        elif r4:
+            for name in block.downs:
+                down = mm.linears[name]
+                choice = online_choice(down.in_features)
+                _insert(p, down.node, 0, choice)
+                weights.transform_inputs(p, down, _matrix(choice))
+                report.count("R4 down input", down.node)
+                report.notes["R4"] = choice.describe()
     p.rematch()
     return p.done(report)
 
@@ -64,13 +83,17 @@ def online_hadamard(program: Program, r3: bool = True, r4: bool = True) -> Progr
 def plan(mm, r3: bool = True, r4: bool = True) -> list[str]:
     lines = []
     if r3:
-        a = mm.blocks[0].attention
-        c = online_choice(a.head_dim)
-        where = "after RoPE" if a.rope else "before attention"
-        lines.append(f"R3 {c.describe()}: {2 * len(mm.blocks)} online ops on q and k {where}")
+        done = [b for b in mm.blocks if not _r3_refusal(b)]
+        if done:
+            a = done[0].attention
+            c = online_choice(a.head_dim)
+            where = "after RoPE" if a.rope else "before attention"
+            lines.append(f"R3 {c.describe()}: {2 * len(done)} online ops on q and k {where}")
+        lines += [f"R3 refused in block {b.index}: {_r3_refusal(b)}" for b in mm.blocks if _r3_refusal(b)]
     if r4:
-        widths = sorted({mm.linears[b.ffn.down].in_features for b in mm.blocks})
-        for w in widths:
+        downs = [mm.linears[d].in_features for b in mm.blocks if not _r4_refusal(b) for d in b.downs]
+        for w in sorted(set(downs)):
             c = online_choice(w)
-            lines.append(f"R4 {c.describe()}: {len(mm.blocks)} online ops on down inputs, inverse fused into the weights")
+            lines.append(f"R4 {c.describe()}: {downs.count(w)} online ops on down inputs, inverse fused into the weights")
+        lines += [f"R4 refused in block {b.index}: {_r4_refusal(b)}" for b in mm.blocks if _r4_refusal(b)]
     return lines

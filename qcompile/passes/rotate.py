@@ -9,6 +9,11 @@ R2 rotates each v head's output by a head_dim × head_dim Q₂ and o's matching 
 attention mixes tokens, not features, so softmax(·)·(V·Q₂) = (softmax(·)·V)·Q₂ per head; with GQA the
 one Q₂ serves every query head that shares a kv head (the same Q₂ is used for all heads).
 
+Post-norms (Gemma-2/3, OLMo-2: y = n(z)·γ added to the stream) do not commute with R1, but a Hadamard R1 =
+diag(d)·H does pass them exactly: y·R1 = (n(z)·(γ∘d))·H, so the norm's γ takes the signs d and an online
+``hadamard`` after it applies H; the writers under a post-norm are then left unrotated (n(z) is unchanged).
+R2 is per block: a block whose attention or v→o path was not proved is skipped with the reason.
+
 Which orthogonal matrix is used per size is decided by ``choose_rotation`` and shown by the plan. The weight
 updates for given matrices are one pure function, ``rotated_weights`` (float64, differentiable in the
 matrices), which ``fuse_rotations`` writes and ``spinquant`` differentiates through to learn R1/R2.
@@ -22,7 +27,7 @@ import torch
 
 from qcompile.errors import RecipeError, UnsafeRewriteError
 from qcompile.passes import weights
-from qcompile.passes.fold_norms import untie_embeddings
+from qcompile.passes.fold_norms import check_stream, untie_embeddings
 from qcompile.program import PassReport, Program
 from qcompile.quant import hadamard as had
 
@@ -75,49 +80,107 @@ def rotate(program: Program, kind: str = "hadamard", seed: int = 0, r1: bool = T
             raise UnsafeRewriteError(f"rotate after {done}: R1/R2 would not pass its online transforms; rotate first")
     p = program.clone()
     report = PassReport("rotate")
-    q1, q2 = prepare_rotations(p, kind, seed, r1, r2, report)
+    q1, q2 = prepare_rotations(p, kind, seed, r1, r2, report, per_site=True)
     fuse_rotations(p, q1, q2, report)
+    if q1 is not None and post_normed(p.model_map):
+        _through_post_norms(p, choose_rotation(p.model_map.hidden, kind), q1, report)
     return p.done(report)
 
 
-def prepare_rotations(p: Program, kind: str, seed: int, r1: bool, r2: bool, report: PassReport
-                      ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+def post_normed(mm) -> set[str]:
+    """Writers whose output reaches the stream through a post-norm."""
+    return {w for b in mm.blocks for _, ws in b.post_norms for w in ws}
+
+
+def _check_post_norms(mm, choice: "RotationChoice") -> None:
+    for b in mm.blocks:
+        for norm, _ in b.post_norms:
+            if choice.kind not in ("hadamard", "block-hadamard"):
+                raise UnsafeRewriteError(f"post-norm {norm.node}: R1 passes a post-norm only as diag(±1)·Hadamard "
+                                         f"(signs into γ, H online); {choice.describe()} cannot")
+            if norm.kind != "rms" or norm.bias or norm.weight is None:
+                raise UnsafeRewriteError(f"post-norm {norm.node} is not an RMSNorm with γ: R1 cannot pass it")
+
+
+def _through_post_norms(p: Program, choice: "RotationChoice", q1: torch.Tensor, report: PassReport) -> None:
+    """γ ← (γ + offset)∘d − offset and an online H after each post-norm, where R1 = diag(d)·H."""
+    import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.hadamard)
+
+    h = torch.block_diag(*[had.hadamard_matrix(choice.block or choice.size)] * (choice.size // (choice.block or
+                                                                                                   choice.size)))
+    d = (q1 @ h.T).diagonal()  # R1·Hᵀ = diag(d)
+    mm = p.model_map
+    for b in mm.blocks:
+        for norm, _ in b.post_norms:
+            gamma = p.weight(norm.weight).detach().double() + norm.offset
+            p.set_weight(norm.weight, gamma * d.to(gamma.device) - norm.offset)
+            node = p.node(norm.node)
+            with p.module.graph.inserting_after(node):
+                new = p.module.graph.call_function(torch.ops.qcompile.hadamard.default, (node, choice.block or 0))
+            new.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+            report.count("R1 post-norm (signs into γ, online H)", norm.node)
+    p.rematch()
+
+
+def prepare_rotations(p: Program, kind: str, seed: int, r1: bool, r2: bool, report: PassReport, per_site: bool = False
+                      ) -> tuple[torch.Tensor | None, list[torch.Tensor | None] | None]:
     """Check that R1/R2 are exact on ``p`` (untying the embeddings for R1) and return the seeded matrices:
-    R1 (hidden × hidden, seed) and one R2 per block (head_dim × head_dim, seed + 1 + block index), float64."""
+    R1 (hidden × hidden, seed) and one R2 per block (head_dim × head_dim, seed + 1 + block index), float64.
+    With ``per_site`` a block where R2 is not proved gets None and a skip in the report; else it is refused."""
     mm = p.model_map
     q1 = q2 = None
     if r1:
+        check_stream(mm, "R1")
         untie_embeddings(p, report)  # the lm_head reads the stream, the embedding writes it: one Q each side
         mm = p.model_map
         check_plain_norms(p, "R1")
         choice = choose_rotation(mm.hidden, kind)
+        _check_post_norms(mm, choice)
         q1 = choice.matrix(seed)
         report.notes["R1"] = choice.describe() + (", random signs" if choice.kind != "orthogonal" else "")
     if r2:
-        check_v_to_o(mm)
+        if not per_site:
+            check_v_to_o(mm)
         q2 = []
         for block in mm.blocks:
+            why = r2_refusal(mm, block)
+            if why:
+                report.skip(f"R2 block {block.index}", why)
+                q2.append(None)
+                continue
             choice = choose_rotation(block.attention.head_dim, kind, min_block=1)
             q2.append(choice.matrix(seed + 1 + block.index))
-        if mm.blocks:
-            choice = choose_rotation(mm.blocks[0].attention.head_dim, kind, min_block=1)
             report.notes["R2"] = choice.describe() + (", random signs per layer" if choice.kind != "orthogonal" else "")
     return q1, q2
 
 
+def r2_refusal(mm, block) -> str | None:
+    """Why R2 cannot be fused in ``block`` (None when it can)."""
+    a = block.attention
+    if a is None:
+        return next((r for _, r in block.unmatched if "attention" in r), "attention not matched")
+    proof = mm.holds(f"v_to_o:{a.node}")
+    if proof is None or not proof.holds:
+        return f"R2 at attention {a.node}: {proof.reason if proof else 'not proved'}"
+    return None
+
+
 def check_plain_norms(p: Program, what: str) -> None:
     for norm in p.model_map.norms:
+        if norm.kind == "none":
+            continue
         if norm.kind != "rms" or norm.bias or (norm.weight and not _is_identity(p, norm)):
             raise UnsafeRewriteError(f"norm {norm.node} is not a plain RMSNorm after folding; "
                                      f"{what} would not be exact")
 
 
 def check_v_to_o(mm) -> None:
+    """Refuse R2 unless it is proved in every block (for passes that fuse R2 everywhere or nowhere)."""
     for block in mm.blocks:
-        a = block.attention
-        proof = mm.holds(f"v_to_o:{a.node}")
-        if proof is None or not proof.holds:
-            raise UnsafeRewriteError(f"R2 at attention {a.node}: {proof.reason if proof else 'not proved'}")
+        why = r2_refusal(mm, block)
+        if why:
+            raise UnsafeRewriteError(why if why.startswith("R2") else f"R2 in block {block.index}: {why}")
 
 
 def rotated_weights(p: Program, q1: torch.Tensor | None, q2: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -138,17 +201,21 @@ def rotated_weights(p: Program, q1: torch.Tensor | None, q2: list[torch.Tensor] 
 
     device = p.weight(mm.linears[next(iter(mm.linears))].weight).device
     q1 = q1.to(device) if q1 is not None else None
-    q2 = [q.to(device) for q in q2] if q2 is not None else None
+    q2 = [q.to(device) if q is not None else None for q in q2] if q2 is not None else None
     if q1 is not None:
         for emb in filter(None, (mm.embedding, mm.positional)):
             new[emb.weight] = get(emb.weight) @ q1
         for r in mm.readers:
             lin = mm.linears[r]
             new[lin.weight] = weights.inputs_transformed(get(lin.weight), lin, q1)
+        skip = post_normed(mm)
         for w in mm.writers:
-            outputs(mm.linears[w], q1)
+            if w not in skip:
+                outputs(mm.linears[w], q1)
     if q2 is not None:
         for block, q in zip(mm.blocks, q2, strict=True):
+            if q is None:
+                continue
             a = block.attention
             outputs(mm.linears[a.v.linear], torch.block_diag(*[q] * a.n_kv_heads), a.v.start,
                     a.v.start + a.n_kv_heads * a.head_dim)
@@ -168,10 +235,14 @@ def fuse_rotations(p: Program, q1: torch.Tensor | None, q2: list[torch.Tensor] |
             report.count("R1 embedding", emb.weight)
         for r in mm.readers:
             report.count("R1 reader", r)
+        skip = post_normed(mm)
         for w in mm.writers:
-            report.count("R1 writer", w)
+            if w not in skip:
+                report.count("R1 writer", w)
     if q2 is not None:
-        for block in mm.blocks:
+        for block, q in zip(mm.blocks, q2, strict=True):
+            if q is None:
+                continue
             a = block.attention
             report.count("R2 head pair", f"{a.v.linear}→{a.o} ({a.n_kv_heads} kv heads, {a.n_heads} heads)")
 
@@ -183,14 +254,20 @@ def _is_identity(p: Program, norm) -> bool:
 def plan(mm, kind: str = "hadamard", seed: int = 0, r1: bool = True, r2: bool = True) -> list[str]:
     lines = []
     if r1:
+        check_stream(mm, "R1")
         c = choose_rotation(mm.hidden, kind)
+        _check_post_norms(mm, c)
         n_emb = 1 + (mm.positional is not None)
+        post = sum(len(b.post_norms) for b in mm.blocks)
         lines.append(f"R1 {c.describe()} (seed {seed}): {n_emb} embedding(s), {len(mm.readers)} readers, "
-                     f"{len(mm.writers)} writers fused")
+                     f"{len(mm.writers) - len(post_normed(mm))} writers fused"
+                     + (f", {post} post-norms passed (signs into γ, online H)" if post else ""))
     if r2:
-        check_v_to_o(mm)
-        a = mm.blocks[0].attention
-        c = choose_rotation(a.head_dim, kind, min_block=1)
-        lines.append(f"R2 {c.describe()} per layer: {len(mm.blocks)} v→o pairs fused "
-                     f"({a.n_kv_heads} kv heads shared by {a.n_heads} heads)")
+        done = [b for b in mm.blocks if not r2_refusal(mm, b)]
+        if done:
+            a = done[0].attention
+            c = choose_rotation(a.head_dim, kind, min_block=1)
+            lines.append(f"R2 {c.describe()} per layer: {len(done)} v→o pairs fused "
+                         f"({a.n_kv_heads} kv heads shared by {a.n_heads} heads)")
+        lines += [f"R2 refused in block {b.index}: {r2_refusal(mm, b)}" for b in mm.blocks if r2_refusal(mm, b)]
     return lines
