@@ -41,15 +41,20 @@ def calibration_windows(tokenizer, recipe: Recipe) -> torch.Tensor:
     return data.calibration_windows(data.token_ids(tokenizer, data.VALID), c.samples, c.seq, c.seed)
 
 
-def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bool = True) -> Program:
-    """Plan the recipe (refusing early), run its passes, then quantize as it says."""
+def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bool = True,
+            calibration: torch.Tensor | None = None) -> Program:
+    """Plan the recipe (refusing early), run its passes, then quantize as it says. Calibration windows are
+    ``calibration`` (token ids ``[n, seq]``) when given, else drawn as the recipe says with ``tokenizer``."""
     recipe = as_recipe(recipe)
     plan(program.model_map, recipe)
     calib = None
     if needs_calibration(recipe):
-        if tokenizer is None:
-            raise QCompileError(f"recipe {recipe.name} needs a tokenizer for its calibration windows")
-        calib = calibration_windows(tokenizer, recipe)
+        if calibration is not None:
+            calib = calibration
+        elif tokenizer is None:
+            raise QCompileError(f"recipe {recipe.name} needs calibration windows: give a tokenizer or token ids")
+        else:
+            calib = calibration_windows(tokenizer, recipe)
     program = run_passes(program, recipe, calib)
     if not recipe.quantizes:
         return program

@@ -33,6 +33,7 @@ import torch
 from torch import fx
 
 from qcompile.errors import UnsafeRewriteError
+from qcompile.graph.fx import follow_input_device
 from qcompile.program import PassReport, Program
 
 aten = torch.ops.aten
@@ -187,6 +188,7 @@ def with_kv_cache(gm: fx.GraphModule, layout: CacheLayout, report: PassReport | 
     graph._codegen = fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()
     graph.eliminate_dead_code()
+    follow_input_device(gm)  # the mask's aranges were made on the capture's device
     graph.lint()
     gm.recompile()
     report.notes["cache"] = (f"{layout.layers} layers × (K, V) [B, n_kv_heads, P, {layout.head_dim}]; "
@@ -195,7 +197,7 @@ def with_kv_cache(gm: fx.GraphModule, layout: CacheLayout, report: PassReport | 
 
 
 def _causal_mask(graph: fx.Graph, seq: fx.Node, p_len: fx.Node, present: fx.Node, anchor: fx.Node) -> fx.Node:
-    """bool ``[1, 1, S, P + S]`` with ``mask[i, j] = j ≤ P + i``, on the device of the cache."""
+    """bool ``[1, 1, S, P + S]`` with ``mask[i, j] = j ≤ P + i``."""
     device = anchor.args[0].meta["val"].device if "val" in anchor.args[0].meta else None
     total = graph.call_function(aten.sym_size.int, (present, _SEQ_DIM))
     q = graph.call_function(aten.arange.default, (seq,), {"device": device})

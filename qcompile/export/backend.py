@@ -1,0 +1,180 @@
+"""The ``torch.compile`` backend ``"qcompile"`` (registered through the ``torch_dynamo_backends`` entry point).
+
+Dynamo hands a backend an fx graph of torch calls whose module state (parameters, buffers) arrives as
+graph inputs, together with the real tensors. Two kinds of graph reach it:
+
+- **already compiled**: the graph calls ``torch.ops.qcompile.*`` (a model read back by
+  ``qcompile.artifact.load``, or its KV-cache decoder step): nothing is quantized again; the graph goes
+  to Inductor as it is, the INT4 ops staying calls of their kernels (Triton on CUDA, reference on CPU);
+- **a float causal LM** with ``options={"recipe": ...}``: the module state is put back as named
+  weights (the names the source model gives them, read from Dynamo's sources), the graph is captured
+  by ``torch.export`` like any model, the recipe is planned and run (calibration from
+  ``options["calibration"]`` ids or windows drawn with ``options["tokenizer"]``), its linears are
+  lowered to the INT4 ops, and the result is compiled by Inductor.
+
+What cannot be honoured is refused by name, never run in float: an unknown option, a recipe given for
+a graph that is already quantized, a float graph with no recipe, graph inputs other than the token
+ids (Hugging Face's own KV cache: generate with ``qcompile.api.decoder``'s cache instead), and
+partial graphs from graph breaks (the matcher cannot find a whole model in them: use ``fullgraph=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from qcompile.errors import QCompileError
+
+_STATE = re.compile(r"\._(?:parameters|buffers)\[")
+_KEY = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """``torch.compile(..., backend="qcompile", options={...})``: the recipe and its overrides."""
+
+    recipe: str | None = None
+    w: int | None = None
+    a: int | None = None
+    kv: int | None = None
+    group: int | None = None
+    asym: bool = False
+    calibration: torch.Tensor | None = None  # token ids [windows, seq]
+    tokenizer: Any = None  # draws the recipe's calibration windows from WikiText-2 valid
+    inductor: bool = True  # False: run the lowered graph as it is (for debugging)
+    progress: bool = False
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> "BackendOptions":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise QCompileError(f"torch.compile backend qcompile: unknown option(s) {', '.join(unknown)}; "
+                                f"known: {', '.join(sorted(known))}")
+        return cls(**options)
+
+    def recipe_object(self):
+        from qcompile.recipe import load_recipe
+
+        return load_recipe(self.recipe).with_bits(w=self.w, a=self.a, kv=self.kv, group=self.group,
+                                                   symmetric=False if self.asym else None)
+
+
+def _source_name(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    return grapharg.source.name if grapharg is not None else node.name
+
+
+def _is_state(node: fx.Node) -> bool:
+    return bool(_STATE.search(_source_name(node)))
+
+
+def _state_name(node: fx.Node) -> str:
+    """``L['self']._modules['model']._parameters['weight']`` → ``model.weight`` (the source model's name)."""
+    source = _source_name(node)
+    return ".".join(_KEY.findall(source[source.index("._"):]))
+
+
+def _calls_qcompile_ops(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and str(n.target).startswith("qcompile.") for n in gm.graph.nodes)
+
+
+def _inductor(gm: fx.GraphModule, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _source_root(tx, source: str):
+    """The object a Dynamo source such as ``L['args'][0]._modules['model']…`` starts from (``L['args'][0]``),
+    looked up in the frame Dynamo is compiling."""
+    root = source[:source.index("._")] if "._" in source else source
+    obj = tx.f_locals
+    for key in re.findall(r"\[([^\]]+)\]", root[1:]):
+        obj = obj[int(key)] if key.isdigit() else obj[key.strip("'\"")]
+    return obj
+
+
+def _source_model(gm: fx.GraphModule) -> torch.nn.Module:
+    """The ``nn.Module`` whose parameters the graph reads, found from the parameters' Dynamo sources in the
+    frame being compiled (Dynamo's ``InstructionTranslator.current_tx``: internal, so checked)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    roots = {_source_name(n)[:_source_name(n).index("._")] for n in gm.graph.nodes
+             if n.op == "placeholder" and _is_state(n)}
+    if len(roots) != 1 or tx is None:
+        raise QCompileError(f"torch.compile backend qcompile: the graph reads the state of {len(roots)} modules; "
+                            "compile one causal LM with fullgraph=True")
+    model = _source_root(tx, roots.pop())
+    if not isinstance(model, torch.nn.Module):
+        raise QCompileError(f"torch.compile backend qcompile: the graph's weights belong to a {type(model).__name__}, "
+                            "not an nn.Module")
+    return model
+
+
+def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
+    """The backend function Dynamo calls (see the module docstring)."""
+    opts = BackendOptions.from_dict(options)
+    if _calls_qcompile_ops(gm):
+        if opts.recipe is not None:
+            raise QCompileError("torch.compile backend qcompile: this graph is already quantized (it calls "
+                                "qcompile ops); compile it without a recipe")
+        return _inductor(gm, example_inputs) if opts.inductor else gm.forward
+    if opts.recipe is None:
+        raise QCompileError("torch.compile backend qcompile: a float model needs options={'recipe': NAME, ...} "
+                            "(or compile a model loaded from a qcompile quantize directory)")
+    return _quantize_graph(gm, example_inputs, opts)
+
+
+_QUANTIZED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {options: lowered Program}
+
+
+def _quantize_graph(gm: fx.GraphModule, example_inputs, opts: BackendOptions):
+    """Quantize the model the graph comes from (once per model and options; a recompile for new shapes
+    reuses it) and return a callable with the graph's calling convention."""
+    from qcompile import api
+    from qcompile.passes.lower import lower
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    user = [n for n in placeholders if not _is_state(n) and isinstance(n.meta.get("example_value"), torch.Tensor)]
+    if len(user) != 1:
+        names = ", ".join(_source_name(n) for n in user)
+        raise QCompileError(f"torch.compile backend qcompile: the graph takes tensor inputs {names}; only token ids "
+                            "are supported (call the model with input_ids alone and use_cache=False; generate with "
+                            "qcompile.api.decoder's KV cache)")
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if len(outputs) != 1:
+        raise QCompileError(f"torch.compile backend qcompile: the graph returns {len(outputs)} values; only logits "
+                            "are supported (use_cache=False)")
+    model = _source_model(gm)
+    key = repr(dataclasses.replace(opts, tokenizer=None, calibration=None, progress=False))
+    ids_pos = placeholders.index(user[0])
+
+    def compiled():
+        # quantizing traces the model again (torch.export), which must not happen inside Dynamo's own
+        # trace: done at the first call, once per model and options
+        cache = _QUANTIZED.setdefault(model, {})
+        if key not in cache:
+            recipe = opts.recipe_object()
+            program = api.compile(api.capture(model), recipe, opts.tokenizer, opts.progress,
+                                  calibration=opts.calibration)
+            lowered = lower(program) if recipe.quantizes else program
+            run = torch.compile(lowered.module, backend="inductor", fullgraph=True) if opts.inductor else lowered.module
+            cache[key] = (lowered, run)
+        return cache[key]
+
+    def forward(*args):
+        _, run = compiled()
+        out = run(input_ids=args[ids_pos])
+        return (out.logits if hasattr(out, "logits") else out[0],)
+
+    forward.program = lambda: compiled()[0]
+    return forward
