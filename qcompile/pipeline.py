@@ -11,13 +11,16 @@ import inspect
 from collections import Counter
 
 from qcompile.analysis.modelmap import ModelMap
-from qcompile.errors import RecipeError
+from qcompile.errors import RecipeError, UnsafeRewriteError
 from qcompile.passes import PASSES
 from qcompile.program import Program
 from qcompile.quant.formats import num_groups
 from qcompile.recipe import Recipe
 
 def describe_model(mm: ModelMap) -> str:
+    if not mm.blocks or mm.blocks[0].attention is None or mm.blocks[0].ffn is None:
+        return (f"hidden {mm.hidden}, {len(mm.blocks)} blocks, {len(mm.linears)} linears "
+                f"({len(mm.gaps())} sites not matched)")
     a, f = mm.blocks[0].attention, mm.blocks[0].ffn
     return (f"hidden {mm.hidden}, {len(mm.blocks)} blocks, {a.n_heads} heads / {a.n_kv_heads} kv heads × {a.head_dim}"
             f"{' with RoPE' if a.rope else ''}{', QK-norm' if a.qk_norm else ''}, {f.kind} {f.act} FFN "
@@ -62,13 +65,30 @@ def _plan_quantization(mm: ModelMap, recipe: Recipe) -> list[str]:
 def plan(mm: ModelMap, recipe: Recipe) -> list[str]:
     """The plan, one line per decision; raises the refusal that running the recipe would raise."""
     lines = [f"model: {describe_model(mm)}", f"recipe: {recipe.name}"]
+    lines += [f"not matched: {site}: {reason}" for site, reason in mm.gaps()]
     for name, options in recipe.passes:
+        check_layout(mm, name)
         lines += [f"{name}: {line}" for line in PASSES[name][1](mm, **options)]
     lines += _plan_quantization(mm, recipe) or ["quantization: off"]
     if any(takes_calibration(n) for n, _ in recipe.passes) and not (recipe.weights and recipe.weights.method != "rtn"):
         c = recipe.calibration
         lines.append(f"calibration (passes): {c.samples} windows × {c.seq} tokens of wikitext2_valid, seed {c.seed}")
     return lines
+
+
+PER_SITE = ("fold_norms", "rotate", "online_hadamard")  # passes that plan every site of any matched layout
+
+
+def check_layout(mm: ModelMap, name: str) -> None:
+    """Refuse a pass that supports only sequential pre-norm blocks on a map with any other layout."""
+    if name in PER_SITE or mm.complete:
+        return
+    why = mm.gaps()[0] if mm.gaps() else next(
+        ((f"block {b.index}", "parallel attention and FFN" if b.parallel else "post-norms" if b.post_norms else
+          "a shared expert" if b.ffn and b.ffn.shared else "linears reading the stream without a norm")
+         for b in mm.blocks), ("blocks", "none"))
+    raise UnsafeRewriteError(f"{name} supports sequential pre-norm blocks with matched attention and FFN only; "
+                             f"{why[0]}: {why[1]}")
 
 
 def takes_calibration(name: str) -> bool:

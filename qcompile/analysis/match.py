@@ -307,12 +307,15 @@ class _Matcher:
         n_heads, head_dim = qs[1], qs[-1]
         n_kv = (v.stop - v.start) // head_dim
         pure = {"view", "slice", "split"}  # a split's outputs are slices of its input
+        width = v.stop - v.start  # v must be a contiguous row range of whole heads (not interleaved with q, k)
+        rows = width % head_dim == 0 and width // head_dim <= n_heads and (v.linear, v.start) != (q.linear, q.start)
         self.invariances.append(
             Invariance(
                 f"v_to_o:{t}",
-                vk <= pure,
-                "only views and head expansion between v and o" if vk <= pure
-                else f"ops {sorted(vk - pure)} between v and o",
+                vk <= pure and rows,
+                "only views and head expansion between v and o" if vk <= pure and rows
+                else f"ops {sorted(vk - pure)} between v and o" if not vk <= pure
+                else f"v is not a row range of whole heads of {v.linear} (rows {v.start}:{v.stop}: the slice that makes v is not traced to rows of it)",
             )
         )
         rope = "rope" in qk or ("cat" in qk and "neg" in qk)  # a fused rotary op, or rotate_half's cat(-x2, x1)

@@ -15,6 +15,8 @@ the node runs with the new weight. In graph order this is GPTQ's sequential grou
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import fx
 from tqdm import tqdm
@@ -46,11 +48,15 @@ def _quantize_weight(w: torch.Tensor, H: torch.Tensor | None, wq: WeightQuant, n
                               block_size=wq.block_size, percdamp=wq.percdamp, name=name)
 
 
-def _check_weights(p: Program, targets: list[str], wq: WeightQuant) -> None:
-    for n in targets:
-        lin = p.model_map.linears[n]
-        if lin.experts and wq.method != "rtn":
-            raise RecipeError(f"{wq.method} on the stacked expert weight {lin.weight} is not supported; use rtn")
+def _experts_by_rtn(p: Program, targets: list[str], wq: WeightQuant, report: PassReport, progress: bool) -> list[str]:
+    """Stacked expert weights get RTN under GPTQ/LeanQuant (no per-expert Hessians yet), reported per weight;
+    returns the other targets."""
+    experts = [n for n in targets if p.model_map.linears[n].experts]
+    if experts and wq.method != "rtn":
+        _rtn_all(p, experts, dataclasses.replace(wq, method="rtn"), report, progress)
+        for n in experts:
+            report.skip(p.model_map.linears[n].weight, f"{wq.method} needs per-expert Hessians from routed tokens: RTN")
+    return [n for n in targets if n not in experts] if wq.method != "rtn" else targets
 
 
 def _store(p: Program, lin: Linear, qw, report: PassReport) -> None:
@@ -118,13 +124,16 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
     if recipe.kv:
         kv = recipe.kv
         for b in mm.blocks:
+            if b.attention is None:
+                report.skip(f"KV block {b.index}", "attention not matched (no SDPA op with k, v operands)")
+                continue
             for pos in (1, 2):
                 _insert_fake_quant(p, b.attention.node, pos, kv.bits, kv.symmetric, kv.clip_ratio)
-        report.count(f"KV{kv.bits} per (token, head)", n=2 * len(mm.blocks))
+        report.count(f"KV{kv.bits} per (token, head)", n=2 * sum(b.attention is not None for b in mm.blocks))
     p.module.recompile()
     wq = recipe.weights
     if wq:
-        _check_weights(p, targets, wq)
+        targets = _experts_by_rtn(p, targets, wq, report, progress)
         if wq.method == "rtn":
             _rtn_all(p, targets, wq, report, progress)
         else:

@@ -87,10 +87,14 @@ def test_calibrated_method_without_data_is_refused(tiny_programs):
         quantize(p, load_recipe("gptq"))
 
 
-def test_gptq_on_stacked_experts_is_refused(tiny_programs):
+def test_gptq_on_stacked_experts_falls_back_to_rtn_and_says_so(tiny_programs):
     _, p = tiny_programs["mixtral"]
-    with pytest.raises(RecipeError, match="expert"):
-        quantize(p, load_recipe("gptq"), _calib())
+    out = quantize(p, load_recipe("gptq"), _calib())
+    report = out.reports[-1]
+    experts = {lin.weight for lin in p.model_map.linears.values() if lin.experts}
+    assert experts and {s for s, _ in report.skipped} == experts
+    assert all("RTN" in r for _, r in report.skipped)
+    assert experts <= set(out.quantized)
 
 
 @pytest.mark.real

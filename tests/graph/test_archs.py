@@ -1,0 +1,118 @@
+"""Every family of models.FAMILIES: captured without refusal, exact under every rewrite it accepts (the sites it
+refuses are named with their reason), W4 GPTQ and lowering on every linear found."""
+
+import pytest
+import torch
+
+from conftest import max_rel_error
+from qcompile.errors import UnsafeRewriteError
+from qcompile.models import FAMILIES, attention_for, tiny
+from qcompile.passes.fold_norms import fold_norms
+from qcompile.passes.lower import lower
+from qcompile.passes.online_hadamard import online_hadamard
+from qcompile.passes.quantize import quantize
+from qcompile.passes.rotate import rotate
+from qcompile.pipeline import check_layout
+from qcompile.program import Program
+from qcompile.recipe import load_recipe
+
+TOL = 1e-4
+# (family, pass) -> the reason every skipped site of that pass must give; absent: nothing may be skipped
+SKIPS = {
+    ("gemma2", "rotate"): "eager attention", ("gemma2", "online_hadamard"): "eager attention",
+    ("deepseek_v3", "rotate"): "attention not matched: k of", ("deepseek_v3", "online_hadamard"): "attention not matched",
+    ("falcon", "rotate"): "ops ['index'] between v and o",
+    ("gpt2", "rotate"): "v is not a row range", ("gpt_neox", "rotate"): "v is not a row range",
+}
+LAYOUT = {"phi": "parallel", "falcon": "parallel", "gpt_neox": "parallel", "cohere": "parallel",
+          "gemma3": "post-norms", "olmo2": "post-norms", "gemma2": "eager attention", "qwen2_moe": "shared expert",
+          "deepseek_v3": "attention not matched"}
+PARALLEL = {"phi", "falcon", "gpt_neox", "cohere"}
+POST_NORMS = {"gemma2": 4, "gemma3": 4, "olmo2": 4}
+
+
+@pytest.fixture(scope="module")
+def programs():
+    return {}
+
+
+def _program(programs, arch):
+    if arch not in programs:
+        model = tiny(arch)
+        programs[arch] = (model, Program.capture(model))
+    return programs[arch]
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_capture_is_exact_and_finds_the_structure(arch, programs, ids):
+    model, p = _program(programs, arch)
+    with torch.no_grad():
+        assert max_rel_error(p.logits(ids), model(input_ids=ids).logits) == 0.0
+    mm = p.model_map
+    assert mm.stream_matched and len(mm.blocks) == model.config.num_hidden_layers
+    assert all(b.parallel == (arch in PARALLEL) for b in mm.blocks)
+    assert sum(len(b.post_norms) for b in mm.blocks) == POST_NORMS.get(arch, 0)
+    n_params = sum(1 for n, w in model.named_parameters() if w.dim() >= 2 and "embed" not in n and "wte" not in n
+                   and "wpe" not in n and "word_embeddings" not in n)
+    assert len(mm.linears) >= n_params - (1 if mm.tied else 0) - 2  # every 2-D weight but embeddings is a linear
+
+
+@pytest.mark.parametrize("chain", ["fold", "fold+rotate", "online", "fold+rotate+online"])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_rewrites_are_exact_or_skip_sites_with_their_reason(arch, chain, programs, ids):
+    model, p = _program(programs, arch)
+    out = p
+    if "fold" in chain:
+        out = fold_norms(out)
+    if "rotate" in chain:
+        out = rotate(out)
+    if "online" in chain:
+        out = online_hadamard(out)
+    ref = p.logits(ids)
+    assert max_rel_error(out.logits(ids), ref) <= TOL
+    for r in out.reports:
+        expected = SKIPS.get((arch, r.name))
+        assert all(expected and expected in why for _, why in r.skipped), r.skipped
+        if expected:
+            assert r.skipped
+    if "rotate" in chain:
+        assert out.reports[-1 if "online" not in chain else -2].counts["R1 reader"] > 0
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_layout_refusals_name_the_reason(arch, programs):
+    _, p = _program(programs, arch)
+    if arch in LAYOUT:
+        with pytest.raises(UnsafeRewriteError, match=LAYOUT[arch]):
+            check_layout(p.model_map, "duquant")
+    else:
+        check_layout(p.model_map, "duquant")
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_w4_gptq_and_lowering_on_every_linear(arch, programs, ids):
+    _, p = _program(programs, arch)
+    calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    q = quantize(p, load_recipe("gptq"), calib, progress=False)
+    mm = p.model_map
+    assert {mm.linears[n].weight for n in mm.linears if n != mm.lm_head} <= set(q.quantized)
+    low = lower(q)
+    assert max_rel_error(low.logits(ids), q.logits(ids)) < 1e-3
+    assert {w for w, _ in low.reports[-1].skipped} == {lin.weight for lin in mm.linears.values() if lin.experts}
+
+
+def test_post_norm_rotation_needs_a_hadamard(programs):
+    _, p = _program(programs, "gemma3")
+    with pytest.raises(UnsafeRewriteError, match="post-norm .*diag"):
+        rotate(fold_norms(p), kind="orthogonal")
+
+
+def test_attention_implementation_follows_transformers():
+    assert tiny("gemma2").config._attn_implementation == "eager"
+    assert tiny("llama").config._attn_implementation == "sdpa"
+    assert attention_for(tiny("gemma3").config) == "sdpa"
