@@ -136,11 +136,24 @@ def module_device(model: torch.nn.Module) -> torch.device:
 
 def export(model: torch.nn.Module, example_ids: torch.Tensor, dims: dict) -> torch.export.ExportedProgram:
     """``torch.export`` (non-strict) of ``model(input_ids=…)`` with ``portable_tracing``; the example ids are
-    moved to the model's device (meta models trace too: their graph is the same)."""
+    moved to the model's device (meta models trace too: their graph is the same).
+
+    Some torch releases (2.11) cannot prove guards that hold for every positive length, such as
+    ``min(16·seq, 32·seq) == 16·seq`` from the view of an expanded GQA key (``repeat_kv``): export then
+    refuses the dynamic ``seq``. Such a capture is retried with those guards deferred to run-time asserts
+    in the graph (``prefer_deferred_runtime_asserts_over_guards``); they hold for every length in range.
+    """
     example_ids = example_ids.to(module_device(model))
+    kwargs = {"input_ids": example_ids}
+    shapes = {"input_ids": dims}
     with torch.no_grad(), portable_tracing():
-        return torch.export.export(model, (), {"input_ids": example_ids}, dynamic_shapes={"input_ids": dims},
-                                   strict=False)
+        try:
+            return torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception as e:  # noqa: BLE001 - only the unprovable-guard case is retried
+            if "Constraints violated" not in str(e):
+                raise
+            return torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False,
+                                       prefer_deferred_runtime_asserts_over_guards=True)
 
 
 def follow_input_device(gm: fx.GraphModule) -> int:

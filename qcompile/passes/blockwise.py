@@ -147,9 +147,10 @@ class BlockRunner(fx.Interpreter):
                 if dev is not None and dev != self.device:
                     move_attr(gm, t, dev)
 
-    def run_segment(self, k: int, envs: list[dict], until: fx.Node | None = None) -> list[dict]:
-        """Run segment ``k`` over every batch; with ``until``, only up to that node and return each batch's
-        value of it (the carried environments are untouched); else return the new carried environments."""
+    def run_segment(self, k: int, envs: list[dict], until: fx.Node | None = None,
+                    consume: Callable[[torch.Tensor], None] | None = None) -> list[dict]:
+        """Run segment ``k`` over every batch; with ``until``, only up to that node and hand each batch's value
+        of it to ``consume`` (the carried environments are untouched); else return the new carried ones."""
         seg = self.segments.nodes[k]
         stop = len(seg) if until is None else (seg.index(until) + 1 if until in seg else 0)
         attrs = {a: self.fetch_attr(a.target) for n in seg[:stop] for a in n.all_input_nodes if a.op == "get_attr"}
@@ -165,7 +166,7 @@ class BlockRunner(fx.Interpreter):
                     for v in free.get(n, ()):
                         self.env.pop(v, None)
             if until is not None:
-                out.append(self.env[until])
+                consume(self.env[until])
             else:
                 out.append({v: self.env[v] for v in self.segments.live_out[k]})
             self.env = {}
@@ -250,11 +251,14 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
             for x_node, readers in stages.items():
                 lin0 = targets[readers[0].name]
                 acc = HessianAccumulator(lin0.in_features, name=lin0.weight, device=dev)
-                values = runner.run_segment(k, envs, until=x_node) if x_node in segs.nodes[k] else \
-                    [env[x_node] for env in envs]
-                for v in values:
-                    acc.add(v.reshape(-1, lin0.in_features))
-                del values
+                def add(v, acc=acc, k_in=lin0.in_features):
+                    acc.add(v.reshape(-1, k_in))
+
+                if x_node in segs.nodes[k]:  # one batch at a time: only its input is alive at once
+                    runner.run_segment(k, envs, until=x_node, consume=add)
+                else:
+                    for env in envs:
+                        add(env[x_node])
                 H = acc.hessian()
                 for n in readers:
                     quantize_linear(targets[n.name], H)

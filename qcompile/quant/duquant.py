@@ -48,9 +48,25 @@ def step_basis(b: int, seed: int) -> torch.Tensor:
     return q @ r0
 
 
+def step_bases(b: int, seeds: list[int]) -> torch.Tensor:
+    """``step_basis(b, seed)`` for every seed, stacked [n, b, b]: one batched QR instead of one per step (each
+    matrix is the same LAPACK factorization of the same Gaussian, so the values are those of ``step_basis``)."""
+    r0 = uniform_first_row_reflection(b)
+    if b <= 2 or not seeds:
+        return r0.expand(len(seeds), b, b).clone()
+    gauss = torch.stack([torch.randn(b - 1, b - 1, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                         for s in seeds])
+    q, r = torch.linalg.qr(gauss)
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+    out = torch.zeros(len(seeds), b, b, dtype=torch.float64)
+    out[:, 0, 0] = 1.0
+    out[:, 1:, 1:] = q
+    return out @ r0
+
+
 def step_for_channel(basis: torch.Tensor, d: int) -> torch.Tensor:
     """S_d = P₀d·basis·P₀d: row d uniform."""
-    perm = torch.arange(basis.shape[0])
+    perm = torch.arange(basis.shape[0], device=basis.device)
     perm[0], perm[d] = d, 0
     return basis[perm][:, perm]
 
@@ -68,20 +84,30 @@ def greedy_rotation(x: torch.Tensor, steps: int = 256, seed: int = 0, index: str
         raise ValueError(f"index must be 'channel' or 'row', got {index!r}")
     x = x.double()
     b = x.shape[-1]
-    r = torch.eye(b, dtype=torch.float64)
-    peaks = [float(x.abs().max())] if x.numel() else [0.0]
-    best, best_r = (peaks[0], 0), r
+    r = torch.eye(b, dtype=torch.float64, device=x.device)
+    best, best_r = None, r
+    peaks = []
     cur = x
     g = torch.Generator().manual_seed(seed)
-    for i in range(steps if b > 1 else 0):
-        flat = int(cur.abs().argmax())
+    n = steps if b > 1 else 0
+    # the random bases do not depend on the data: draw the seeds in order, factor them all at once
+    bases = step_bases(b, [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for _ in range(n)]).to(x.device)
+    for i in range(n + 1):
+        if cur.numel():
+            mag = cur.abs().reshape(-1)
+            flat = int(mag.argmax())
+            peaks.append(float(mag[flat]))  # the peak is the magnitude at the argmax: one pass, not two
+        else:
+            flat = 0
+            peaks.append(0.0)
+        if best is None or peaks[-1] < best[0]:
+            best, best_r = (peaks[-1], i), (r.clone() if i else r)
+        if i == n:
+            break
         d = flat % b if index == "channel" else (flat // b) % b
-        s = step_for_channel(step_basis(b, int(torch.randint(0, 2**31 - 1, (1,), generator=g))), d)
+        s = step_for_channel(bases[i], d)
         r = r @ s
         cur = cur @ s
-        peaks.append(float(cur.abs().max()))
-        if peaks[-1] < best[0]:
-            best, best_r = (peaks[-1], i + 1), r.clone()
     return GreedyResult(best_r, best[1], peaks)
 
 
@@ -127,14 +153,15 @@ def zigzag_permutation(absmax: torch.Tensor, block: int) -> torch.Tensor:
     for i, ch in enumerate(order.tolist()):
         lap, pos = divmod(i, k)
         buckets[pos if lap % 2 == 0 else k - 1 - pos].append(ch)
-    return torch.tensor([ch for bucket in buckets for ch in bucket] + list(range(n, c)), dtype=torch.long)
+    return torch.tensor([ch for bucket in buckets for ch in bucket] + list(range(n, c)), dtype=torch.long,
+                        device=absmax.device)
 
 
 def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
     """Pm with X·Pm = X[:, perm]."""
     c = perm.numel()
-    m = torch.zeros(c, c, dtype=torch.float64)
-    m[perm, torch.arange(c)] = 1.0
+    m = torch.zeros(c, c, dtype=torch.float64, device=perm.device)
+    m[perm, torch.arange(c, device=perm.device)] = 1.0
     return m
 
 
@@ -163,8 +190,8 @@ def duquant_transform(x: torch.Tensor, block: int = 128, steps: int = 256, seed:
     x = x.reshape(-1, c).double()
     r1, k1 = block_rotation(x, block, steps, seed, index)
     if not permute:
-        eye = torch.eye(c, dtype=torch.float64)
-        return DuQuantTransform(r1, torch.arange(c), eye, min(block, c), (tuple(k1), ()))
+        eye = torch.eye(c, dtype=torch.float64, device=x.device)
+        return DuQuantTransform(r1, torch.arange(c, device=x.device), eye, min(block, c), (tuple(k1), ()))
     xr = x @ r1
     perm = zigzag_permutation(xr.abs().amax(0), block)
     r2, k2 = block_rotation(xr[:, perm], block, steps, seed + 7919, index)

@@ -1,0 +1,137 @@
+"""The quantization pipeline on a GPU at Llama-2-7B and -70B shapes: time and memory per block, extrapolated.
+
+Random weights of the real shapes (LlamaConfig with the real hidden/FFN/heads and a few layers): every
+stage (capture, the recipe's passes, GPTQ block by block) is timed; passes and GPTQ are linear in the
+number of blocks, so the whole model's time is ``fixed + per_block × layers`` where the per-block time is
+measured on ``--layers`` blocks. Peak GPU memory is ``torch.cuda.max_memory_allocated`` per stage; host
+memory is the process's peak RSS.
+
+    python benchmarks/gpu_pipeline.py --shape 7b --recipe quarot+gptq --layers 2 --samples 128 --seq 2048
+    python benchmarks/gpu_pipeline.py --shape 70b --recipe gptq --a 16 --kv 16 --layers 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import time
+
+import torch
+
+SHAPES = {  # hidden, ffn, heads, kv heads, layers of the real model, vocab
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+               real_layers=32, vocab_size=32000),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                real_layers=80, vocab_size=32000),
+}
+
+
+def build(shape: str, layers: int, seed: int = 0, shrink: int = 1):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = dict(SHAPES[shape])
+    real = s.pop("real_layers")
+    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        s[k] //= shrink
+    config = LlamaConfig(**s, num_hidden_layers=layers, max_position_embeddings=4096, tie_word_embeddings=False,
+                         use_cache=False)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.normal_(0, 0.02, generator=g)
+        model.model.rotary_emb.__init__(config)  # inv_freq, left empty by to_empty
+    return model, real
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=SHAPES, default="7b")
+    ap.add_argument("--recipe", default="quarot+gptq")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--w", type=int, default=4)
+    ap.add_argument("--a", type=int, default=None)
+    ap.add_argument("--kv", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--passes-on", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (off: plain float32)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--shrink", type=int, default=1, help="divide every width by this (a CPU smoke test)")
+    args = ap.parse_args(argv)
+
+    from qcompile.passes.quantize import quantize
+    from qcompile.pipeline import run_passes
+    from qcompile.program import Program
+    from qcompile.recipe import load_recipe
+
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    if not cuda:  # a smoke test of the script; the timings mean nothing
+        torch.cuda.synchronize = torch.cuda.reset_peak_memory_stats = torch.cuda.empty_cache = lambda *a: None
+        torch.cuda.max_memory_allocated = lambda *a: 0
+        torch.cuda.get_device_name = lambda *a: "cpu"
+    recipe = load_recipe(args.recipe).with_bits(w=args.w, a=args.a, kv=args.kv, group=args.group)
+    recipe = recipe.with_calibration(samples=args.samples, seq=args.seq)
+    out = {"shape": args.shape, "recipe": recipe.name, "layers_measured": args.layers, "samples": args.samples,
+           "seq": args.seq, "group": args.group, "w": args.w, "a": args.a, "kv": args.kv, "batch": args.batch,
+           "tf32": args.tf32, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "date": datetime.date.today().isoformat()}
+    t = time.time()
+    model, real_layers = build(args.shape, args.layers, shrink=args.shrink)
+    out["build_s"] = round(time.time() - t, 1)
+    t = time.time()
+    program = Program.capture(model)
+    del model
+    out["capture_s"] = round(time.time() - t, 1)
+    calib = torch.randint(0, 32000, (args.samples, args.seq), generator=torch.Generator().manual_seed(0))
+
+    torch.cuda.reset_peak_memory_stats()
+    t = time.time()
+    if recipe.passes:
+        if args.passes_on == "cuda":
+            program.to(dev if args.passes_on == "cuda" and cuda else "cpu")
+        program = run_passes(program, recipe, calib)
+        program.to("cpu")
+    torch.cuda.synchronize()
+    out["passes_s"] = round(time.time() - t, 1)
+    out["passes_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.time()
+    needs = recipe.weights and recipe.weights.method != "rtn"
+    q = quantize(program, recipe, calib if needs else None, progress=False, device=dev, batch=args.batch)
+    torch.cuda.synchronize()
+    out["quantize_s"] = round(time.time() - t, 1)
+    out["quantize_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["host_peak_gib"] = round(peak_rss_gib(), 1)
+    per_block = (out["passes_s"] + out["quantize_s"]) / args.layers
+    out["per_block_s"] = round(per_block, 1)
+    out["real_layers"] = real_layers
+    out["extrapolated_min"] = round((out["capture_s"] + per_block * real_layers) / 60, 1)
+    out["quantized_linears"] = len(q.quantized)
+    print(json.dumps(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
