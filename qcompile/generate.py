@@ -4,7 +4,7 @@ A decoder is anything with ``empty_cache(batch)`` and ``step(ids, cache) -> (log
 logits ``[B, S, V]`` of the ``S`` new tokens given everything the cache has seen. Two live here:
 
 - ``CachedDecoder``: a graph made by the ``kv_cache`` pass (a captured, compiled or loaded model),
-  one forward per new token;
+  one forward per new token; ``StaticCachedDecoder`` the same over a preallocated cache;
 - ``Recompute``: any ``logits(ids)`` function, the whole sequence again at every step (the reference
   the cache must agree with, and the path for models without a cache).
 
@@ -46,6 +46,30 @@ class CachedDecoder:
     def step(self, ids: torch.Tensor, cache: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = self.module(ids, *cache)
         return out[0], list(out[1:])
+
+
+@dataclass
+class StaticCachedDecoder:
+    """A ``kv_cache(static=True)`` step ``(input_ids, cache_position, key_cache_0, …) → (logits,)``: the cache
+    is ``max_len`` preallocated slots per layer, written in place, so every decode step has one shape
+    (what CUDA-graph replay needs)."""
+
+    module: Callable
+    layout: CacheLayout
+    max_len: int
+    dtype: torch.dtype = torch.float32
+    device: torch.device | str | None = None
+
+    def empty_cache(self, batch: int) -> tuple[int, list[torch.Tensor]]:
+        return 0, self.layout.empty(batch, self.dtype, self.device, self.max_len)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, cache) -> tuple[torch.Tensor, tuple[int, list[torch.Tensor]]]:
+        seen, tensors = cache
+        if seen + ids.shape[1] > self.max_len:
+            raise QCompileError(f"the static cache holds {self.max_len} tokens; {seen + ids.shape[1]} asked for")
+        position = torch.arange(seen, seen + ids.shape[1], device=ids.device)
+        return self.module(ids, position, *tensors)[0], (seen + ids.shape[1], tensors)
 
 
 @dataclass

@@ -1,14 +1,16 @@
 """The KV-cache pass and the decoding loop: a cached step is the full-sequence graph, token by token."""
 
+import copy
+
 import pytest
 import torch
 
 import qcompile.api as qc
 from qcompile import artifact
 from qcompile.errors import QCompileError, UnsafeRewriteError
-from qcompile.generate import CachedDecoder, Recompute, Sampling, generate
+from qcompile.generate import CachedDecoder, Recompute, Sampling, StaticCachedDecoder, generate
 from qcompile.models import tiny
-from qcompile.passes.kv_cache import CacheLayout, add_kv_cache
+from qcompile.passes.kv_cache import CacheLayout, add_kv_cache, with_kv_cache
 from qcompile.passes.lower import lower
 from qcompile.program import Program
 from qcompile.recipe import load_recipe
@@ -23,7 +25,6 @@ def _decode_logits(step: CachedDecoder, ids: torch.Tensor, prefill: int) -> torc
     for t in range(prefill, ids.shape[1]):
         logits, cache = step.step(ids[:, t:t + 1], cache)
         out.append(logits)
-    assert cache[0].shape[2] == ids.shape[1]
     return torch.cat(out, dim=1)
 
 
@@ -51,6 +52,19 @@ def test_cached_decoding_matches_full_sequence_w4a4kv4(arch, tiny_programs, tiny
     full = lowered.logits(tiny_ids)
     decoded = _decode_logits(_cached(lowered), tiny_ids, prefill=20)
     assert max_rel_error(decoded, full) < 1e-5
+
+
+def test_static_cache_decodes_like_the_growing_cache(tiny_programs, tiny_ids):
+    """The preallocated cache (written in place at cache_position, all slots masked by position) gives the
+    full-sequence logits too, and refuses to run past its slots."""
+    _, program = tiny_programs["qwen2"]
+    lowered = lower(qc.compile(program, load_recipe("quarot").with_bits(kv=4, group=16), progress=False))
+    layout = CacheLayout.of(lowered.model_map)
+    static = StaticCachedDecoder(with_kv_cache(copy.deepcopy(lowered.module), layout, static=True), layout,
+                                 max_len=tiny_ids.shape[1])
+    assert max_rel_error(_decode_logits(static, tiny_ids, prefill=20), lowered.logits(tiny_ids)) < 1e-5
+    with pytest.raises(QCompileError, match="holds 37 tokens"):
+        generate(static, tiny_ids, 2)
 
 
 def test_greedy_tokens_same_with_and_without_cache(tiny_programs):

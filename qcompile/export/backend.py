@@ -86,10 +86,10 @@ def _calls_qcompile_ops(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and str(n.target).startswith("qcompile.") for n in gm.graph.nodes)
 
 
-def _inductor(gm: fx.GraphModule, example_inputs):
+def _inductor(gm: fx.GraphModule, example_inputs, mode: str | None):
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=_MODES[mode])
 
 
 def _source_root(tx, source: str):
@@ -120,24 +120,36 @@ def _source_model(gm: fx.GraphModule) -> torch.nn.Module:
     return model
 
 
-def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
-    """The backend function Dynamo calls (see the module docstring)."""
+_MODES = {  # torch.compile's mode → Inductor settings (what its own modes mean)
+    None: {},
+    "default": {},
+    "reduce-overhead": {"triton.cudagraphs": True},
+    "max-autotune": {"max_autotune": True, "triton.cudagraphs": True},
+    "max-autotune-no-cudagraphs": {"max_autotune": True},
+}
+
+
+def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """The backend function Dynamo calls (see the module docstring); ``mode`` is torch.compile's."""
     opts = BackendOptions.from_dict(options)
+    if mode not in _MODES:
+        raise QCompileError(f"torch.compile backend qcompile: unknown mode {mode!r}; known: "
+                            f"{', '.join(m for m in _MODES if m)}")
     if _calls_qcompile_ops(gm):
         if opts.recipe is not None:
             raise QCompileError("torch.compile backend qcompile: this graph is already quantized (it calls "
                                 "qcompile ops); compile it without a recipe")
-        return _inductor(gm, example_inputs) if opts.inductor else gm.forward
+        return _inductor(gm, example_inputs, mode) if opts.inductor else gm.forward
     if opts.recipe is None:
         raise QCompileError("torch.compile backend qcompile: a float model needs options={'recipe': NAME, ...} "
                             "(or compile a model loaded from a qcompile quantize directory)")
-    return _quantize_graph(gm, example_inputs, opts)
+    return _quantize_graph(gm, example_inputs, opts, mode)
 
 
 _QUANTIZED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {options: lowered Program}
 
 
-def _quantize_graph(gm: fx.GraphModule, example_inputs, opts: BackendOptions):
+def _quantize_graph(gm: fx.GraphModule, example_inputs, opts: BackendOptions, mode: str | None):
     """Quantize the model the graph comes from (once per model and options; a recompile for new shapes
     reuses it) and return a callable with the graph's calling convention."""
     from qcompile import api
@@ -167,7 +179,8 @@ def _quantize_graph(gm: fx.GraphModule, example_inputs, opts: BackendOptions):
             program = api.compile(api.capture(model), recipe, opts.tokenizer, opts.progress,
                                   calibration=opts.calibration)
             lowered = lower(program) if recipe.quantizes else program
-            run = torch.compile(lowered.module, backend="inductor", fullgraph=True) if opts.inductor else lowered.module
+            run = (torch.compile(lowered.module, backend="inductor", fullgraph=True, mode=mode) if opts.inductor
+                   else lowered.module)
             cache[key] = (lowered, run)
         return cache[key]
 

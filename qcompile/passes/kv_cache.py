@@ -60,9 +60,10 @@ class CacheLayout:
     def layers(self) -> int:
         return len(self.n_heads)
 
-    def empty(self, batch: int, dtype=torch.float32, device=None) -> list[torch.Tensor]:
-        """The cache of a sequence not started yet: ``[past_key_0, past_value_0, …]`` with P = 0."""
-        return [torch.zeros(batch, h, 0, self.head_dim, dtype=dtype, device=device)
+    def empty(self, batch: int, dtype=torch.float32, device=None, slots: int = 0) -> list[torch.Tensor]:
+        """The cache of a sequence not started yet: ``[past_key_0, past_value_0, …]`` with P = 0 (or, for a
+        static cache, ``slots`` zeroed slots)."""
+        return [torch.zeros(batch, h, slots, self.head_dim, dtype=dtype, device=device)
                 for h in self.n_kv_heads for _ in (0, 1)]
 
     def to_dict(self) -> dict:
@@ -126,8 +127,16 @@ def add_kv_cache(program: Program) -> Program:
     return p.done(report)
 
 
-def with_kv_cache(gm: fx.GraphModule, layout: CacheLayout, report: PassReport | None = None) -> fx.GraphModule:
-    """Edit ``gm`` in place into the decoder step for ``layout``; returns it."""
+def with_kv_cache(gm: fx.GraphModule, layout: CacheLayout, report: PassReport | None = None,
+                  static: bool = False) -> fx.GraphModule:
+    """Edit ``gm`` in place into the decoder step for ``layout``; returns it.
+
+    ``static``: the cache is preallocated instead (see ``StaticCache``): ``forward(input_ids,
+    cache_position [S], key_cache_0, value_cache_0, …) → (logits,)`` writes the new K/V at
+    ``cache_position`` in place (``index_copy_``) and attends over all ``M`` slots with
+    ``mask[i, j] = j ≤ cache_position[i]``; every step has the same shapes, so it can be replayed as a
+    CUDA graph.
+    """
     report = report or PassReport("kv_cache")
     graph = gm.graph
     ids = _input_ids(graph)
@@ -143,31 +152,41 @@ def with_kv_cache(gm: fx.GraphModule, layout: CacheLayout, report: PassReport | 
                                  "cannot offset the positions")
 
     # 1. the cache inputs, after input_ids
-    past = []
+    caches = []
+    prefix = ("key_cache", "value_cache") if static else ("past_key", "past_value")
     with graph.inserting_after(ids):
         for i in reversed(range(len(attn))):
-            v = graph.placeholder(f"past_value_{i}")
-            k = graph.placeholder(f"past_key_{i}")
-            past[:0] = [(k, v)]
+            v = graph.placeholder(f"{prefix[1]}_{i}")
+            k = graph.placeholder(f"{prefix[0]}_{i}")
+            caches[:0] = [(k, v)]
+        if static:
+            cache_position = graph.placeholder("cache_position")
+    # 2. positions: arange(S) + P, or the given cache_position
     with graph.inserting_after(seq):
-        p_len = graph.call_function(aten.sym_size.int, (past[0][0], _SEQ_DIM))
-    # 2. positions: arange(S) + P
+        p_len = None if static else graph.call_function(aten.sym_size.int, (caches[0][0], _SEQ_DIM))
     for n in aranges:
+        if static:
+            n.replace_all_uses_with(cache_position)
+            report.count("positions from cache_position", n.name)
+            continue
         with graph.inserting_after(n):
             shifted = graph.call_function(aten.add.Tensor, (n, p_len))
         n.replace_all_uses_with(shifted, delete_user_cb=lambda u: u is not shifted)
         report.count("positions offset by P", n.name)
-    # 3. K/V through the cache, and the bottom-right causal mask
+    # 3. K/V through the cache, and the causal mask over the cached keys
     presents = []
     mask = None
     for node, heads, kv_heads in zip(attn, layout.n_heads, layout.n_kv_heads):
         rep = heads // kv_heads
         with graph.inserting_before(node):
-            for pos, cache in zip((1, 2), past[len(presents) // 2]):
+            for pos, cache in zip((1, 2), caches[len(presents) // 2]):
                 _check_heads(node, pos, heads, layout.head_dim)
                 op = node.args[pos]
                 distinct = op if rep == 1 else graph.call_function(aten.slice.Tensor, (op, 1, 0, heads, rep))
-                present = graph.call_function(aten.cat.default, ([cache, distinct], _SEQ_DIM))
+                if static:
+                    present = graph.call_function(aten.index_copy_.default, (cache, _SEQ_DIM, cache_position, distinct))
+                else:
+                    present = graph.call_function(aten.cat.default, ([cache, distinct], _SEQ_DIM))
                 full = present
                 if rep > 1:
                     full = graph.call_function(aten.unsqueeze.default, (present, 2))
@@ -176,35 +195,41 @@ def with_kv_cache(gm: fx.GraphModule, layout: CacheLayout, report: PassReport | 
                 node.update_arg(pos, full)
                 presents.append(present)
             if mask is None:
-                mask = _causal_mask(graph, seq, p_len, presents[-1], node)
+                if static:
+                    q = graph.call_function(aten.unsqueeze.default, (cache_position, 1))
+                else:
+                    q = graph.call_function(aten.arange.default, (seq,), {"device": _device(node)})
+                    q = graph.call_function(aten.unsqueeze.default, (graph.call_function(aten.add.Tensor, (q, p_len)), 1))
+                mask = _causal_mask(graph, q, presents[-1], node)
         args = list(node.args) + [None] * (4 - len(node.args))
         args[3] = mask
         node.args = tuple(args)
         node.kwargs = {k: v for k, v in node.kwargs.items() if k != "is_causal"}
         report.count("attention with cache", node.name)
-    # 4. outputs: (logits, present_key_0, present_value_0, ...), plain positional calling convention
+    # 4. outputs: (logits, present_key_0, present_value_0, ...) or (logits,); plain positional calling convention
     out = next(n for n in graph.nodes if n.op == "output")
-    out.args = ((_logits(out), *presents),)
+    out.args = ((_logits(out),) if static else (_logits(out), *presents),)
     graph._codegen = fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()
     graph.eliminate_dead_code()
     follow_input_device(gm)  # the mask's aranges were made on the capture's device
     graph.lint()
     gm.recompile()
-    report.notes["cache"] = (f"{layout.layers} layers × (K, V) [B, n_kv_heads, P, {layout.head_dim}]; "
-                             "mask: causal over P + S keys, no padding")
+    report.notes["cache"] = (f"{layout.layers} layers × (K, V) [B, n_kv_heads, {'M' if static else 'P'}, "
+                             f"{layout.head_dim}]; mask: causal, no padding")
     return gm
 
 
-def _causal_mask(graph: fx.Graph, seq: fx.Node, p_len: fx.Node, present: fx.Node, anchor: fx.Node) -> fx.Node:
-    """bool ``[1, 1, S, P + S]`` with ``mask[i, j] = j ≤ P + i``."""
-    device = anchor.args[0].meta["val"].device if "val" in anchor.args[0].meta else None
-    total = graph.call_function(aten.sym_size.int, (present, _SEQ_DIM))
-    q = graph.call_function(aten.arange.default, (seq,), {"device": device})
-    q = graph.call_function(aten.add.Tensor, (q, p_len))
-    q = graph.call_function(aten.unsqueeze.default, (q, 1))
-    k = graph.call_function(aten.arange.default, (total,), {"device": device})
-    mask = graph.call_function(aten.le.Tensor, (k, q))
+def _device(node: fx.Node):
+    val = node.args[0].meta.get("val")
+    return val.device if isinstance(val, torch.Tensor) else None
+
+
+def _causal_mask(graph: fx.Graph, q_pos: fx.Node, keys: fx.Node, anchor: fx.Node) -> fx.Node:
+    """bool ``[1, 1, S, T]`` with ``mask[i, j] = j ≤ q_pos[i]`` over the ``T`` keys of ``keys`` (q_pos: ``[S, 1]``)."""
+    total = graph.call_function(aten.sym_size.int, (keys, _SEQ_DIM))
+    k = graph.call_function(aten.arange.default, (total,), {"device": _device(anchor)})
+    mask = graph.call_function(aten.le.Tensor, (k, q_pos))
     mask = graph.call_function(aten.unsqueeze.default, (mask, 0))
     return graph.call_function(aten.unsqueeze.default, (mask, 0))
 
