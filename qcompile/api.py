@@ -82,6 +82,9 @@ def evaluate(spec: str, recipe: str | Recipe | None = None, fp: bool = False, wi
         loaded = artifact.load(spec)
         r, logits_fn = loaded.recipe, loaded.logits
         _, tokenizer = load_model(loaded.manifest["model"])
+    elif _is_onnx(spec):
+        om, tokenizer = _onnx_model(spec)
+        r, logits_fn = om.recipe(), om.logits
     else:
         model, tokenizer = load_model(spec)
         r = as_recipe(recipe) if recipe else Recipe(name="fp")
@@ -116,6 +119,9 @@ def decoder(spec: str, recipe: str | Recipe | None = None, use_cache: bool = Tru
         loaded = artifact.load(spec)
         _, tokenizer = load_model(loaded.manifest["model"])
         return (loaded.decoder() if use_cache else Recompute(loaded.logits)), tokenizer
+    if _is_onnx(spec):
+        om, tokenizer = _onnx_model(spec)
+        return (om if use_cache else Recompute(om.logits)), tokenizer
     model, tokenizer = load_model(spec)
     program = capture(model)
     if recipe is not None:
@@ -139,3 +145,27 @@ def generate_text(decoder: Decoder, tokenizer, prompt: str, max_new_tokens: int 
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = generate(decoder, ids, max_new_tokens, tokenizer.eos_token_id, sampling, progress)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _is_onnx(spec: str) -> bool:
+    from qcompile.export.onnx import is_onnx_folder
+
+    return is_onnx_folder(spec) or str(spec).endswith(".onnx")
+
+
+def _onnx_model(spec: str):
+    """(``export.runtime.OrtModel``, tokenizer) of an exported ONNX folder."""
+    from qcompile.export.runtime import OrtModel, tokenizer_of
+
+    om = OrtModel(spec)
+    tokenizer = tokenizer_of(om.path if om.path.is_dir() else om.path.parent)
+    if tokenizer is None and not om.model.startswith("tiny:"):
+        _, tokenizer = load_model(om.model)
+    return om, tokenizer
+
+
+def export_onnx(source, out: str | Path, force: bool = False, int8_path: str = "matmulinteger") -> Path:
+    """Export a saved directory (or a lowered Program) to an ONNX folder; see ``qcompile.export.onnx``."""
+    from qcompile.export.onnx import export_onnx as _export_onnx
+
+    return _export_onnx(source, out, force=force, int8_path=int8_path)

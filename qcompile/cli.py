@@ -119,6 +119,13 @@ def cmd_generate(args) -> None:
     print(text)
 
 
+def cmd_export(args) -> None:
+    from qcompile.api import export_onnx
+
+    out = export_onnx(args.model, args.onnx, force=args.force, int8_path=args.int8)
+    print(f"exported {out}")
+
+
 def _bits(parser):
     parser.add_argument("--recipe", help="recipe name, .yaml file, or a +-composition (quarot+gptq)")
     parser.add_argument("--w", type=int, help="weight bits (16: off)")
@@ -180,6 +187,13 @@ def main(argv=None) -> int:
     _bits(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("export", help="export a directory written by quantize to an ONNX folder")
+    p.add_argument("model", help="a directory written by quantize")
+    p.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX folder to write (model.onnx, genai_config)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--int8", choices=["matmulinteger", "matmulnbits"], default="matmulinteger",
+                   help="W4A8 linears: per-token int8 + MatMulInteger (exact, default) or MatMulNBits accuracy_level=4")
+    p.set_defaults(fn=cmd_export)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

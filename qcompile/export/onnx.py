@@ -65,8 +65,9 @@ def _check_expressible(gm: torch.fx.GraphModule, pass_lines: list[str], where: s
 
     skips = _lower_skips(pass_lines)
     if skips:
-        raise ExportError(f"{where}: linear {skips[0]} was not lowered to an INT4 op; ONNX export would store it in "
-                          "float and drop its quantization. Quantize with a uniform (affine) 4-bit recipe.")
+        site, _, reason = skips[0].partition(": ")
+        raise ExportError(f"{where}: linear {site} was not lowered to an INT4 op ({reason}); ONNX export would "
+                          "store it in float and drop its quantization. Quantize with a uniform (affine) 4-bit recipe.")
     known = set(translation_table())
     for node in gm.graph.nodes:
         if node.op != "call_function" or not str(node.target).startswith("qcompile."):

@@ -66,9 +66,14 @@ class OrtModel:
     def model(self) -> str:
         return self.metadata[META_MODEL]
 
-    @property
-    def recipe_yaml(self) -> str | None:
-        return self.metadata.get(META_RECIPE)
+    def recipe(self):
+        """The recipe recorded in the model's metadata (``fp`` when none)."""
+        import yaml
+
+        from qcompile.recipe import Recipe
+
+        text = self.metadata.get(META_RECIPE)
+        return Recipe(name="fp") if text is None else Recipe.from_dict(yaml.safe_load(text), where=str(self.path))
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, h, 0, self.head_dim), dtype=np.float32) for h in self.kv_heads for _ in (0, 1)]

@@ -1,0 +1,210 @@
+"""SmolLM2-135M through onnxruntime on the CPU: qcompile's exports against fp32 and onnxruntime-genai's builder.
+
+    python benchmarks/onnx_cpu.py --w4a16 DIR --w4a8 DIR --w4a4 DIR [--threads 2 --repeats 3]
+
+DIRs are `qcompile quantize` outputs. Every row is an ONNX folder run by onnxruntime 1.x with ``threads``
+intra-op threads: perplexity (WikiText-2 test, first ``--windows`` windows of 2048, plain onnxruntime),
+prefill latency of 2048 tokens (plain onnxruntime, median of ``--repeats``), decode tokens/s (onnxruntime-genai,
+prompt 512, 128 new tokens, greedy, median of ``--repeats``) and the size of the files. The peer is
+``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4 -e cpu --extra_options block_size=128``
+on an HF folder saved from the same (GGUF-loaded) weights. Writes benchmarks/results/onnx-cpu.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent
+
+
+def _feed(session, ids: np.ndarray) -> dict:
+    """Inputs for a full-sequence pass of any decoder graph (ours or the builder's): empty past."""
+    feed = {}
+    for inp in session.get_inputs():
+        if inp.name == "input_ids":
+            feed[inp.name] = ids
+        elif inp.name == "attention_mask":
+            feed[inp.name] = np.ones_like(ids)
+        elif inp.name == "position_ids":
+            feed[inp.name] = np.arange(ids.shape[1], dtype=np.int64)[None].repeat(ids.shape[0], 0)
+        elif "past" in inp.name:
+            dt = np.float16 if "float16" in inp.type else np.float32
+            feed[inp.name] = np.zeros((ids.shape[0], inp.shape[1], 0, inp.shape[3]), dtype=dt)
+        else:
+            raise SystemExit(f"unknown input {inp.name}")
+    return feed
+
+
+def _session(folder: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    name = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    return ort.InferenceSession(str(folder / name), opts, providers=["CPUExecutionProvider"])
+
+
+def perplexity(session, windows) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    losses = []
+    for w in windows:
+        ids = w[None].numpy().astype(np.int64)
+        logits = torch.from_numpy(session.run(["logits"], _feed(session, ids))[0]).float()
+        losses.append(F.cross_entropy(logits[0, :-1], w[1:]).item())
+    return float(np.exp(np.mean(losses)))
+
+
+def prefill(session, ids: np.ndarray, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(["logits"], _feed(session, ids))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def decode(folder: Path, prompt: list[int], new: int, repeats: int, threads: int) -> float:
+    """Tokens/s of onnxruntime-genai generating ``new`` tokens after ``prompt`` (the prefill excluded)."""
+    import onnxruntime_genai as og
+
+    cfg_path = folder / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    so = cfg["model"]["decoder"].setdefault("session_options", {})
+    so["intra_op_num_threads"], so["inter_op_num_threads"] = threads, 1
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    model = og.Model(str(folder))
+    rates = []
+    for _ in range(repeats):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + new)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.asarray([prompt], dtype=np.int32))
+        gen.generate_next_token()  # the first new token comes with the prefill
+        t, n = time.perf_counter(), 0
+        while not gen.is_done() and n < new - 1:
+            gen.generate_next_token()
+            n += 1
+        rates.append(n / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx") or
+               f.suffix in (".onnx", ".data")) / 1e6
+
+
+def build_rows(args) -> list[tuple[str, Path, str]]:
+    """(row name, ONNX folder, how it was made), exporting/building what is missing."""
+    import qcompile.api as qc
+    from qcompile.export import export_onnx
+    from qcompile.models import load
+    from qcompile.recipe import Recipe
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    model, tokenizer = load("smollm2-135m")
+    fp = work / "fp32"
+    if not fp.exists():
+        export_onnx(qc.capture(model), fp, recipe=Recipe(name="fp"), model="smollm2-135m", tokenizer=tokenizer,
+                    hf_config=model.config)
+    rows.append(("fp32 ONNX (qcompile export, no quantization)", fp, "qcompile.export_onnx(capture(model))"))
+    for name, src, path in (("W4A16 g128 asym quarot+gptq", args.w4a16, "matmulinteger"),
+                            ("W4A8 per-channel quarot+gptq (MatMulInteger, exact A8)", args.w4a8, "matmulinteger"),
+                            ("W4A8 per-channel quarot+gptq (MatMulNBits accuracy_level=4)", args.w4a8, "matmulnbits"),
+                            ("W4A4 " + args.w4a4_label, args.w4a4, "matmulinteger")):
+        if not src:
+            continue
+        out = work / (Path(src).name + ("-nbits" if path == "matmulnbits" else ""))
+        if not out.exists():
+            export_onnx(src, out, int8_path=path)
+        rows.append((name, out, f"qcompile export {src} --onnx {out}" + (" --int8 matmulnbits" if path ==
+                                                                          "matmulnbits" else "")))
+    hf, peer = work / "hf", work / "peer-int4"
+    if not hf.exists():
+        model.save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(peer), "-p", "int4",
+           "-e", "cpu", "--extra_options", "block_size=128"]
+    if not peer.exists():
+        subprocess.run(cmd, check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    rows.append(("peer: onnxruntime-genai builder int4 RTN block 128 (accuracy_level 4)", peer, " ".join(cmd[1:])))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--w4a16")
+    ap.add_argument("--w4a8")
+    ap.add_argument("--w4a4")
+    ap.add_argument("--w4a4-label", default="g64 asym quarot+gptq")
+    ap.add_argument("--work", default="out/onnx-bench")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--out", default=str(ROOT / "results" / "onnx-cpu"))
+    args = ap.parse_args()
+
+    import torch
+
+    from qcompile.eval import data
+    from qcompile.models import load
+
+    torch.set_num_threads(args.threads)
+    rows = build_rows(args)
+    _, tokenizer = load("smollm2-135m")
+    test = data.token_ids(tokenizer, data.TEST)
+    windows = data.eval_windows(test, 2048, args.windows)
+    prefill_ids = test[:2048][None].numpy().astype(np.int64)
+    prompt = test[4096:4096 + 512].tolist()
+    results = []
+    for name, folder, how in rows:
+        s = _session(folder, args.threads)
+        r = {"row": name, "folder": str(folder), "made_by": how, "size_mb": round(size_mb(folder), 1),
+             "ppl": round(perplexity(s, windows), 3), "prefill_2048_s": round(prefill(s, prefill_ids, args.repeats), 3)}
+        del s
+        r["decode_tok_s"] = round(decode(folder, prompt, 128, args.repeats, args.threads), 1)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    fp_size = results[0]["size_mb"]
+    lines = [
+        "# SmolLM2-135M through onnxruntime on the CPU",
+        "",
+        f"- command: `python benchmarks/onnx_cpu.py {' '.join(sys.argv[1:])}`",
+        f"- machine: {platform.machine()} {os.cpu_count()} cores, {platform.platform()}; {args.threads} threads; "
+        f"onnxruntime {__import__('onnxruntime').__version__}, onnxruntime-genai "
+        f"{__import__('onnxruntime_genai').__version__}",
+        f"- date: {date.today().isoformat()}",
+        f"- ppl: WikiText-2 test, first {args.windows} windows of 2048 (plain onnxruntime, empty KV cache); prefill: "
+        f"one 2048-token pass, median of {args.repeats}; decode: onnxruntime-genai greedy, prompt 512, 128 new "
+        f"tokens, tokens/s after the first, median of {args.repeats}; size: model.onnx + external data.",
+        "- the machine's 2 cores were shared with other jobs: latencies are upper bounds.",
+        "",
+        "| row | ppl | prefill 2048 (s) | decode (tok/s) | size (MB) | × fp32 size |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r['row']} | {r['ppl']:.3f} | {r['prefill_2048_s']:.3f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['size_mb']:.1f} | {r['size_mb'] / fp_size:.2f} |")
+    lines += ["", "How each row was made:", ""] + [f"- {r['row']}: `{r['made_by']}`" for r in results]
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    Path(args.out + ".json").write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
