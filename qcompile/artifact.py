@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import qcompile
-from qcompile.errors import ArtifactError
+from qcompile.errors import ArtifactError, UnsafeRewriteError
 from qcompile.graph.fx import export_inputs
 from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
 from qcompile.program import Program
@@ -54,6 +54,14 @@ def _export(program: Program):
                                    strict=False)
 
 
+def _cache_layout(program: Program) -> dict | None:
+    """The KV-cache layout to record, or None for a model whose attention was not matched (no generation)."""
+    try:
+        return CacheLayout.of(program.model_map).to_dict()
+    except UnsafeRewriteError:
+        return None
+
+
 def save(program: Program, out_dir: str | Path, recipe: Recipe, model: str, plan: list[str] | None = None) -> Path:
     """Write the compiled program to ``out_dir`` (which must not exist yet), atomically."""
     out = Path(out_dir)
@@ -75,7 +83,7 @@ def save(program: Program, out_dir: str | Path, recipe: Recipe, model: str, plan
             "recipe": recipe.name,
             "plan": plan or [],
             "passes": [line for r in program.reports for line in r.lines()],
-            "cache": CacheLayout.of(program.model_map).to_dict(),
+            "cache": _cache_layout(program),
             "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -107,8 +115,9 @@ class LoadedModel:
         """A ``generate.CachedDecoder`` over a copy of the graph made into a KV-cache step (``kv_cache``)."""
         from qcompile.generate import CachedDecoder
 
-        if "cache" not in self.manifest:
-            raise ArtifactError("this model directory records no KV-cache layout; quantize it again to generate")
+        if not self.manifest.get("cache"):
+            raise ArtifactError("this model directory records no KV-cache layout (its attention was not matched, "
+                                "or an older qcompile wrote it): generate with use_cache=False")
         layout = CacheLayout.from_dict(self.manifest["cache"])
         return CachedDecoder(with_kv_cache(copy.deepcopy(self.module), layout), layout)
 

@@ -42,10 +42,11 @@ def cmd_inspect(args) -> None:
     print(json.dumps(mm.summary(), indent=1))
     for b in mm.blocks:
         a, f = b.attention, b.ffn
-        print(f"block {b.index}: norm {b.attn_norm.node} → q {a.q.linear}[{a.q.start}:{a.q.stop}] "
-              f"k {a.k.linear}[{a.k.start}:{a.k.stop}] v {a.v.linear}[{a.v.start}:{a.v.stop}] → {a.node} → o {a.o} "
-              f"| norm {b.ffn_norm.node} → {f.kind} gate {f.gate.linear if f.gate else '-'} up {f.up.linear} "
-              f"down {f.down}")
+        attn = (f"q {a.q.linear}[{a.q.start}:{a.q.stop}] k {a.k.linear}[{a.k.start}:{a.k.stop}] "
+                f"v {a.v.linear}[{a.v.start}:{a.v.stop}] → {a.node} → o {a.o}") if a else "attention not matched"
+        ffn = (f"{f.kind} gate {f.gate.linear if f.gate else '-'} up {f.up.linear} down {f.down}") if f else \
+            "FFN not matched"
+        print(f"block {b.index}: norm {b.attn_norm.node} → {attn} | norm {b.ffn_norm.node} → {ffn}")
     for inv in mm.invariances:
         if not inv.holds:
             print(f"not proved: {inv.name}: {inv.reason}")

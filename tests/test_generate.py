@@ -126,3 +126,16 @@ def test_smollm2_greedy_same_with_and_without_cache(smollm2, smollm2_program):
     with_cache = generate(_cached(smollm2_program), prompt, 16)
     assert torch.equal(with_cache, generate(Recompute(smollm2_program.logits), prompt, 16))
     assert "Paris" in tokenizer.decode(with_cache[0, prompt.shape[1]:])
+
+
+def test_kv_cache_refuses_unmatched_attention_and_saving_still_works(tmp_path):
+    """Gemma-2's eager attention is not matched: no cache layout (refused by name), but the model still
+    quantizes, saves and loads; its directory records no layout and generation asks for use_cache=False."""
+    program = Program.capture(tiny("gemma2"))
+    with pytest.raises(UnsafeRewriteError, match="attention is not matched"):
+        CacheLayout.of(program.model_map)
+    recipe = load_recipe("rtn").with_bits(group=16)
+    loaded = artifact.load(artifact.save(lower(qc.compile(program, recipe, progress=False)), tmp_path / "g", recipe,
+                                         "tiny:gemma2"))
+    with pytest.raises(QCompileError, match="use_cache=False"):
+        loaded.decoder()

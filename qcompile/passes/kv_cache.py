@@ -53,6 +53,11 @@ class CacheLayout:
 
     @classmethod
     def of(cls, mm) -> "CacheLayout":
+        """The layout of a matched model; refuses one whose attention the matcher could not prove."""
+        missing = [b.index for b in mm.blocks if b.attention is None]
+        if missing or not mm.blocks:
+            raise UnsafeRewriteError(f"kv_cache: attention is not matched in block(s) {missing or 'all'}; the cache "
+                                     "needs every attention op's heads")
         attn = [b.attention for b in mm.blocks]
         return cls(tuple(a.n_heads for a in attn), tuple(a.n_kv_heads for a in attn), attn[0].head_dim)
 
