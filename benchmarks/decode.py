@@ -27,6 +27,7 @@ import torch
 SHAPES = {  # hidden, ffn, heads, kv heads, layers, vocab
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
     "llama3-8b": (4096, 14336, 32, 8, 32, 128256),
+    "smoke": (256, 512, 4, 2, 2, 32000),  # a CPU check of the script itself
 }
 
 
@@ -52,26 +53,35 @@ def build(shape: str, layers: int | None, device: str):
     return model.eval()
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_decode(decoder, prompt, new_tokens: int, runs: int) -> tuple[float, float]:
     """(median tokens/s of the decode phase, median prefill ms) over ``runs`` runs after one warm-up."""
     rates, prefills = [], []
     for r in range(runs + 1):
         cache = decoder.empty_cache(1)
-        torch.cuda.synchronize()
+        _sync(prompt.device)
         t0 = time.perf_counter()
         logits, cache = decoder.step(prompt, cache)
         token = logits[:, -1].argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
+        _sync(prompt.device)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             logits, cache = decoder.step(token, cache)
             token = logits[:, -1].argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
+        _sync(prompt.device)
         t2 = time.perf_counter()
         if r:
             rates.append((new_tokens - 1) / (t2 - t1))
             prefills.append(1e3 * (t1 - t0))
     return statistics.median(rates), statistics.median(prefills)
+
+
+def _machine(device: str) -> str:
+    return torch.cuda.get_device_name() if torch.device(device).type == "cuda" else f"CPU ({platform.processor()})"
 
 
 def main(argv=None) -> None:
@@ -88,9 +98,10 @@ def main(argv=None) -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--variants", default="bf16-eager,bf16-compile,w4a16,w4a8,w4a4,torchao-int4wo")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", help="append the table to this markdown file (and a .json beside it)")
     args = ap.parse_args(argv)
-    dev = "cuda"
+    dev = args.device
     max_len = args.prompt + args.new
     t0 = time.time()
     model = build(args.shape, args.layers, dev)
@@ -134,13 +145,14 @@ def main(argv=None) -> None:
         rows.append({"variant": name, "tok_s": round(rate, 1), "prefill_ms": round(prefill, 2),
                      "setup_s": round(time.time() - t1, 1)})
         print(f"{name}: {rate:.1f} tok/s, prefill {prefill:.1f} ms (setup {time.time() - t1:.0f} s)", flush=True)
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     compiled = next((r["tok_s"] for r in rows if r["variant"] == "bf16-compile" and "tok_s" in r), None)
     head = (f"\n## {args.shape} ({len(layout.n_heads)} layers), batch 1, prompt {args.prompt}, {args.new} new tokens\n\n"
-            f"- command: `python {' '.join(sys.argv)}`\n- machine: {torch.cuda.get_device_name()}, torch "
+            f"- command: `python {' '.join(sys.argv)}`\n- machine: {_machine(dev)}, torch "
             f"{torch.__version__}, {platform.platform()}\n- date: {datetime.date.today()}\n"
             f"- median of {args.runs} runs after a warm-up; tokens/s of the decode phase\n\n"
-            "| variant | tokens/s | × bf16 compiled | prefill 512 (ms) | setup (s) |\n|---|---|---|---|---|\n")
+            f"| variant | tokens/s | × bf16 compiled | prefill {args.prompt} (ms) | setup (s) |\n|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if "error" in r:
