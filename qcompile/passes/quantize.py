@@ -89,7 +89,8 @@ class _SequentialQuantizer(fx.Interpreter):
         if lin is not None:
             x_node = n.args[0]
             if x_node not in self.hessians:
-                acc = HessianAccumulator(lin.in_features, name=lin.weight)
+                x = self.env[x_node]
+                acc = HessianAccumulator(lin.in_features, name=lin.weight, device=x.device)
                 acc.add(self.env[x_node].detach().reshape(-1, lin.in_features))
                 self.hessians[x_node] = acc.hessian()
                 self.readers_left[x_node] = sum(1 for u in x_node.users if u.name in self.targets)

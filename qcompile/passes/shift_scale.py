@@ -230,7 +230,7 @@ def shift_scale(program: Program, *, calibration: torch.Tensor, shift: bool = Tr
         cones = {site.name: _site_cone(p, site) for site, *_ in plans}
         needed = {n for c in cones.values() for n in (c.outside | {c.start, c.end})}
         rec = _Recorder(p.module, needed)
-        rec.run(calibration[:search_windows])
+        rec.run(calibration[:search_windows].to(p.device))
         for site, lo, hi, z in tqdm(plans, desc="shift_scale search", unit="site", disable=not progress):
             cone = cones[site.name]
             t_max = float(torch.maximum(hi.abs(), lo.abs()).max())
