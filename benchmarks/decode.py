@@ -86,7 +86,8 @@ def _machine(device: str) -> str:
 
 def main(argv=None) -> None:
     import qcompile.api as qc
-    from qcompile.generate import StaticCachedDecoder
+    from qcompile.export.backend import qcompile_backend
+    from qcompile.generate import StaticCachedDecoder, StaticKVStep
     from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
     from qcompile.passes.lower import lower
     from qcompile.recipe import load_recipe
@@ -111,10 +112,12 @@ def main(argv=None) -> None:
     prompt = torch.randint(0, 32000, (1, args.prompt), device=dev, generator=torch.Generator(dev).manual_seed(1))
 
     def step_of(module, compile_with=None, mode="reduce-overhead"):
-        gm = with_kv_cache(copy.deepcopy(module), layout, static=True)
-        if compile_with:
-            gm = torch.compile(gm, backend=compile_with, fullgraph=True, mode=mode)
-        return StaticCachedDecoder(gm, layout, max_len, torch.bfloat16, dev)
+        step = StaticKVStep(with_kv_cache(copy.deepcopy(module), layout, static=True), layout, 1, max_len,
+                            torch.bfloat16, dev)
+        if compile_with:  # the backend by function: the GPU machine runs from the tree, without the entry point
+            backend = qcompile_backend if compile_with == "qcompile" else compile_with
+            step = torch.compile(step, backend=backend, fullgraph=True, mode=mode)
+        return StaticCachedDecoder(step, max_len)
 
     rows = []
     for name in args.variants.split(","):

@@ -4,7 +4,8 @@ A decoder is anything with ``empty_cache(batch)`` and ``step(ids, cache) -> (log
 logits ``[B, S, V]`` of the ``S`` new tokens given everything the cache has seen. Two live here:
 
 - ``CachedDecoder``: a graph made by the ``kv_cache`` pass (a captured, compiled or loaded model),
-  one forward per new token; ``StaticCachedDecoder`` the same over a preallocated cache;
+  one forward per new token; ``StaticCachedDecoder`` the same over a preallocated cache that a
+  ``StaticKVStep`` owns (one shape per step, for CUDA graphs);
 - ``Recompute``: any ``logits(ids)`` function, the whole sequence again at every step (the reference
   the cache must agree with, and the path for models without a cache).
 
@@ -48,28 +49,44 @@ class CachedDecoder:
         return out[0], list(out[1:])
 
 
+class StaticKVStep(torch.nn.Module):
+    """A ``kv_cache(static=True)`` step that owns its cache: ``forward(input_ids, cache_position) → logits``.
+
+    The cache tensors are buffers (``batch × max_len`` slots per layer, zeroed), so their addresses never
+    change: compiled with CUDA graphs (``mode="reduce-overhead"``), every decode step is one replay, the
+    in-place cache writes included."""
+
+    def __init__(self, step: Callable, layout: CacheLayout, batch: int, max_len: int, dtype=torch.float32,
+                 device=None):
+        super().__init__()
+        self.step, self.max_len, self.batch = step, max_len, batch
+        self.names = [f"cache_{i}" for i in range(2 * layout.layers)]
+        for name, t in zip(self.names, layout.empty(batch, dtype, device, max_len)):
+            self.register_buffer(name, t, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        return self.step(input_ids, cache_position, *(getattr(self, n) for n in self.names))[0]
+
+
 @dataclass
 class StaticCachedDecoder:
-    """A ``kv_cache(static=True)`` step ``(input_ids, cache_position, key_cache_0, …) → (logits,)``: the cache
-    is ``max_len`` preallocated slots per layer, written in place, so every decode step has one shape
-    (what CUDA-graph replay needs)."""
+    """Decodes with a ``StaticKVStep`` (or its compiled form): the cache is the number of tokens seen."""
 
     module: Callable
-    layout: CacheLayout
     max_len: int
-    dtype: torch.dtype = torch.float32
-    device: torch.device | str | None = None
+    batch: int = 1
 
-    def empty_cache(self, batch: int) -> tuple[int, list[torch.Tensor]]:
-        return 0, self.layout.empty(batch, self.dtype, self.device, self.max_len)
+    def empty_cache(self, batch: int) -> int:
+        if batch != self.batch:
+            raise QCompileError(f"this static cache was made for batch {self.batch}, not {batch}")
+        return 0
 
     @torch.no_grad()
-    def step(self, ids: torch.Tensor, cache) -> tuple[torch.Tensor, tuple[int, list[torch.Tensor]]]:
-        seen, tensors = cache
+    def step(self, ids: torch.Tensor, seen: int) -> tuple[torch.Tensor, int]:
         if seen + ids.shape[1] > self.max_len:
             raise QCompileError(f"the static cache holds {self.max_len} tokens; {seen + ids.shape[1]} asked for")
         position = torch.arange(seen, seen + ids.shape[1], device=ids.device)
-        return self.module(ids, position, *tensors)[0], (seen + ids.shape[1], tensors)
+        return self.module(ids, position), seen + ids.shape[1]
 
 
 @dataclass

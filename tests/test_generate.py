@@ -8,7 +8,7 @@ import torch
 import qcompile.api as qc
 from qcompile import artifact
 from qcompile.errors import QCompileError, UnsafeRewriteError
-from qcompile.generate import CachedDecoder, Recompute, Sampling, StaticCachedDecoder, generate
+from qcompile.generate import CachedDecoder, Recompute, Sampling, StaticCachedDecoder, StaticKVStep, generate
 from qcompile.models import tiny
 from qcompile.passes.kv_cache import CacheLayout, add_kv_cache, with_kv_cache
 from qcompile.passes.lower import lower
@@ -60,11 +60,14 @@ def test_static_cache_decodes_like_the_growing_cache(tiny_programs, tiny_ids):
     _, program = tiny_programs["qwen2"]
     lowered = lower(qc.compile(program, load_recipe("quarot").with_bits(kv=4, group=16), progress=False))
     layout = CacheLayout.of(lowered.model_map)
-    static = StaticCachedDecoder(with_kv_cache(copy.deepcopy(lowered.module), layout, static=True), layout,
-                                 max_len=tiny_ids.shape[1])
+    step = StaticKVStep(with_kv_cache(copy.deepcopy(lowered.module), layout, static=True), layout,
+                        batch=tiny_ids.shape[0], max_len=tiny_ids.shape[1])
+    static = StaticCachedDecoder(step, max_len=tiny_ids.shape[1], batch=tiny_ids.shape[0])
     assert max_rel_error(_decode_logits(static, tiny_ids, prefill=20), lowered.logits(tiny_ids)) < 1e-5
     with pytest.raises(QCompileError, match="holds 37 tokens"):
         generate(static, tiny_ids, 2)
+    with pytest.raises(QCompileError, match="batch 2, not 1"):
+        generate(static, tiny_ids[:1], 2)
 
 
 def test_greedy_tokens_same_with_and_without_cache(tiny_programs):
