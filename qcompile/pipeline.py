@@ -7,15 +7,14 @@ on a recipe that cannot finish.
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 
 from qcompile.analysis.modelmap import ModelMap
 from qcompile.errors import RecipeError, UnsafeRewriteError
-from qcompile.passes import PASSES
+from qcompile.passes.registry import PASSES
 from qcompile.program import Program
 from qcompile.quant.formats import num_groups
-from qcompile.recipe import Recipe
+from qcompile.recipe import Recipe, quantized_linears
 
 def describe_model(mm: ModelMap) -> str:
     if not mm.blocks or mm.blocks[0].attention is None or mm.blocks[0].ffn is None:
@@ -26,12 +25,6 @@ def describe_model(mm: ModelMap) -> str:
             f"{' with RoPE' if a.rope else ''}{', QK-norm' if a.qk_norm else ''}, {f.kind} {f.act} FFN "
             f"{mm.linears[f.down].in_features}{f' × {f.experts} experts' if f.experts else ''}, "
             f"{mm.final_norm.kind} norms{', tied embeddings' if mm.tied else ''}")
-
-
-def quantized_linears(mm: ModelMap, recipe: Recipe) -> list[str]:
-    """Linear nodes whose weights (and inputs) the recipe quantizes: all but the lm_head unless asked."""
-    include_head = recipe.weights is not None and recipe.weights.include_lm_head
-    return [n for n in mm.linears if n != mm.lm_head or include_head]
 
 
 def _plan_quantization(mm: ModelMap, recipe: Recipe) -> list[str]:
@@ -66,9 +59,9 @@ def plan(mm: ModelMap, recipe: Recipe) -> list[str]:
     """The plan, one line per decision; raises the refusal that running the recipe would raise."""
     lines = [f"model: {describe_model(mm)}", f"recipe: {recipe.name}"]
     lines += [f"not matched: {site}: {reason}" for site, reason in mm.gaps()]
-    for name, options in recipe.passes:
+    for name, options in recipe.pass_options():
         check_layout(mm, name)
-        lines += [f"{name}: {line}" for line in PASSES[name][1](mm, **options)]
+        lines += [f"{name}: {line}" for line in PASSES[name].plan(mm, options)]
     lines += _plan_quantization(mm, recipe) or ["quantization: off"]
     if any(takes_calibration(n) for n, _ in recipe.passes) and not (recipe.weights and recipe.weights.method != "rtn"):
         c = recipe.calibration
@@ -76,12 +69,9 @@ def plan(mm: ModelMap, recipe: Recipe) -> list[str]:
     return lines
 
 
-PER_SITE = ("fold_norms", "rotate", "online_hadamard")  # passes that plan every site of any matched layout
-
-
 def check_layout(mm: ModelMap, name: str) -> None:
     """Refuse a pass that supports only sequential pre-norm blocks on a map with any other layout."""
-    if name in PER_SITE or mm.complete:
+    if PASSES[name].per_site or mm.complete:
         return
     why = mm.gaps()[0] if mm.gaps() else next(
         ((f"block {b.index}", "parallel attention and FFN" if b.parallel else "post-norms" if b.post_norms else
@@ -92,8 +82,8 @@ def check_layout(mm: ModelMap, name: str) -> None:
 
 
 def takes_calibration(name: str) -> bool:
-    """Whether pass ``name`` reads calibration windows (its run function has a ``calibration`` parameter)."""
-    return "calibration" in inspect.signature(PASSES[name][0]).parameters
+    """Whether pass ``name`` reads calibration windows (the pipeline gives them to its run)."""
+    return PASSES[name].calibration
 
 
 def needs_calibration(recipe: Recipe) -> bool:
@@ -102,18 +92,21 @@ def needs_calibration(recipe: Recipe) -> bool:
         recipe.weights and recipe.weights.method != "rtn")
 
 
-def run_passes(program: Program, recipe: Recipe, calibration=None) -> Program:
+def run_passes(program: Program, recipe: Recipe, calibration=None, progress: bool = True) -> Program:
     """The recipe's equivalence-preserving passes, in order, after planning them.
 
-    Passes that take a ``calibration`` argument (smooth, shift_scale, duquant, spinquant) get the
-    recipe's calibration windows ``[n, seq]``; the pipeline supplies them, a recipe cannot set them.
+    Passes that read calibration windows (smooth, shift_scale, duquant, spinquant) get the recipe's
+    ``[n, seq]`` token windows, and those with a progress bar get ``progress``: the pipeline supplies
+    both, a recipe cannot set them.
     """
     plan(program.model_map, recipe)
-    for name, options in recipe.passes:
-        if takes_calibration(name):
+    for name, options in recipe.pass_options():
+        spec, run = PASSES[name], {}
+        if spec.calibration:
             if calibration is None:
                 raise RecipeError(f"pass {name} needs calibration windows (give a tokenizer, or pass them)")
-            program = PASSES[name][0](program, calibration=calibration, **options)
-        else:
-            program = PASSES[name][0](program, **options)
+            run["calibration"] = calibration
+        if spec.progress:
+            run["progress"] = progress
+        program = spec.run(program, options, **run)
     return program

@@ -22,18 +22,17 @@ of its SmoothQuant.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from qcompile.errors import RecipeError
+from qcompile.passes.options import MIGRATIONS, OPTIONS, PassOptions, check_chain
 from qcompile.quant.formats import Granularity, QuantSpec
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 WEIGHT_METHODS = ("rtn", "gptq", "leanquant", "leanquant-nu")
-MIGRATIONS = ("smooth", "shift_scale")  # passes that move channel scales between activations and weights
 
 
 def _from_dict(cls, d: dict, where: str):
@@ -113,30 +112,6 @@ class Calibration:
             raise RecipeError(f"calibration needs samples ≥ 1 and seq ≥ 2, got {self.samples} × {self.seq}")
 
 
-def _check_pass(name: str, params: dict) -> None:
-    from qcompile.passes import PASSES
-
-    if name not in PASSES:
-        raise RecipeError(f"unknown pass {name!r}; known: {sorted(PASSES)}")
-    sig = inspect.signature(PASSES[name][0])
-    allowed = {k: p for k, p in list(sig.parameters.items())[1:] if k != "calibration"}  # the pipeline's
-    for k, v in params.items():
-        if k not in allowed:
-            raise RecipeError(f"pass {name} has no option {k!r}; options: {sorted(allowed)}")
-        default = allowed[k].default
-        if default is not inspect.Parameter.empty and default is not None and type(v) is not type(default):
-            raise RecipeError(f"pass {name} option {k} must be {type(default).__name__}, got {v!r}")
-
-
-def _enabled(first: str, name: str, options: dict) -> bool:
-    """Whether a pass does the part INCOMPATIBLE refers to (the stream transform: rotate's R1, duquant's fused
-    placement; rotate with r1 off and duquant's online placement leave the norms alone). After spinquant,
-    duquant refuses in any placement."""
-    if name == "duquant" and first != "spinquant":
-        return options.get("placement") == "fused"
-    return not (name == "rotate" and options.get("r1") is False)
-
-
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -152,28 +127,26 @@ class Recipe:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise RecipeError(f"recipe {self.name}: pass(es) {dup} named more than once")
-        for n, params in self.passes:
-            _check_pass(n, params)
-        from qcompile.passes import INCOMPATIBLE, PASSES
-
-        for first, later, why in INCOMPATIBLE:  # before the order: the reason is the better message
-            if first in names and later in names and _enabled(first, later, self.options(later)):
-                raise RecipeError(f"recipe {self.name}: {first} then {later} cannot compose: {why}")
-        order = [n for n in PASSES if n in names]
-        if [n for n in names if n in order] != order:
-            raise RecipeError(f"recipe {self.name}: passes must run in the order {order}")
-        for needs in ("rotate", "spinquant"):
-            if needs in names and "fold_norms" not in names:
-                raise RecipeError(f"recipe {self.name}: {needs} needs fold_norms before it")
+        chain = self.pass_options()
+        check_chain(chain, f"recipe {self.name}")
         if "spinquant" in names:
-            self._check_spinquant_online()
+            self._check_spinquant_online(dict(chain))
 
-    def _check_spinquant_online(self) -> None:
+    def pass_options(self) -> tuple[tuple[str, PassOptions], ...]:
+        """Each pass with its options object (``qcompile.passes.options``), validated."""
+        out = []
+        for n, params in self.passes:
+            if n not in OPTIONS:
+                raise RecipeError(f"recipe {self.name}: unknown pass {n!r}; known: {sorted(OPTIONS)}")
+            out.append((n, OPTIONS[n].from_dict(params)))
+        return tuple(out)
+
+    def _check_spinquant_online(self, chain: dict) -> None:
         """spinquant trains with R3/R4 in its forward; the online_hadamard that adds them must agree."""
-        trained, applied = self.options("spinquant"), self.options("online_hadamard")
+        trained, applied = chain["spinquant"], chain.get("online_hadamard")
         for r in ("r3", "r4"):
-            t = trained.get(r, True)
-            a = applied is not None and applied.get(r, True)
+            t = getattr(trained, r)
+            a = applied is not None and getattr(applied, r)
             if t != a:
                 raise RecipeError(
                     f"recipe {self.name}: spinquant trains with {r} {'on' if t else 'off'} but "
@@ -240,7 +213,7 @@ class Recipe:
             if not isinstance(item, dict) or len(item) != 1:
                 raise RecipeError(f"{where}: each pass is `name: {{options}}`, got {item!r}")
             (n, params), = item.items()
-            passes.append((n, dict(params or {})))
+            passes.append((n, dict(params) if isinstance(params, dict) else params or {}))
         sections = {
             "weights": WeightQuant,
             "activations": ActQuant,
@@ -249,6 +222,13 @@ class Recipe:
         }
         kwargs = {k: _from_dict(c, d[k], f"{where}.{k}") for k, c in sections.items() if d.get(k) is not None}
         return cls(name=d.get("name", where), description=d.get("description", ""), passes=tuple(passes), **kwargs)
+
+
+def quantized_linears(mm, recipe: Recipe) -> list[str]:
+    """Linear nodes of a ModelMap whose weights (and inputs) the recipe quantizes: all but the lm_head unless
+    asked."""
+    include_head = recipe.weights is not None and recipe.weights.include_lm_head
+    return [n for n in mm.linears if n != mm.lm_head or include_head]
 
 
 def available() -> list[str]:

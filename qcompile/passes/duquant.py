@@ -27,15 +27,15 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from qcompile.errors import RecipeError, UnsafeRewriteError
+from qcompile.errors import UnsafeRewriteError
 from qcompile.passes import weights
 from qcompile.passes.calibrate import collect
 from qcompile.passes.fold_norms import untie_embeddings
+from qcompile.passes.options import DuQuantOptions, check_can_run, history
 from qcompile.program import PassReport, Program
 from qcompile.quant.duquant import DuQuantTransform, duquant_transform
 
 aten = torch.ops.aten
-PLACEMENTS = ("duquant", "fused")
 
 
 def _mark(node, like):
@@ -71,27 +71,18 @@ def insert_online(p: Program, src, users: list, t: DuQuantTransform, name: str) 
     return 1 if dense else 7
 
 
-def _check(placement, block, steps, tokens, index):
-    if placement not in PLACEMENTS:
-        raise RecipeError(f"duquant: placement {placement!r} is not one of {PLACEMENTS}")
-    if block < 2 or steps < 0 or tokens < 1 or index not in ("channel", "row"):
-        raise RecipeError("duquant: block ≥ 2, steps ≥ 0, tokens ≥ 1 and index in (channel, row) are required")
-
-
 def _rows(stats, node: str) -> torch.Tensor:
     return stats[node].kept().double()
 
 
 @torch.no_grad()
-def duquant(program: Program, *, calibration: torch.Tensor, placement: str = "duquant", block: int = 128,
-            steps: int = 256, permute: bool = True, index: str = "channel", tokens: int = 2048, seed: int = 0,
-            batch: int = 4, progress: bool = True) -> Program:
-    _check(placement, block, steps, tokens, index)
-    for done in ("duquant", "spinquant"):
-        if program.has_run(done):
-            raise UnsafeRewriteError(f"duquant after {done}: its transforms would be stacked on online ops")
-    if placement == "fused" and not program.has_run("fold_norms"):
-        raise UnsafeRewriteError("duquant-fused needs fold_norms first: γ does not commute with the stream transform")
+def duquant(program: Program, options: DuQuantOptions | None = None, *, calibration: torch.Tensor,
+            progress: bool = True, **overrides) -> Program:
+    """DuQuant's transforms placed as ``DuQuantOptions`` (or its fields as keywords) say."""
+    o = DuQuantOptions.of(options, overrides)
+    check_can_run(history(program), o)
+    placement, block, steps, permute, index = o.placement, o.block, o.steps, o.permute, o.index
+    tokens, seed, batch = o.tokens, o.seed, o.batch
     p = program.clone()
     report = PassReport("duquant")
     mm = p.model_map
@@ -102,7 +93,8 @@ def duquant(program: Program, *, calibration: torch.Tensor, placement: str = "du
             watch.update({b.attn_norm.readers[0]: 0, b.attention.o: 0, b.ffn_norm.readers[0]: 0})
             if b.ffn.kind != "moe":
                 watch[b.ffn.down] = 0
-        stats = collect(p, calibration, watch, batch=batch, keep_tokens=tokens, progress=False)
+        stats = collect(p, calibration, watch, batch=batch, keep_tokens=tokens, progress=False,
+                        device=p.device)  # block by block: the same statistics, no logits computed
         for b in tqdm(mm.blocks, desc="duquant", unit="block", disable=not progress):
             for what, norm in (("qkv", b.attn_norm), ("gate/up", b.ffn_norm)):
                 t = duquant_transform(_rows(stats, norm.readers[0]), seed=seed + b.index, **opts)
@@ -142,7 +134,7 @@ def _fused(p: Program, calibration, report, opts, tokens, seed, batch, progress)
         if b.ffn.kind != "moe":
             watch[b.ffn.down] = 0
     per = max(1, tokens // max(1, len(mm.norms) - 1))
-    stats = collect(p, calibration, watch, batch=batch, keep_tokens=per, progress=False)
+    stats = collect(p, calibration, watch, batch=batch, keep_tokens=per, progress=False, device=p.device)
     stream = torch.cat([_rows(stats, n.readers[0]) for n in mm.norms if n is not mm.final_norm])
     t = duquant_transform(stream, seed=seed, **opts)
     q = t.matrix()
@@ -182,9 +174,9 @@ def _fused(p: Program, calibration, report, opts, tokens, seed, batch, progress)
         report.count("online transform", f"block {b.index} down input ({n} aten ops)")
 
 
-def plan(mm, placement: str = "duquant", block: int = 128, steps: int = 256, permute: bool = True,
-         index: str = "channel", tokens: int = 2048, seed: int = 0, batch: int = 4) -> list[str]:
-    _check(placement, block, steps, tokens, index)
+def plan(mm, options: DuQuantOptions | None = None) -> list[str]:
+    o = options or DuQuantOptions()
+    placement, block, steps, permute, index = o.placement, o.block, o.steps, o.permute, o.index
     layers = len(mm.blocks)
     dense_moe = [b for b in mm.blocks if b.ffn.kind != "moe"]
     widths = {"hidden": mm.hidden, "o": mm.linears[mm.blocks[0].attention.o].in_features,

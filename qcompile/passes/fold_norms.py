@@ -21,6 +21,7 @@ import torch
 
 from qcompile.errors import UnsafeRewriteError
 from qcompile.passes import weights
+from qcompile.passes.options import FoldNormsOptions, check_can_run, history
 from qcompile.program import PassReport, Program
 
 aten = torch.ops.aten
@@ -70,12 +71,9 @@ def _check_centring(mm) -> set:
     return kinds
 
 
-def fold_norms(program: Program) -> Program:
+def fold_norms(program: Program, options: FoldNormsOptions | None = None) -> Program:
+    check_can_run(history(program), FoldNormsOptions.of(options, {}))
     check_stream(program.model_map, "fold_norms")
-    for done in ("smooth", "shift_scale", "duquant", "spinquant"):
-        if program.has_run(done):
-            raise UnsafeRewriteError(f"fold_norms after {done} would fold γ through its transforms (or fold its 1/s "
-                                     "back into the readers and undo it); run fold_norms first")
     p = program.clone()
     report = PassReport("fold_norms")
     kinds = _check_centring(p.model_map)
@@ -118,7 +116,7 @@ def fold_norms(program: Program) -> Program:
     return p.done(report)
 
 
-def plan(mm, **options) -> list[str]:
+def plan(mm, options: FoldNormsOptions | None = None) -> list[str]:
     """What fold_norms will do to this map (refusing now what it would refuse later)."""
     check_stream(mm, "fold_norms")
     kinds = _check_centring(mm)

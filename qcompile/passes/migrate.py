@@ -244,9 +244,3 @@ def _rescale_norm(p: Program, norm: Norm, s: torch.Tensor | None, z: torch.Tenso
             beta = beta / s.double()
         p.set_weight(norm.bias, beta)
 
-
-def refuse_after_online(p: Program, who: str) -> None:
-    for name in ("duquant", "spinquant"):
-        if p.has_run(name):
-            raise UnsafeRewriteError(f"{who} after {name}: its statistics would be taken through transforms that "
-                                     "the migration cannot pass; run it before")

@@ -18,6 +18,7 @@ import torch
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.errors import UnsafeRewriteError
 from qcompile.passes import weights
+from qcompile.passes.options import OnlineHadamardOptions, check_can_run, history
 from qcompile.passes.rotate import RotationChoice, choose_rotation
 from qcompile.program import PassReport, Program
 from qcompile.quant import hadamard as had
@@ -52,7 +53,11 @@ def _r4_refusal(block) -> str | None:
     return None
 
 
-def online_hadamard(program: Program, r3: bool = True, r4: bool = True) -> Program:
+def online_hadamard(program: Program, options: OnlineHadamardOptions | None = None, **overrides) -> Program:
+    """R3 and/or R4 as ``OnlineHadamardOptions`` (or its fields as keywords) say."""
+    opts = OnlineHadamardOptions.of(options, overrides)
+    check_can_run(history(program), opts)
+    r3, r4 = opts.r3, opts.r4
     p = program.clone()
     report = PassReport("online_hadamard")
     mm = p.model_map
@@ -80,7 +85,9 @@ def online_hadamard(program: Program, r3: bool = True, r4: bool = True) -> Progr
     return p.done(report)
 
 
-def plan(mm, r3: bool = True, r4: bool = True) -> list[str]:
+def plan(mm, options: OnlineHadamardOptions | None = None) -> list[str]:
+    opts = options or OnlineHadamardOptions()
+    r3, r4 = opts.r3, opts.r4
     lines = []
     if r3:
         done = [b for b in mm.blocks if not _r3_refusal(b)]

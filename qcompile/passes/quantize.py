@@ -25,12 +25,11 @@ import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.analysis.modelmap import Linear
 from qcompile.errors import RecipeError
 from qcompile.passes.blockwise import quantize_blockwise
-from qcompile.pipeline import quantized_linears
 from qcompile.program import PassReport, Program
 from qcompile.quant.gptq import HessianAccumulator, gptq_quantize
 from qcompile.quant.leanquant import leanquant_quantize
 from qcompile.quant.rtn import rtn_quantize
-from qcompile.recipe import Recipe, WeightQuant
+from qcompile.recipe import Recipe, WeightQuant, quantized_linears
 
 
 def _insert_fake_quant(p: Program, consumer: str, pos: int, bits: int, symmetric: bool, clip: float) -> None:

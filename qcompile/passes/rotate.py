@@ -28,10 +28,9 @@ import torch
 from qcompile.errors import RecipeError, UnsafeRewriteError
 from qcompile.passes import weights
 from qcompile.passes.fold_norms import check_stream, untie_embeddings
+from qcompile.passes.options import ROTATION_KINDS, RotateOptions, check_can_run, history
 from qcompile.program import PassReport, Program
 from qcompile.quant import hadamard as had
-
-ROTATION_KINDS = ("hadamard", "orthogonal")
 
 
 @dataclass(frozen=True)
@@ -72,12 +71,11 @@ def choose_rotation(n: int, requested: str = "hadamard", min_block: int = 64) ->
     return RotationChoice(n, "orthogonal", None, f"no Hadamard of order {n} nor a block ≥ {min_block}")
 
 
-def rotate(program: Program, kind: str = "hadamard", seed: int = 0, r1: bool = True, r2: bool = True) -> Program:
-    if not program.has_run("fold_norms"):
-        raise UnsafeRewriteError("rotate needs fold_norms first: a norm's γ does not commute with a rotation")
-    for done in ("duquant", "spinquant"):
-        if program.has_run(done):
-            raise UnsafeRewriteError(f"rotate after {done}: R1/R2 would not pass its online transforms; rotate first")
+def rotate(program: Program, options: RotateOptions | None = None, **overrides) -> Program:
+    """R1/R2 as ``RotateOptions`` (or its fields as keywords) say, fused into the weights."""
+    opts = RotateOptions.of(options, overrides)
+    check_can_run(history(program), opts)
+    kind, seed, r1, r2 = opts.kind, opts.seed, opts.r1, opts.r2
     p = program.clone()
     report = PassReport("rotate")
     q1, q2 = prepare_rotations(p, kind, seed, r1, r2, report, per_site=True)
@@ -251,7 +249,9 @@ def _is_identity(p: Program, norm) -> bool:
     return bool(torch.all(p.weight(norm.weight) + norm.offset == 1))
 
 
-def plan(mm, kind: str = "hadamard", seed: int = 0, r1: bool = True, r2: bool = True) -> list[str]:
+def plan(mm, options: RotateOptions | None = None) -> list[str]:
+    opts = options or RotateOptions()
+    kind, seed, r1, r2 = opts.kind, opts.seed, opts.r1, opts.r2
     lines = []
     if r1:
         check_stream(mm, "R1")

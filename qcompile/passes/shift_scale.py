@@ -34,9 +34,10 @@ import torch
 from torch import fx
 from tqdm import tqdm
 
-from qcompile.errors import RecipeError, UnsafeRewriteError
+from qcompile.errors import UnsafeRewriteError
 from qcompile.graph.fx import _VIEWS
 from qcompile.passes import migrate
+from qcompile.passes.options import ShiftScaleOptions, check_can_run, history
 from qcompile.passes.calibrate import collect
 from qcompile.program import PassReport, Program
 from qcompile.quant.formats import Granularity, QuantSpec, fake_quantize, fake_quantize_per_token
@@ -197,14 +198,17 @@ def _search(p, cone, values, lo, hi, z, grid, w_spec, a_bits, coarse):
 
 
 @torch.no_grad()
-def shift_scale(program: Program, *, calibration: torch.Tensor, shift: bool = True, scale: bool = True,
-                w_bits: int = 4, a_bits: int = 4, floor: float = 0.0, max_steps: int = 0, coarse: int = 0,
-                search_windows: int = 1, up_down: bool = True, batch: int = 4, progress: bool = True) -> Program:
-    """OS+ on the norm sites (shift and/or scale) and up→down (scale); ``floor`` 0 picks the official
-    one for the model (1.0 with LayerNorm, else 0.1); ``coarse`` > 0 searches the grid coarse-to-fine
-    (``search_order``), 0 evaluates every threshold as the official code does."""
-    _check(w_bits, a_bits, floor, max_steps, coarse, search_windows)
-    migrate.refuse_after_online(program, "shift_scale")
+def shift_scale(program: Program, options: ShiftScaleOptions | None = None, *, calibration: torch.Tensor,
+                progress: bool = True, **overrides) -> Program:
+    """OS+ on the norm sites (shift and/or scale) and up→down (scale), as ``ShiftScaleOptions`` (or its
+    fields as keywords) say; ``floor`` 0 picks the official one for the model (1.0 with LayerNorm, else
+    0.1); ``coarse`` > 0 searches the grid coarse-to-fine (``search_order``), 0 evaluates every threshold
+    as the official code does."""
+    opts = ShiftScaleOptions.of(options, overrides)
+    check_can_run(history(program), opts)
+    shift, scale, w_bits, a_bits, floor = opts.shift, opts.scale, opts.w_bits, opts.a_bits, opts.floor
+    max_steps, coarse, search_windows, up_down, batch = (opts.max_steps, opts.coarse, opts.search_windows,
+                                                         opts.up_down, opts.batch)
     p = program.clone()
     report = PassReport("shift_scale")
     mm = p.model_map
@@ -259,18 +263,10 @@ def _official_floor(program: Program) -> float:
         "centred" in k for r in program.reports for k in r.counts) else 0.1
 
 
-def _check(w_bits, a_bits, floor, max_steps, coarse, search_windows):
-    for name, b in (("w_bits", w_bits), ("a_bits", a_bits)):
-        if not (2 <= b <= 8 or b >= 16):
-            raise RecipeError(f"shift_scale: {name} must be 2..8 (or ≥ 16 for float), got {b}")
-    if floor < 0 or max_steps < 0 or coarse < 0 or search_windows < 1:
-        raise RecipeError("shift_scale: floor ≥ 0, max_steps ≥ 0, coarse ≥ 0 and search_windows ≥ 1 are required")
-
-
-def plan(mm, shift: bool = True, scale: bool = True, w_bits: int = 4, a_bits: int = 4, floor: float = 0.0,
-         max_steps: int = 0, coarse: int = 0, search_windows: int = 1, up_down: bool = True,
-         batch: int = 4) -> list[str]:
-    _check(w_bits, a_bits, floor, max_steps, coarse, search_windows)
+def plan(mm, options: ShiftScaleOptions | None = None) -> list[str]:
+    opts = options or ShiftScaleOptions()
+    shift, scale, w_bits, a_bits = opts.shift, opts.scale, opts.w_bits, opts.a_bits
+    max_steps, coarse, search_windows, up_down = opts.max_steps, opts.coarse, opts.search_windows, opts.up_down
     report = PassReport("shift_scale")
     kinds = ("norm",) + (("up_down",) if up_down and scale else ())
     site_list = migrate.sites(mm, kinds, report)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.errors import RecipeError
 from qcompile.passes import migrate
+from qcompile.passes.options import SmoothOptions, check_can_run, history
 from qcompile.passes.calibrate import collect
 from qcompile.program import PassReport, Program
 
@@ -35,16 +35,17 @@ def smoothing_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: fl
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
 
 
-def smooth(program: Program, *, calibration: torch.Tensor, alpha: float = 0.5, norms: bool = True,
-           v_o: bool = True, up_down: bool = True, batch: int = 4) -> Program:
-    """SmoothQuant on every site enabled; ``calibration`` is token windows [n, seq]."""
-    if not 0.0 <= alpha <= 1.0:
-        raise RecipeError(f"smooth: alpha must be in [0, 1], got {alpha}")
-    migrate.refuse_after_online(program, "smooth")
+def smooth(program: Program, options: SmoothOptions | None = None, *, calibration: torch.Tensor,
+           **overrides) -> Program:
+    """SmoothQuant on every site enabled (``SmoothOptions``, or its fields as keywords); ``calibration`` is
+    token windows [n, seq]."""
+    opts = SmoothOptions.of(options, overrides)
+    check_can_run(history(program), opts)
+    alpha = opts.alpha
     p = program.clone()
     report = PassReport("smooth")
-    site_list = migrate.sites(p.model_map, _kinds(norms, v_o, up_down), report, p.module.graph)
-    stats = collect(p, calibration, migrate.watch_map(site_list), batch=batch, progress=False)
+    site_list = migrate.sites(p.model_map, _kinds(opts.norms, opts.v_o, opts.up_down), report, p.module.graph)
+    stats = collect(p, calibration, migrate.watch_map(site_list), batch=opts.batch, progress=False)
     for site in site_list:
         act = migrate.reduce_heads(site, migrate.merged(stats, site, "absmax"))
         s = smoothing_scales(act, migrate.weight_absmax(p, site), alpha)
@@ -55,12 +56,11 @@ def smooth(program: Program, *, calibration: torch.Tensor, alpha: float = 0.5, n
     return p.done(report)
 
 
-def plan(mm, alpha: float = 0.5, norms: bool = True, v_o: bool = True, up_down: bool = True,
-         batch: int = 4) -> list[str]:
-    if not 0.0 <= alpha <= 1.0:
-        raise RecipeError(f"smooth: alpha must be in [0, 1], got {alpha}")
+def plan(mm, options: SmoothOptions | None = None) -> list[str]:
+    opts = options or SmoothOptions()
+    alpha = opts.alpha
     report = PassReport("smooth")
-    site_list = migrate.sites(mm, _kinds(norms, v_o, up_down), report)
+    site_list = migrate.sites(mm, _kinds(opts.norms, opts.v_o, opts.up_down), report)
     counts = {}
     for s in site_list:
         counts[s.kind] = counts.get(s.kind, 0) + 1

@@ -38,8 +38,9 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
-from qcompile.errors import RecipeError, UnsafeRewriteError
 from qcompile.passes.online_hadamard import online_choice, online_hadamard
+from qcompile.passes.options import SpinQuantOptions, check_can_run, history
+from qcompile.passes.quantize import _insert_fake_quant
 from qcompile.passes.rotate import check_v_to_o, choose_rotation, fuse_rotations, prepare_rotations, rotated_weights
 from qcompile.program import PassReport, Program
 from qcompile.quant.cayley import CayleySGD
@@ -49,13 +50,8 @@ from qcompile.quant.rtn import fake_quantize_mse
 ACT_CLIP = 1.0  # SpinQuant's a_clip_ratio, k_clip_ratio and v_clip_ratio defaults
 
 
-def _check(steps, lr, batch, seq, w_bits, a_bits, kv_bits) -> QuantSpec | None:
-    if steps < 0 or batch < 1 or seq < 2 or not lr > 0:
-        raise RecipeError(f"spinquant needs steps ≥ 0, lr > 0, batch ≥ 1 and seq ≥ 2; got steps={steps}, lr={lr}, "
-                          f"batch={batch}, seq={seq}")
-    for what, bits in (("w_bits", w_bits), ("a_bits", a_bits), ("kv_bits", kv_bits)):
-        if bits < 16 and not 2 <= bits <= 8:
-            raise RecipeError(f"spinquant {what} must be in 2..8, or ≥ 16 for no quantization; got {bits}")
+def _weight_spec(w_bits: int) -> QuantSpec | None:
+    """The training forward's weight quantizer: RTN per channel symmetric (None: weights in float)."""
     return QuantSpec(w_bits, True, Granularity.CHANNEL) if w_bits < 16 else None
 
 
@@ -70,8 +66,6 @@ def _training_program(p: Program, a_bits: int, kv_bits: int, r3: bool, r4: bool)
     """A copy of ``p`` whose graph computes the quantized forward: R3/R4 online Hadamards (as the recipe's
     online_hadamard adds them later, with R4's inverse in the down weights) and the activation and K/V
     fake-quant ops the quantize pass inserts. Returns it with the linears whose weights are quantized."""
-    from qcompile.passes.quantize import _insert_fake_quant  # quantize imports the pipeline, which imports passes
-
     t = online_hadamard(p, r3=r3, r4=r4)
     mm = t.model_map
     targets = [n for n in mm.linears if n != mm.lm_head]  # SpinQuant keeps the lm_head in 16 bits
@@ -124,7 +118,9 @@ def learn_rotations(p: Program, q1: torch.Tensor, q2: list[torch.Tensor], calibr
                     r4: bool = True, seed: int = 0, progress: bool = True) -> Learned:
     """Learn R1 (from ``q1``) and one R2 per block (from ``q2``) on ``p`` as ``prepare_rotations`` left it
     (norms folded, embeddings untied); ``p`` is not changed. Deterministic under ``seed`` (window order)."""
-    spec = _check(steps, lr, batch, seq, w_bits, a_bits, kv_bits)
+    SpinQuantOptions(steps=steps, lr=lr, batch=batch, seq=seq, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
+                     learn_weights_16bit=learn_weights_16bit, r3=r3, r4=r4, seed=seed)  # validates
+    spec = _weight_spec(w_bits)
     if learn_weights_16bit:
         spec = None
     t, targets = _training_program(p, a_bits, kv_bits, r3, r4)
@@ -155,22 +151,18 @@ def learn_rotations(p: Program, q1: torch.Tensor, q2: list[torch.Tensor], calibr
     return Learned(learned[0], learned[1:], before, after, losses)
 
 
-def spinquant(program: Program, *, calibration: torch.Tensor, steps: int = 100, lr: float = 1.5, batch: int = 8,
-              seq: int = 2048, w_bits: int = 4, a_bits: int = 4, kv_bits: int = 4, learn_weights_16bit: bool = False,
-              r3: bool = True, r4: bool = True, seed: int = 0) -> Program:
-    options = dict(steps=steps, lr=lr, batch=batch, seq=seq, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
-                   learn_weights_16bit=learn_weights_16bit, r3=r3, r4=r4, seed=seed)
-    spec = _check(steps, lr, batch, seq, w_bits, a_bits, kv_bits)
-    if not program.has_run("fold_norms"):
-        raise UnsafeRewriteError("spinquant needs fold_norms first: a norm's γ does not commute with R1")
-    for done in ("rotate", "duquant", "spinquant", "online_hadamard"):
-        if program.has_run(done):
-            raise UnsafeRewriteError(f"spinquant after {done}: it learns R1/R2 from a Hadamard start with R3/R4 in "
-                                     f"its forward and fuses them itself; run it right after fold_norms")
+def spinquant(program: Program, options: SpinQuantOptions | None = None, *, calibration: torch.Tensor,
+              progress: bool = True, **overrides) -> Program:
+    """R1/R2 learned as ``SpinQuantOptions`` (or its fields as keywords) say, then fused."""
+    opts = SpinQuantOptions.of(options, overrides)
+    check_can_run(history(program), opts)
+    steps, lr, batch, seq, seed = opts.steps, opts.lr, opts.batch, opts.seq, opts.seed
+    a_bits, kv_bits, r3, r4, learn_weights_16bit = opts.a_bits, opts.kv_bits, opts.r3, opts.r4, opts.learn_weights_16bit
+    spec = _weight_spec(opts.w_bits)
     p = program.clone()
     report = PassReport("spinquant")
     q1, q2 = prepare_rotations(p, "hadamard", seed, True, True, report)  # unties, checks the norms and v→o
-    learned = learn_rotations(p, q1, q2, calibration, **options)
+    learned = learn_rotations(p, q1, q2, calibration, progress=progress, **opts.to_dict())
     fuse_rotations(p, learned.r1, learned.r2, report)
 
     n, length = calibration.shape[0], min(seq, calibration.shape[1])
@@ -205,10 +197,11 @@ def _describe_quant(spec, a_bits, kv_bits, r3, r4) -> str:
     return f"{w}, {a}, {kv}; {online} in the forward; straight-through gradients"
 
 
-def plan(mm, steps: int = 100, lr: float = 1.5, batch: int = 8, seq: int = 2048, w_bits: int = 4, a_bits: int = 4,
-         kv_bits: int = 4, learn_weights_16bit: bool = False, r3: bool = True, r4: bool = True,
-         seed: int = 0) -> list[str]:
-    spec = _check(steps, lr, batch, seq, w_bits, a_bits, kv_bits)
+def plan(mm, options: SpinQuantOptions | None = None) -> list[str]:
+    opts = options or SpinQuantOptions()
+    steps, lr, batch, seq, seed = opts.steps, opts.lr, opts.batch, opts.seq, opts.seed
+    a_bits, kv_bits, r3, r4, learn_weights_16bit = opts.a_bits, opts.kv_bits, opts.r3, opts.r4, opts.learn_weights_16bit
+    spec = _weight_spec(opts.w_bits)
     quant = _describe_quant(None if learn_weights_16bit else spec, a_bits, kv_bits, r3, r4)
     check_v_to_o(mm)
     a = mm.blocks[0].attention
