@@ -42,9 +42,11 @@ def calibration_windows(tokenizer, recipe: Recipe) -> torch.Tensor:
 
 
 def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bool = True,
-            calibration: torch.Tensor | None = None) -> Program:
+            calibration: torch.Tensor | None = None, device: str | torch.device | None = None) -> Program:
     """Plan the recipe (refusing early), run its passes, then quantize as it says. Calibration windows are
-    ``calibration`` (token ids ``[n, seq]``) when given, else drawn as the recipe says with ``tokenizer``."""
+    ``calibration`` (token ids ``[n, seq]``) when given, else drawn as the recipe says with ``tokenizer``.
+    The passes run where the Program's weights are (``program.to(...)`` first to run them elsewhere); with
+    ``device``, GPTQ/LeanQuant run block by block there while the weights stay where they are."""
     recipe = as_recipe(recipe)
     plan(program.model_map, recipe)
     calib = None
@@ -60,7 +62,7 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
         return program
     if not (recipe.weights and recipe.weights.method != "rtn"):
         calib = None
-    return _quantize(program, recipe, calib, progress=progress)
+    return _quantize(program, recipe, calib, progress=progress, device=device)
 
 
 def quantize_to(spec: str, recipe: str | Recipe, out: str, progress: bool = True) -> Path:

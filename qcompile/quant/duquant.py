@@ -78,8 +78,51 @@ class GreedyResult:
     peaks: list  # peak max|X·R| after 0, 1, …, N steps
 
 
+class _PeakFinder:
+    """max|X·R| and its first flat position in X·R, without forming all of X·R when it can be avoided.
+
+    Rotations keep row norms, so no entry of row t of X·R exceeds ‖x_t‖. The rows are sorted by decreasing
+    norm once; a step multiplies the first ``head`` rows, then every further row whose norm reaches the
+    largest magnitude found (at most all of them, in one product): the rows left cannot reach it. The result
+    is that of ``(X @ R).abs()`` over all rows, ties going to the smallest flat index as ``argmax``'s do. With
+    a few dominant rows (massive activations) a step costs ``head`` rows instead of all.
+    """
+
+    def __init__(self, x: torch.Tensor, head: int = 256):
+        norms = x.norm(dim=1)
+        self.order = torch.argsort(norms, descending=True, stable=True)
+        self.rows = x[self.order]
+        self.neg_norms = (-norms[self.order] * (1 + 1e-9)).contiguous()  # ascending, for searchsorted
+        self.head = head
+        self.b = x.shape[1]
+
+    def _scan(self, start: int, stop: int, r: torch.Tensor, best: float, flat: int) -> tuple[float, int]:
+        mag = (self.rows[start:stop] @ r).abs()
+        top = float(mag.max())
+        if top >= best:
+            rows, cols = torch.nonzero(mag == top, as_tuple=True)
+            first = int((self.order[start + rows] * self.b + cols).min())
+            flat = first if top > best else min(flat, first)
+            best = top
+        return best, flat
+
+    def __call__(self, r: torch.Tensor) -> tuple[float, int]:
+        n = self.rows.shape[0]
+        best, flat = self._scan(0, min(self.head, n), r, -1.0, 0)
+        # rows whose norm (with a rounding margin) reaches the peak so far: the only ones that can beat it
+        stop = int(torch.searchsorted(self.neg_norms, torch.tensor([-best], dtype=self.neg_norms.dtype,
+                                                                   device=self.neg_norms.device), right=True))
+        if stop > self.head:
+            best, flat = self._scan(self.head, stop, r, best, flat)
+        return best, flat
+
+
 def greedy_rotation(x: torch.Tensor, steps: int = 256, seed: int = 0, index: str = "channel") -> GreedyResult:
-    """The greedy b×b rotation for rows ``x`` [n, b] (all blocks' rows stacked)."""
+    """The greedy b×b rotation for rows ``x`` [n, b] (all blocks' rows stacked).
+
+    Each step needs only the peak of X·R and where it is (``_PeakFinder``), so X·R is evaluated from the
+    accumulated R for the rows that can hold the peak, rather than carried for every row.
+    """
     if index not in ("channel", "row"):
         raise ValueError(f"index must be 'channel' or 'row', got {index!r}")
     x = x.double()
@@ -87,27 +130,20 @@ def greedy_rotation(x: torch.Tensor, steps: int = 256, seed: int = 0, index: str
     r = torch.eye(b, dtype=torch.float64, device=x.device)
     best, best_r = None, r
     peaks = []
-    cur = x
     g = torch.Generator().manual_seed(seed)
     n = steps if b > 1 else 0
     # the random bases do not depend on the data: draw the seeds in order, factor them all at once
     bases = step_bases(b, [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for _ in range(n)]).to(x.device)
+    find = _PeakFinder(x) if x.numel() else None
     for i in range(n + 1):
-        if cur.numel():
-            mag = cur.abs().reshape(-1)
-            flat = int(mag.argmax())
-            peaks.append(float(mag[flat]))  # the peak is the magnitude at the argmax: one pass, not two
-        else:
-            flat = 0
-            peaks.append(0.0)
+        peak, flat = find(r) if find is not None else (0.0, 0)
+        peaks.append(peak)
         if best is None or peaks[-1] < best[0]:
             best, best_r = (peaks[-1], i), (r.clone() if i else r)
         if i == n:
             break
         d = flat % b if index == "channel" else (flat // b) % b
-        s = step_for_channel(bases[i], d)
-        r = r @ s
-        cur = cur @ s
+        r = r @ step_for_channel(bases[i], d)
     return GreedyResult(best_r, best[1], peaks)
 
 
