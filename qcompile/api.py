@@ -57,7 +57,7 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
             raise QCompileError(f"recipe {recipe.name} needs calibration windows: give a tokenizer or token ids")
         else:
             calib = calibration_windows(tokenizer, recipe)
-    program = run_passes(program, recipe, calib)
+    program = run_passes(program, recipe, calib, progress)
     if not recipe.quantizes:
         return program
     if not (recipe.weights and recipe.weights.method != "rtn"):
