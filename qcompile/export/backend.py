@@ -86,6 +86,18 @@ def _calls_qcompile_ops(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and str(n.target).startswith("qcompile.") for n in gm.graph.nodes)
 
 
+def _warm_up(gm: fx.GraphModule, example_inputs) -> None:
+    """Run a CUDA graph once eagerly before compiling it: the INT4 ops make their derived weight layouts and
+    autotuning choices on first use, and under CUDA-graph recording those allocations would land in the
+    graph's pool untracked (on the H200: "Detected 34 tensor(s) in the cudagraph pool not tracked as
+    outputs"). In-place cache writes it makes are overwritten before they are read (positions are written
+    before attention reads them, and masked beyond)."""
+    if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        with torch.no_grad():
+            gm(*example_inputs)
+        torch.cuda.synchronize()
+
+
 def _inductor(gm: fx.GraphModule, example_inputs, mode: str | None):
     from torch._inductor.compile_fx import compile_fx
 
@@ -139,7 +151,10 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         if opts.recipe is not None:
             raise QCompileError("torch.compile backend qcompile: this graph is already quantized (it calls "
                                 "qcompile ops); compile it without a recipe")
-        return _inductor(gm, example_inputs, mode) if opts.inductor else gm.forward
+        if not opts.inductor:
+            return gm.forward
+        _warm_up(gm, example_inputs)
+        return _inductor(gm, example_inputs, mode)
     if opts.recipe is None:
         raise QCompileError("torch.compile backend qcompile: a float model needs options={'recipe': NAME, ...} "
                             "(or compile a model loaded from a qcompile quantize directory)")
