@@ -22,13 +22,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
 demo: $(STAMP)
-	$(VENV)/bin/qcompile inspect smollm2-135m
-	$(VENV)/bin/qcompile plan smollm2-135m --recipe quarot+gptq --group 128
-	$(VENV)/bin/qcompile eval smollm2-135m --windows 2 --seq 512 --json
-	$(VENV)/bin/qcompile eval smollm2-135m --recipe rotate --windows 2 --seq 512 --json
-	rm -rf out/smollm2-rtn-w4g128
-	$(VENV)/bin/qcompile quantize smollm2-135m --recipe rtn --group 128 --asym --out out/smollm2-rtn-w4g128
-	$(VENV)/bin/qcompile eval out/smollm2-rtn-w4g128 --windows 2 --seq 512 --json
+	$(VENV)/bin/qcompile plan smollm2-135m --recipe quarot+gptq --a 8
+	$(PY) examples/demo.py --out out/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache out

@@ -124,8 +124,8 @@ def build_rows(args) -> list[tuple[str, Path, str]]:
                     hf_config=model.config)
     rows.append(("fp32 ONNX (qcompile export, no quantization)", fp, "qcompile.export_onnx(capture(model))"))
     for name, src, path in (("W4A16 g128 asym quarot+gptq", args.w4a16, "matmulinteger"),
-                            ("W4A8 per-channel quarot+gptq (MatMulInteger, exact A8)", args.w4a8, "matmulinteger"),
-                            ("W4A8 per-channel quarot+gptq (MatMulNBits accuracy_level=4)", args.w4a8, "matmulnbits"),
+                            (f"W4A8 {args.w4a8_label} (MatMulInteger, exact A8)", args.w4a8, "matmulinteger"),
+                            (f"W4A8 {args.w4a8_label} (MatMulNBits accuracy_level=4)", args.w4a8, "matmulnbits"),
                             ("W4A4 " + args.w4a4_label, args.w4a4, "matmulinteger")):
         if not src:
             continue
@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--w4a16")
     ap.add_argument("--w4a8")
     ap.add_argument("--w4a4")
+    ap.add_argument("--w4a8-label", default="per-channel quarot+gptq")
     ap.add_argument("--w4a4-label", default="g64 asym quarot+gptq")
     ap.add_argument("--work", default="out/onnx-bench")
     ap.add_argument("--threads", type=int, default=2)
