@@ -1,6 +1,6 @@
 """Decode speed at batch 1 on the GPU: tokens/s of a prompt of 512 and 256 new tokens, random weights of real
 shapes (speed does not depend on the values), every variant through the same decoding loop
-(``qcompile.generate`` over the ``kv_cache`` pass's static-cache step, so every step has one shape).
+(``qcompile.decoding`` over the ``kv_cache`` pass's static-cache step, so every step has one shape).
 
 Variants: bf16 eager; bf16 ``torch.compile`` (Inductor, ``reduce-overhead``: CUDA graphs); qcompile W4A16
 (RTN g128), W4A8 and W4A4 (per-token activations) lowered to the INT4 ops and compiled through the
@@ -87,7 +87,7 @@ def _machine(device: str) -> str:
 def main(argv=None) -> None:
     import qcompile.api as qc
     from qcompile.export.backend import qcompile_backend
-    from qcompile.generate import StaticCachedDecoder, StaticKVStep
+    from qcompile.decoding import StaticCachedDecoder, StaticKVStep
     from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
     from qcompile.passes.lower import lower
     from qcompile.recipe import load_recipe

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # for annotations only
     import torch
 
     from qcompile.artifact import LoadedModel
-    from qcompile.generate import Sampling
+    from qcompile.decoding import Sampling
     from qcompile.program import Program
     from qcompile.recipe import Recipe
 
@@ -118,10 +118,10 @@ def generate(model: "str | Path", prompt: str, *, recipe: "str | Recipe | None" 
              sampling: "Sampling | None" = None, chat: bool = False, use_cache: bool = True,
              progress: bool = False) -> str:
     """The text a model continues ``prompt`` with: a model spec (optionally compiled with ``recipe``), a saved
-    directory or an exported ONNX folder; greedy unless ``sampling`` (``qcompile.generate.Sampling``) says
+    directory or an exported ONNX folder; greedy unless ``sampling`` (``qcompile.decoding.Sampling``) says
     otherwise; ``chat`` wraps the prompt in the tokenizer's chat template."""
     from qcompile import api
-    from qcompile.generate import Sampling
+    from qcompile.decoding import Sampling
 
     decoder, tokenizer = api.decoder(str(model), recipe, use_cache=use_cache, progress=progress)
     return api.generate_text(decoder, tokenizer, prompt, max_new_tokens, sampling or Sampling(), chat, progress)

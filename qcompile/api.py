@@ -11,7 +11,7 @@ from qcompile import artifact, models
 from qcompile.errors import QCompileError
 from qcompile.eval import data
 from qcompile.eval.perplexity import perplexity
-from qcompile.generate import CachedDecoder, Decoder, Recompute, Sampling, generate
+from qcompile.decoding import CachedDecoder, Decoder, Recompute, Sampling, generate
 from qcompile.passes.kv_cache import CacheLayout, add_kv_cache
 from qcompile.passes.lower import lower
 from qcompile.passes.quantize import quantize as _quantize
@@ -139,7 +139,7 @@ def generate_text(decoder: Decoder, tokenizer, prompt: str, max_new_tokens: int 
                   chat: bool = False, progress: bool = False) -> str:
     """The text a decoder continues ``prompt`` with (``chat``: wrapped in the tokenizer's chat template)."""
     if tokenizer is None:
-        raise QCompileError("this model has no tokenizer; generate from token ids with qcompile.generate.generate")
+        raise QCompileError("this model has no tokenizer; generate from token ids with qcompile.decoding.generate")
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]

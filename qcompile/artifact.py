@@ -112,8 +112,8 @@ class LoadedModel:
         return out.logits if hasattr(out, "logits") else out[0]
 
     def decoder(self):
-        """A ``generate.CachedDecoder`` over a copy of the graph made into a KV-cache step (``kv_cache``)."""
-        from qcompile.generate import CachedDecoder
+        """A ``decoding.CachedDecoder`` over a copy of the graph made into a KV-cache step (``kv_cache``)."""
+        from qcompile.decoding import CachedDecoder
 
         if not self.manifest.get("cache"):
             raise ArtifactError("this model directory records no KV-cache layout (its attention was not matched, "

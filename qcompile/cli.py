@@ -110,7 +110,7 @@ def cmd_quantize(args) -> None:
 
 def cmd_generate(args) -> None:
     from qcompile.api import decoder, generate_text
-    from qcompile.generate import Sampling
+    from qcompile.decoding import Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     dec, tokenizer = decoder(args.model, _recipe_with_bits(args) if args.recipe else None, use_cache=not args.no_cache,

@@ -27,7 +27,7 @@ def test_public_annotations_resolve():
     from pathlib import Path
 
     from qcompile.artifact import LoadedModel
-    from qcompile.generate import Sampling
+    from qcompile.decoding import Sampling
     from qcompile.program import Program
     from qcompile.recipe import Recipe
 

@@ -8,7 +8,7 @@ import torch
 import qcompile.api as qc
 from qcompile import artifact
 from qcompile.errors import QCompileError, UnsafeRewriteError
-from qcompile.generate import CachedDecoder, Recompute, Sampling, StaticCachedDecoder, StaticKVStep, generate
+from qcompile.decoding import CachedDecoder, Recompute, Sampling, StaticCachedDecoder, StaticKVStep, generate
 from qcompile.models import tiny
 from qcompile.passes.kv_cache import CacheLayout, add_kv_cache, with_kv_cache
 from qcompile.passes.lower import lower

@@ -6,7 +6,7 @@ qcompile decoder step: inputs ``input_ids`` and ``past_key_values.{i}.key/value`
 
 - ``logits(ids)``: the step with an empty cache (P = 0), i.e. full-sequence scoring;
 - ``empty_cache(batch)`` / ``step(ids, cache) -> (logits, cache)``: the decoder protocol of
-  ``qcompile.generate``, the cache a list of numpy arrays ``[key_0, value_0, …]``.
+  ``qcompile.decoding``, the cache a list of numpy arrays ``[key_0, value_0, …]``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import torch
 import torch._dynamo
 
 import qcompile.api as qc
-from qcompile.generate import CachedDecoder, generate
+from qcompile.decoding import CachedDecoder, generate
 from qcompile.models import tiny
 from qcompile.passes.kv_cache import CacheLayout, add_kv_cache
 from qcompile.passes.lower import lower

@@ -14,7 +14,7 @@ import qcompile.api as qc
 from qcompile.errors import ExportError
 from qcompile.export.onnx import META_MODEL, META_RECIPE, export_onnx
 from qcompile.export.runtime import OrtModel, genai_generate
-from qcompile.generate import generate
+from qcompile.decoding import generate
 from qcompile.models import tiny
 from qcompile.passes.lower import lower
 from qcompile.passes.quantize import quantize
