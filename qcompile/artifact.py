@@ -129,6 +129,7 @@ def is_artifact(path: str | Path) -> bool:
 def load(path: str | Path) -> LoadedModel:
     """Read a saved model, refusing (ArtifactError) anything missing, tampered, truncated or of another format."""
     import qcompile.kernels.ops  # noqa: F401  (the graph calls torch.ops.qcompile.*)
+    import transformers.modeling_outputs  # noqa: F401  (registers the output classes the graph's pytree names)
 
     root = Path(path)
     try:

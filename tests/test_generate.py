@@ -142,3 +142,19 @@ def test_kv_cache_refuses_unmatched_attention_and_saving_still_works(tmp_path):
                                          "tiny:gemma2"))
     with pytest.raises(QCompileError, match="use_cache=False"):
         loaded.decoder()
+
+
+def test_saved_model_loads_in_a_fresh_process(tiny_programs, tmp_path):
+    """``qcompile eval DIR`` / ``export DIR`` start in a process that has not imported transformers: loading
+    must register the output classes the saved graph names (it failed before: CausalLMOutputWithPast)."""
+    import subprocess
+    import sys
+
+    _, program = tiny_programs["llama"]
+    recipe = load_recipe("rtn").with_bits(group=16)
+    out = artifact.save(lower(qc.compile(program, recipe, progress=False)), tmp_path / "m", recipe, "tiny:llama")
+    code = ("import torch; from qcompile import artifact; m = artifact.load(%r); "
+            "print(m.logits(torch.zeros(1, 5, dtype=torch.long)).shape)" % str(out))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch.Size([1, 5, 256])" in done.stdout

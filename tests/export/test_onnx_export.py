@@ -3,8 +3,6 @@ program; KV-cache decoding = full-sequence scoring; onnxruntime-genai runs the f
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import pytest
@@ -139,13 +137,18 @@ def test_corrupt_or_foreign_onnx_refused(exported, tmp_path):
         OrtModel(tmp_path / "nothing")
 
 
+# the real model per bit setting: W4A16 RTN g64 asym; W4A8 and W4A4 (g64 asym) QuaRot with online R3/R4 Hadamards
+REAL = {"w4a16": ("rtn", 16, 64), "w4a8": ("quarot", 8, None), "w4a4": ("quarot", 4, 64)}
+
+
 @pytest.mark.real
-@pytest.mark.skipif(not os.environ.get("QCOMPILE_ONNX_REAL"), reason="exports SmolLM2 (minutes on 2 cores); "
-                    "set QCOMPILE_ONNX_REAL=1")
-def test_smollm2_w4a16_export_parity(smollm2, smollm2_program, smollm2_ids, tmp_path):
-    """The real model, RTN W4A16 g64: exported logits = lowered PyTorch logits to float32 rounding."""
+@pytest.mark.parametrize("name", list(REAL))
+def test_smollm2_export_parity(name, smollm2, smollm2_program, smollm2_ids, tmp_path):
+    """The real model: exported logits = lowered PyTorch logits (W4A16: float32 rounding; A8/A4: a code may move
+    where the exported Hadamard rounds differently, see test_parity_with_lowered_program)."""
     model, tokenizer = smollm2
-    recipe = load_recipe("rtn").with_bits(group=64)
+    base, a, g = REAL[name]
+    recipe = load_recipe(base).with_bits(a=a, kv=16, group=g, symmetric=False if g else None)
     program = lower(qc.compile(smollm2_program, recipe, None, progress=False))
     out = export_onnx(program, tmp_path / "smol", recipe=recipe, model="smollm2-135m", tokenizer=tokenizer,
                       hf_config=model.config)
@@ -153,5 +156,7 @@ def test_smollm2_w4a16_export_parity(smollm2, smollm2_program, smollm2_ids, tmp_
     ids = smollm2_ids[:, :64]
     ref = program.logits(ids)
     got = OrtModel(out, threads=2).logits(ids)
-    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
     assert np.isfinite(got.numpy()).all()
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err < (1e-4 if a == 16 else 2e-2), err
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
