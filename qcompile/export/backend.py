@@ -6,11 +6,11 @@ graph inputs, together with the real tensors. Two kinds of graph reach it:
 - **already compiled**: the graph calls ``torch.ops.qcompile.*`` (a model read back by
   ``qcompile.artifact.load``, or its KV-cache decoder step): nothing is quantized again; the graph goes
   to Inductor as it is, the INT4 ops staying calls of their kernels (Triton on CUDA, reference on CPU);
-- **a float causal LM** with ``options={"recipe": ...}``: the module state is put back as named
-  weights (the names the source model gives them, read from Dynamo's sources), the graph is captured
-  by ``torch.export`` like any model, the recipe is planned and run (calibration from
-  ``options["calibration"]`` ids or windows drawn with ``options["tokenizer"]``), its linears are
-  lowered to the INT4 ops, and the result is compiled by Inductor.
+- **a float causal LM** with ``options={"recipe": ...}``: the ``nn.Module`` the graph's weights belong to
+  is found from Dynamo's sources for them, and at the first call it is captured by ``torch.export`` like
+  any model, the recipe is planned and run (calibration from ``options["calibration"]`` ids or windows
+  drawn with ``options["tokenizer"]``), its linears are lowered to the INT4 ops, and the result is
+  compiled by Inductor; once per model and options.
 
 What cannot be honoured is refused by name, never run in float: an unknown option, a recipe given for
 a graph that is already quantized, a float graph with no recipe, graph inputs other than the token
@@ -32,7 +32,6 @@ from torch import fx
 from qcompile.errors import QCompileError
 
 _STATE = re.compile(r"\._(?:parameters|buffers)\[")
-_KEY = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
 
 
 @dataclass(frozen=True)
@@ -74,12 +73,6 @@ def _source_name(node: fx.Node) -> str:
 
 def _is_state(node: fx.Node) -> bool:
     return bool(_STATE.search(_source_name(node)))
-
-
-def _state_name(node: fx.Node) -> str:
-    """``L['self']._modules['model']._parameters['weight']`` → ``model.weight`` (the source model's name)."""
-    source = _source_name(node)
-    return ".".join(_KEY.findall(source[source.index("._"):]))
 
 
 def _calls_qcompile_ops(gm: fx.GraphModule) -> bool:
