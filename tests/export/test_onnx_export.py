@@ -139,7 +139,8 @@ def test_corrupt_or_foreign_onnx_refused(exported, tmp_path):
 
 # the real model: W4A16 RTN g64 asym; W4A8 QuaRot with online R3/R4 Hadamards. W4A4 is checked on the tiny
 # model only: on SmolLM2 (QuaRot RTN g64) the exported loss differed from PyTorch's by 1.5% on 64 tokens in one
-# run and by more in another (4-bit code flips from the Hadamard's rounding order), so no bound was stated yet
+# run, and a second run failed a 3% bound on loss, argmax agreement or max error (4-bit code flips from the
+# Hadamard's rounding order compound over 30 layers), so no bound is stated yet
 REAL = {"w4a16": ("rtn", 16, 64), "w4a8": ("quarot", 8, None)}
 
 
