@@ -135,7 +135,10 @@ def build_rows(args) -> list[tuple[str, Path, str]]:
         rows.append((name, out, f"qcompile export {src} --onnx {out}" + (" --int8 matmulnbits" if path ==
                                                                           "matmulnbits" else "")))
     hf, peer = work / "hf", work / "peer-int4"
-    if not hf.exists():
+    if not hf.exists():  # the GGUF's weights, dequantized: transformers refuses to save a "gguf-quantized" model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(hf)
         tokenizer.save_pretrained(hf)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(peer), "-p", "int4",
