@@ -23,6 +23,7 @@ stage the whole block runs once more to carry its output forward.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,7 @@ from torch import fx
 from tqdm import tqdm
 
 from qcompile.errors import QCompileError
+from qcompile.passes.distributed import SINGLE, Ranks, SummedHessian
 from qcompile.program import Program, move_quantized
 
 
@@ -224,24 +226,61 @@ def collect_blockwise(program: Program, windows: torch.Tensor, on_node: Callable
             envs = runner.run_segment(k, envs)
 
 
+class _Clock:
+    """Seconds per phase (``timings`` of ``quantize_blockwise``), the device synchronized at each boundary."""
+
+    def __init__(self, into: dict | None, device: torch.device):
+        self.into, self.cuda = into, device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.into is None:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.into[phase] = self.into.get(phase, 0.0) + time.perf_counter() - t
+
+
+def _store(program: Program, lin, qw) -> None:
+    program.set_weight(lin.weight, qw.weight.reshape(program.weight(lin.weight).shape))
+    program.quantized[lin.weight] = qw
+
+
 @torch.no_grad()
 def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callable, calibration: torch.Tensor,
-                       device=None, batch: int = 4, progress: bool = True) -> None:
+                       device=None, batch: int = 4, progress: bool = True, ranks: Ranks | None = None,
+                       store: Callable | None = None, timings: dict | None = None) -> None:
     """Quantize the linears ``targets`` {node name: Linear} of ``program`` in place, block by block.
 
     ``quantize_linear(lin, H)`` quantizes one linear's weight (on the device while its block runs) against
     Hessian ``H`` and stores it in the Program (``program.quantized[weight]``); the codes then leave the
     device with their block, for the weights' home device.
-    """
-    from qcompile.quant.gptq import HessianAccumulator
 
+    With ``ranks`` of a world larger than one (``passes.distributed``), this process carries its share of the
+    windows, the Hessians are all-reduced, each rank quantizes its share of a stage's linears and receives the
+    others' through ``store(lin, qw)`` (default: set the weight and ``program.quantized``); ``device`` is then
+    ``ranks.device``. ``timings`` (a dict) receives seconds per phase: forward (the block up to each stage and
+    the Hessian sums), reduce, quantize, broadcast, carry (the whole block, for the next one).
+    """
+    ranks = ranks or SINGLE
+    if ranks.distributed:
+        device = ranks.device
+        calibration = ranks.windows(calibration, batch)
+    store = store or (lambda lin, qw: _store(program, lin, qw))
     runner = BlockRunner(program, device)
     segs, dev = runner.segments, runner.device
+    clock = _Clock(timings, dev)
     widths = [lin.in_features for lin in targets.values()]
-    check_memory(program, segs, dev, calibration, batch, max(widths, default=0))
+    with ranks.step("checking device memory"):
+        check_memory(program, segs, dev, calibration, batch, max(widths, default=0))
     envs = runner.start(calibration, batch)
     todo = [k for k, seg in enumerate(segs.nodes) if any(n.name in targets for n in seg)]
-    bar = tqdm(total=len(targets), desc="blockwise", unit="linear", disable=not progress)
+    bar = tqdm(total=len(targets), desc="blockwise", unit="linear", disable=not (progress and ranks.lead))
     for k in range(max(todo, default=-1) + 1):
         stages: dict[fx.Node, list[fx.Node]] = {}
         for n in segs.nodes[k]:
@@ -250,22 +289,38 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
         with runner.weights_on_device(k):
             for x_node, readers in stages.items():
                 lin0 = targets[readers[0].name]
-                acc = HessianAccumulator(lin0.in_features, name=lin0.weight, device=dev)
+                acc = SummedHessian(lin0.in_features, name=lin0.weight, device=dev)
                 def add(v, acc=acc, k_in=lin0.in_features):
                     acc.add(v.reshape(-1, k_in))
 
-                if x_node in segs.nodes[k]:  # one batch at a time: only its input is alive at once
-                    runner.run_segment(k, envs, until=x_node, consume=add)
-                else:
-                    for env in envs:
-                        add(env[x_node])
-                H = acc.hessian()
-                for n in readers:
-                    quantize_linear(targets[n.name], H)
-                    bar.update(1)
+                with clock("forward"), ranks.step(f"calibrating {segs.names[k]}"):
+                    if x_node in segs.nodes[k]:  # one batch at a time: only its input is alive at once
+                        runner.run_segment(k, envs, until=x_node, consume=add)
+                    else:
+                        for env in envs:
+                            add(env[x_node])
+                with clock("reduce"):
+                    acc.all_reduce(ranks)
+                lins = [targets[n.name] for n in readers]
+                owners = ranks.deal([lin.in_features * (lin.out_features + 4096) for lin in lins])
+                with clock("quantize"), ranks.step(f"quantizing {segs.names[k]}"):
+                    H = acc.hessian()
+                    for lin, owner in zip(lins, owners):
+                        if owner == ranks.rank:
+                            quantize_linear(lin, H)
+                            bar.update(1)
                 del H, acc
+                if ranks.distributed:
+                    with clock("broadcast"):
+                        for lin, owner in zip(lins, owners):
+                            mine = program.quantized[lin.weight] if owner == ranks.rank else None
+                            qw = ranks.broadcast_quantized(mine, owner)
+                            if owner != ranks.rank:
+                                store(lin, qw)
+                                bar.update(1)
             if k < len(segs) - 1 and k < max(todo):
-                envs = runner.run_segment(k, envs)
+                with clock("carry"), ranks.step(f"running {segs.names[k]}"):
+                    envs = runner.run_segment(k, envs)
         for n in segs.nodes[k]:  # the codes leave the device with their block
             lin = targets.get(n.name)
             if lin is not None:

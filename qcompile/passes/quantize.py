@@ -104,13 +104,16 @@ class _SequentialQuantizer(fx.Interpreter):
 
 @torch.no_grad()
 def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None = None,
-             progress: bool = True, device: torch.device | str | None = None, batch: int = 4) -> Program:
+             progress: bool = True, device: torch.device | str | None = None, batch: int = 4,
+             ranks=None) -> Program:
     """The fake-quantized Program; ``calibration`` holds token windows [n, seq] for GPTQ/LeanQuant.
 
     With ``device``, GPTQ/LeanQuant run block by block (``passes.blockwise``): one block's weights on
     ``device`` at a time, calibration activations carried forward in batches of ``batch`` windows, the rest
     of the weights where they are. Without it, the whole graph runs at once on the Program's device over
-    all windows (the reference path; the same weights up to float summation order).
+    all windows (the reference path; the same weights up to float summation order). With ``ranks``
+    (``passes.distributed.init_ranks()`` under torchrun) the block-by-block path is shared out among processes,
+    each on ``ranks.device``, and every rank returns the same Program.
     """
     p = program.clone()
     report = PassReport("quantize")
@@ -139,14 +142,19 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
         else:
             if calibration is None:
                 raise RecipeError(f"weights.method {wq.method} needs calibration windows")
+            if ranks is not None and ranks.distributed:
+                device = ranks.device
             if device is not None:
                 def quantize_linear(lin, H):
                     w = p.weight(lin.weight).detach().float()
                     _store(p, lin, _quantize_weight(w, H, wq, lin.weight), report)
 
                 quantize_blockwise(p, {n: mm.linears[n] for n in targets}, quantize_linear, calibration,
-                                   device=device, batch=batch, progress=progress)
+                                   device=device, batch=batch, progress=progress, ranks=ranks,
+                                   store=lambda lin, qw: _store(p, lin, qw, report))
                 report.notes["execution"] = f"block by block on {torch.device(device)}, batches of {batch} windows"
+                if ranks is not None and ranks.distributed:
+                    report.notes["execution"] += f", shared out among {ranks.world} ranks"
             else:
                 runner = _SequentialQuantizer(p, targets, wq, report, progress)
                 runner.run(calibration.to(p.device))
