@@ -30,10 +30,21 @@ def test_lowered_program_matches_fake_quant(arch, setting, tiny_programs, tiny_i
     assert not any(k in low.module.state_dict() for k in fake.quantized)  # float copies dropped
 
 
-def test_experts_and_codebooks_are_reported_not_lowered(tiny_programs):
+def test_lowered_experts_save_and_load(tiny_programs, tiny_ids, tmp_path):
+    """Routed experts lower to grouped INT4 ops that torch.export traces (their fake implementation) and a
+    loaded artifact runs with the same logits."""
     _, p = tiny_programs["mixtral"]
-    low = lower(quantize(p, load_recipe("rtn"), progress=False))
-    assert any("expert" in reason for _, reason in low.reports[-1].skipped)
+    r = load_recipe("rtn")
+    low = lower(quantize(p, r, progress=False))
+    assert not low.reports[-1].skipped and low.reports[-1].counts["W4A16 grouped experts"] == 4
+    loaded = artifact.load(artifact.save(low, tmp_path / "moe", r, "tiny:mixtral"))
+    assert torch.equal(loaded.logits(tiny_ids), low.logits(tiny_ids))
+
+
+def test_codebooks_are_reported_not_lowered(tiny_programs):
+    _, p = tiny_programs["llama"]
+    low = lower(quantize(p, load_recipe("leanquant-nu"), torch.randint(0, 256, (2, 16)), progress=False))
+    assert low.reports[-1].skipped and all("codebook" in reason for _, reason in low.reports[-1].skipped)
 
 
 @pytest.fixture(scope="module")

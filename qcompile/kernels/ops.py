@@ -21,6 +21,8 @@ Schemas::
                           Tensor w_scales, Tensor? w_zeros, int group_size, Tensor? bias,
                           ScalarType out_dtype) -> Tensor
     qcompile::linear_w4a4(...same as linear_w4a8...) -> Tensor
+    qcompile::grouped_linear_w4a16(Tensor x, Tensor offs, Tensor packed_weight, Tensor scales, Tensor? zeros,
+                                   int group_size) -> Tensor
 
 Conventions (see ``reference.py``): weights are the canonical int4 format of
 ``qcompile.quant.formats`` (``packed uint8 [N, ceil(K/2)]``, scales ``[N, ceil(K/g)]``, zeros uint8 or
@@ -39,7 +41,7 @@ from torch import Tensor
 
 from qcompile.kernels import reference, shapes
 
-__all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4"]
+__all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "grouped_linear_w4a16"]
 
 
 def _cuda():
@@ -242,6 +244,53 @@ def linear_w4a4(
     """As ``linear_w4a8`` for 4-bit per-token codes (``quantize_per_token(x, 4, ...)``)."""
     return _w4ax("linear_w4a4", x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias,
                  out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# grouped_linear_w4a16: routed experts (stacked int4 weights [E, N, ·], rows of x sorted by expert, ``offs`` the
+# cumulative rows per expert: transformers' grouped_mm with an int4 weight). Runs one linear_w4a16 per expert
+# that has rows; on CUDA each is the Triton kernel.
+
+
+def _check_grouped(x: Tensor, offs: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int):
+    from qcompile.errors import ShapeError
+
+    if x.dim() != 2 or x.dtype not in shapes.FLOAT_DTYPES:
+        raise ShapeError(f"grouped_linear_w4a16: x must be float [S, K], got {shapes._desc(x)}")
+    if packed.dim() != 3 or offs.dim() != 1 or offs.shape[0] != packed.shape[0] or offs.is_floating_point():
+        raise ShapeError(f"grouped_linear_w4a16: packed_weight must be [E, N, ceil(K/2)] and offs integer [E]; got "
+                         f"{shapes._desc(packed)}, {shapes._desc(offs)}")
+    if scales.dim() != 3 or (zeros is not None and zeros.dim() != 3):
+        raise ShapeError(f"grouped_linear_w4a16: scales and zeros must be [E, N, G], got {shapes._desc(scales)}")
+    shapes.check_int4_weight("grouped_linear_w4a16", x.shape[-1], packed[0], scales[0],
+                             None if zeros is None else zeros[0], group_size, None)
+
+
+def _grouped_linear_w4a16(x, offs, packed_weight, scales, zeros, group_size):
+    _check_grouped(x, offs, packed_weight, scales, zeros, group_size)
+    return reference.grouped_linear_w4a16(x, offs, packed_weight, scales, zeros, group_size)
+
+
+def _grouped_linear_w4a16_cuda(x, offs, packed_weight, scales, zeros, group_size):
+    _check_grouped(x, offs, packed_weight, scales, zeros, group_size)
+    return reference.grouped_linear_w4a16(x, offs, packed_weight, scales, zeros, group_size,
+                                          linear=_cuda().linear_w4a16)
+
+
+def _grouped_linear_w4a16_fake(x, offs, packed_weight, scales, zeros, group_size):
+    _check_grouped(x, offs, packed_weight, scales, zeros, group_size)
+    return x.new_empty((x.shape[0], packed_weight.shape[1]))
+
+
+_op("grouped_linear_w4a16(Tensor x, Tensor offs, Tensor packed_weight, Tensor scales, Tensor? zeros, "
+    "int group_size) -> Tensor", _grouped_linear_w4a16, _grouped_linear_w4a16_cuda, _grouped_linear_w4a16_fake)
+
+
+def grouped_linear_w4a16(x: Tensor, offs: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None,
+                         group_size: int | None) -> Tensor:
+    """Routed experts: ``y[rows of e] = x[rows of e] @ W_eᵀ`` for canonical int4 ``W [E, N, K]``."""
+    g = x.shape[-1] if group_size is None else group_size
+    return torch.ops.qcompile.grouped_linear_w4a16(x, offs, packed_weight, scales, zeros, g)
 
 
 # ------------------------------------------------------------------------------------------------

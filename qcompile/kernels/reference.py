@@ -20,7 +20,8 @@ from torch import Tensor
 from qcompile.quant.formats import Granularity, PackedWeight, QuantSpec, compute_qparams, quantize
 from qcompile.quant.hadamard import hadamard_transform
 
-__all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "dequantize_weight"]
+__all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "dequantize_weight",
+           "grouped_linear_w4a16"]
 
 
 def hadamard(x: Tensor, block_size: int = 0) -> Tensor:
@@ -94,3 +95,21 @@ def linear_w4a8(
 
 
 linear_w4a4 = linear_w4a8  # the same algebra: only the range of the codes differs (int4 in int8)
+
+
+def grouped_linear_w4a16(
+    x: Tensor, offs: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, linear=None
+) -> Tensor:
+    """Routed experts: rows ``offs[e−1]:offs[e]`` of ``x [S, K]`` (sorted by expert) times expert e's int4 weight
+    (``packed [E, N, ceil(K/2)]``, ``scales``/``zeros [E, N, G]``); rows past ``offs[-1]`` are 0, as in
+    transformers' grouped_mm. One ``linear_w4a16`` per expert that has rows (``linear``: another
+    implementation of it, e.g. the CUDA kernel)."""
+    linear = linear or linear_w4a16
+    out = x.new_zeros(x.shape[0], packed.shape[1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):  # one host sync, as transformers' fallback
+        if end > start:
+            out[start:end] = linear(x[start:end], packed[e], scales[e], None if zeros is None else zeros[e],
+                                    group_size, None)
+        start = end
+    return out

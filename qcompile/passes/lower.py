@@ -9,7 +9,12 @@ Weights are packed in the canonical format of ``quant/formats.py`` and stored un
 with a suffix (``<weight>_packed``, ``_scales``, ``_zeros``) so every packed tensor traces back to its
 source. The math is the fake-quant graph's: the reference ops dequantize with the same grids, so the
 lowered program matches the fake-quantized one to float32 rounding (tests state the tolerance).
-Anything else (codebooks, stacked experts, other bit widths) stays fake-quantized and is reported.
+Routed experts (a stacked ``[E, out, in]`` weight run by a grouped matmul over rows sorted by expert, ``offs``
+their cumulative counts) become one ``grouped_linear_w4a16(x, offs, packed [E, N, ·], scales, zeros, g)``: one
+node in the graph, one int4 linear per expert inside the op (measured against one node per expert in
+``benchmarks/moe_lowering.py``). Where the experts' input is fake-quantized, the op reads the fake-quantized
+float input (the same numbers; no int8 activation path for experts yet), and the report says so.
+Anything else (codebooks, other bit widths) stays fake-quantized and is reported.
 """
 
 from __future__ import annotations
@@ -33,9 +38,27 @@ def _skip_reason(lin, qw) -> str | None:
         return "non-uniform codebook (no INT4 affine kernel)"
     if qw.spec.bits != 4:
         return f"{qw.spec.bits}-bit weights (kernels are INT4)"
-    if lin.experts:
-        return "stacked expert weights (no grouped INT4 kernel yet)"
     return None
+
+
+def _lower_experts(p: Program, node, lin, qw, report: PassReport) -> None:
+    """grouped_mm(x, Wᵀ, offs) → grouped_linear_w4a16(x, offs, packed [E, N, ·], scales, zeros, g)."""
+    from qcompile.passes.experts import offsets_of
+
+    packed = qw.pack()
+    e, n = lin.experts, lin.out_features
+    w_packed = p.add_weight(f"{lin.weight}_packed", packed.packed.reshape(e, n, -1))
+    w_scales = p.add_weight(f"{lin.weight}_scales", packed.scales.reshape(e, n, -1))
+    w_zeros = p.add_weight(f"{lin.weight}_zeros", packed.zeros.reshape(e, n, -1)) if packed.zeros is not None else None
+    x = node.args[0]
+    with p.module.graph.inserting_before(node):
+        new = p.module.graph.call_function(qops.grouped_linear_w4a16.default,
+                                           (x, offsets_of(node), w_packed, w_scales, w_zeros, packed.group_size))
+    new.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(new)
+    p.module.graph.erase_node(node)
+    fq = _is(x, qops.fake_quant.default)
+    report.count("W4A16 grouped experts" + (f" (input fake-quantized A{x.args[1]})" if fq else ""), lin.weight)
 
 
 def lower(program: Program) -> Program:
@@ -50,8 +73,11 @@ def lower(program: Program) -> Program:
         if reason:
             report.skip(lin.weight, reason)
             continue
-        packed = qw.pack()
         node = p.node(node_name)
+        if lin.experts:
+            _lower_experts(p, node, lin, qw, report)
+            continue
+        packed = qw.pack()
         x = node.args[0]
         bias = node.args[2] if len(node.args) > 2 else None
         w_packed = p.add_weight(f"{lin.weight}_packed", packed.packed)

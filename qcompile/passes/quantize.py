@@ -11,6 +11,10 @@ Hessian of its input (shared by every linear reading the same value: [q, k, v], 
 from the activations produced by the already-quantized earlier layers, the weight is quantized, and
 the node runs with the new weight. In graph order this is GPTQ's sequential groups
 [k, v, q] → [o] → [up, gate] → [down], with each layer's outputs recomputed in between.
+
+Routed experts (a stacked ``[E, out, in]`` weight run as one grouped matmul) get one Hessian per expert from
+the rows routed to it (``passes.experts``); an expert that no calibration token reaches is quantized by RTN
+and listed in the report's skipped sites.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tqdm import tqdm
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.analysis.modelmap import Linear
 from qcompile.errors import RecipeError
+from qcompile.passes import experts as moe
 from qcompile.passes.blockwise import quantize_blockwise
 from qcompile.program import PassReport, Program
 from qcompile.quant.gptq import HessianAccumulator, gptq_quantize
@@ -47,15 +52,18 @@ def _quantize_weight(w: torch.Tensor, H: torch.Tensor | None, wq: WeightQuant, n
                               block_size=wq.block_size, percdamp=wq.percdamp, name=name)
 
 
-def _experts_by_rtn(p: Program, targets: list[str], wq: WeightQuant, report: PassReport, progress: bool) -> list[str]:
-    """Stacked expert weights get RTN under GPTQ/LeanQuant (no per-expert Hessians yet), reported per weight;
-    returns the other targets."""
-    experts = [n for n in targets if p.model_map.linears[n].experts]
-    if experts and wq.method != "rtn":
-        _rtn_all(p, experts, dataclasses.replace(wq, method="rtn"), report, progress)
-        for n in experts:
-            report.skip(p.model_map.linears[n].weight, f"{wq.method} needs per-expert Hessians from routed tokens: RTN")
-    return [n for n in targets if n not in experts] if wq.method != "rtn" else targets
+def _store_experts(p: Program, lin: Linear, hessians: moe.ExpertHessians, wq: WeightQuant,
+                   report: PassReport) -> None:
+    """Quantize each expert of a stacked weight on its own Hessian (RTN where it has none) and report it."""
+    rtn = dataclasses.replace(wq, method="rtn")
+    w = p.weight(lin.weight).detach().float()
+    qw, fallback = moe.quantize_experts(w, hessians, lambda we, H, site: _quantize_weight(
+        we, H, wq if H is not None else rtn, site))
+    _store(p, lin, qw, report)
+    report.count(f"{wq.method} experts (own routed tokens)", n=lin.experts - len(fallback))
+    for e in fallback:
+        report.count("RTN experts (no routed token)")
+        report.skip(moe.expert_site(lin.weight, e), f"{wq.method}: {moe.RTN_REASON}")
 
 
 def _store(p: Program, lin: Linear, qw, report: PassReport) -> None:
@@ -85,7 +93,12 @@ class _SequentialQuantizer(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         lin = self.targets.get(n.name)
-        if lin is not None:
+        if lin is not None and lin.experts:
+            hessians = moe.ExpertHessians(lin, device=self.env[n.args[0]].device)
+            hessians.add(self.env[n.args[0]], self.env[moe.offsets_of(n)])
+            _store_experts(self.p, lin, hessians, self.wq, self.report)
+            self.bar.update(1)
+        elif lin is not None:
             x_node = n.args[0]
             if x_node not in self.hessians:
                 x = self.env[x_node]
@@ -105,7 +118,7 @@ class _SequentialQuantizer(fx.Interpreter):
 @torch.no_grad()
 def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None = None,
              progress: bool = True, device: torch.device | str | None = None, batch: int = 4,
-             ranks=None) -> Program:
+             ranks=None, timings: dict | None = None) -> Program:
     """The fake-quantized Program; ``calibration`` holds token windows [n, seq] for GPTQ/LeanQuant.
 
     With ``device``, GPTQ/LeanQuant run block by block (``passes.blockwise``): one block's weights on
@@ -113,7 +126,8 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
     of the weights where they are. Without it, the whole graph runs at once on the Program's device over
     all windows (the reference path; the same weights up to float summation order). With ``ranks``
     (``passes.distributed.init_ranks()`` under torchrun) the block-by-block path is shared out among processes,
-    each on ``ranks.device``, and every rank returns the same Program.
+    each on ``ranks.device``, and every rank returns the same Program; ``timings`` gets the block-by-block
+    path's seconds per phase.
     """
     p = program.clone()
     report = PassReport("quantize")
@@ -136,7 +150,6 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
     p.module.recompile()
     wq = recipe.weights
     if wq:
-        targets = _experts_by_rtn(p, targets, wq, report, progress)
         if wq.method == "rtn":
             _rtn_all(p, targets, wq, report, progress)
         else:
@@ -149,9 +162,14 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
                     w = p.weight(lin.weight).detach().float()
                     _store(p, lin, _quantize_weight(w, H, wq, lin.weight), report)
 
-                quantize_blockwise(p, {n: mm.linears[n] for n in targets}, quantize_linear, calibration,
-                                   device=device, batch=batch, progress=progress, ranks=ranks,
-                                   store=lambda lin, qw: _store(p, lin, qw, report))
+                dense = {n: mm.linears[n] for n in targets if not mm.linears[n].experts}
+                routed = {n: mm.linears[n] for n in targets if mm.linears[n].experts}
+                quantize_blockwise(p, dense, quantize_linear, calibration, device=device, batch=batch,
+                                   progress=progress, ranks=ranks, store=lambda lin, qw: _store(p, lin, qw, report),
+                                   timings=timings)
+                if routed:
+                    moe.quantize_blockwise(p, routed, lambda lin, h: _store_experts(p, lin, h, wq, report),
+                                           calibration, device=device, batch=batch)
                 report.notes["execution"] = f"block by block on {torch.device(device)}, batches of {batch} windows"
                 if ranks is not None and ranks.distributed:
                     report.notes["execution"] += f", shared out among {ranks.world} ranks"

@@ -101,9 +101,12 @@ def test_w4_gptq_and_lowering_on_every_linear(arch, programs, ids):
     q = quantize(p, load_recipe("gptq"), calib, progress=False)
     mm = p.model_map
     assert {mm.linears[n].weight for n in mm.linears if n != mm.lm_head} <= set(q.quantized)
+    assert not q.reports[-1].skipped  # every routed expert of these calibration windows got tokens
     low = lower(q)
     assert max_rel_error(low.logits(ids), q.logits(ids)) < 1e-3
-    assert {w for w, _ in low.reports[-1].skipped} == {lin.weight for lin in mm.linears.values() if lin.experts}
+    assert not low.reports[-1].skipped
+    assert low.reports[-1].counts.get("W4A16 grouped experts", 0) == sum(1 for lin in mm.linears.values()
+                                                                         if lin.experts)
 
 
 def test_post_norm_rotation_needs_a_hadamard(programs):
