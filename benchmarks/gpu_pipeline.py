@@ -8,6 +8,14 @@ memory is the process's peak RSS.
 
     python benchmarks/gpu_pipeline.py --shape 7b --recipe quarot+gptq --layers 2 --samples 128 --seq 2048
     python benchmarks/gpu_pipeline.py --shape 70b --recipe gptq --a 16 --kv 16 --layers 1 --json out.json
+
+Under ``torchrun --nproc-per-node 2`` GPTQ is shared out among the processes (``passes.distributed``: one GPU
+each, the calibration windows split, Hessians all-reduced, a stage's linears dealt out and broadcast); every
+rank builds the same random model. ``--compare-single`` then also runs the one-process path on rank 0's GPU
+(the other ranks wait) and reports both times and how many codes agree:
+
+    torchrun --nproc-per-node 2 benchmarks/gpu_pipeline.py --shape 70b --recipe gptq --a 16 --kv 16 --layers 2 \
+        --tf32 --compare-single
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import resource
 import time
 
@@ -52,6 +61,13 @@ def build(shape: str, layers: int, seed: int = 0, shrink: int = 1):
     return model, real
 
 
+def warm_up(dev: torch.device) -> None:
+    """cuBLAS, cuSOLVER and the allocator started before anything is timed."""
+    a = torch.randn(512, 512, device=dev)
+    torch.linalg.cholesky(a @ a.T + 512 * torch.eye(512, device=dev))
+    torch.cuda.synchronize()
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -72,6 +88,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (off: plain float32)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--shrink", type=int, default=1, help="divide every width by this (a CPU smoke test)")
+    ap.add_argument("--compare-single", action="store_true",
+                    help="under torchrun: also time the one-process path on rank 0 and compare the codes")
     args = ap.parse_args(argv)
 
     from qcompile.passes.quantize import quantize
@@ -82,6 +100,12 @@ def main(argv=None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
+    ranks = None
+    if "WORLD_SIZE" in os.environ:
+        from qcompile.passes.distributed import init_ranks
+
+        ranks = init_ranks()
+        dev = ranks.device
     if not cuda:  # a smoke test of the script; the timings mean nothing
         torch.cuda.synchronize = torch.cuda.reset_peak_memory_stats = torch.cuda.empty_cache = lambda *a: None
         torch.cuda.max_memory_allocated = lambda *a: 0
@@ -91,7 +115,7 @@ def main(argv=None) -> dict:
     out = {"shape": args.shape, "recipe": recipe.name, "layers_measured": args.layers, "samples": args.samples,
            "seq": args.seq, "group": args.group, "w": args.w, "a": args.a, "kv": args.kv, "batch": args.batch,
            "tf32": args.tf32, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "date": datetime.date.today().isoformat()}
+           "date": datetime.date.today().isoformat(), "gpus": ranks.world if ranks else 1}
     t = time.time()
     model, real_layers = build(args.shape, args.layers, shrink=args.shrink)
     out["build_s"] = round(time.time() - t, 1)
@@ -112,20 +136,49 @@ def main(argv=None) -> dict:
     out["passes_s"] = round(time.time() - t, 1)
     out["passes_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    t = time.time()
     needs = recipe.weights and recipe.weights.method != "rtn"
-    q = quantize(program, recipe, calib if needs else None, progress=False, device=dev, batch=args.batch)
-    torch.cuda.synchronize()
-    out["quantize_s"] = round(time.time() - t, 1)
-    out["quantize_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    out["host_peak_gib"] = round(peak_rss_gib(), 1)
-    per_block = (out["passes_s"] + out["quantize_s"]) / args.layers
-    out["per_block_s"] = round(per_block, 1)
+    warm_up(dev)
+
+    def timed(prefix: str, ranks_=None):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        if ranks_ is not None:
+            torch.distributed.barrier()
+        t, phases = time.time(), {}
+        q = quantize(program, recipe, calib if needs else None, progress=False, device=dev, batch=args.batch,
+                     ranks=ranks_, timings=phases)
+        torch.cuda.synchronize()
+        out[f"{prefix}quantize_s"] = round(time.time() - t, 1)
+        out[f"{prefix}phases_s"] = {k: round(v, 1) for k, v in phases.items()}
+        out[f"{prefix}quantize_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        per_block = (out["passes_s"] + out[f"{prefix}quantize_s"]) / args.layers
+        out[f"{prefix}per_block_s"] = round(per_block, 1)
+        out[f"{prefix}extrapolated_min"] = round((out["capture_s"] + per_block * real_layers) / 60, 1)
+        return q
+
+    q = timed("", ranks)
     out["real_layers"] = real_layers
-    out["extrapolated_min"] = round((out["capture_s"] + per_block * real_layers) / 60, 1)
     out["quantized_linears"] = len(q.quantized)
+    if ranks is not None and args.compare_single:
+        if ranks.lead:
+            one = timed("single_")
+            codes = sum(qw.codes.numel() for qw in one.quantized.values())
+            same = sum(int((qw.codes == q.quantized[k].codes).sum()) for k, qw in one.quantized.items())
+            out["codes_equal_to_single"] = round(same / codes, 6)
+            # a code that flips on a near-tie (the Hessians differ in summation order) changes GPTQ's error
+            # feedback for the rest of its row, so codes can differ widely while the error stays the same
+            ref = {k: program.weight(k).detach().float().reshape(qw.weight.shape) for k, qw in one.quantized.items()}
+
+            def rel_error(qs):
+                return round(sum(float((qs[k].weight.cpu() - w.cpu()).norm() ** 2) for k, w in ref.items()) /
+                             sum(float(w.cpu().norm() ** 2) for w in ref.values()), 6)
+
+            out["weight_rel_sq_error"] = {"single": rel_error(one.quantized), "distributed": rel_error(q.quantized)}
+            out["speedup_vs_single"] = round(out["single_quantize_s"] / out["quantize_s"], 2)
+        torch.distributed.barrier()
+    out["host_peak_gib"] = round(peak_rss_gib(), 1)
+    if ranks is not None and not ranks.lead:
+        return out
     print(json.dumps(out))
     if args.json:
         with open(args.json, "w") as f:
