@@ -101,8 +101,9 @@ def duquant(program: Program, options: DuQuantOptions | None = None, *, calibrat
                 out = p.node(norm.node)
                 users = list(out.users)
                 n = insert_online(p, out, users, t, f"duquant.{b.index}.{what.replace('/', '_')}")
+                m = t.matrix()
                 for r in norm.readers:
-                    weights.transform_inputs(p, mm.linears[r], t.matrix())
+                    weights.transform_inputs(p, mm.linears[r], m)
                 report.count("online transform", f"block {b.index} {what} input ({n} aten ops, kept steps {t.steps})")
             for what, lin in (("o", b.attention.o), ("down", b.ffn.down)):
                 if what == "down" and b.ffn.kind == "moe":

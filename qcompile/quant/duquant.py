@@ -20,6 +20,7 @@ rotations and a permutation), X ↦ X·T, and the reading weight W ↦ W·T keep
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,15 @@ def step_for_channel(basis: torch.Tensor, d: int) -> torch.Tensor:
     return basis[perm][:, perm]
 
 
+@functools.lru_cache(maxsize=8)
+def greedy_bases(b: int, steps: int, seed: int) -> torch.Tensor:
+    """The ``steps`` random bases of a greedy run [steps, b, b]: they do not depend on the data, so the seeds
+    are drawn in order and factored at once, and kept for the next run with the same seed (the q and gate
+    sites of a layer share one, as do its o and down sites). Read-only."""
+    g = torch.Generator().manual_seed(seed)
+    return step_bases(b, [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for _ in range(steps)])
+
+
 @dataclass
 class GreedyResult:
     rotation: torch.Tensor  # b × b, float64
@@ -79,42 +89,51 @@ class GreedyResult:
 
 
 class _PeakFinder:
-    """max|X·R| and its first flat position in X·R, without forming all of X·R when it can be avoided.
+    """max|X·R| and its first flat position in X·R, exactly as ``(X @ R).abs()`` in float64 gives them, at the
+    cost of a float32 product and a float64 one over a few rows.
 
-    Rotations keep row norms, so no entry of row t of X·R exceeds ‖x_t‖. The rows are sorted by decreasing
-    norm once; a step multiplies the first ``head`` rows, then every further row whose norm reaches the
-    largest magnitude found (at most all of them, in one product): the rows left cannot reach it. The result
-    is that of ``(X @ R).abs()`` over all rows, ties going to the smallest flat index as ``argmax``'s do. With
-    a few dominant rows (massive activations) a step costs ``head`` rows instead of all.
+    Two bounds cut the work. Rotations keep row norms, so no entry of row t of X·R exceeds ‖x_t‖: the rows are
+    sorted by decreasing norm once, the first ``head`` rows are scanned, then only the further rows whose norm
+    reaches the peak found so far. And the scan is float32: an entry of ``fl32(X)·fl32(R)`` is within
+    ``δ_t = 2·(b+2)·2⁻²⁴·‖x_t‖`` of the exact one (the rounding of both operands and of a b-term sum, each
+    column of R having norm 1; doubled for margin), so ``L = max_t (rowmax32_t − δ_t)`` is a lower bound on the
+    peak and only the rows with ``rowmax32_t + δ_t ≥ L`` can hold it. Those few rows are multiplied again in
+    float64, and the peak and its position (ties to the smallest flat index, as ``argmax``) come from them.
     """
 
     def __init__(self, x: torch.Tensor, head: int = 256):
         norms = x.norm(dim=1)
         self.order = torch.argsort(norms, descending=True, stable=True)
         self.rows = x[self.order]
-        self.neg_norms = (-norms[self.order] * (1 + 1e-9)).contiguous()  # ascending, for searchsorted
-        self.head = head
+        self.rows32 = self.rows.float()
+        sorted_norms = norms[self.order]
+        self.neg_norms = (-sorted_norms * (1 + 1e-9)).contiguous()  # ascending, for searchsorted
         self.b = x.shape[1]
+        self.slack = (2 * (self.b + 2) * 2.0 ** -24) * sorted_norms.float() * (1 + 1e-6)
+        self.head = head
 
-    def _scan(self, start: int, stop: int, r: torch.Tensor, best: float, flat: int) -> tuple[float, int]:
-        mag = (self.rows[start:stop] @ r).abs()
-        top = float(mag.max())
-        if top >= best:
-            rows, cols = torch.nonzero(mag == top, as_tuple=True)
-            first = int((self.order[start + rows] * self.b + cols).min())
-            flat = first if top > best else min(flat, first)
-            best = top
-        return best, flat
+    def _bounds(self, start: int, stop: int, r32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top = (self.rows32[start:stop] @ r32).abs_().amax(1)
+        d = self.slack[start:stop]
+        return top - d, top + d
 
     def __call__(self, r: torch.Tensor) -> tuple[float, int]:
         n = self.rows.shape[0]
-        best, flat = self._scan(0, min(self.head, n), r, -1.0, 0)
-        # rows whose norm (with a rounding margin) reaches the peak so far: the only ones that can beat it
-        stop = int(torch.searchsorted(self.neg_norms, torch.tensor([-best], dtype=self.neg_norms.dtype,
+        r32 = r.float()
+        lo, hi = self._bounds(0, min(self.head, n), r32)
+        low = float(lo.max())
+        # rows whose norm (with a rounding margin) reaches the peak's lower bound: the only ones that can hold it
+        stop = int(torch.searchsorted(self.neg_norms, torch.tensor([-low], dtype=self.neg_norms.dtype,
                                                                    device=self.neg_norms.device), right=True))
         if stop > self.head:
-            best, flat = self._scan(self.head, stop, r, best, flat)
-        return best, flat
+            lo2, hi2 = self._bounds(self.head, stop, r32)
+            low = max(low, float(lo2.max()))
+            hi = torch.cat([hi, hi2])
+        cand = torch.nonzero(hi >= low).squeeze(1)
+        mag = (self.rows[cand] @ r).abs()
+        top = mag.max()
+        rows, cols = torch.nonzero(mag == top, as_tuple=True)
+        return float(top), int((self.order[cand[rows]] * self.b + cols).min())
 
 
 def greedy_rotation(x: torch.Tensor, steps: int = 256, seed: int = 0, index: str = "channel") -> GreedyResult:
@@ -130,10 +149,8 @@ def greedy_rotation(x: torch.Tensor, steps: int = 256, seed: int = 0, index: str
     r = torch.eye(b, dtype=torch.float64, device=x.device)
     best, best_r = None, r
     peaks = []
-    g = torch.Generator().manual_seed(seed)
     n = steps if b > 1 else 0
-    # the random bases do not depend on the data: draw the seeds in order, factor them all at once
-    bases = step_bases(b, [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for _ in range(n)]).to(x.device)
+    bases = greedy_bases(b, n, seed).to(x.device)
     find = _PeakFinder(x) if x.numel() else None
     for i in range(n + 1):
         peak, flat = find(r) if find is not None else (0.0, 0)
@@ -210,8 +227,8 @@ class DuQuantTransform:
     steps: tuple  # kept greedy steps (first rotation, second rotation)
 
     def matrix(self) -> torch.Tensor:
-        """T = R₁·P·R₂ (float64, orthogonal)."""
-        return self.r1 @ permutation_matrix(self.perm) @ self.r2
+        """T = R₁·P·R₂ (float64, orthogonal); R₁·P is R₁'s columns gathered (exactly the product)."""
+        return self.r1[:, self.perm] @ self.r2
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The b×b matrices of R₁ and R₂ when every block is full (the online op's weights)."""
