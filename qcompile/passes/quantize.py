@@ -61,6 +61,7 @@ def _store_experts(p: Program, lin: Linear, hessians: moe.ExpertHessians, wq: We
         we, H, wq if H is not None else rtn, site))
     _store(p, lin, qw, report)
     report.count(f"{wq.method} experts (own routed tokens)", n=lin.experts - len(fallback))
+    report.notes.setdefault("routed tokens per expert", []).extend(hessians.tokens)
     for e in fallback:
         report.count("RTN experts (no routed token)")
         report.skip(moe.expert_site(lin.weight, e), f"{wq.method}: {moe.RTN_REASON}")
@@ -177,6 +178,10 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
                 runner = _SequentialQuantizer(p, targets, wq, report, progress)
                 runner.run(calibration.to(p.device))
                 runner.bar.close()
+        tokens = sorted(report.notes.pop("routed tokens per expert", []))
+        if tokens:
+            report.notes["routed tokens per expert"] = (f"min {tokens[0]}, median {tokens[len(tokens) // 2]}, max "
+                                                        f"{tokens[-1]} over {len(tokens)} experts")
         report.notes["weights"] = f"{wq.method} {wq.spec.bits}-bit {'g' + str(wq.group_size) if wq.group_size else 'per-channel'}"
     p.rematch()
     return p.done(report)
