@@ -1,20 +1,36 @@
-"""Decode speed at batch 1 on the GPU: tokens/s of a prompt of 512 and 256 new tokens, random weights of real
-shapes (speed does not depend on the values), every variant through the same decoding loop
-(``qcompile.decoding`` over the ``kv_cache`` pass's static-cache step, so every step has one shape).
+"""Decode speed at batch 1 on the GPU: tokens/s of 256 new tokens after a prompt of 512, random weights of
+real shapes (speed does not depend on the values), every variant through the same decoding loop
+(``qcompile.decoding`` over a ``StaticKVStep`` of the ``kv_cache`` pass's static-cache graph, so every
+decode step has one shape and replays as one CUDA graph).
 
-Variants: bf16 eager; bf16 ``torch.compile`` (Inductor, ``reduce-overhead``: CUDA graphs); qcompile W4A16
-(RTN g128), W4A8 and W4A4 (per-token activations) lowered to the INT4 ops and compiled through the
-``qcompile`` backend with CUDA graphs; torchao's int4 weight-only (``Int4WeightOnlyConfig(group_size=128)``,
-tinygemm) on the same captured step, compiled by Inductor with CUDA graphs.
+Variants (per shape):
 
-    python benchmarks/decode.py --shape llama2-7b --layers 32 --out benchmarks/results/decode-h200.md
+- ``bf16-eager``: the captured fx step, run as it is;
+- ``bf16-compile``: ``torch.compile(step, mode="reduce-overhead")`` (Inductor with CUDA graphs; its best
+  mode at batch 1, where the step is launch-bound without graphs);
+- ``w4a16`` / ``w4a8`` / ``w4a4``: RTN int4 weights (g128, symmetric; per-token symmetric activations for
+  A8/A4) lowered to the ``qcompile`` ops, compiled through the ``qcompile`` backend with
+  ``mode="reduce-overhead"``;
+- ``torchao-int4wo``: torchao's int4 weight-only (``Int4WeightOnlyConfig(group_size=128,
+  int4_packing_format="tile_packed_to_4d")``, i.e. torch's tinygemm ``_weight_int4pack_mm``) on the same
+  linears as ours (the lm_head stays bf16 in both), compiled by Inductor with ``reduce-overhead`` and the
+  Inductor options torchao sets (restored afterwards); last by default.
+
+Only the decode step is compiled (``dynamic=False``): the prompt runs through the same step eagerly and its
+time is reported as such; compiling a second graph per variant would double the setup time, not change
+tokens/s. RTN runs without its clip search (the values do not change the speed).
+
+    python benchmarks/decode.py --shapes llama2-7b,llama3-8b --out benchmarks/results/decode-h200.md
+    python benchmarks/decode.py --shapes smoke --device cpu --prompt 16 --new 8 --no-inductor   # CPU check
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -23,12 +39,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 SHAPES = {  # hidden, ffn, heads, kv heads, layers, vocab
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
     "llama3-8b": (4096, 14336, 32, 8, 32, 128256),
-    "smoke": (256, 512, 4, 2, 2, 32000),  # a CPU check of the script itself
+    "smoke": (256, 512, 4, 2, 2, 1000),  # a CPU check of the script itself
 }
+VARIANTS = "bf16-compile,w4a16,w4a4,w4a8,bf16-eager,torchao-int4wo"
 
 
 def build(shape: str, layers: int | None, device: str):
@@ -43,7 +61,7 @@ def build(shape: str, layers: int | None, device: str):
     model = model.to_empty(device=device).to(torch.bfloat16)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.ndim == 1:
                 p.fill_(1.0)
             else:
@@ -58,8 +76,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_decode(decoder, prompt, new_tokens: int, runs: int) -> tuple[float, float]:
-    """(median tokens/s of the decode phase, median prefill ms) over ``runs`` runs after one warm-up."""
+def time_decode(decoder, prompt, new_tokens: int, runs: int) -> tuple[float, float, list[float]]:
+    """(median tokens/s of the decode phase, median prefill ms, every run's tokens/s) over ``runs`` runs
+    after one warm-up run (which also records the CUDA graph)."""
     rates, prefills = [], []
     for r in range(runs + 1):
         cache = decoder.empty_cache(1)
@@ -77,100 +96,176 @@ def time_decode(decoder, prompt, new_tokens: int, runs: int) -> tuple[float, flo
         if r:
             rates.append((new_tokens - 1) / (t2 - t1))
             prefills.append(1e3 * (t1 - t0))
-    return statistics.median(rates), statistics.median(prefills)
+    return statistics.median(rates), statistics.median(prefills), rates
 
 
 def _machine(device: str) -> str:
     return torch.cuda.get_device_name() if torch.device(device).type == "cuda" else f"CPU ({platform.processor()})"
 
 
-def main(argv=None) -> None:
+def torchao_int4(module: torch.nn.Module, linears: list[str], group_size: int = 128) -> torch.nn.Module:
+    """``module`` (a captured step) with the weights of ``linears`` replaced by torchao's int4 weight-only
+    tensors (tinygemm layout); the graph's ``aten.linear`` calls reach torchao's kernel through the tensor
+    subclass. Each weight goes through ``quantize_`` on a one-layer ``nn.Linear`` (its public API)."""
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    config = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    for name in linears:
+        *path, leaf = name.split(".")
+        owner = module
+        for part in path:
+            owner = getattr(owner, part)
+        w = getattr(owner, leaf)
+        holder = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=w.dtype)
+        holder.weight = torch.nn.Parameter(w.detach(), requires_grad=False)
+        quantize_(holder, config)
+        setattr(owner, leaf, holder.weight)
+    return module
+
+
+class SplitStep:
+    """The decode step compiled, the prompt through the same step eagerly (they share the cache buffers)."""
+
+    def __init__(self, eager, compiled):
+        self.eager, self.compiled = eager, compiled
+
+    def __call__(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return (self.compiled if ids.shape[1] == 1 else self.eager)(ids, position)
+
+
+def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
     import qcompile.api as qc
-    from qcompile.export.backend import qcompile_backend
     from qcompile.decoding import StaticCachedDecoder, StaticKVStep
+    from qcompile.export.backend import qcompile_backend
     from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
     from qcompile.passes.lower import lower
-    from qcompile.recipe import load_recipe
+    from qcompile.recipe import load_recipe, quantized_linears
 
+    dev = args.device
+    max_len = args.prompt + args.new
+    t0 = time.time()
+    model = build(shape, args.layers, dev)
+    program = qc.capture(model)
+    del model
+    layout = CacheLayout.of(program.model_map)
+    info = dict(shape=shape, layers=len(layout.n_heads), capture_s=round(time.time() - t0, 1))
+    print(f"built and captured {shape} ({info['layers']} layers) in {info['capture_s']} s", flush=True)
+    vocab = SHAPES[shape][5]
+    prompt = torch.randint(0, vocab, (1, args.prompt), device=dev, generator=torch.Generator(dev).manual_seed(1))
+    rtn = load_recipe("rtn")
+    rtn = dataclasses.replace(rtn, weights=dataclasses.replace(rtn.weights, clip_search=False))
+
+    def decoder_of(module, compile_with=None):
+        step = StaticKVStep(with_kv_cache(module, layout, static=True), layout, 1, max_len, torch.bfloat16, dev)
+        if compile_with is None:
+            return StaticCachedDecoder(step, max_len)
+        if args.no_inductor:  # the CPU check: the script's plumbing, without Inductor's C++ compile
+            backend = "eager" if compile_with == "inductor" else qcompile_backend
+            compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False,
+                                     options={"inductor": False} if compile_with == "qcompile" else None)
+        else:  # the backend by function: the GPU machine runs from the tree, without the entry point
+            backend = qcompile_backend if compile_with == "qcompile" else "inductor"
+            compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False, mode=args.mode)
+        return StaticCachedDecoder(SplitStep(step, compiled), max_len)
+
+    rows = []
+    for name in args.variants.split(","):
+        elapsed = time.time() - t_start
+        if args.budget_s and elapsed > args.budget_s:
+            rows.append({"variant": name, "error": f"not run: the run's time budget ({args.budget_s} s) was spent"})
+            print(f"{name}: skipped (budget)", flush=True)
+            continue
+        t1 = time.time()
+        dec = None
+        # torchao's quantize_ sets its recommended Inductor options globally (coordinate-descent tuning,
+        # ...): they apply to its own compile, and are undone before the next variant
+        inductor_config, precision = torch._inductor.config.save_config(), torch.get_float32_matmul_precision()
+        try:
+            if name == "bf16-eager":
+                dec = decoder_of(copy.deepcopy(program.module))
+            elif name == "bf16-compile":
+                dec = decoder_of(copy.deepcopy(program.module), "inductor")
+            elif name.startswith("w4a"):
+                a = int(name[3:])
+                recipe = rtn.with_bits(group=128, a=None if a == 16 else a)
+                lowered = lower(qc.compile(program, recipe, progress=False))
+                dec = decoder_of(lowered.module, "qcompile")
+                del lowered
+            elif name == "torchao-int4wo":
+                module = copy.deepcopy(program.module)
+                weights = [program.model_map.linears[n].weight for n in quantized_linears(program.model_map, rtn)]
+                dec = decoder_of(torchao_int4(module, weights), "inductor")
+            else:
+                raise ValueError(f"unknown variant {name}")
+            rate, prefill, all_rates = time_decode(dec, prompt, args.new, args.runs)
+        except Exception as e:  # a variant that fails is reported, the others still run
+            msg = " ".join(str(e).split())
+            rows.append({"variant": name, "error": f"{type(e).__name__}: {msg[:240]}"})
+            print(f"{name}: FAILED {rows[-1]['error']}", flush=True)
+        else:
+            rows.append({"variant": name, "tok_s": round(rate, 1), "runs_tok_s": [round(r, 1) for r in all_rates],
+                         "prefill_ms": round(prefill, 2), "setup_s": round(time.time() - t1, 1)})
+            print(f"{name}: {rate:.1f} tok/s (runs {', '.join(f'{r:.1f}' for r in all_rates)}), prefill "
+                  f"{prefill:.1f} ms eager, setup+timing {time.time() - t1:.0f} s", flush=True)
+        del dec
+        torch._inductor.config.load_config(inductor_config)
+        torch.set_float32_matmul_precision(precision)
+        torch._dynamo.reset()
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({**info, **rows[-1]}) + "\n")
+    return rows, info
+
+
+def table(rows: list[dict], info: dict, args, argv: list[str], device: str) -> str:
+    compiled = next((r["tok_s"] for r in rows if r["variant"] == "bf16-compile" and "tok_s" in r), None)
+    eager = next((r["tok_s"] for r in rows if r["variant"] == "bf16-eager" and "tok_s" in r), None)
+    head = (f"\n## {info['shape']} ({info['layers']} layers), batch 1, prompt {args.prompt}, {args.new} new tokens\n\n"
+            f"- command: `python benchmarks/{Path(__file__).name} {' '.join(argv)}`\n- machine: {_machine(device)}, "
+            f"torch {torch.__version__}, {platform.platform()}\n- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+            f"- median of {args.runs} runs after a warm-up run; tokens/s of the decode phase; prefill eager\n\n"
+            f"| variant | tokens/s | × bf16 compiled | × bf16 eager | prefill {args.prompt} eager (ms) | setup (s) |\n"
+            "|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['error']} | | | | |")
+        else:
+            xc = f"{r['tok_s'] / compiled:.2f}" if compiled else "-"
+            xe = f"{r['tok_s'] / eager:.2f}" if eager else "-"
+            lines.append(f"| {r['variant']} | {r['tok_s']} | {xc} | {xe} | {r['prefill_ms']} | {r['setup_s']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+    ap.add_argument("--shapes", default="llama2-7b", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (a smoke run)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--variants", default="bf16-eager,bf16-compile,w4a16,w4a8,w4a4,torchao-int4wo")
+    ap.add_argument("--variants", default=VARIANTS)
+    ap.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the compiled variants")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", help="append the table to this markdown file (and a .json beside it)")
+    ap.add_argument("--budget-s", type=float, default=0, help="start no variant after this many seconds")
+    ap.add_argument("--no-inductor", action="store_true", help="CPU check: Dynamo without Inductor")
+    ap.add_argument("--out", help="append the tables to this markdown file")
+    ap.add_argument("--json", help="append one JSON line per variant to this file")
     args = ap.parse_args(argv)
-    dev = args.device
-    max_len = args.prompt + args.new
-    t0 = time.time()
-    model = build(args.shape, args.layers, dev)
-    program = qc.capture(model)
-    layout = CacheLayout.of(program.model_map)
-    print(f"built and captured {args.shape} ({len(layout.n_heads)} layers) in {time.time() - t0:.0f} s", flush=True)
-    prompt = torch.randint(0, 32000, (1, args.prompt), device=dev, generator=torch.Generator(dev).manual_seed(1))
-
-    def step_of(module, compile_with=None, mode="reduce-overhead"):
-        step = StaticKVStep(with_kv_cache(copy.deepcopy(module), layout, static=True), layout, 1, max_len,
-                            torch.bfloat16, dev)
-        if compile_with:  # the backend by function: the GPU machine runs from the tree, without the entry point
-            backend = qcompile_backend if compile_with == "qcompile" else compile_with
-            step = torch.compile(step, backend=backend, fullgraph=True, mode=mode)
-        return StaticCachedDecoder(step, max_len)
-
-    rows = []
-    for name in args.variants.split(","):
-        t1 = time.time()
-        try:
-            if name == "bf16-eager":
-                dec = step_of(program.module)
-            elif name == "bf16-compile":
-                dec = step_of(program.module, "inductor")
-            elif name.startswith("w4a"):
-                a = int(name[3:])
-                recipe = load_recipe("rtn").with_bits(group=128, a=None if a == 16 else a)
-                lowered = lower(qc.compile(program, recipe, progress=False))
-                dec = step_of(lowered.module, "qcompile")
-            elif name == "torchao-int4wo":
-                from torchao.quantization import Int4WeightOnlyConfig, quantize_
-
-                ao = copy.deepcopy(model)
-                quantize_(ao, Int4WeightOnlyConfig(group_size=128))
-                dec = step_of(qc.capture(ao).module, "inductor")
-            else:
-                raise ValueError(name)
-            rate, prefill = time_decode(dec, prompt, args.new, args.runs)
-        except Exception as e:  # a variant that fails is reported, the others still run
-            rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-            print(f"{name}: FAILED {rows[-1]['error']}", flush=True)
-            continue
-        rows.append({"variant": name, "tok_s": round(rate, 1), "prefill_ms": round(prefill, 2),
-                     "setup_s": round(time.time() - t1, 1)})
-        print(f"{name}: {rate:.1f} tok/s, prefill {prefill:.1f} ms (setup {time.time() - t1:.0f} s)", flush=True)
-        if dev == "cuda":
-            torch.cuda.empty_cache()
-    compiled = next((r["tok_s"] for r in rows if r["variant"] == "bf16-compile" and "tok_s" in r), None)
-    head = (f"\n## {args.shape} ({len(layout.n_heads)} layers), batch 1, prompt {args.prompt}, {args.new} new tokens\n\n"
-            f"- command: `python {' '.join(sys.argv)}`\n- machine: {_machine(dev)}, torch "
-            f"{torch.__version__}, {platform.platform()}\n- date: {datetime.date.today()}\n"
-            f"- median of {args.runs} runs after a warm-up; tokens/s of the decode phase\n\n"
-            f"| variant | tokens/s | × bf16 compiled | prefill {args.prompt} (ms) | setup (s) |\n|---|---|---|---|---|\n")
-    lines = []
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error']} | | | |")
-        else:
-            x = f"{r['tok_s'] / compiled:.2f}" if compiled else "-"
-            lines.append(f"| {r['variant']} | {r['tok_s']} | {x} | {r['prefill_ms']} | {r['setup_s']} |")
-    table = head + "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        with out.open("a") as f:
-            f.write(table)
-        with out.with_suffix(".json").open("a") as f:
-            f.write(json.dumps({"shape": args.shape, "layers": len(layout.n_heads), "rows": rows}) + "\n")
+    argv = sys.argv[1:] if argv is None else argv
+    t_start = time.time()
+    for shape in args.shapes.split(","):
+        if shape not in SHAPES:
+            raise SystemExit(f"unknown shape {shape}; known: {', '.join(SHAPES)}")
+        rows, info = run_shape(shape, args, t_start)
+        text = table(rows, info, args, argv, args.device)
+        print(text, flush=True)
+        if args.out:
+            with Path(args.out).open("a") as f:
+                f.write(text)
 
 
 if __name__ == "__main__":

@@ -297,7 +297,26 @@ def quick_check(chk: Checker) -> None:
 # where the time of one decode call goes: kernel launch, dispatch, custom-op layer, typed wrapper
 
 
+def host_us(fn: Callable[[], object], calls: int = 300) -> float:
+    """Host time per call: wall clock of back-to-back calls with no synchronization (fewer than the launch
+    queue holds, so the host never waits on the GPU), median of 5 batches."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def overhead() -> list[dict]:
+    """Host µs per call of every INT4 op at the 11008×4096 decode shape (M = 1), through each layer of
+    the op stack, against cuBLAS and tinygemm; then the launched and graph µs of the W4A16 layers, and a
+    profile of the typed wrapper."""
     from qcompile.kernels.autotune import _chosen
     from qcompile.kernels.triton import dispatch
 
@@ -305,13 +324,37 @@ def overhead() -> list[dict]:
     N, K = 11008, 4096
     x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
     ws = [rand_weight(N, K, 128) for _ in range(n_copies(N * K / 2))]
+    pc = rand_weight(N, K, K)  # per-channel, as the A8/A4 rows of the benchmark
     ops.linear_w4a16(x, ws[0][0], ws[0][1], None, 128)  # tune
     cand = next(v for (fam, key, _), v in _chosen.items() if fam == "w4a16_decode" and key[:3] == (1, N, K))
+    codes8, s8, _ = ops.quantize_per_token(x, 8)
+    codes4, s4, _ = ops.quantize_per_token(x, 4)
+    wb = torch.randn(N, K, device=DEV, dtype=torch.bfloat16)
+    tg = tinygemm_weight(N, K, 128)
+    w = ws[0]
+    host = {
+        "bf16 F.linear (cuBLAS)": lambda: F.linear(x, wb),
+        "tinygemm _weight_int4pack_mm": lambda: torch._weight_int4pack_mm(x, tg[0], 128, tg[1]),
+        "w4a16 kernel (w4a16.run)": lambda: w4a16.run(cand, x, w[0], w[1], None, 128, None),
+        "w4a16 dispatch.linear_w4a16": lambda: dispatch.linear_w4a16(x, w[0], w[1], None, 128, None),
+        "w4a16 torch.ops.qcompile": lambda: torch.ops.qcompile.linear_w4a16(x, w[0], w[1], None, 128, None),
+        "w4a16 ops.linear_w4a16": lambda: ops.linear_w4a16(x, w[0], w[1], None, 128),
+        "w4a8 ops.linear_w4a8": lambda: ops.linear_w4a8(codes8, s8, None, pc[0], pc[1], None, K),
+        "w4a4 ops.linear_w4a4": lambda: ops.linear_w4a4(codes4, s4, None, pc[0], pc[1], None, K),
+        "quantize_per_token a8": lambda: ops.quantize_per_token(x, 8),
+        "quantize_per_token a4 rotate": lambda: ops.quantize_per_token(x, 4, rotate=True),
+    }
+    for name, fn in host.items():
+        try:
+            us = host_us(fn)
+        except Exception as exc:  # noqa: BLE001 - a row that fails is printed, the others still run
+            print(f"  host {name}: {exc!r}"[:300], flush=True)
+            continue
+        rows.append(dict(layer=name, mode="host", us=us, cand=cand.name))
+        print(f"  host     {name:36s} {us:7.1f} us per call", flush=True)
     layers = {
-        "kernel (w4a16.run)": lambda w: w4a16.run(cand, x, w[0], w[1], None, 128, None),
-        "dispatch.linear_w4a16": lambda w: dispatch.linear_w4a16(x, w[0], w[1], None, 128, None),
-        "torch.ops.qcompile.linear_w4a16": lambda w: torch.ops.qcompile.linear_w4a16(x, w[0], w[1], None, 128, None),
-        "ops.linear_w4a16 (typed wrapper)": lambda w: ops.linear_w4a16(x, w[0], w[1], None, 128),
+        "w4a16 kernel (w4a16.run)": lambda w: w4a16.run(cand, x, w[0], w[1], None, 128, None),
+        "w4a16 ops.linear_w4a16": lambda w: ops.linear_w4a16(x, w[0], w[1], None, 128),
     }
     for name, fn in layers.items():
         for mode in ("launched", "graph"):
@@ -329,7 +372,7 @@ def overhead() -> list[dict]:
             ops.linear_w4a16(x, w[0], w[1], None, 128)
     prof.disable()
     torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     return rows
 
 
