@@ -23,6 +23,10 @@ Schemas::
     qcompile::linear_w4a4(...same as linear_w4a8...) -> Tensor
     qcompile::grouped_linear_w4a16(Tensor x, Tensor offs, Tensor packed_weight, Tensor scales, Tensor? zeros,
                                    int group_size) -> Tensor
+    qcompile::grouped_linear_w4a8(Tensor x_codes, Tensor x_scales, Tensor? x_zeros, Tensor offs,
+                                  Tensor packed_weight, Tensor w_scales, Tensor? w_zeros, int group_size,
+                                  ScalarType out_dtype) -> Tensor
+    qcompile::grouped_linear_w4a4(...same as grouped_linear_w4a8...) -> Tensor
 
 Conventions (see ``reference.py``): weights are the canonical int4 format of
 ``qcompile.quant.formats`` (``packed uint8 [N, ceil(K/2)]``, scales ``[N, ceil(K/g)]``, zeros uint8 or
@@ -41,7 +45,8 @@ from torch import Tensor
 
 from qcompile.kernels import reference, shapes
 
-__all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "grouped_linear_w4a16"]
+__all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "grouped_linear_w4a16",
+           "grouped_linear_w4a8", "grouped_linear_w4a4"]
 
 
 def _cuda():
@@ -252,18 +257,19 @@ def linear_w4a4(
 # that has rows; on CUDA each is the Triton kernel.
 
 
-def _check_grouped(x: Tensor, offs: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int):
+def _check_grouped(x: Tensor, offs: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+                   op: str = "grouped_linear_w4a16"):
     from qcompile.errors import ShapeError
 
-    if x.dim() != 2 or x.dtype not in shapes.FLOAT_DTYPES:
-        raise ShapeError(f"grouped_linear_w4a16: x must be float [S, K], got {shapes._desc(x)}")
+    if x.dim() != 2 or (op == "grouped_linear_w4a16" and x.dtype not in shapes.FLOAT_DTYPES):
+        raise ShapeError(f"{op}: x must be [S, K]{' float' if op.endswith('16') else ''}, got {shapes._desc(x)}")
     if packed.dim() != 3 or offs.dim() != 1 or offs.shape[0] != packed.shape[0] or offs.is_floating_point():
-        raise ShapeError(f"grouped_linear_w4a16: packed_weight must be [E, N, ceil(K/2)] and offs integer [E]; got "
+        raise ShapeError(f"{op}: packed_weight must be [E, N, ceil(K/2)] and offs integer [E]; got "
                          f"{shapes._desc(packed)}, {shapes._desc(offs)}")
     if scales.dim() != 3 or (zeros is not None and zeros.dim() != 3):
-        raise ShapeError(f"grouped_linear_w4a16: scales and zeros must be [E, N, G], got {shapes._desc(scales)}")
-    shapes.check_int4_weight("grouped_linear_w4a16", x.shape[-1], packed[0], scales[0],
-                             None if zeros is None else zeros[0], group_size, None)
+        raise ShapeError(f"{op}: scales and zeros must be [E, N, G], got {shapes._desc(scales)}")
+    shapes.check_int4_weight(op, x.shape[-1], packed[0], scales[0], None if zeros is None else zeros[0], group_size,
+                             None)
 
 
 def _grouped_linear_w4a16(x, offs, packed_weight, scales, zeros, group_size):
@@ -291,6 +297,43 @@ def grouped_linear_w4a16(x: Tensor, offs: Tensor, packed_weight: Tensor, scales:
     """Routed experts: ``y[rows of e] = x[rows of e] @ W_eᵀ`` for canonical int4 ``W [E, N, K]``."""
     g = x.shape[-1] if group_size is None else group_size
     return torch.ops.qcompile.grouped_linear_w4a16(x, offs, packed_weight, scales, zeros, g)
+
+
+def _declare_grouped_w4ax(name: str) -> None:
+    def check(x_codes, x_scales, x_zeros, offs, packed_weight, w_scales, w_zeros, group_size, out_dtype):
+        _check_grouped(x_codes, offs, packed_weight, w_scales, w_zeros, group_size, name)
+        shapes.check_linear_w4ax(name, x_codes, x_scales, x_zeros, packed_weight[0],
+                                 w_scales[0], None if w_zeros is None else w_zeros[0], group_size, None, out_dtype)
+
+    def op(*args):
+        check(*args)
+        return reference.grouped_linear_w4a8(*args)
+
+    def cuda(*args):
+        check(*args)
+        bits = 4 if name.endswith("a4") else 8
+        return reference.grouped_linear_w4a8(*args, linear=lambda *a: _cuda().linear_w4ax(*a, act_bits=bits))
+
+    def fake(x_codes, x_scales, x_zeros, offs, packed_weight, w_scales, w_zeros, group_size, out_dtype):
+        check(x_codes, x_scales, x_zeros, offs, packed_weight, w_scales, w_zeros, group_size, out_dtype)
+        return x_codes.new_empty((x_codes.shape[0], packed_weight.shape[1]), dtype=out_dtype)
+
+    _op(f"{name}(Tensor x_codes, Tensor x_scales, Tensor? x_zeros, Tensor offs, Tensor packed_weight, "
+        "Tensor w_scales, Tensor? w_zeros, int group_size, ScalarType out_dtype) -> Tensor", op, cuda, fake)
+
+
+_declare_grouped_w4ax("grouped_linear_w4a8")
+_declare_grouped_w4ax("grouped_linear_w4a4")
+
+
+def grouped_linear_w4a8(x_codes: Tensor, x_scales: Tensor, x_zeros: Tensor | None, offs: Tensor,
+                        packed_weight: Tensor, w_scales: Tensor, w_zeros: Tensor | None, group_size: int | None,
+                        out_dtype: torch.dtype = torch.bfloat16, act_bits: int = 8) -> Tensor:
+    """Routed experts on per-token activation codes (``quantize_per_token``): ``linear_w4a8`` (``act_bits`` 8) or
+    ``linear_w4a4`` (4) per expert on its rows."""
+    g = x_codes.shape[-1] if group_size is None else group_size
+    op = torch.ops.qcompile.grouped_linear_w4a4 if act_bits == 4 else torch.ops.qcompile.grouped_linear_w4a8
+    return op(x_codes, x_scales, x_zeros, offs, packed_weight, w_scales, w_zeros, g, out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------

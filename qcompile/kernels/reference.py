@@ -21,7 +21,7 @@ from qcompile.quant.formats import Granularity, PackedWeight, QuantSpec, compute
 from qcompile.quant.hadamard import hadamard_transform
 
 __all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "dequantize_weight",
-           "grouped_linear_w4a16"]
+           "grouped_linear_w4a16", "grouped_linear_w4a8", "grouped_linear_w4a4"]
 
 
 def hadamard(x: Tensor, block_size: int = 0) -> Tensor:
@@ -97,19 +97,39 @@ def linear_w4a8(
 linear_w4a4 = linear_w4a8  # the same algebra: only the range of the codes differs (int4 in int8)
 
 
+
+def _per_expert(rows: int, n: int, like: Tensor, offs: Tensor, dtype: torch.dtype, linear) -> Tensor:
+    """[rows, n] with rows ``offs[e−1]:offs[e]`` = ``linear(e, start, end)`` (rows past ``offs[-1]`` are 0, as in
+    transformers' grouped_mm); one host sync for the offsets, as transformers' fallback."""
+    out = torch.zeros(rows, n, dtype=dtype, device=like.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = linear(e, start, end)
+        start = end
+    return out
+
+
 def grouped_linear_w4a16(
     x: Tensor, offs: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, linear=None
 ) -> Tensor:
     """Routed experts: rows ``offs[e−1]:offs[e]`` of ``x [S, K]`` (sorted by expert) times expert e's int4 weight
-    (``packed [E, N, ceil(K/2)]``, ``scales``/``zeros [E, N, G]``); rows past ``offs[-1]`` are 0, as in
-    transformers' grouped_mm. One ``linear_w4a16`` per expert that has rows (``linear``: another
-    implementation of it, e.g. the CUDA kernel)."""
+    (``packed [E, N, ceil(K/2)]``, ``scales``/``zeros [E, N, G]``). One ``linear_w4a16`` per expert that has rows
+    (``linear``: another implementation of it, e.g. the CUDA kernel)."""
     linear = linear or linear_w4a16
-    out = x.new_zeros(x.shape[0], packed.shape[1])
-    start = 0
-    for e, end in enumerate(offs.tolist()):  # one host sync, as transformers' fallback
-        if end > start:
-            out[start:end] = linear(x[start:end], packed[e], scales[e], None if zeros is None else zeros[e],
-                                    group_size, None)
-        start = end
-    return out
+    return _per_expert(x.shape[0], packed.shape[1], x, offs, x.dtype, lambda e, a, b: linear(
+        x[a:b], packed[e], scales[e], None if zeros is None else zeros[e], group_size, None))
+
+
+def grouped_linear_w4a8(
+    x_codes: Tensor, x_scales: Tensor, x_zeros: Tensor | None, offs: Tensor, packed: Tensor, w_scales: Tensor,
+    w_zeros: Tensor | None, group_size: int, out_dtype: torch.dtype = torch.bfloat16, linear=None,
+) -> Tensor:
+    """``grouped_linear_w4a16`` on per-token activation codes: one ``linear_w4a8`` per expert that has rows."""
+    linear = linear or linear_w4a8
+    return _per_expert(x_codes.shape[0], packed.shape[1], x_codes, offs, out_dtype, lambda e, a, b: linear(
+        x_codes[a:b], x_scales[a:b], None if x_zeros is None else x_zeros[a:b], packed[e], w_scales[e],
+        None if w_zeros is None else w_zeros[e], group_size, None, out_dtype))
+
+
+grouped_linear_w4a4 = grouped_linear_w4a8

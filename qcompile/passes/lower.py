@@ -12,8 +12,8 @@ lowered program matches the fake-quantized one to float32 rounding (tests state 
 Routed experts (a stacked ``[E, out, in]`` weight run by a grouped matmul over rows sorted by expert, ``offs``
 their cumulative counts) become one ``grouped_linear_w4a16(x, offs, packed [E, N, ·], scales, zeros, g)``: one
 node in the graph, one int4 linear per expert inside the op (measured against one node per expert in
-``benchmarks/moe_lowering.py``). Where the experts' input is fake-quantized, the op reads the fake-quantized
-float input (the same numbers; no int8 activation path for experts yet), and the report says so.
+``benchmarks/moe_lowering.py``); on a fake-quantized input, ``quantize_per_token`` over all rows (per-token
+codes do not depend on the expert) then ``grouped_linear_w4a8``/``w4a4``.
 Anything else (codebooks, other bit widths) stays fake-quantized and is reported.
 """
 
@@ -41,24 +41,46 @@ def _skip_reason(lin, qw) -> str | None:
     return None
 
 
+def _quantized_input(graph, x):
+    """(src, bits, symmetric, clip, rotate, block) when x = fake_quant(src) or fake_quant(hadamard(src)), else None."""
+    if not _is(x, qops.fake_quant.default):
+        return None
+    src, bits, symmetric, clip = x.args
+    rotate, block = False, 0
+    if _is(src, qops.hadamard.default):
+        rotate, block, src = True, src.args[1], src.args[0]
+    return src, bits, symmetric, clip, rotate, block
+
+
 def _lower_experts(p: Program, node, lin, qw, report: PassReport) -> None:
-    """grouped_mm(x, Wᵀ, offs) → grouped_linear_w4a16(x, offs, packed [E, N, ·], scales, zeros, g)."""
+    """grouped_mm(x, Wᵀ, offs) → grouped_linear_w4a16(x, offs, packed [E, N, ·], scales, zeros, g), or, on a
+    fake-quantized input, quantize_per_token → grouped_linear_w4a8/w4a4."""
     from qcompile.passes.experts import offsets_of
 
+    graph = p.module.graph
     packed = qw.pack()
     e, n = lin.experts, lin.out_features
     w_packed = p.add_weight(f"{lin.weight}_packed", packed.packed.reshape(e, n, -1))
     w_scales = p.add_weight(f"{lin.weight}_scales", packed.scales.reshape(e, n, -1))
     w_zeros = p.add_weight(f"{lin.weight}_zeros", packed.zeros.reshape(e, n, -1)) if packed.zeros is not None else None
-    x = node.args[0]
-    with p.module.graph.inserting_before(node):
-        new = p.module.graph.call_function(qops.grouped_linear_w4a16.default,
-                                           (x, offsets_of(node), w_packed, w_scales, w_zeros, packed.group_size))
+    x, offs = node.args[0], offsets_of(node)
+    fq = _quantized_input(graph, x)
+    with graph.inserting_before(node):
+        if fq:
+            src, bits, symmetric, clip, rotate, block = fq
+            q = graph.call_function(qops.quantize_per_token.default, (src, bits, symmetric, clip, rotate, block))
+            codes, scales, zeros = (graph.call_function(operator.getitem, (q, i)) for i in range(3))
+            op = qops.grouped_linear_w4a8.default if bits > 4 else qops.grouped_linear_w4a4.default
+            new = graph.call_function(op, (codes, scales, None if symmetric else zeros, offs, w_packed, w_scales,
+                                           w_zeros, packed.group_size, node.meta["val"].dtype))
+            report.count(f"W4A{bits} grouped experts" + (" (fused R4)" if rotate else ""), lin.weight)
+        else:
+            new = graph.call_function(qops.grouped_linear_w4a16.default,
+                                      (x, offs, w_packed, w_scales, w_zeros, packed.group_size))
+            report.count("W4A16 grouped experts", lin.weight)
     new.meta["val"] = node.meta.get("val")
     node.replace_all_uses_with(new)
-    p.module.graph.erase_node(node)
-    fq = _is(x, qops.fake_quant.default)
-    report.count("W4A16 grouped experts" + (f" (input fake-quantized A{x.args[1]})" if fq else ""), lin.weight)
+    graph.erase_node(node)
 
 
 def lower(program: Program) -> Program:
@@ -84,12 +106,10 @@ def lower(program: Program) -> Program:
         w_scales = p.add_weight(f"{lin.weight}_scales", packed.scales)
         w_zeros = p.add_weight(f"{lin.weight}_zeros", packed.zeros) if packed.zeros is not None else None
         out_dtype = node.meta["val"].dtype
+        fq = _quantized_input(graph, x)
         with graph.inserting_before(node):
-            if _is(x, qops.fake_quant.default):
-                src, bits, symmetric, clip = x.args
-                rotate, block = False, 0
-                if _is(src, qops.hadamard.default):
-                    rotate, block, src = True, src.args[1], src.args[0]
+            if fq:
+                src, bits, symmetric, clip, rotate, block = fq
                 q = graph.call_function(qops.quantize_per_token.default, (src, bits, symmetric, clip, rotate, block))
                 codes, scales, zeros = (graph.call_function(operator.getitem, (q, i)) for i in range(3))
                 op = qops.linear_w4a8.default if bits > 4 else qops.linear_w4a4.default

@@ -52,3 +52,18 @@ def test_grouped_op_refuses_bad_shapes_by_name():
         ops.grouped_linear_w4a16(torch.randn(4, 40), torch.tensor([1, 2, 3]), packed, scales, zeros, g)
     with pytest.raises(ShapeError, match="packed_weight must be uint8"):
         ops.grouped_linear_w4a16(torch.randn(4, 48), torch.tensor([1, 2, 3, 4]), packed, scales, zeros, g)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_grouped_w4ax_is_each_experts_rows_on_their_codes(bits):
+    packed, scales, zeros, g, w = _experts(symmetric=True)
+    counts = [3, 6, 0, 4]
+    x = torch.randn(sum(counts), 40, generator=torch.Generator().manual_seed(2))
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    codes, s, z = ops.quantize_per_token(x, bits, symmetric=False)
+    y = ops.grouped_linear_w4a8(codes, s, z, offs, packed, scales, zeros, g, torch.float32, act_bits=bits)
+    a = (codes.float() - z.float()) * s
+    start = 0
+    for e, n in enumerate(counts):
+        torch.testing.assert_close(y[start : start + n], a[start : start + n] @ w[e].T, rtol=1e-5, atol=1e-5)
+        start += n

@@ -163,7 +163,8 @@ def test_lowered_experts_are_int4_ops_with_the_fake_quantized_logits(arch, recip
     q = quantize(p, load_recipe(recipe), _calib(n=2, seq=16), progress=False)
     low = lower(q)
     experts = [n for n, lin in p.model_map.linears.items() if lin.experts]
-    grouped = [n for n in low.module.graph.nodes if n.target == torch.ops.qcompile.grouped_linear_w4a16.default]
+    op = {"gptq": "grouped_linear_w4a16", "quarot": "grouped_linear_w4a4"}[recipe]  # quarot: A4 per token
+    grouped = [n for n in low.module.graph.nodes if n.target == getattr(torch.ops.qcompile, op).default]
     assert len(grouped) == len(experts) and not low.reports[-1].skipped
     assert not any("grouped_mm" in str(n.target) for n in low.module.graph.nodes)
     assert max_rel_error(low.logits(tiny_ids), q.logits(tiny_ids)) < 1e-5
