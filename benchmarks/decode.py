@@ -123,6 +123,21 @@ def torchao_int4(module: torch.nn.Module, linears: list[str], group_size: int = 
     return module
 
 
+def _builtin_min_max(gm: torch.fx.GraphModule) -> None:
+    """``torch.sym_min``/``sym_max`` calls of the captured graph as Python's ``min``/``max`` (the same int).
+    On the H200 machine (torch 2.11, transformers 5.17) Dynamo refused the Llama-3-8B step with "torch.* op
+    returned non-Tensor ... sym_min" (the 7B step traced; not reproduced with this checkout's versions, and
+    this rewrite is not yet re-run there)."""
+    import builtins
+
+    swap = {torch.sym_min: builtins.min, torch.sym_max: builtins.max}
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in swap]
+    for n in nodes:
+        n.target = swap[n.target]
+    if nodes:
+        gm.recompile()
+
+
 class SplitStep:
     """The decode step compiled, the prompt through the same step eagerly (they share the cache buffers)."""
 
@@ -156,6 +171,7 @@ def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
     rtn = dataclasses.replace(rtn, weights=dataclasses.replace(rtn.weights, clip_search=False))
 
     def decoder_of(module, compile_with=None):
+        _builtin_min_max(module)
         step = StaticKVStep(with_kv_cache(module, layout, static=True), layout, 1, max_len, torch.bfloat16, dev)
         if compile_with is None:
             return StaticCachedDecoder(step, max_len)

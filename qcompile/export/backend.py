@@ -83,8 +83,9 @@ def _warm_up(gm: fx.GraphModule, example_inputs) -> None:
     """Run a CUDA graph once eagerly before compiling it: the INT4 ops make their derived weight layouts and
     autotuning choices on first use, and under CUDA-graph recording those allocations would land in the
     graph's pool untracked (on the H200: "Detected 34 tensor(s) in the cudagraph pool not tracked as
-    outputs"). In-place cache writes it makes are overwritten before they are read (positions are written
-    before attention reads them, and masked beyond)."""
+    outputs"; with this warm-up the W4A16, W4A8 and W4A4 decode steps of the 7B shape record and replay,
+    ``benchmarks/results/decode-h200.md``). In-place cache writes it makes are overwritten before they are
+    read (positions are written before attention reads them, and masked beyond)."""
     if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
         with torch.no_grad():
             gm(*example_inputs)
