@@ -67,9 +67,11 @@ def step_bases(b: int, seeds: list[int]) -> torch.Tensor:
 
 def step_for_channel(basis: torch.Tensor, d: int) -> torch.Tensor:
     """S_d = P₀d·basis·P₀d: row d uniform."""
-    perm = torch.arange(basis.shape[0], device=basis.device)
-    perm[0], perm[d] = d, 0
-    return basis[perm][:, perm]
+    s = basis.clone()
+    if d:
+        s[[0, d]] = s[[d, 0]]
+        s[:, [0, d]] = s[:, [d, 0]]
+    return s
 
 
 @functools.lru_cache(maxsize=8)
@@ -110,10 +112,13 @@ class _PeakFinder:
         self.neg_norms = (-sorted_norms * (1 + 1e-9)).contiguous()  # ascending, for searchsorted
         self.b = x.shape[1]
         self.slack = (2 * (self.b + 2) * 2.0 ** -24) * sorted_norms.float() * (1 + 1e-6)
+        self.buf = torch.empty_like(self.rows32)  # X·R in float32, reused by every step
         self.head = head
 
     def _bounds(self, start: int, stop: int, r32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top = (self.rows32[start:stop] @ r32).abs_().amax(1)
+        y = torch.mm(self.rows32[start:stop], r32, out=self.buf[start:stop])
+        lo, hi = torch.aminmax(y, dim=1)
+        top = torch.maximum(hi, lo.neg_())
         d = self.slack[start:stop]
         return top - d, top + d
 
