@@ -50,34 +50,67 @@ def expert_site(weight: str, e: int) -> str:
 
 
 class ExpertHessians:
-    """Streams one Hessian per expert: ``add(x_sorted, offs)`` splits the rows by expert (see module doc)."""
+    """One Hessian per expert: ``add(x_sorted, offs)`` splits the rows by expert (see the module docstring).
+
+    Memory: an accumulator ``[in, in]`` exists only for an expert that got rows, and is dropped by ``release``
+    once that expert is quantized. ``from_rows`` keeps the rows of one run instead (views of its input, which is
+    in memory anyway) and forms each H_e when asked, so quantizing expert after expert holds one H_e at a time.
+    """
 
     def __init__(self, lin: Linear, device=None):
         if (lin.in_axis % 3, lin.out_axis % 3) != (2, 1):
             raise QCompileError(f"expert weight {lin.weight}: expected the [E, out, in] layout, got in_axis "
                                 f"{lin.in_axis}, out_axis {lin.out_axis}")
-        self.lin = lin
-        self.acc = [HessianAccumulator(lin.in_features, name=expert_site(lin.weight, e), device=device)
-                    for e in range(lin.experts)]
+        self.lin, self.device = lin, device
+        self.acc: list[HessianAccumulator | None] = [None] * lin.experts
+        self.rows: list[torch.Tensor | None] | None = None
+        self._tokens = [0] * lin.experts
 
-    def add(self, x: torch.Tensor, offs: torch.Tensor) -> None:
+    @classmethod
+    def from_rows(cls, lin: Linear, x: torch.Tensor, offs: torch.Tensor) -> "ExpertHessians":
+        h = cls(lin, device=x.device)
+        h.rows = list(h._split(x, offs))
+        h._tokens = [r.shape[0] for r in h.rows]
+        return h
+
+    def _split(self, x: torch.Tensor, offs: torch.Tensor):
         x = x.detach().reshape(-1, self.lin.in_features)
         ends = offs.tolist()
         if len(ends) != self.lin.experts:
             raise QCompileError(f"{self.lin.weight}: {len(ends)} expert offsets for {self.lin.experts} experts")
-        start = 0
-        for e, end in enumerate(ends):
-            if end > start:
-                self.acc[e].add(x[start:end])
-            start = end
+        return (x[a:b] for a, b in zip([0] + ends[:-1], ends))
+
+    def _accumulator(self, e: int) -> HessianAccumulator:
+        return HessianAccumulator(self.lin.in_features, name=expert_site(self.lin.weight, e), device=self.device)
+
+    def add(self, x: torch.Tensor, offs: torch.Tensor) -> None:
+        for e, rows in enumerate(self._split(x, offs)):
+            if rows.shape[0]:
+                if self.acc[e] is None:
+                    self.acc[e] = self._accumulator(e)
+                self.acc[e].add(rows)
+                self._tokens[e] += rows.shape[0]
 
     @property
     def tokens(self) -> list[int]:
-        return [a.n_samples for a in self.acc]
+        """Calibration rows (tokens) routed to each expert."""
+        return list(self._tokens)
 
     def hessian(self, e: int) -> torch.Tensor | None:
         """H_e, or None when no token was routed to expert e."""
-        return self.acc[e].hessian() if self.acc[e].n_samples else None
+        if not self._tokens[e]:
+            return None
+        if self.rows is not None:
+            acc = self._accumulator(e)
+            acc.add(self.rows[e])
+            return acc.hessian()
+        return self.acc[e].hessian()
+
+    def release(self, e: int) -> None:
+        """Drop what holds expert e's Hessian (its accumulator or its rows)."""
+        self.acc[e] = None
+        if self.rows is not None:
+            self.rows[e] = None
 
 
 def stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -110,6 +143,8 @@ def quantize_experts(w: torch.Tensor, hessians: ExpertHessians,
         if H is None:
             fallback.append(e)
         parts.append(quantize_one(w[e], H, expert_site(hessians.lin.weight, e)))
+        del H
+        hessians.release(e)
     if any(q.codebook is not None for q in parts):
         parts = [q if q.codebook is not None else as_codebook(q) for q in parts]
     return stack(parts), fallback

@@ -95,8 +95,7 @@ class _SequentialQuantizer(fx.Interpreter):
     def run_node(self, n: fx.Node):
         lin = self.targets.get(n.name)
         if lin is not None and lin.experts:
-            hessians = moe.ExpertHessians(lin, device=self.env[n.args[0]].device)
-            hessians.add(self.env[n.args[0]], self.env[moe.offsets_of(n)])
+            hessians = moe.ExpertHessians.from_rows(lin, self.env[n.args[0]], self.env[moe.offsets_of(n)])
             _store_experts(self.p, lin, hessians, self.wq, self.report)
             self.bar.update(1)
         elif lin is not None:

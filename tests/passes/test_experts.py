@@ -168,3 +168,24 @@ def test_lowered_experts_are_int4_ops_with_the_fake_quantized_logits(arch, recip
     assert len(grouped) == len(experts) and not low.reports[-1].skipped
     assert not any("grouped_mm" in str(n.target) for n in low.module.graph.nodes)
     assert max_rel_error(low.logits(tiny_ids), q.logits(tiny_ids)) < 1e-5
+
+
+def test_hessians_from_rows_equal_streamed_ones_and_release_them():
+    from qcompile.analysis.modelmap import Linear
+
+    lin = Linear("n", "w", None, 8, 3, experts=3)
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)
+    rows = moe.ExpertHessians.from_rows(lin, x, offs)
+    streamed = moe.ExpertHessians(lin)
+    streamed.add(x[:6], torch.tensor([4, 4, 6]))  # two batches: the second has expert 2's last 4 rows
+    streamed.add(x[6:], torch.tensor([0, 0, 4]))
+    assert rows.tokens == streamed.tokens == [4, 0, 6]
+    for e in (0, 2):
+        torch.testing.assert_close(rows.hessian(e), streamed.hessian(e))
+        torch.testing.assert_close(rows.hessian(e), 2 / rows.tokens[e] * x[offs[e] - rows.tokens[e]:offs[e]].T
+                                   @ x[offs[e] - rows.tokens[e]:offs[e]])
+    assert rows.hessian(1) is None and streamed.acc[1] is None  # no accumulator for an expert without rows
+    streamed.release(0)
+    rows.release(0)
+    assert streamed.acc[0] is None and rows.rows[0] is None
