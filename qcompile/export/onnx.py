@@ -33,12 +33,15 @@ import torch
 
 import qcompile
 from qcompile.errors import ExportError
+from qcompile.export.gqa import attention_as_gqa, cached_attention, cached_attention_onnx
+from qcompile.export.onnx_rewrites import fold, fuse_for_ort, tie_lm_head
 from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
 
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
 META_RECIPE, META_MODEL, META_VERSION, META_INT8 = "qcompile.recipe", "qcompile.model", "qcompile.version", \
     "qcompile.int8_path"
+META_NOTES = "qcompile.export_notes"
 INT8_PATHS = ("matmulinteger", "matmulnbits")
 
 
@@ -117,12 +120,10 @@ def _names(layout: CacheLayout) -> tuple[list[str], list[str]]:
 
 def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str):
     """torch.onnx (dynamo) export of the decoder step with batch, S and P dynamic; returns the ir.Model."""
-    from qcompile.kernels.ort import pack_matmulnbits, translation_table, w4a8_as_matmulnbits
+    from qcompile.kernels.ort import pack_matmulnbits, translation_table, w4ax_as_matmulnbits
 
-    level = 0
-    if int8_path == "matmulnbits":
-        if w4a8_as_matmulnbits(gm):
-            level = 4
+    rewritten, level = w4ax_as_matmulnbits(gm) if int8_path == "matmulnbits" else (0, 0)
+    fused = attention_as_gqa(gm)
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=8191)
     past_len = torch.export.Dim("past", min=0, max=8191)
     ids = torch.zeros(2, 3, dtype=torch.long)
@@ -133,26 +134,20 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str):
         warnings.simplefilter("ignore")
         try:
             prog = torch.onnx.export(gm, (ids, *past), dynamic_shapes=dynamic, dynamo=True, input_names=ins,
-                                     output_names=outs, custom_translation_table=translation_table(level),
+                                     output_names=outs, custom_translation_table=translation_table(level) | {cached_attention: cached_attention_onnx},
                                      optimize=False, verbose=False)
         except Exception as e:  # the exporter raises many types; keep its first line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ExportError(f"torch.onnx could not export the decoder graph: {type(e).__name__}: {first}") from e
     model = prog.model
-    _fold(model)
+    fold(model)
     pack_matmulnbits(model)
-    return model, level
-
-
-def _fold(model) -> None:
-    """Constant folding and dead-node removal only. The exporter's full optimizer (``optimize=True``) adds
-    pattern rewrites that took over 15 minutes on SmolLM2's 30 layers (measured on the 2-core machine) and
-    leaves the int8 weights of matrices over its 256K-element limit computed in the graph; folding without a
-    size limit stores every int8 weight as it is used."""
-    from onnxscript import optimizer
-
-    optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=1 << 30, output_size_limit=1 << 30)
-    optimizer.remove_unused_nodes(model)
+    notes = [tie_lm_head(model), f"attention: {fused} of {layout.layers} layers as GroupQueryAttention"]
+    fusions = fuse_for_ort(model)
+    notes.append("fused: " + ", ".join(f"{k} ×{v}" for k, v in fusions.items()))
+    if rewritten:
+        notes.append(f"W4A8/W4A4: {rewritten} linears as MatMulNBits, accuracy_level {level}")
+    return model, rewritten, notes
 
 
 def _genai_config(layout: CacheLayout, hf_config, tokenizer, filename: str) -> dict:
@@ -209,8 +204,9 @@ def export_onnx(source, out: str | Path, *, force: bool = False, int8_path: str 
                                                                            hf_config)
     _check_expressible(gm, lines, where)
     gm = with_kv_cache(gm, layout)
-    ir_model, level = _export(gm, layout, int8_path)
-    meta = {META_MODEL: spec, META_VERSION: qcompile.__version__, META_INT8: int8_path if level else "none"}
+    ir_model, rewritten, notes = _export(gm, layout, int8_path)
+    meta = {META_MODEL: spec, META_VERSION: qcompile.__version__, META_INT8: int8_path if rewritten else "none",
+            META_NOTES: "\n".join(notes)}
     if recipe is not None:
         meta[META_RECIPE] = recipe.to_yaml()
     ir_model.metadata_props.update(meta)

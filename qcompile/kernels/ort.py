@@ -21,9 +21,10 @@ reference's (``kernels/reference.py``), spelled in ONNX:
   zero-padded (the padded weights are 0, so the padded activations multiply nothing).
 * ``fake_quant`` (KV cache): quantize-dequantize per row, exactly as ``formats.fake_quantize_per_token``.
 
-``accuracy_level=4`` (onnxruntime quantizes the activations to int8 per block inside MatMulNBits) is the
-other W4A8 route: ``w4a8_as_matmulnbits`` rewrites the fx graph so that each W4A8 linear reads the
-float (rotated) input through ``linear_w4a16``, and ``translation_table(accuracy_level=4)`` emits it.
+The other route for W4A8/W4A4 is ``MatMulNBits`` itself (4-bit storage, onnxruntime's fastest CPU kernels):
+``w4ax_as_matmulnbits`` rewrites the fx graph so that each such linear reads its (rotated) input through
+``linear_w4a16``: A8 with ``accuracy_level=4`` (int8 activations per block, onnxruntime's), A4 after the
+recipe's exact per-token fake quantization with float products.
 """
 
 from __future__ import annotations
@@ -293,35 +294,40 @@ def translation_table(accuracy_level: int = 0) -> dict:
     }
 
 
-def w4a8_as_matmulnbits(gm: torch.fx.GraphModule) -> int:
-    """Rewrite ``quantize_per_token(x, 8, …, rotate, block) → linear_w4a8`` as
-    ``[hadamard(x, block)] → linear_w4a16`` in place, for MatMulNBits with ``accuracy_level=4`` (onnxruntime
-    then quantizes the input to int8 per block of K itself). Returns the number of linears rewritten;
-    refuses W4A4 (that path computes with 8-bit activations)."""
-    graph, count = gm.graph, 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (qops.linear_w4a8.default, qops.linear_w4a4.default):
-            continue
-        if node.target == qops.linear_w4a4.default:
-            raise ShapeError(f"{node.name}: accuracy_level=4 computes with 8-bit activations; a W4A4 linear "
-                             "needs the MatMulInteger route")
+def w4ax_as_matmulnbits(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """Rewrite every ``quantize_per_token(x, b, …, rotate, block) → linear_w4a8/w4a4`` in place so that the
+    weights reach onnxruntime as ``MatMulNBits`` (4-bit storage, its fast kernels); returns how many
+    linears it rewrote and the ``accuracy_level`` to emit them with.
+
+    * only A8 linears: ``[hadamard(x)] → linear_w4a16`` with ``accuracy_level=4``: onnxruntime quantizes the
+      input to int8 itself, symmetric per block of K (``block_size`` ≤ 128 columns: finer than the recipe's
+      per-token scale, so never coarser than what was calibrated);
+    * any A4 linear: ``[hadamard(x)] → fake_quant(·, b, …) → linear_w4a16`` with ``accuracy_level=0``: the
+      recipe's per-token codes exactly (``fake_quant = (codes − zeros)·scales``), the products in float32.
+    """
+    graph = gm.graph
+    linears = [n for n in graph.nodes
+               if n.op == "call_function" and n.target in (qops.linear_w4a8.default, qops.linear_w4a4.default)]
+    emulate = any(n.target == qops.linear_w4a4.default for n in linears)
+    for node in linears:
         codes = node.args[0]
         q = codes.args[0] if codes.target is operator.getitem else None
         if q is None or q.target != qops.quantize_per_token.default:
             raise ShapeError(f"{node.name}: its input is not a quantize_per_token output")
-        x, _bits, _sym, _clip, rotate, block = q.args
+        x, bits, symmetric, clip, rotate, block = q.args
         packed, w_scales, w_zeros, group, bias = node.args[3:8]
         with graph.inserting_before(node):
             src = graph.call_function(qops.hadamard.default, (x, block)) if rotate else x
+            if emulate:
+                src = graph.call_function(qops.fake_quant.default, (src, bits, symmetric, clip))
             new = graph.call_function(qops.linear_w4a16.default, (src, packed, w_scales, w_zeros, group, bias))
         new.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        count += 1
     graph.eliminate_dead_code()
     gm.recompile()
-    return count
+    return len(linears), (0 if emulate or not linears else 4)
 
 
-__all__ = ["translation_table", "pack_matmulnbits", "w4a8_as_matmulnbits", "hadamard_onnx",
+__all__ = ["translation_table", "pack_matmulnbits", "w4ax_as_matmulnbits", "hadamard_onnx",
            "quantize_per_token_onnx", "linear_w4ax_onnx", "fake_quant_onnx"]

@@ -1,0 +1,149 @@
+"""Graph rewrites on the exported ONNX decoder (onnx_ir), run once after ``torch.onnx`` and before saving.
+
+* ``fold``: constant folding and dead-node removal, with a size limit so that quantized weights stay in their
+  4-bit storage (onnxruntime folds what is left when the session starts: memory, not file size).
+* ``fuse_for_ort``: onnxscript's own fusions into onnxruntime's fused norms (``SimplifiedLayerNormalization``,
+  ``SkipSimplifiedLayerNormalization``) after its generic simplifications: fewer, larger nodes per token.
+* ``tie_lm_head``: store the embedding table once when the lm_head is a linear function of it (see below).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+# Outputs over this many elements are left for onnxruntime to fold at session start: every weight matrix
+# (the smallest, 64×64 per head pair, is 4K elements; SmolLM2's k_proj is 110K) stays in its stored form.
+FOLD_OUTPUT_LIMIT = 1 << 12
+TIE_TOLERANCE = 1e-5  # ‖E·X − Lᵀ‖_F / ‖L‖_F: float32 rounding of the rewrites that untied them is ~1e-7
+
+
+def fold(model: ir.Model) -> None:
+    """Constant folding and dead-node removal only (the exporter's full optimizer adds pattern rewrites that
+    took over 15 minutes on SmolLM2's 30 layers on 2 cores). Small results (shapes, the Hadamard factors,
+    RoPE tables) are folded; large ones (a weight unpacked from int4 nibbles, a transposed table) are not,
+    so the file keeps the compact form."""
+    from onnxscript import optimizer
+
+    optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=1 << 30,
+                             output_size_limit=FOLD_OUTPUT_LIMIT)
+    optimizer.remove_unused_nodes(model)
+
+
+def fuse_for_ort(model: ir.Model) -> dict[str, int]:
+    """onnxscript's optimizer (shape simplification, CSE, folding within ``fold``'s size limit) and its RMS-norm
+    fusions, in place; returns the fusion counts. Exact: the fused ops compute the same float32 norms."""
+    import onnx_ir.passes.common as common_passes
+    from onnxscript import optimizer
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    def simplify():
+        optimizer.optimize(model, input_size_limit=1 << 30, output_size_limit=FOLD_OUTPUT_LIMIT)
+
+    common_passes.ShapeInferencePass()(model)
+    simplify()
+    fuse_rms_normalization(model)
+    counts = {"skip_rms_norm": fuse_skip_rms_normalization(model), "rms_norm": _expand_plain_rms_norms(model)}
+    simplify()
+    return counts
+
+
+def _expand_plain_rms_norms(model: ir.Model) -> int:
+    """Write back as standard ops the ``SimplifiedLayerNormalization`` nodes the skip fusion did not absorb
+    (the first block's input norm): onnxruntime declares that op in the ONNX domain, where ``onnx.checker``
+    does not know it. ``y = x·(mean(x²) + ε)^(−½)·γ`` over the last axis. Returns how many."""
+    graph, count = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "SimplifiedLayerNormalization" or node.domain != "":
+            continue
+        x, gamma = node.inputs[:2]
+        eps = node.attributes["epsilon"].as_float() if "epsilon" in node.attributes else 1e-5
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else -1
+        if axis != -1 or any(o.uses() for o in node.outputs[1:]):
+            raise AssertionError(f"{node.name}: an RMS norm fused over axis {axis} or with its statistics read")
+
+        def const(value, dtype):
+            v = ir.Value(name=f"{node.name}.c{len(new)}", const_value=ir.tensor(np.asarray(value, dtype=dtype)))
+            new.append(ir.node("Constant", [], attributes={"value": v.const_value}, outputs=[v]))
+            return v
+
+        new: list[ir.Node] = []
+        square = ir.node("Mul", [x, x])
+        mean = ir.node("ReduceMean", [square.outputs[0], const([-1], np.int64)], attributes={"keepdims": 1})
+        var = ir.node("Add", [mean.outputs[0], const(eps, np.float32)])
+        inv = ir.node("Reciprocal", [ir.node("Sqrt", [var.outputs[0]]).outputs[0]])
+        sqrt = inv.inputs[0].producer()
+        y = ir.node("Mul", [ir.node("Mul", [x, inv.outputs[0]]).outputs[0], gamma])
+        normed = y.inputs[0].producer()
+        new += [square, mean, var, sqrt, inv, normed, y]
+        if node.outputs[0].is_graph_output():
+            raise AssertionError(f"{node.name}: a fused norm is a graph output")
+        graph.insert_before(node, new)
+        node.outputs[0].replace_all_uses_with(y.outputs[0])
+        graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _embedding_gather(graph: ir.Graph) -> ir.Value | None:
+    """The initializer a ``Gather`` reads ``input_ids`` from (the token embedding table ``E [V, H]``)."""
+    for node in graph:
+        if node.op_type == "Gather" and node.domain == "" and len(node.inputs) == 2:
+            table, ids = node.inputs
+            if ids is not None and ids.name == "input_ids" and table is not None and table.const_value is not None:
+                return table
+    return None
+
+
+def _logits_matmul(graph: ir.Graph) -> ir.Node | None:
+    """The ``MatMul`` producing the ``logits`` output with a constant right operand ``L [H, V]``."""
+    out = next((o for o in graph.outputs if o.name == "logits"), None)
+    node = out.producer() if out is not None else None
+    if node is None or node.op_type != "MatMul" or node.domain != "" or node.inputs[1].const_value is None:
+        return None
+    return node
+
+
+def tie_lm_head(model: ir.Model) -> str:
+    """Read the lm_head from the embedding table when ``L = Xᵀ·Eᵀ`` for some small ``X [H, H]``.
+
+    Rewrites that keep a function exact can untie a tied model: folding the final norm's γ gives
+    ``L = diag(γ)·R·Eᵀ``-like products, while the embedding is ``E·R``. Both are ``V×H`` tables (113 MB each in
+    float32 for SmolLM2), the ``X`` relating them is ``H×H``. ``X = argmin ‖E·X − Lᵀ‖`` (least squares, float64);
+    when the relative residual is below ``TIE_TOLERANCE`` the logits become ``(h·Xᵀ)·Eᵀ`` — one ``H×H`` matmul
+    more per token (``H/V`` of the lm_head's work), one table less in the file. ``X = I`` (a plain tied model)
+    drops the extra matmul. Returns a one-line report."""
+    graph = model.graph
+    table, node = _embedding_gather(graph), _logits_matmul(graph)
+    if table is None or node is None:
+        return "lm_head: no embedding Gather and constant logits MatMul pair; left as is"
+    lm = node.inputs[1]
+    E = np.asarray(table.const_value.numpy(), dtype=np.float64)
+    L = np.asarray(lm.const_value.numpy(), dtype=np.float64)
+    if E.ndim != 2 or L.shape != (E.shape[1], E.shape[0]):
+        return f"lm_head: shapes {tuple(L.shape)} and {tuple(E.shape)} do not pair; left as is"
+    if lm is table:
+        return "lm_head: already reads the embedding table"
+    X = np.linalg.lstsq(E, L.T, rcond=None)[0]  # [H, H]
+    residual = float(np.linalg.norm(E @ X - L.T) / max(np.linalg.norm(L), 1e-30))
+    if not residual <= TIE_TOLERANCE:
+        return f"lm_head: not a function of the embedding table (relative residual {residual:.1e}); kept separate"
+    h = node.inputs[0]
+    identity = np.abs(X - np.eye(X.shape[0])).max() <= TIE_TOLERANCE
+    if not identity:
+        xt = ir.Value(name=f"{lm.name}.tie", shape=ir.Shape(X.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                      const_value=ir.tensor(np.ascontiguousarray(X.T, dtype=np.float32), name=f"{lm.name}.tie"))
+        graph.register_initializer(xt)
+        mix = ir.node("MatMul", [h, xt], name=f"{node.name}.tie")
+        graph.insert_before(node, mix)
+        h = mix.outputs[0]
+    et = ir.node("Transpose", [table], attributes={"perm": [1, 0]}, name=f"{node.name}.table")
+    graph.insert_before(node, et)
+    node.replace_input_with(0, h)
+    node.replace_input_with(1, et.outputs[0])
+    if not lm.uses():
+        graph.initializers.pop(lm.name)
+    extra = "" if identity else f" after an {X.shape[0]}×{X.shape[0]} matmul"
+    return f"lm_head: reads the embedding table{extra} (relative residual {residual:.1e}); one {E.shape[0]}×" \
+           f"{E.shape[1]} table stored instead of two"
