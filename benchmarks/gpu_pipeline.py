@@ -21,6 +21,7 @@ rank builds the same random model. ``--compare-single`` then also runs the one-p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -88,6 +89,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (off: plain float32)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--shrink", type=int, default=1, help="divide every width by this (a CPU smoke test)")
+    ap.add_argument("--spin-steps", type=int, default=None,
+                    help="SpinQuant's Cayley steps (default: the recipe's 100); the time per step extrapolates")
     ap.add_argument("--compare-single", action="store_true",
                     help="under torchrun: also time the one-process path on rank 0 and compare the codes")
     args = ap.parse_args(argv)
@@ -112,10 +115,14 @@ def main(argv=None) -> dict:
         torch.cuda.get_device_name = lambda *a: "cpu"
     recipe = load_recipe(args.recipe).with_bits(w=args.w, a=args.a, kv=args.kv, group=args.group)
     recipe = recipe.with_calibration(samples=args.samples, seq=args.seq)
+    if args.spin_steps is not None:
+        recipe = dataclasses.replace(recipe, passes=tuple((n, {**o, "steps": args.spin_steps}) if n == "spinquant"
+                                                          else (n, o) for n, o in recipe.passes))
     out = {"shape": args.shape, "recipe": recipe.name, "layers_measured": args.layers, "samples": args.samples,
            "seq": args.seq, "group": args.group, "w": args.w, "a": args.a, "kv": args.kv, "batch": args.batch,
            "tf32": args.tf32, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "date": datetime.date.today().isoformat(), "gpus": ranks.world if ranks else 1}
+           "date": datetime.date.today().isoformat(), "gpus": ranks.world if ranks else 1,
+           "spin_steps": args.spin_steps}
     t = time.time()
     model, real_layers = build(args.shape, args.layers, shrink=args.shrink)
     out["build_s"] = round(time.time() - t, 1)
@@ -137,6 +144,8 @@ def main(argv=None) -> dict:
     out["passes_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     needs = recipe.weights and recipe.weights.method != "rtn"
+    if not needs:  # RTN (and its clip search) runs where the Program is: on the GPU, not on the host
+        program.to(dev)
     warm_up(dev)
 
     def timed(prefix: str, ranks_=None):
