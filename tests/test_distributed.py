@@ -37,8 +37,15 @@ def _rotated(model, recipe, calib) -> Program:
     return run_passes(Program.capture(model), recipe, calib)
 
 
-def _worker(rank, port, model, recipe, calib, out, runs):
+def _worker(rank, port, model, recipe, calib, out, runs, fail_rank=None):
     torch.set_num_threads(1)
+    if rank == fail_rank:  # this rank's GPTQ breaks (not a qcompile error)
+        import qcompile.passes.quantize as qz
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("out of memory (simulated)")
+
+        qz._quantize_weight = broken
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     ranks = Ranks.current()
@@ -55,8 +62,9 @@ def _worker(rank, port, model, recipe, calib, out, runs):
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, model, recipe, calib, runs=1) -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), model, recipe, calib, str(tmp_path), runs), nprocs=WORLD, join=True)
+def _spawn(tmp_path, model, recipe, calib, runs=1, fail_rank=None) -> list[dict]:
+    mp.spawn(_worker, args=(_free_port(), model, recipe, calib, str(tmp_path), runs, fail_rank), nprocs=WORLD,
+             join=True)
     return [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -99,6 +107,14 @@ def test_nan_in_one_ranks_windows_stops_every_rank_naming_the_layer(tmp_path):
         name, message = r["error"]
         assert name == CalibrationError.__name__, r
         assert "rank 1 of 2" in message and "NaN/inf" in message and "layer 'model.layers.0." in message, message
+
+
+def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path):
+    ranks = _spawn(tmp_path, tiny("llama"), load_recipe("gptq").with_bits(group=32), _calib(), fail_rank=1)
+    for r in ranks:  # rank 0 does not wait forever for rank 1's weights: both raise rank 1's error
+        name, message = r["error"]
+        assert name == RankError.__name__, r
+        assert message.startswith("rank 1 of 2 failed, quantizing block 0: RuntimeError: out of memory"), message
 
 
 def test_deal_and_windows_cover_everything_once():
