@@ -123,17 +123,18 @@ def build_rows(args) -> list[tuple[str, Path, str]]:
         export_onnx(qc.capture(model), fp, recipe=Recipe(name="fp"), model="smollm2-135m", tokenizer=tokenizer,
                     hf_config=model.config)
     rows.append(("fp32 ONNX (qcompile export, no quantization)", fp, "qcompile.export_onnx(capture(model))"))
-    for name, src, path in (("W4A16 g128 asym quarot+gptq", args.w4a16, "matmulinteger"),
-                            (f"W4A8 {args.w4a8_label} (MatMulInteger, exact A8)", args.w4a8, "matmulinteger"),
-                            (f"W4A8 {args.w4a8_label} (MatMulNBits accuracy_level=4)", args.w4a8, "matmulnbits"),
-                            ("W4A4 " + args.w4a4_label, args.w4a4, "matmulinteger")):
+    for name, src, path in ((f"W4A16 {args.w4a16_label} (MatMulNBits)", args.w4a16, "matmulnbits"),
+                            (f"W4A8 {args.w4a8_label} (MatMulNBits accuracy_level 4: onnxruntime's int8 activations "
+                             "per block)", args.w4a8, "matmulnbits"),
+                            (f"W4A8 {args.w4a8_label} (MatMulInteger: the recipe's per-token int8 activations)",
+                             args.w4a8, "matmulinteger"),
+                            (f"W4A4 {args.w4a4_label} (per-token A4 codes, MatMulNBits)", args.w4a4, "matmulnbits")):
         if not src:
             continue
-        out = work / (Path(src).name + ("-nbits" if path == "matmulnbits" else ""))
+        out = work / f"{Path(src).name}-{path}"
         if not out.exists():
             export_onnx(src, out, int8_path=path)
-        rows.append((name, out, f"qcompile export {src} --onnx {out}" + (" --int8 matmulnbits" if path ==
-                                                                          "matmulnbits" else "")))
+        rows.append((name, out, f"qcompile export {src} --onnx {out} --int8 {path}"))
     hf, peer = work / "hf", work / "peer-int4"
     if not hf.exists():  # the GGUF's weights, dequantized: transformers refuses to save a "gguf-quantized" model
         model.hf_quantizer = None
@@ -141,11 +142,15 @@ def build_rows(args) -> list[tuple[str, Path, str]]:
             del model.config.quantization_config
         model.save_pretrained(hf)
         tokenizer.save_pretrained(hf)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(peer), "-p", "int4",
-           "-e", "cpu", "--extra_options", "block_size=128"]
-    if not peer.exists():
-        subprocess.run(cmd, check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
-    rows.append(("peer: onnxruntime-genai builder int4 RTN block 128 (accuracy_level 4)", peer, " ".join(cmd[1:])))
+    for label, folder, extra in (("default: the tied embedding/lm_head int4 too", peer, []),
+                                 ("shared_embeddings=false: embedding in fp32", work / "peer-int4-fp32-embedding",
+                                  ["shared_embeddings=false"])):
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(folder), "-p",
+               "int4", "-e", "cpu", "--extra_options", "block_size=128", *extra]
+        if not folder.exists():
+            subprocess.run(cmd, check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        rows.append((f"peer: onnxruntime-genai builder int4 RTN block 128, accuracy_level 4 ({label})", folder,
+                     " ".join(["python"] + cmd[1:])))
     return rows
 
 
@@ -154,8 +159,10 @@ def main() -> None:
     ap.add_argument("--w4a16")
     ap.add_argument("--w4a8")
     ap.add_argument("--w4a4")
+    ap.add_argument("--w4a16-label", default="g128 asym quarot+gptq")
     ap.add_argument("--w4a8-label", default="per-channel quarot+gptq")
     ap.add_argument("--w4a4-label", default="g64 asym quarot+gptq")
+    ap.add_argument("--note", action="append", default=[], help="a line for the results file (how DIRs were made)")
     ap.add_argument("--work", default="out/onnx-bench")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -196,7 +203,7 @@ def main() -> None:
         f"- ppl: WikiText-2 test, first {args.windows} windows of 2048 (plain onnxruntime, empty KV cache); prefill: "
         f"one 2048-token pass, median of {args.repeats}; decode: onnxruntime-genai greedy, prompt 512, 128 new "
         f"tokens, tokens/s after the first, median of {args.repeats}; size: model.onnx + external data.",
-        "- the machine's 2 cores were shared with other jobs: latencies are upper bounds.",
+        *[f"- {n}" for n in args.note],
         "",
         "| row | ppl | prefill 2048 (s) | decode (tok/s) | size (MB) | × fp32 size |",
         "|---|---|---|---|---|---|",
