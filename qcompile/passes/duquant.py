@@ -75,6 +75,15 @@ def _rows(stats, node: str) -> torch.Tensor:
     return stats[node].kept().double()
 
 
+def _first_windows(calibration: torch.Tensor, tokens: int, batch: int) -> torch.Tensor:
+    """The windows the kept token rows come from: statistics keep the first ``tokens`` rows in window order, so
+    only the first ⌈tokens/seq⌉ windows matter, rounded up to whole batches (each batch then is the very one
+    the run over every window computes first, so the rows are the same bit for bit). The greedy search reads
+    nothing else: running the other windows through the model would be wasted."""
+    need = -(-tokens // calibration.shape[1])
+    return calibration[: min(calibration.shape[0], -(-need // batch) * batch)]
+
+
 @torch.no_grad()
 def duquant(program: Program, options: DuQuantOptions | None = None, *, calibration: torch.Tensor,
             progress: bool = True, **overrides) -> Program:
@@ -93,8 +102,8 @@ def duquant(program: Program, options: DuQuantOptions | None = None, *, calibrat
             watch.update({b.attn_norm.readers[0]: 0, b.attention.o: 0, b.ffn_norm.readers[0]: 0})
             if b.ffn.kind != "moe":
                 watch[b.ffn.down] = 0
-        stats = collect(p, calibration, watch, batch=batch, keep_tokens=tokens, progress=False,
-                        device=p.device)  # block by block: the same statistics, no logits computed
+        stats = collect(p, _first_windows(calibration, tokens, batch), watch, batch=batch, keep_tokens=tokens,
+                        progress=False, device=p.device)  # block by block: the same rows, no logits computed
         for b in tqdm(mm.blocks, desc="duquant", unit="block", disable=not progress):
             for what, norm in (("qkv", b.attn_norm), ("gate/up", b.ffn_norm)):
                 t = duquant_transform(_rows(stats, norm.readers[0]), seed=seed + b.index, **opts)
@@ -135,7 +144,8 @@ def _fused(p: Program, calibration, report, opts, tokens, seed, batch, progress)
         if b.ffn.kind != "moe":
             watch[b.ffn.down] = 0
     per = max(1, tokens // max(1, len(mm.norms) - 1))
-    stats = collect(p, calibration, watch, batch=batch, keep_tokens=per, progress=False, device=p.device)
+    stats = collect(p, _first_windows(calibration, per, batch), watch, batch=batch, keep_tokens=per, progress=False,
+                    device=p.device)
     stream = torch.cat([_rows(stats, n.readers[0]) for n in mm.norms if n is not mm.final_norm])
     t = duquant_transform(stream, seed=seed, **opts)
     q = t.matrix()
