@@ -95,6 +95,12 @@ def _full_key(family: str, key: tuple, device: torch.device) -> str:
     return f"{gpu}|triton-{triton.__version__}|{family}|{','.join(map(str, key))}"
 
 
+def chosen(family: str, key: tuple, device: torch.device) -> Candidate | None:
+    """The remembered winner for ``(family, key, device)``, or None: the per-call fast path, with no
+    closures to build for ``choose``."""
+    return _chosen.get((family, key, device))
+
+
 def choose(
     family: str,
     key: tuple,

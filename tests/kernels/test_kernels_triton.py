@@ -229,3 +229,26 @@ def test_mma_gemv_offered_only_where_it_applies():
     packed[0, 0] ^= 1
     again = mma_gemv.tiles_of(packed, 128)
     assert again is not first and not torch.equal(again, first)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_w4ax_codes_gemv_at_one_token(seed):
+    """The decode candidate that runs the word GEMV on planes made from the codes: offered at M = 1 only,
+    and equal to the reference for symmetric and asymmetric activations, grouped and per-channel weights."""
+    gen = torch.Generator().manual_seed(seed)
+    n, k = 40 + seed, [256, 576, 1536, 64][seed]
+    g = [k, 32, 128, 64][seed]
+    packed, scales, zeros = _weight(n, k, g, seed % 2 == 1, gen)
+    bits, sym = [(8, True), (4, False), (4, True), (8, False)][seed]
+    codes, sa, za = reference.quantize_per_token(torch.randn(1, k, generator=gen), bits, sym, 0.9)
+    za = None if sym else za
+    bias = torch.randn(n, generator=gen) if seed % 2 == 0 else None
+    ref = reference.linear_w4a8(codes, sa, za, packed, scales, zeros, g, bias, torch.float32)
+    cands = [c for c in w4ax.candidates(1, n, k, g) if c.meta.get("kind") == "codes_gemv"]
+    assert cands and not any(c.meta.get("kind") == "codes_gemv" for c in w4ax.candidates(2, n, k, g))
+    for cand in cands:
+        for out_dtype in (torch.float32, torch.bfloat16):
+            y = w4ax.run(cand, codes, sa.reshape(-1), None if za is None else za.reshape(-1), packed, scales, zeros,
+                         g, bias, out_dtype)
+            assert y.dtype == out_dtype and y.shape == (1, n)
+            assert _rel(y, ref) < TOL[out_dtype], cand.name

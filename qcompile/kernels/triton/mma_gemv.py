@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile.kernels.layout import MMA_STEP, to_mma_tiles
-from qcompile.kernels.triton.launch import launch
+from qcompile.kernels.triton.launch import cdiv, launch
 
 def _mma_asm(blocks: int, magic: str, dt: str) -> str:
     """PTX: unpack word $W into the A fragment, then per block of 8 tokens two mmas (codes, then the
@@ -273,7 +273,7 @@ def run(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_s
     y = x.new_zeros((M, N), dtype=torch.float32) if split > 1 else x.new_empty((M, N))
     if x.data_ptr() % 16 or x.stride(0) % 8:  # rows are read as 16-byte vectors
         x = x.clone(memory_format=torch.contiguous_format)
-    launch(_mma_gemv_kernel, (triton.cdiv(nt, warps), split),
+    launch(_mma_gemv_kernel, (cdiv(nt, warps), split),
            (x, tiles, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
             M, N, n_slabs, nt, x.stride(0), y.stride(0), scales.stride(0)),
            dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SLABS_PER_GROUP=spg, SLABS=slabs,

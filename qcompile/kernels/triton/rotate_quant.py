@@ -34,8 +34,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qcompile.kernels.autotune import Candidate, choose
+from qcompile.kernels.autotune import Candidate, choose, chosen
 from qcompile.kernels.hadamard_plan import MAX_TILE, UnitPlan, next_pow2, plan_unit, pm1_matrix
+from qcompile.kernels.triton.launch import launch
 
 
 
@@ -199,17 +200,16 @@ def _launch(cand: Candidate, x: Tensor, y: Tensor, s: Tensor, z: Tensor, up: Uni
         chunk = min(next_pow2(n), PLAIN_CHUNK)
         hm = h1 = h2 = s
         geo = dict(MP=1, P1=1, P2=chunk)
-        m_real, U, NU, norm = 1, chunk, triton.cdiv(n, chunk), 1.0
+        m_real, U, NU, norm = 1, chunk, -(-n // chunk), 1.0
     else:
         hm, h1, h2 = _factors(up, x.device)
         geo = dict(MP=up.MP, P1=up.P1, P2=up.P2)
         m_real, U, NU, norm = up.m, unit, n // unit, 1.0 / math.sqrt(unit)
-    _rotate_quant_kernel[(triton.cdiv(R, rows),)](
-        x, y, s, z, hm, h1, h2, R, n, x.stride(0), y.stride(0), m_real, U, NU, norm, clip,
-        ROWS=rows, SPLITS=splits, FIRST_SPLITS=1 if x.dtype == torch.bfloat16 else splits,
-        TRANSFORM=up is not None, QUANT=quant, SYMMETRIC=symmetric, BITS=bits,
-        SINGLE=NU == 1, num_warps=cand.meta["num_warps"], **geo,
-    )
+    launch(_rotate_quant_kernel, (-(-R // rows),),
+           (x, y, s, z, hm, h1, h2, R, n, x.stride(0), y.stride(0), m_real, U, NU, norm, clip),
+           dict(ROWS=rows, **geo, SPLITS=splits, FIRST_SPLITS=1 if x.dtype == torch.bfloat16 else splits,
+                TRANSFORM=up is not None, QUANT=quant, SYMMETRIC=symmetric, BITS=bits, SINGLE=NU == 1),
+           cand.meta["num_warps"])
 
 
 def supports(unit: int) -> bool:
@@ -258,5 +258,6 @@ def quantize_per_token(x: Tensor, bits: int, symmetric: bool, clip: float, unit:
 
     key = (_bucket(R), n, unit or 0, bits, symmetric, x.dtype)
     run = lambda c: _launch(c, x, codes, scales, zeros, up, n, unit or n, True, bits, symmetric, clip, 2)  # noqa: E731
-    run(choose("rotate_quant", key, make, run, x.device))
+    device = x.device
+    run(chosen("rotate_quant", key, device) or choose("rotate_quant", key, make, run, device))
     return codes, scales, zeros

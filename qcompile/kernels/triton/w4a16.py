@@ -55,9 +55,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qcompile.kernels.autotune import Candidate, choose
+from qcompile.kernels.autotune import Candidate, choose, chosen
 from qcompile.kernels.triton import mma_gemv
-from qcompile.kernels.triton.launch import launch
+from qcompile.kernels.triton.launch import cdiv, launch
 from qcompile.kernels.triton.int4 import (EVEN_OFFSET, ODD_OFFSET, offset_codes, offset_codes_asm, unpack,
                                           word_activations, word_codes)
 
@@ -77,6 +77,27 @@ def _gemv_prep_kernel(x_ptr, xp_ptr, KW, BLOCK: tl.constexpr):
     tot = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(8):
         v = tl.load(x_ptr + 8 * w + i, mask=m, other=0.0).to(tl.float32)
+        tl.store(xp_ptr + i * KW + w, v, mask=m)
+        off += v * (EVEN_OFFSET if i % 2 == 0 else ODD_OFFSET)
+        tot += v
+    tl.store(xp_ptr + 8 * KW + w, off, mask=m)
+    tl.store(xp_ptr + 9 * KW + w, tot, mask=m)
+
+
+@triton.jit
+def _gemv_prep_codes_kernel(a_ptr, sa_ptr, za_ptr, xp_ptr, KW, HAS_ZEROS: tl.constexpr, BLOCK: tl.constexpr):
+    """``_gemv_prep_kernel`` for one token of per-token activation codes (W4A8/W4A4 decode): the planes of
+    ``(a − za)·sa``, computed in float32 as the reference dequantizes them, straight from the int8 codes."""
+    w = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = w < KW
+    s = tl.load(sa_ptr).to(tl.float32)
+    off = tl.zeros([BLOCK], dtype=tl.float32)
+    tot = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(8):
+        v = tl.load(a_ptr + 8 * w + i, mask=m, other=0).to(tl.float32)
+        if HAS_ZEROS:
+            v = v - tl.load(za_ptr).to(tl.float32)
+        v = v * s
         tl.store(xp_ptr + i * KW + w, v, mask=m)
         off += v * (EVEN_OFFSET if i % 2 == 0 else ODD_OFFSET)
         tot += v
@@ -432,7 +453,7 @@ def dequantize(packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size:
     chunk = _chunk(group_size, scales.shape[1], 256)
     gather = chunk < 32
     bn, h = 32, (64 if gather else chunk // 2)
-    grid = (triton.cdiv(N, bn), triton.cdiv(packed.shape[1], h))
+    grid = (cdiv(N, bn), cdiv(packed.shape[1], h))
     launch(_dequant_kernel, grid,
            (packed, scales, zeros if zeros is not None else scales, out, N, K, packed.shape[1], group_size,
             packed.stride(0), scales.stride(0), out.stride(0)),
@@ -468,11 +489,11 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
             xp = x.clone(memory_format=torch.contiguous_format)
         if not meta["FUSED"]:
             xp = torch.empty((PLANES, KW), dtype=torch.float32, device=x.device)
-            launch(_gemv_prep_kernel, (triton.cdiv(KW, 256),), (x, xp, KW), dict(BLOCK=256), 4)
+            launch(_gemv_prep_kernel, (cdiv(KW, 256),), (x, xp, KW), dict(BLOCK=256), 4)
         chunk = 4 if G == 1 or (group_size // 8) % 4 == 0 else 1  # a thread's 4 words in one group
         consts = dict(flags, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"], CHUNK=chunk, EVEN=KW % meta["BW"] == 0,
                       FUSED=meta["FUSED"], ASM=meta["ASM"])
-        launch(_gemv_kernel, (triton.cdiv(N, meta["BLOCK_N"]),),
+        launch(_gemv_kernel, (cdiv(N, meta["BLOCK_N"]),),
                (xp, packed, scales, zp, bp, y, N, KW, group_size // 8 if G > 1 else KW, packed.stride(0) // 4,
                 scales.stride(0), sg),
                consts, meta["num_warps"])
@@ -482,16 +503,41 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
         consts = dict(flags, GATHER=meta["GATHER"], BLOCK_M=16, BLOCK_N=meta["BLOCK_N"], H=h, SPLIT_K=split,
                       STEPS_PER_GROUP=max(1, group_size // (2 * h)) if G > 1 else 1,
                       DOT_PRECISION=_precision(x), OFFSET=offset, ASM=meta["ASM"] and offset > 0)
-        launch(_skinny_kernel, (triton.cdiv(N, meta["BLOCK_N"]), split),
+        launch(_skinny_kernel, (cdiv(N, meta["BLOCK_N"]), split),
                (x, packed, scales, zp, bp, y, M, N, K, KH, group_size, x.stride(0), packed.stride(0),
                 scales.stride(0), sg, y.stride(0)), consts, meta["num_warps"], meta["num_stages"])
     else:
         consts = dict(flags, GATHER=meta["GATHER"], BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"],
                       BLOCK_K=meta["BLOCK_K"], GROUP_M=meta["GROUP_M"], DOT_PRECISION=_precision(x))
-        launch(_gemm_kernel, (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+        launch(_gemm_kernel, (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),),
                (x, packed, scales, zp, bp, y, M, N, K, KH, G, group_size, x.stride(0), packed.stride(0),
                 scales.stride(0), y.stride(0)), consts, meta["num_warps"], meta["num_stages"])
     return y.to(x.dtype) if split > 1 else y
+
+
+def gemv_codes(meta: dict, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, scales: Tensor,
+               zeros: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``((a − za)·sa) @ Wᵀ (+ bias)`` in ``out_dtype`` for one token of int8 codes ``a [1, K]`` (``sa``,
+    ``za`` of shape [1]): the word GEMV (``meta``: BLOCK_N, BW, num_warps) over planes made from the codes
+    by one prep launch, its output written in ``out_dtype`` directly. Two launches, where dequantizing
+    the activation with torch ops first takes five. Needs ``_word_gemv(K, group_size, G)``."""
+    N, KH = packed.shape
+    G = scales.shape[1]
+    if packed.data_ptr() % 4 or packed.stride(0) % 4:  # a view off word alignment: copy it
+        packed = packed.clone(memory_format=torch.contiguous_format)
+    KW = KH // 4
+    xp = torch.empty((PLANES, KW), dtype=torch.float32, device=a.device)
+    launch(_gemv_prep_codes_kernel, (cdiv(KW, 256),), (a, sa, za if za is not None else sa, xp, KW),
+           dict(HAS_ZEROS=za is not None, BLOCK=256), 4)
+    y = torch.empty((1, N), dtype=out_dtype, device=a.device)
+    chunk = 4 if G == 1 or (group_size // 8) % 4 == 0 else 1
+    consts = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"],
+                  CHUNK=chunk, EVEN=KW % meta["BW"] == 0, FUSED=False, ASM=a.is_cuda)
+    launch(_gemv_kernel, (cdiv(N, meta["BLOCK_N"]),),
+           (xp, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+            N, KW, group_size // 8 if G > 1 else KW, packed.stride(0) // 4, scales.stride(0), 1 if G > 1 else 0),
+           consts, meta["num_warps"])
+    return y
 
 
 def _bucket(M: int) -> int:
@@ -505,6 +551,8 @@ def linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, grou
     N = packed.shape[0]
     key = (_bucket(M), N, K, group_size, zeros is not None, bias is not None, x.dtype)
     family = "w4a16_decode" if M <= 16 else "w4a16_prefill"
-    cand = choose(family, key, lambda: candidates(M, N, K, group_size, x.is_cuda, x.dtype),
-                  lambda c: run(c, x, packed, scales, zeros, group_size, bias), x.device)
+    device = x.device
+    cand = chosen(family, key, device) or choose(
+        family, key, lambda: candidates(M, N, K, group_size, x.is_cuda, x.dtype),
+        lambda c: run(c, x, packed, scales, zeros, group_size, bias), device)
     return run(cand, x, packed, scales, zeros, group_size, bias)

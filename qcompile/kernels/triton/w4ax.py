@@ -36,10 +36,10 @@ import triton.language as tl
 from torch import Tensor
 
 from qcompile.errors import ShapeError
-from qcompile.kernels.autotune import Candidate, choose
+from qcompile.kernels.autotune import Candidate, choose, chosen
 from qcompile.kernels.triton import w4a16
 from qcompile.kernels.triton.int4 import offset_codes, unpack
-from qcompile.kernels.triton.launch import launch
+from qcompile.kernels.triton.launch import cdiv, launch
 
 
 @triton.jit
@@ -162,7 +162,7 @@ def _unpack(packed: Tensor, zw: Tensor | None, K: int, dtype: torch.dtype, with_
     out = torch.empty((N, K), dtype=dtype, device=packed.device)
     sums = torch.zeros((N,), dtype=torch.int32, device=packed.device) if with_sums else None
     bn, h = 32, 256
-    launch(_unpack_kernel, (triton.cdiv(N, bn), triton.cdiv(KH, h)),
+    launch(_unpack_kernel, (cdiv(N, bn), cdiv(KH, h)),
            (packed, zw if zw is not None else packed, out, sums if sums is not None else out, N, K, KH,
             packed.stride(0), zw.stride(0) if zw is not None else 0, out.stride(0)),
            dict(HAS_WZ=zw is not None, HAS_SUM=with_sums, BLOCK_N=bn, H=h), 8)
@@ -200,7 +200,7 @@ def unpack_int_mm(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: 
     w8, wsum = _unpack(packed, zw, K, torch.int8, za is not None)
     acc = torch._int_mm(a, w8.t())
     y = torch.empty((M, N), dtype=out_dtype, device=a.device)
-    launch(_int_mm_epilogue_kernel, (triton.cdiv(M, 64), triton.cdiv(N, 128)),
+    launch(_int_mm_epilogue_kernel, (cdiv(M, 64), cdiv(N, 128)),
            (acc, sa, za if za is not None else sa, wsum if wsum is not None else sa, sw,
             bias if bias is not None else sw, y, M, N, acc.stride(0),
             sw.stride(0), y.stride(0)),
@@ -228,7 +228,7 @@ def unpack_fp8_mm(a: Tensor, sa: Tensor, packed: Tensor, sw: Tensor, zw: Tensor 
     N, KH = packed.shape
     f8 = torch.float8_e4m3fn
     a8 = torch.empty((M, K), dtype=f8, device=a.device)
-    launch(_codes_to_fp8_kernel, (triton.cdiv(M * K, 4096),), (a, a8, M * K), dict(BLOCK=4096), 4)
+    launch(_codes_to_fp8_kernel, (cdiv(M * K, 4096),), (a, a8, M * K), dict(BLOCK=4096), 4)
     w8, _ = _unpack(packed, zw, K, f8, False)
     return torch._scaled_mm(a8, w8.t(), scale_a=sa.view(M, 1), scale_b=sw.float().view(1, N),
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
@@ -248,7 +248,8 @@ def block_k_choices(K: int, group_size: int) -> list[int]:
 
 def candidates(M: int, N: int, K: int, group_size: int, fp8: bool = False) -> list[Candidate]:
     """Variants for this shape; ``fp8`` adds the FP8 GEMM (CUDA, 4-bit symmetric activation codes,
-    bfloat16 output: the caller knows)."""
+    bfloat16 output: the caller knows). At M ≤ 16 the W4A16 GEMV on the dequantized activation competes,
+    at M = 1 also the word GEMV reading planes made from the codes in one launch (``w4a16.gemv_codes``)."""
     ks = block_k_choices(K, group_size)
     if M <= 16:
         shapes = ((16, 64, 1, 4, 4), (16, 32, 1, 4, 4), (16, 64, 2, 4, 4), (16, 128, 4, 4, 3), (16, 32, 4, 2, 4))
@@ -269,6 +270,10 @@ def candidates(M: int, N: int, K: int, group_size: int, fp8: bool = False) -> li
         out.append(Candidate("unpack_fp8_mm", dict(kind="unpack_fp8_mm")))
     if M <= 16:
         out.append(Candidate("act_dequant_gemv", dict(kind="act_dequant_gemv")))
+    if M == 1 and w4a16._word_gemv(K, group_size, -(-K // group_size)):
+        for bn, warps in ((4, 1), (8, 1), (8, 2)):
+            out.append(Candidate(f"codes_gemv_n{bn}_w{warps}",
+                                 dict(kind="codes_gemv", BLOCK_N=bn, BW=128 * warps, num_warps=warps)))
     return out
 
 
@@ -292,6 +297,8 @@ def run(cand: Candidate, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tenso
         return unpack_fp8_mm(a, sa, packed, sw, zw, bias, out_dtype)
     if cand.meta.get("kind") == "act_dequant_gemv":
         return act_dequant_gemv(a, sa, za, packed, sw, zw, group_size, bias, out_dtype)
+    if cand.meta.get("kind") == "codes_gemv":
+        return w4a16.gemv_codes(cand.meta, a, sa, za, packed, sw, zw, group_size, bias, out_dtype)
     meta = cand.meta
     M, K = a.shape
     N, KH = packed.shape
@@ -301,7 +308,7 @@ def run(cand: Candidate, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tenso
     consts = dict(HAS_AZ=za is not None, HAS_WZ=zw is not None, HAS_BIAS=bias is not None,
                   PER_CHANNEL=group_size >= K, BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"],
                   BLOCK_K=meta["BLOCK_K"], GROUP_M=meta["GROUP_M"], SPLIT_K=split)
-    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), split)
     launch(_w4ax_kernel, grid,
            (a, sa, za if za is not None else sa, packed, sw, zw if zw is not None else sw,
             bias if bias is not None else sw, y, M, N, K, KH, group_size, a.stride(0), packed.stride(0),
@@ -317,6 +324,8 @@ def linear(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor,
     bucket = M if M <= 16 else min(1 << (M - 1).bit_length(), 8192)
     key = (bucket, N, K, group_size, za is not None, zw is not None, bias is not None, out_dtype, act_bits)
     fp8 = act_bits <= 4 and za is None and out_dtype == torch.bfloat16 and a.is_cuda
-    cand = choose("w4ax", key, lambda: candidates(M, N, K, group_size, fp8),
-                  lambda c: run(c, a, sa, za, packed, sw, zw, group_size, bias, out_dtype), a.device)
+    device = a.device
+    cand = chosen("w4ax", key, device) or choose(
+        "w4ax", key, lambda: candidates(M, N, K, group_size, fp8),
+        lambda c: run(c, a, sa, za, packed, sw, zw, group_size, bias, out_dtype), device)
     return run(cand, a, sa, za, packed, sw, zw, group_size, bias, out_dtype)
