@@ -1,4 +1,5 @@
-"""Print the README's support table by running every pass on every tiny family (see qcompile.analysis.support).
+"""Print the README's support table, then every ✘ with its reason, by running every pass on every tiny family
+(see qcompile.analysis.support; tests/graph/test_archs.py proves the same runs and checks the README against them).
 
     python benchmarks/support_table.py [ARCH ...] > table.md
 """
