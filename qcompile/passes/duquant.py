@@ -24,6 +24,8 @@ behaviour); rotations are computed from token rows rather than the official per-
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import torch
 from tqdm import tqdm
 
@@ -75,6 +77,32 @@ def _rows(stats, node: str) -> torch.Tensor:
     return stats[node].kept().double()
 
 
+def _search(jobs: dict, opts: dict, progress: bool) -> dict[object, DuQuantTransform]:
+    """``duquant_transform(rows, seed=seed, **opts)`` for every job {key: (rows, seed)}. The searches are
+    independent, so with T > 1 intra-op threads they run T at a time on single-threaded ops rather than one at a
+    time on T-thread ones: the search is a long chain of small products, where threads that meet at every
+    product lose most of their time waiting (and far more when other processes share the cores). Each search
+    computes exactly what it computes alone."""
+    threads = torch.get_num_threads()
+    bar = tqdm(total=len(jobs), desc="duquant", unit="site", disable=not progress)
+
+    def one(key):
+        rows, seed = jobs[key]
+        t = duquant_transform(rows, seed=seed, **opts)
+        bar.update(1)
+        return t
+
+    try:
+        if threads <= 1 or len(jobs) <= 1:
+            return {k: one(k) for k in jobs}
+        torch.set_num_threads(1)
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            return dict(zip(jobs, pool.map(one, jobs)))
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+
+
 def _first_windows(calibration: torch.Tensor, tokens: int, batch: int) -> torch.Tensor:
     """The windows the kept token rows come from: statistics keep the first ``tokens`` rows in window order, so
     only the first ⌈tokens/seq⌉ windows matter, rounded up to whole batches (each batch then is the very one
@@ -104,9 +132,17 @@ def duquant(program: Program, options: DuQuantOptions | None = None, *, calibrat
                 watch[b.ffn.down] = 0
         stats = collect(p, _first_windows(calibration, tokens, batch), watch, batch=batch, keep_tokens=tokens,
                         progress=False, device=p.device)  # block by block: the same rows, no logits computed
-        for b in tqdm(mm.blocks, desc="duquant", unit="block", disable=not progress):
+        jobs = {}
+        for b in mm.blocks:
             for what, norm in (("qkv", b.attn_norm), ("gate/up", b.ffn_norm)):
-                t = duquant_transform(_rows(stats, norm.readers[0]), seed=seed + b.index, **opts)
+                jobs[b.index, what] = (norm.readers[0], seed + b.index)
+            for what, lin in (("o", b.attention.o), ("down", b.ffn.down)):
+                if not (what == "down" and b.ffn.kind == "moe"):
+                    jobs[b.index, what] = (lin, seed + 1000 + b.index)
+        found = _search({k: (_rows(stats, node), s) for k, (node, s) in jobs.items()}, opts, progress)
+        for b in mm.blocks:
+            for what, norm in (("qkv", b.attn_norm), ("gate/up", b.ffn_norm)):
+                t = found[b.index, what]
                 out = p.node(norm.node)
                 users = list(out.users)
                 n = insert_online(p, out, users, t, f"duquant.{b.index}.{what.replace('/', '_')}")
@@ -118,7 +154,7 @@ def duquant(program: Program, options: DuQuantOptions | None = None, *, calibrat
                 if what == "down" and b.ffn.kind == "moe":
                     report.skip(f"block {b.index} down", "MoE experts read gathered inputs; not transformed")
                     continue
-                t = duquant_transform(_rows(stats, lin), seed=seed + 1000 + b.index, **opts)
+                t = found[b.index, what]
                 node = p.node(lin)
                 n = insert_online(p, node.args[0], [node], t, f"duquant.{b.index}.{what}")
                 weights.transform_inputs(p, mm.linears[lin], t.matrix())

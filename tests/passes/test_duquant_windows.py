@@ -1,5 +1,6 @@
-"""DuQuant reads only the first windows (its kept token rows), so it runs only those through the model; the
-transforms are those of a run over every window, bit for bit."""
+"""DuQuant reads only the first windows (its kept token rows), so it runs only those through the model, and its
+independent searches run side by side on single-threaded ops: the transforms are those of a run over every
+window, one search at a time, bit for bit."""
 
 import torch
 
@@ -36,3 +37,19 @@ def test_kept_rows_and_transforms_equal_a_run_over_every_window(tiny_programs, m
     b = dq.duquant(program, calibration=other, block=32, steps=4, tokens=40, batch=2)
     assert seen == [4, 4]
     assert all(torch.equal(x, y) for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values()))
+
+
+def test_searches_side_by_side_equal_one_at_a_time(tiny_programs):
+    _, program = tiny_programs["llama"]
+    calib = _calib(4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dq.duquant(program, calibration=calib, block=32, steps=16, tokens=48, batch=2)
+        torch.set_num_threads(2)
+        two = dq.duquant(program, calibration=calib, block=32, steps=16, tokens=48, batch=2)
+        assert torch.get_num_threads() == 2  # given back
+    finally:
+        torch.set_num_threads(before)
+    assert one.reports[-1].counts == two.reports[-1].counts
+    assert all(torch.equal(x, y) for x, y in zip(one.module.state_dict().values(), two.module.state_dict().values()))
