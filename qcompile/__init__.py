@@ -97,7 +97,7 @@ def load(path: "str | Path") -> "LoadedModel":
     return artifact.load(path)
 
 
-def export_onnx(source, out, force: bool = False, int8_path: str = "matmulinteger"):
+def export_onnx(source, out, force: bool = False, int8_path: str = "matmulnbits"):
     """Export a `qcompile quantize` directory (or a lowered Program) to an ONNX folder (``qcompile.export.onnx``)."""
     from qcompile.export.onnx import export_onnx as _export_onnx
 

@@ -166,7 +166,7 @@ def _onnx_model(spec: str):
     return om, tokenizer
 
 
-def export_onnx(source, out: str | Path, force: bool = False, int8_path: str = "matmulinteger") -> Path:
+def export_onnx(source, out: str | Path, force: bool = False, int8_path: str = "matmulnbits") -> Path:
     """Export a saved directory (or a lowered Program) to an ONNX folder; see ``qcompile.export.onnx``."""
     from qcompile.export.onnx import export_onnx as _export_onnx
 

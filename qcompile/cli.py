@@ -192,8 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("model", help="a directory written by quantize")
     p.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX folder to write (model.onnx, genai_config)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--int8", choices=["matmulinteger", "matmulnbits"], default="matmulinteger",
-                   help="W4A8 linears: per-token int8 + MatMulInteger (exact, default) or MatMulNBits accuracy_level=4")
+    p.add_argument("--int8", choices=["matmulnbits", "matmulinteger"], default="matmulnbits",
+                   help="W4A8/W4A4 linears: 4-bit MatMulNBits (default; A8 with onnxruntime's int8 activations per "
+                        "block, A4 by the recipe's per-token codes) or the recipe's per-token int8 codes and "
+                        "MatMulInteger (exact A8, int8 weights in the file)")
     p.set_defaults(fn=cmd_export)
     args = parser.parse_args(argv)
     try:
