@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import max_rel_error
-from qcompile.errors import UnsafeRewriteError
-from qcompile.models import FAMILIES, attention_for, tiny
+from qcompile.analysis.support import CALIBRATED, calibrated_runs, calibration_windows
+from qcompile.errors import QCompileError, UnsafeRewriteError
+from qcompile.models import FAMILIES, TINY_ARCHS, attention_for, tiny
 from qcompile.passes.fold_norms import fold_norms
 from qcompile.passes.lower import lower
 from qcompile.passes.online_hadamard import online_hadamard
@@ -27,6 +28,10 @@ SKIPS = {
 LAYOUT = {"phi": "parallel", "falcon": "parallel", "gpt_neox": "parallel", "cohere": "parallel",
           "gemma3": "post-norms", "olmo2": "post-norms", "gemma2": "eager attention", "qwen2_moe": "shared expert",
           "deepseek_v3": "attention not matched"}
+# (family, support-table column, run) -> the reason the pass refuses that run with (tests/passes/* prove the
+# calibrated passes on TINY_ARCHS; the other families are proved here)
+REFUSED_RUNS = {("gpt2", "DuQuant", "fused"): "v is not a row range",
+                ("gpt2", "SpinQuant", "SpinQuant"): "v is not a row range"}
 PARALLEL = {"phi", "falcon", "gpt_neox", "cohere"}
 POST_NORMS = {"gemma2": 4, "gemma3": 4, "olmo2": 4}
 
@@ -119,3 +124,25 @@ def test_attention_implementation_follows_transformers():
     assert tiny("gemma2").config._attn_implementation == "eager"
     assert tiny("llama").config._attn_implementation == "sdpa"
     assert attention_for(tiny("gemma3").config) == "sdpa"
+
+
+@pytest.mark.parametrize("col", CALIBRATED)
+@pytest.mark.parametrize("arch", [a for a in FAMILIES if a not in TINY_ARCHS])
+def test_calibrated_passes_are_exact_or_refused_with_their_reason(arch, col, programs, ids):
+    """smooth and OS+, DuQuant (online and fused), SpinQuant: refused by the plan for the layout, refused by the
+    pass at a site it cannot prove, or exact; the runs are the support table's."""
+    _, p = _program(programs, arch)
+    if arch in LAYOUT:
+        for name in CALIBRATED[col]:
+            with pytest.raises(UnsafeRewriteError, match=LAYOUT[arch]):
+                check_layout(p.model_map, name)
+        return
+    ref = p.logits(ids)
+    for label, run in calibrated_runs(col, p, calibration_windows()).items():
+        why = REFUSED_RUNS.get((arch, col, label))
+        if why:
+            with pytest.raises(QCompileError, match=why):
+                run()
+        else:
+            assert max_rel_error(run().logits(ids), ref) <= TOL, label
+
