@@ -135,6 +135,8 @@ def build_rows(args) -> list[tuple[str, Path, str]]:
         if not out.exists():
             export_onnx(src, out, int8_path=path)
         rows.append((name, out, f"qcompile export {src} --onnx {out} --int8 {path}"))
+    if args.no_peer:
+        return rows
     hf, peer = work / "hf", work / "peer-int4"
     if not hf.exists():  # the GGUF's weights, dequantized: transformers refuses to save a "gguf-quantized" model
         model.hf_quantizer = None
@@ -162,6 +164,7 @@ def main() -> None:
     ap.add_argument("--w4a16-label", default="g128 asym quarot+gptq")
     ap.add_argument("--w4a8-label", default="per-channel quarot+gptq")
     ap.add_argument("--w4a4-label", default="g64 asym quarot+gptq")
+    ap.add_argument("--no-peer", action="store_true", help="skip the onnxruntime-genai builder rows")
     ap.add_argument("--note", action="append", default=[], help="a line for the results file (how DIRs were made)")
     ap.add_argument("--work", default="out/onnx-bench")
     ap.add_argument("--threads", type=int, default=2)

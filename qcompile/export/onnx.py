@@ -140,7 +140,7 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ExportError(f"torch.onnx could not export the decoder graph: {type(e).__name__}: {first}") from e
     model = prog.model
-    fold(model)
+    fold(model, unpack_weights=int8_path == "matmulinteger")
     pack_matmulnbits(model)
     notes = [tie_lm_head(model), f"attention: {fused} of {layout.layers} layers as GroupQueryAttention"]
     fusions = fuse_for_ort(model)
@@ -192,7 +192,7 @@ def export_onnx(source, out: str | Path, *, force: bool = False, int8_path: str 
     weights 4-bit in ``MatMulNBits`` (A8: ``accuracy_level=4``, onnxruntime's int8 activations per block of K —
     the same perplexity as the exact route on SmolLM2 and twice its speed; A4: the recipe's per-token codes
     exactly); ``"matmulinteger"`` computes the recipe's per-token int8 codes and ``MatMulInteger`` (exact A8;
-    the weights are unpacked to int8 when the session starts). ``model``/``recipe``/``tokenizer``/
+    the weights stored as int8). ``model``/``recipe``/``tokenizer``/
     ``hf_config`` describe a Program source (a directory records them)."""
     import onnx
     import onnx_ir as ir

@@ -15,8 +15,8 @@ reference's (``kernels/reference.py``), spelled in ONNX:
 * ``linear_w4a8`` / ``linear_w4a4``: ``y = s_a·Σ_G s_w[G]·Σ_{k∈G}(a_k − z_a)(q_k − z_w)`` with the inner
   sums exact in int32 by ``MatMulInteger`` on int8 operands. The signed weight ``q − z_w`` is computed in
   the graph from the canonical int4 initializers (nibble unpacking, zero subtraction): every input is a
-  constant, so onnxruntime folds it into an int8 initializer when the session starts and the file keeps
-  4 bits per weight. An asymmetric activation zero is ``Σ a·w − z_a·Σ w`` (column sums folded the same way).
+  constant, and the export folds it into an int8 initializer (onnxruntime would recompute it every run).
+  An asymmetric activation zero is ``Σ a·w − z_a·Σ w`` (column sums folded the same way).
   Grouped weights are a batch of ``G`` MatMulIntegers ``[G, T, g] × [G, g, N]``; a partial last group is
   zero-padded (the padded weights are 0, so the padded activations multiply nothing).
 * ``fake_quant`` (KV cache): quantize-dequantize per row, exactly as ``formats.fake_quantize_per_token``.
