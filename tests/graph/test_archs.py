@@ -1,11 +1,14 @@
 """Every family of models.FAMILIES: captured without refusal, exact under every rewrite it accepts (the sites it
-refuses are named with their reason), W4 GPTQ and lowering on every linear found."""
+refuses are named with their reason), W4 GPTQ and lowering on every linear found; the README's support table
+says what these tests prove."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import max_rel_error
-from qcompile.analysis.support import CALIBRATED, calibrated_runs, calibration_windows
+from qcompile.analysis.support import CALIBRATED, COLUMNS, calibrated_runs, calibration_windows
 from qcompile.errors import QCompileError, UnsafeRewriteError
 from qcompile.models import FAMILIES, TINY_ARCHS, attention_for, tiny
 from qcompile.passes.fold_norms import fold_norms
@@ -146,3 +149,46 @@ def test_calibrated_passes_are_exact_or_refused_with_their_reason(arch, col, pro
         else:
             assert max_rel_error(run().logits(ids), ref) <= TOL, label
 
+
+def _readme_table() -> dict[str, dict[str, str]]:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| architecture")]
+    table = {}
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if len(cells) == len(COLUMNS) + 1 and cells[0] in FAMILIES:
+            table[cells[0]] = dict(zip(COLUMNS, cells[1:]))
+    return table
+
+
+def test_readme_support_table_says_what_these_tests_prove():
+    """Every family has a row; a column is ✘ exactly where the tests expect a refusal, with that refusal's reason;
+    every skipped site gives the reason the tests expect; GPTQ and the lowering cover every linear, experts
+    included."""
+    table = _readme_table()
+    assert set(table) == set(FAMILIES)
+    moe = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
+    for arch, row in table.items():
+        assert row["capture"].startswith("✔") and row["fold"].startswith("✔"), arch
+        for col, name in (("rotate", "rotate"), ("online Hadamards", "online_hadamard")):
+            expected = SKIPS.get((arch, name))
+            assert row[col] == "✔" if not expected else (row[col].startswith("✔ (") and expected in row[col]), (arch, col)
+        for col in CALIBRATED:
+            cell = row[col]
+            if arch in LAYOUT:
+                assert cell.startswith("✘") and LAYOUT[arch] in cell, (arch, col, cell)
+                continue
+            refused = {label: why for (a, c, label), why in REFUSED_RUNS.items() if (a, c) == (arch, col)}
+            labels = list(calibrated_runs(col, None, None))
+            if not refused:
+                assert cell.startswith("✔"), (arch, col, cell)
+            elif len(refused) == len(labels):
+                assert cell.startswith("✘") and all(why in cell for why in refused.values()), (arch, col, cell)
+            else:  # per run: "label ✔; label ✘ reason"
+                for label in labels:
+                    assert f"{label} {'✘ ' if label in refused else '✔'}" in cell, (arch, col, label, cell)
+                assert all(why in cell for why in refused.values()), (arch, col, cell)
+        assert row["GPTQ"].startswith("✔") and "RTN" not in row["GPTQ"], arch
+        assert row["lower"].startswith("✔") and "fake-quantized" not in row["lower"], arch
+        assert ("grouped INT4 expert ops" in row["lower"]) == (arch in moe), arch
+        assert ("routed experts each on its own tokens" in row["GPTQ"]) == (arch in moe), arch
