@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _feed(session, ids: np.ndarray) -> dict:
-    """Inputs for a full-sequence pass of any decoder graph (ours or the builder's): empty past."""
+    """Inputs for a full-sequence pass of any decoder graph (ours or the builder's): empty past (the builder
+    names the head size ``kv_cache_dim``: read from the folder's genai_config)."""
     feed = {}
     for inp in session.get_inputs():
         if inp.name == "input_ids":
@@ -41,7 +42,7 @@ def _feed(session, ids: np.ndarray) -> dict:
             feed[inp.name] = np.arange(ids.shape[1], dtype=np.int64)[None].repeat(ids.shape[0], 0)
         elif "past" in inp.name:
             dt = np.float16 if "float16" in inp.type else np.float32
-            feed[inp.name] = np.zeros((ids.shape[0], inp.shape[1], 0, inp.shape[3]), dtype=dt)
+            feed[inp.name] = np.zeros((ids.shape[0], inp.shape[1], 0, session.head_size), dtype=dt)
         else:
             raise SystemExit(f"unknown input {inp.name}")
     return feed
@@ -52,8 +53,10 @@ def _session(folder: Path, threads: int):
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    name = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
-    return ort.InferenceSession(str(folder / name), opts, providers=["CPUExecutionProvider"])
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    session = ort.InferenceSession(str(folder / decoder["filename"]), opts, providers=["CPUExecutionProvider"])
+    session.head_size = decoder["head_size"]
+    return session
 
 
 def perplexity(session, windows) -> float:
@@ -164,6 +167,7 @@ def main() -> None:
     ap.add_argument("--w4a16-label", default="g128 asym quarot+gptq")
     ap.add_argument("--w4a8-label", default="per-channel quarot+gptq")
     ap.add_argument("--w4a4-label", default="g64 asym quarot+gptq")
+    ap.add_argument("--resume", action="store_true", help="keep the rows an interrupted run already measured")
     ap.add_argument("--no-peer", action="store_true", help="skip the onnxruntime-genai builder rows")
     ap.add_argument("--note", action="append", default=[], help="a line for the results file (how DIRs were made)")
     ap.add_argument("--work", default="out/onnx-bench")
@@ -185,14 +189,25 @@ def main() -> None:
     windows = data.eval_windows(test, 2048, args.windows)
     prefill_ids = test[:2048][None].numpy().astype(np.int64)
     prompt = test[4096:4096 + 512].tolist()
+    done = {}  # --resume: rows measured by an interrupted run of the same command, kept as they were
+    partial = Path(args.out + ".partial.jsonl")
+    if args.resume and partial.exists():
+        done = {(r["row"], r["folder"]): r for r in map(json.loads, partial.read_text().splitlines())}
+    elif partial.exists():
+        partial.unlink()
     results = []
     for name, folder, how in rows:
+        if (name, str(folder)) in done:
+            results.append(done[(name, str(folder))])
+            continue
         s = _session(folder, args.threads)
         r = {"row": name, "folder": str(folder), "made_by": how, "size_mb": round(size_mb(folder), 1),
              "ppl": round(perplexity(s, windows), 3), "prefill_2048_s": round(prefill(s, prefill_ids, args.repeats), 3)}
         del s
         r["decode_tok_s"] = round(decode(folder, prompt, 128, args.repeats, args.threads), 1)
         print(json.dumps(r), flush=True)
+        with partial.open("a") as f:
+            f.write(json.dumps(r) + "\n")
         results.append(r)
     fp_size = results[0]["size_mb"]
     lines = [
@@ -217,6 +232,7 @@ def main() -> None:
     lines += ["", "How each row was made:", ""] + [f"- {r['row']}: `{r['made_by']}`" for r in results]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=1))
+    partial.unlink(missing_ok=True)
     print("\n".join(lines))
 
 
