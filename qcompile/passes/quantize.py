@@ -28,6 +28,7 @@ from tqdm import tqdm
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.analysis.modelmap import Linear
 from qcompile.errors import RecipeError
+from qcompile.graph.edit import FakeQuant
 from qcompile.passes import experts as moe
 from qcompile.passes.blockwise import quantize_blockwise
 from qcompile.program import PassReport, Program
@@ -38,7 +39,7 @@ from qcompile.recipe import Recipe, WeightQuant, quantized_linears
 
 
 def _insert_fake_quant(p: Program, consumer: str, pos: int, bits: int, symmetric: bool, clip: float) -> None:
-    p.insert_on_operand(consumer, pos, torch.ops.qcompile.fake_quant.default, bits, symmetric, float(clip))
+    p.insert_on_operand(consumer, pos, FakeQuant(bits, symmetric, float(clip)))
 
 
 def _quantize_weight(w: torch.Tensor, H: torch.Tensor | None, wq: WeightQuant, name: str):
@@ -147,7 +148,7 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
             for pos in (1, 2):
                 _insert_fake_quant(p, b.attention.node, pos, kv.bits, kv.symmetric, kv.clip_ratio)
         report.count(f"KV{kv.bits} per (token, head)", n=2 * sum(b.attention is not None for b in mm.blocks))
-    p.module.recompile()
+    p.graph.finish()
     wq = recipe.weights
     if wq:
         if wq.method == "rtn":
