@@ -284,6 +284,14 @@ class OnnxGraph:
 
     def insert_on_operand(self, consumer: str, pos: int, op: Online) -> str:
         x = self._operand(consumer, pos)
+        unsqueeze = x.producer()
+        if pos == 0 and self._view[0].attr(consumer, "experts") and unsqueeze is not None and \
+                unsqueeze.op_type == "Unsqueeze" and len(x.uses()) == 1:
+            # an expert linear reads x as Unsqueeze(x) [T, K, 1] (or [T, 1, K]): the op goes on x [T, K]
+            x = unsqueeze.inputs[0]
+            new = self._online(x, op, f"{consumer}::{op.name}{pos}")
+            unsqueeze.replace_input_with(0, new)
+            return new.name
         new = self._online(x, op, f"{consumer}::{op.name}{pos}")
         self._rewire(consumer, x, new)
         return new.name
@@ -443,8 +451,10 @@ def ort_session(model: ir.Model, where: str, threads: int | None = None):
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    proto = ir.to_proto(model)
+    proto.graph.ClearField("value_info")  # inferred types of intermediates (a sequence's may be misread); ORT infers
     try:
-        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise QCompileError(f"onnxruntime cannot run the graph of {where}: {first}") from None
