@@ -68,9 +68,16 @@ def _store_experts(p: Program, lin: Linear, hessians: moe.ExpertHessians, wq: We
         report.skip(moe.expert_site(lin.weight, e), f"{wq.method}: {moe.RTN_REASON}")
 
 
+def _rows(p: Program, lin: Linear) -> torch.Tensor:
+    """The weight as float32 rows [N, K] (experts: all their rows), whatever axes the source stores it in
+    (an ONNX exporter's pre-transposed ``val_*`` initializer is [in, out])."""
+    w = p.weight(lin.weight).detach().float().movedim((lin.out_axis, lin.in_axis), (-2, -1))
+    return w.reshape(-1, lin.in_features)
+
+
 def _store(p: Program, lin: Linear, qw, report: PassReport) -> None:
-    w = p.weight(lin.weight)
-    p.set_weight(lin.weight, qw.weight.reshape(w.shape))
+    w = p.weight(lin.weight).movedim((lin.out_axis, lin.in_axis), (-2, -1))
+    p.set_weight(lin.weight, qw.weight.reshape(w.shape).movedim((-2, -1), (lin.out_axis, lin.in_axis)))
     p.quantized[lin.weight] = qw
     report.count(f"W{qw.spec.bits} {lin.weight.rsplit('.', 2)[-2] if '.' in lin.weight else 'weight'}")
 
@@ -78,8 +85,7 @@ def _store(p: Program, lin: Linear, qw, report: PassReport) -> None:
 def _rtn_all(p: Program, targets: list[str], wq: WeightQuant, report: PassReport, progress: bool) -> None:
     for n in tqdm(targets, desc="rtn", unit="linear", disable=not progress):
         lin = p.model_map.linears[n]
-        flat = p.weight(lin.weight).detach().float().reshape(-1, lin.in_features)  # experts: all their rows
-        _store(p, lin, _quantize_weight(flat, None, wq, lin.weight), report)
+        _store(p, lin, _quantize_weight(_rows(p, lin), None, wq, lin.weight), report)
 
 
 class _SequentialQuantizer(fx.Interpreter):
@@ -107,7 +113,7 @@ class _SequentialQuantizer(fx.Interpreter):
                 acc.add(self.env[x_node].detach().reshape(-1, lin.in_features))
                 self.hessians[x_node] = acc.hessian()
                 self.readers_left[x_node] = sum(1 for u in x_node.users if u.name in self.targets)
-            w = self.p.weight(lin.weight).detach().float()
+            w = _rows(self.p, lin)
             _store(self.p, lin, _quantize_weight(w, self.hessians[x_node], self.wq, lin.weight), self.report)
             self.readers_left[x_node] -= 1
             if not self.readers_left[x_node]:  # memory stays bounded by the Hessians of one layer
@@ -122,7 +128,8 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
              ranks=None, timings: dict | None = None) -> Program:
     """The fake-quantized Program; ``calibration`` holds token windows [n, seq] for GPTQ/LeanQuant.
 
-    With ``device``, GPTQ/LeanQuant run block by block (``passes.blockwise``): one block's weights on
+    On an ONNX Program GPTQ/LeanQuant run block by block in onnxruntime (``graph.onnx_run``). With ``device``,
+    GPTQ/LeanQuant run block by block (``passes.blockwise``): one block's weights on
     ``device`` at a time, calibration activations carried forward in batches of ``batch`` windows, the rest
     of the weights where they are. Without it, the whole graph runs at once on the Program's device over
     all windows (the reference path; the same weights up to float summation order). With ``ranks``
@@ -158,13 +165,24 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
                 raise RecipeError(f"weights.method {wq.method} needs calibration windows")
             if ranks is not None and ranks.distributed:
                 device = ranks.device
-            if device is not None:
-                def quantize_linear(lin, H):
-                    w = p.weight(lin.weight).detach().float()
-                    _store(p, lin, _quantize_weight(w, H, wq, lin.weight), report)
 
-                dense = {n: mm.linears[n] for n in targets if not mm.linears[n].experts}
-                routed = {n: mm.linears[n] for n in targets if mm.linears[n].experts}
+            def quantize_linear(lin, H):
+                _store(p, lin, _quantize_weight(_rows(p, lin), H, wq, lin.weight), report)
+
+            dense = {n: mm.linears[n] for n in targets if not mm.linears[n].experts}
+            routed = {n: mm.linears[n] for n in targets if mm.linears[n].experts}
+            if p.ir == "onnx":
+                from qcompile.graph.onnx_run import quantize_blockwise as onnx_blockwise
+
+                if routed:  # per-expert Hessians need the routed rows, which the ONNX runner does not split yet
+                    _rtn_all(p, list(routed), dataclasses.replace(wq, method="rtn"), report, progress)
+                    for lin in routed.values():
+                        report.skip(lin.weight, f"{wq.method}: stacked experts of an ONNX graph get RTN")
+                # one window per run: onnxruntime's RotaryEmbedding refuses a batch over the [1, S, D] tables
+                # that torch.onnx's optimized exports give it
+                onnx_blockwise(p, dense, quantize_linear, calibration, batch=1, progress=progress)
+                report.notes["execution"] = "onnxruntime, block by block, one window at a time"
+            elif device is not None:
                 quantize_blockwise(p, dense, quantize_linear, calibration, device=device, batch=batch,
                                    progress=progress, ranks=ranks, store=lambda lin, qw: _store(p, lin, qw, report),
                                    timings=timings)
