@@ -93,7 +93,7 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
     The passes run where the Program's weights are (``program.to(...)`` first to run them elsewhere); with
     ``device``, GPTQ/LeanQuant run block by block there while the weights stay where they are."""
     recipe = as_recipe(recipe)
-    plan(program.model_map, recipe)
+    plan(program.model_map, recipe, program.ir)
     calib = None
     if needs_calibration(recipe):
         if calibration is not None:
@@ -116,7 +116,7 @@ def quantize_to(spec: str, recipe: str | Recipe, out: str, progress: bool = True
     source is written as an ONNX folder (``export.onnx_program``)."""
     recipe = as_recipe(recipe)
     program, tok = program_of(spec, tokenizer)
-    lines = plan(program.model_map, recipe)
+    lines = plan(program.model_map, recipe, program.ir)
     if program.ir == "onnx":
         from qcompile.export.onnx_program import save_onnx_program
 

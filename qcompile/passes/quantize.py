@@ -68,6 +68,30 @@ def _store_experts(p: Program, lin: Linear, hessians: moe.ExpertHessians, wq: We
         report.skip(moe.expert_site(lin.weight, e), f"{wq.method}: {moe.RTN_REASON}")
 
 
+def role(mm, node: str) -> str:
+    """What linear ``node`` is in the map (q_proj, down_proj, ...), named as transformers names it, so that
+    counts agree whatever the source graph calls its weights."""
+    if node == mm.lm_head:
+        return "lm_head"
+    for b in mm.blocks:
+        a, f = b.attention, b.ffn
+        roles = {}
+        if a is not None:
+            for r, proj in (("q_proj", a.q), ("k_proj", a.k), ("v_proj", a.v)):
+                roles.setdefault(proj.linear, []).append(r)
+            roles[a.o] = ["o_proj"]
+        for ffn in filter(None, (f, f.shared if f else None)):
+            for r, proj in (("gate_proj", ffn.gate), ("up_proj", ffn.up)):
+                if proj is not None:
+                    roles.setdefault(proj.linear, []).append(r)
+            roles[ffn.down] = ["down_proj"]
+            if ffn.router:
+                roles[ffn.router] = ["router"]
+        if node in roles:
+            return "+".join(dict.fromkeys(roles[node]))
+    return "linear"
+
+
 def _rows(p: Program, lin: Linear) -> torch.Tensor:
     """The weight as float32 rows [N, K] (experts: all their rows), whatever axes the source stores it in
     (an ONNX exporter's pre-transposed ``val_*`` initializer is [in, out])."""
@@ -79,7 +103,7 @@ def _store(p: Program, lin: Linear, qw, report: PassReport) -> None:
     w = p.weight(lin.weight).movedim((lin.out_axis, lin.in_axis), (-2, -1))
     p.set_weight(lin.weight, qw.weight.reshape(w.shape).movedim((-2, -1), (lin.out_axis, lin.in_axis)))
     p.quantized[lin.weight] = qw
-    report.count(f"W{qw.spec.bits} {lin.weight.rsplit('.', 2)[-2] if '.' in lin.weight else 'weight'}")
+    report.count(f"W{qw.spec.bits} {role(p.model_map, lin.node)}")
 
 
 def _rtn_all(p: Program, targets: list[str], wq: WeightQuant, report: PassReport, progress: bool) -> None:
