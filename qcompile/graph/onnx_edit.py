@@ -131,7 +131,8 @@ class OnnxGraph:
         self._values = None
         return self._view[0]
 
-    def _members(self, node: str) -> list[ir.Node]:
+    def members(self, node: str) -> list[ir.Node]:
+        """The ONNX nodes OpGraph node ``node`` stands for (root first), per the last view."""
         if self._view is None:
             self.opgraph()
         members = self._view[1].get(node)
@@ -233,7 +234,7 @@ class OnnxGraph:
     # --- structure -----------------------------------------------------------------------------------------
     def _rewire(self, consumer: str, old: ir.Value, new: ir.Value) -> None:
         """Uses of ``old`` by the ONNX nodes of ``consumer`` read ``new`` instead."""
-        uses = [(n, i) for n in self._members(consumer) for i, v in enumerate(n.inputs) if v is old]
+        uses = [(n, i) for n in self.members(consumer) for i, v in enumerate(n.inputs) if v is old]
         if not uses:
             raise QCompileError(f"{self.path}: the ONNX nodes of {consumer} do not read {old.name} directly")
         for n, i in uses:
@@ -329,7 +330,7 @@ class OnnxGraph:
         self._changed()
 
     def to_rms(self, norm: str) -> None:
-        old = self._members(norm)[0]
+        old = self.members(norm)[0]
         if old.op_type != "LayerNormalization":
             raise QCompileError(f"{self.path}: norm {norm} is {old.op_type}, not LayerNormalization")
         eps = old.attributes.get_float("epsilon", 1e-5)
@@ -342,7 +343,7 @@ class OnnxGraph:
         self._take_over(old.outputs[0], new.outputs[0], "::layernorm")
 
     def add_bias(self, linear: str, name: str, value: torch.Tensor) -> None:
-        root = self._members(linear)[0]
+        root = self.members(linear)[0]
         y = root.outputs[0]
         b = self.add_weight(name, value.to(_FLOATS.get(y.dtype, torch.float32)))
         add = ir.Node("", "Add", [y, b], num_outputs=1, name=self._name(f"{linear}::bias"))
@@ -354,7 +355,7 @@ class OnnxGraph:
         """The linear as ``kernels/ort``'s translation of the INT4 op its input calls for."""
         from qcompile.kernels.ort import _linear_w4a16, linear_w4ax_onnx, quantize_per_token_onnx
 
-        members = self._members(linear)
+        members = self.members(linear)
         root, og = members[0], self._view[0]
         x = self._operand(linear, 0)
         bias = self._operand(linear, 2) if og.operand(linear, 2) is not None else None

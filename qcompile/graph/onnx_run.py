@@ -126,7 +126,7 @@ def quantize_blockwise(program, targets: dict, quantize_linear: Callable, calibr
     segs = segments(graph, program.model_map)
     owner = {}
     for name in targets:
-        root = graph._members(name)[0]
+        root = graph.members(name)[0]
         k = next((k for k, s in enumerate(segs) if root in s.node_set), None)
         if k is None:
             raise QCompileError(f"{graph.path}: linear {name} lies in no block of the residual stream")
@@ -139,7 +139,7 @@ def quantize_blockwise(program, targets: dict, quantize_linear: Callable, calibr
     for k in range(last + 1):
         seg = segs[k]
         stages: dict[str, list[str]] = {}
-        for name in sorted(owner.get(k, []), key=lambda n: seg.nodes.index(graph._members(n)[0])):
+        for name in sorted(owner.get(k, []), key=lambda n: seg.nodes.index(graph.members(n)[0])):
             stages.setdefault(og.operand(name, 0), []).append(name)
         for x_name, readers in stages.items():
             x = graph.value(x_name)
