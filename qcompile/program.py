@@ -166,6 +166,3 @@ class Program:
 
     def node(self, name: str) -> fx.Node:
         return fx_ir.node_by_name(self.module, name)
-
-    def users_of_weight(self, name: str) -> list[fx.Node]:
-        return self.graph.users_of_weight(name)
