@@ -17,19 +17,15 @@ name next to OUT, renamed once ``onnx.checker`` has passed.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import qcompile
 from qcompile.errors import ExportError
-from qcompile.export.onnx import META_MODEL, META_RECIPE, META_VERSION, MODEL_FILE, _lower_skips
+from qcompile.export.onnx import META_MODEL, META_RECIPE, META_VERSION, _lower_skips, write_folder
 
 
 def save_onnx_program(program, out: str | Path, recipe, model: str, tokenizer=None, force: bool = False) -> Path:
     """Write ``program`` (a lowered ONNX Program) to the folder ``out`` (see the module docstring)."""
-    import onnx
-    import onnx_ir as ir
     from onnx_ir.passes.common import InlinePass, RemoveUnusedNodesPass
 
     if program.ir != "onnx":
@@ -55,23 +51,4 @@ def save_onnx_program(program, out: str | Path, recipe, model: str, tokenizer=No
         meta[META_RECIPE] = recipe.to_yaml()
     model_ir.metadata_props.update(meta)
     model_ir.producer_name = "qcompile"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        ir.save(model_ir, tmp / MODEL_FILE, external_data=MODEL_FILE + ".data")
-        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=False)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for f in (tmp, *tmp.iterdir()):
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_folder(out, model_ir, tokenizer)
