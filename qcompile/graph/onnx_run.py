@@ -89,10 +89,15 @@ class Segment:
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = False  # an arena per segment session would keep each one's peak
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         session.qcompile_feeds = ([v.name for v in ids], self.stream_in.name if self.stream_in in read else None,
                                   list(self.weights))
         return session
+
+    def release(self) -> None:
+        """Drop the segment's sessions (their memory) once its block is done."""
+        self._sessions.clear()
 
     def run(self, outputs: list[ir.Value], ids: np.ndarray, stream: np.ndarray | None) -> list[np.ndarray]:
         s = self.session(outputs)
@@ -154,4 +159,5 @@ def quantize_blockwise(program, targets: dict, quantize_linear: Callable, calibr
                 bar.update(1)
         if k < last:
             carried = [seg.run([seg.stream_out], ids, stream)[0] for ids, stream in zip(batches, carried)]
+        seg.release()
     bar.close()
