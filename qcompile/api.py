@@ -25,11 +25,56 @@ def capture(model: torch.nn.Module, example_ids: torch.Tensor | None = None) -> 
     return Program.capture(model, example_ids)
 
 
-def load_model(spec: str):
-    """(model, tokenizer) for a model spec; ``tiny:ARCH`` gives a small random model without tokenizer."""
+def load_model(spec: str, tokenizer: str | None = None):
+    """(model, tokenizer) for a model spec; ``tiny:ARCH`` gives a small random model without tokenizer; an
+    ONNX decoder file (``MODEL.onnx``, not one qcompile wrote) gives a Program over it and the tokenizer of
+    ``tokenizer`` (a model spec or folder), else of the file's folder, else of its ``qcompile.model`` metadata."""
+    if is_onnx_source(spec):
+        return Program.from_onnx(spec), onnx_tokenizer(spec, tokenizer)
     if spec.startswith("tiny:"):
         return models.tiny(spec.split(":", 1)[1]), None
     return models.load(spec)
+
+
+def program_of(spec: str, tokenizer: str | None = None) -> tuple[Program, object]:
+    """(Program, tokenizer) of a model spec: captured from PyTorch, or read from an ONNX decoder file."""
+    model, tok = load_model(spec, tokenizer)
+    return (model if isinstance(model, Program) else capture(model)), tok
+
+
+def is_onnx_source(spec) -> bool:
+    """Whether ``spec`` is an ``.onnx`` file to quantize (not a file or folder ``qcompile`` wrote)."""
+    p = Path(str(spec))
+    if p.suffix != ".onnx" or p.is_dir():
+        return False
+    if not p.is_file():
+        return True  # Program.from_onnx names the missing file
+    from qcompile.export.onnx import META_MODEL
+
+    try:
+        import onnx
+
+        meta = {m.key for m in onnx.load(str(p), load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001 - unreadable: Program.from_onnx says why, naming the file
+        return True
+    return META_MODEL not in meta
+
+
+def onnx_tokenizer(path, spec: str | None = None):
+    """The tokenizer for an ONNX source file (see ``load_model``), or None."""
+    from qcompile.export.onnx import META_MODEL
+    from qcompile.export.runtime import tokenizer_of
+
+    if spec:
+        tok = tokenizer_of(spec) if Path(spec).is_dir() else None
+        return tok if tok is not None else load_model(spec)[1]
+    tok = tokenizer_of(Path(path).parent)
+    if tok is not None:
+        return tok
+    import onnx
+
+    meta = {m.key: m.value for m in onnx.load(str(path), load_external_data=False).metadata_props}
+    return load_model(meta[META_MODEL])[1] if META_MODEL in meta else None
 
 
 def as_recipe(recipe: str | Recipe) -> Recipe:
@@ -48,7 +93,7 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
     The passes run where the Program's weights are (``program.to(...)`` first to run them elsewhere); with
     ``device``, GPTQ/LeanQuant run block by block there while the weights stay where they are."""
     recipe = as_recipe(recipe)
-    plan(program.model_map, recipe)
+    plan(program.model_map, recipe, program.ir)
     calib = None
     if needs_calibration(recipe):
         if calibration is not None:
@@ -65,17 +110,25 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
     return _quantize(program, recipe, calib, progress=progress, device=device)
 
 
-def quantize_to(spec: str, recipe: str | Recipe, out: str, progress: bool = True) -> Path:
-    """Compile a model with a recipe, lower it to INT4 ops and save it (see ``qcompile.artifact``)."""
+def quantize_to(spec: str, recipe: str | Recipe, out: str, progress: bool = True, tokenizer: str | None = None,
+                force: bool = False) -> Path:
+    """Compile a model with a recipe, lower it to INT4 ops and save it (see ``qcompile.artifact``); an ONNX
+    source is written as an ONNX folder (``export.onnx_program``)."""
     recipe = as_recipe(recipe)
-    model, tokenizer = load_model(spec)
-    program = capture(model)
-    lines = plan(program.model_map, recipe)
-    return artifact.save(lower(compile(program, recipe, tokenizer, progress)), out, recipe, spec, lines)
+    program, tok = program_of(spec, tokenizer)
+    lines = plan(program.model_map, recipe, program.ir)
+    if program.ir == "onnx":
+        from qcompile.export.onnx_program import save_onnx_program
+
+        if Path(out).exists() and not force:  # refuse before the slow part
+            raise QCompileError(f"{out} already exists; choose a new folder or pass --force to replace it")
+        lowered = lower(compile(program, recipe, tok, progress))
+        return save_onnx_program(lowered, out, recipe, str(spec), tok, force=force)
+    return artifact.save(lower(compile(program, recipe, tok, progress)), out, recipe, spec, lines)
 
 
 def evaluate(spec: str, recipe: str | Recipe | None = None, fp: bool = False, windows: int | None = 4,
-             seq: int = 2048, progress: bool = True) -> dict:
+             seq: int = 2048, progress: bool = True, tokenizer: str | None = None) -> dict:
     """WikiText-2 test perplexity of a model (a spec or a saved directory), optionally compiled with a
     recipe (``fp``: the recipe's passes with quantization off)."""
     start = time.time()
@@ -84,15 +137,15 @@ def evaluate(spec: str, recipe: str | Recipe | None = None, fp: bool = False, wi
         loaded = artifact.load(spec)
         r, logits_fn = loaded.recipe, loaded.logits
         _, tokenizer = load_model(loaded.manifest["model"])
-    elif _is_onnx(spec):
+    elif _is_onnx(spec) and not is_onnx_source(spec):
         om, tokenizer = _onnx_model(spec)
         r, logits_fn = om.recipe(), om.logits
     else:
-        model, tokenizer = load_model(spec)
+        program, tokenizer = program_of(spec, tokenizer)
         r = as_recipe(recipe) if recipe else Recipe(name="fp")
         if fp:
             r = r.without_quantization()
-        logits_fn = compile(capture(model), r, tokenizer, progress).logits
+        logits_fn = compile(program, r, tokenizer, progress).logits
     if tokenizer is None:
         raise QCompileError(f"{spec} has no tokenizer; perplexity needs a real model")
     compile_seconds = time.time() - t0
@@ -121,9 +174,9 @@ def decoder(spec: str, recipe: str | Recipe | None = None, use_cache: bool = Tru
         loaded = artifact.load(spec)
         _, tokenizer = load_model(loaded.manifest["model"])
         return (loaded.decoder() if use_cache else Recompute(loaded.logits)), tokenizer
-    if _is_onnx(spec):
+    if _is_onnx(spec) and not is_onnx_source(spec):
         om, tokenizer = _onnx_model(spec)
-        return (om if use_cache else Recompute(om.logits)), tokenizer
+        return (om if use_cache and om.cached else Recompute(om.logits)), tokenizer
     model, tokenizer = load_model(spec)
     program = capture(model)
     if recipe is not None:

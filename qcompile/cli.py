@@ -4,7 +4,9 @@
 activations its linears will quantize (``qcompile.analysis.stats``) and draws it (``analysis.plots``).
 
 Every command takes a MODEL: ``smollm2-135m``, a local checkpoint folder or .gguf file, or
-``tiny:ARCH`` (a small random model of a known architecture, for trying things out); ``eval`` also
+``tiny:ARCH`` (a small random model of a known architecture, for trying things out); ``plan``, ``quantize``
+and ``eval`` also take an ONNX decoder ``MODEL.onnx`` (``input_ids → logits``, e.g. from
+``torch.onnx.export(dynamo=True)``), quantized in ONNX and written as an ONNX folder; ``eval`` also
 takes a directory written by ``quantize``.
 """
 
@@ -78,12 +80,12 @@ def cmd_stats(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from qcompile.api import capture, load_model
+    from qcompile.api import program_of
     from qcompile.pipeline import plan
 
     recipe = _recipe_with_bits(args)
-    model, _ = load_model(args.model)
-    for line in plan(capture(model).model_map, recipe):
+    program, _ = program_of(args.model, args.tokenizer)
+    for line in plan(program.model_map, recipe, program.ir):
         print(line)
     print("recipe, every flag:")
     print("  " + recipe.to_yaml().rstrip().replace("\n", "\n  "))
@@ -93,7 +95,7 @@ def cmd_eval(args) -> None:
     from qcompile.api import evaluate
 
     result = evaluate(args.model, _recipe_with_bits(args), fp=args.fp, windows=args.windows, seq=args.seq,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(result))
     else:
@@ -104,7 +106,8 @@ def cmd_eval(args) -> None:
 def cmd_quantize(args) -> None:
     from qcompile.api import quantize_to
 
-    out = quantize_to(args.model, _recipe_with_bits(args), args.out, progress=not args.no_progress)
+    out = quantize_to(args.model, _recipe_with_bits(args), args.out, progress=not args.no_progress,
+                      tokenizer=args.tokenizer, force=args.force)
     print(f"saved {out}")
 
 
@@ -136,6 +139,9 @@ def _bits(parser):
     parser.add_argument("--asym", action="store_true", help="asymmetric weights (a zero point per group)")
     parser.add_argument("--calib-samples", type=int, help="override the recipe's calibration window count")
     parser.add_argument("--calib-seq", type=int, help="override the recipe's calibration window length")
+    parser.add_argument("--tokenizer", metavar="SPEC",
+                        help="MODEL.onnx only: the model spec or folder whose tokenizer to use (default: the "
+                             "tokenizer files next to the file, else its qcompile.model metadata)")
 
 
 def main(argv=None) -> int:
@@ -163,7 +169,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("quantize", help="compile, lower to INT4 ops and save to a directory")
     p.add_argument("model")
     _bits(p)
-    p.add_argument("--out", required=True, help="a new directory for model.pt2, weights, recipe, manifest")
+    p.add_argument("--out", required=True, help="a new directory for model.pt2, weights, recipe, manifest (an ONNX "
+                                                "folder, model.onnx + external data, for a MODEL.onnx)")
+    p.add_argument("--force", action="store_true", help="MODEL.onnx: replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_quantize)
     p = sub.add_parser("eval", help="WikiText-2 test perplexity")

@@ -55,11 +55,16 @@ def _plan_quantization(mm: ModelMap, recipe: Recipe) -> list[str]:
     return lines
 
 
-def plan(mm: ModelMap, recipe: Recipe) -> list[str]:
-    """The plan, one line per decision; raises the refusal that running the recipe would raise."""
+def plan(mm: ModelMap, recipe: Recipe, ir: str = "fx") -> list[str]:
+    """The plan, one line per decision; raises the refusal that running the recipe would raise (on a graph
+    of IR ``ir``: a pass not yet written against ``graph.edit`` runs on fx graphs only)."""
     lines = [f"model: {describe_model(mm)}", f"recipe: {recipe.name}"]
     lines += [f"not matched: {site}: {reason}" for site, reason in mm.gaps()]
     for name, options in recipe.pass_options():
+        if ir != "fx" and not PASSES[name].onnx:
+            raise RecipeError(f"pass {name} edits torch.fx nodes itself and does not run on {ir} graphs yet "
+                              f"(on ONNX: {', '.join(n for n, p in PASSES.items() if p.onnx)}, then any weight "
+                              "quantizer); quantize the PyTorch model instead")
         check_layout(mm, name)
         lines += [f"{name}: {line}" for line in PASSES[name].plan(mm, options)]
     lines += _plan_quantization(mm, recipe) or ["quantization: off"]
@@ -99,7 +104,7 @@ def run_passes(program: Program, recipe: Recipe, calibration=None, progress: boo
     ``[n, seq]`` token windows, and those with a progress bar get ``progress``: the pipeline supplies
     both, a recipe cannot set them.
     """
-    plan(program.model_map, recipe)
+    plan(program.model_map, recipe, program.ir)
     for name, options in recipe.pass_options():
         spec, run = PASSES[name], {}
         if spec.calibration:

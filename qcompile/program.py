@@ -2,12 +2,12 @@
 
 Every pass is a function ``Program -> Program`` that works on a copy, so the original stays usable
 as the reference that exactness tests compare against. Weights are read and written by their source
-names; graph edits go through the small helpers here so the ModelMap stays true to the graph.
+names; graph edits go through the IR's ``graph.edit.GraphEdit`` (fx or ONNX), so a pass written against
+it runs on both IRs.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -16,8 +16,10 @@ from torch import fx
 
 from qcompile.analysis.match import match
 from qcompile.analysis.modelmap import ModelMap
-from qcompile.errors import QCompileError
+from qcompile.errors import CaptureError, MatchError, QCompileError
 from qcompile.graph import fx as fx_ir
+from qcompile.graph.edit import GraphEdit, Online
+from qcompile.graph.fx_edit import FxGraph
 
 
 @dataclass
@@ -56,7 +58,9 @@ def move_quantized(qw, device: torch.device):
 
 @dataclass
 class Program:
-    module: fx.GraphModule
+    """A graph behind the ``GraphEdit`` interface (fx or ONNX), its ModelMap, and what was done to it."""
+
+    graph: GraphEdit
     model_map: ModelMap
     aliases: dict = field(default_factory=dict)  # param name -> every name the source model gives it
     reports: list = field(default_factory=list)
@@ -74,10 +78,36 @@ class Program:
         named = {n: names for names in aliases.values() for n in names}
         alias_map = {n.target: named.get(n.target, by_name.get(n.target, [n.target]))
                      for n in module.graph.nodes if n.op == "get_attr"}
-        return cls(module, match(fx_ir.to_opgraph(module)), alias_map)
+        graph = FxGraph(module)
+        return cls(graph, match(graph.opgraph()), alias_map)
+
+    @classmethod
+    def from_onnx(cls, path) -> "Program":
+        """A Program over an ONNX decoder (input_ids → logits), e.g. ``torch.onnx.export(dynamo=True)``'s;
+        refused with the file's name when it is unreadable, incomplete or not a decoder."""
+        from qcompile.graph.onnx_edit import OnnxGraph
+
+        graph = OnnxGraph.load(path)
+        try:
+            model_map = match(graph.opgraph())
+        except MatchError as e:
+            raise CaptureError(f"{path} is not a causal LM decoder qcompile can read: {e}") from None
+        return cls(graph, model_map)
+
+    @property
+    def ir(self) -> str:
+        return self.graph.ir
+
+    @property
+    def module(self) -> fx.GraphModule:
+        """The fx GraphModule (fx Programs only: a pass that edits fx nodes itself is not ported to ONNX)."""
+        if self.graph.ir != "fx":
+            raise QCompileError("this step edits torch.fx nodes directly and is not ported to ONNX models yet; "
+                                "capture the model from PyTorch instead")
+        return self.graph.module
 
     def clone(self) -> "Program":
-        return Program(copy.deepcopy(self.module), self.model_map, dict(self.aliases), list(self.reports),
+        return Program(self.graph.clone(), self.model_map, dict(self.aliases), list(self.reports),
                        dict(self.quantized))
 
     def with_map(self, **changes) -> "Program":
@@ -86,12 +116,11 @@ class Program:
 
     def rematch(self) -> None:
         """Match the edited graph again: node names are stable, and the invariances are proved anew."""
-        self.module.graph.lint()
-        self.model_map = match(fx_ir.to_opgraph(self.module))
+        self.model_map = match(self.graph.opgraph())
 
     def done(self, report: PassReport) -> "Program":
         self.reports.append(report)
-        self.module.recompile()
+        self.graph.finish()
         return self
 
     def has_run(self, name: str) -> bool:
@@ -101,25 +130,14 @@ class Program:
     @property
     def device(self) -> torch.device:
         """Where the weights are (the device of the first parameter or buffer)."""
-        return fx_ir.module_device(self.module)
+        return self.graph.device
 
     def to(self, device: torch.device | str) -> "Program":
         """Move every weight, buffer and tensor constant of the graph, and the quantized codes and grids, to
         ``device`` (in place; returns self). The graph itself holds no device (``graph.fx.follow_input_device``),
         so it then runs on ``device``'s inputs."""
         device = torch.device(device)
-        self.module.to(device)
-        for n in self.module.graph.nodes:  # constants registered as plain attributes (not parameters/buffers)
-            if n.op != "get_attr":
-                continue
-            *path, leaf = n.target.split(".")
-            owner = self.module
-            for part in path:
-                owner = getattr(owner, part)
-            value = getattr(owner, leaf, None)
-            if isinstance(value, torch.Tensor) and value.device != device and leaf not in owner._parameters \
-                    and leaf not in owner._buffers:
-                setattr(owner, leaf, value.to(device))
+        self.graph.to(device)
         self.quantized = {k: move_quantized(q, device) for k, q in self.quantized.items()}
         return self
 
@@ -127,55 +145,24 @@ class Program:
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits for ``input_ids`` [batch, seq], computed on the Program's device (the ids are moved there)."""
-        out = self.module(input_ids=input_ids.to(self.device))
-        return out.logits if hasattr(out, "logits") else out[0]
+        return self.graph.logits(input_ids)
 
-    # --- weights -------------------------------------------------------------------------------------------
+    # --- weights and edits (see ``graph.edit``) -----------------------------------------------------------
     def weight(self, name: str) -> torch.Tensor:
-        obj = self.module
-        for part in name.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return self.graph.weight(name)
 
     def set_weight(self, name: str, value: torch.Tensor) -> None:
         """Replace a weight in place of its source name, keeping its dtype."""
-        old = self.weight(name)
-        if old.shape != value.shape:
-            raise QCompileError(f"new value for {name} has shape {tuple(value.shape)}, expected {tuple(old.shape)}")
-        with torch.no_grad():
-            old.copy_(value.to(old.dtype))
+        self.graph.set_weight(name, value)
 
-    def add_weight(self, name: str, value: torch.Tensor, replace: bool = False) -> fx.Node:
-        """Register a new parameter (or, with ``replace``, a fresh copy under an existing name that no graph
-        node reads yet, e.g. a tied alias) and return a get_attr node for it."""
-        *path, leaf = name.split(".")
-        mod = self.module
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, torch.nn.Module())
-            mod = getattr(mod, part)
-        if hasattr(mod, leaf) and not (replace and not self.users_of_weight(name)):
-            raise QCompileError(f"a weight named {name} already exists")
-        if hasattr(mod, leaf):
-            delattr(mod, leaf)
-        value = value.detach().to(self.device, copy=True)  # new weights live with the others
-        mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
-        first = next(n for n in self.module.graph.nodes if n.op != "placeholder")
-        with self.module.graph.inserting_before(first):
-            return self.module.graph.get_attr(name)
+    def add_weight(self, name: str, value: torch.Tensor, replace: bool = False):
+        """Add a new weight (``replace``: a fresh copy under an existing name no node reads yet); returns the
+        IR's handle of it (an fx get_attr node)."""
+        return self.graph.add_weight(name, value, replace=replace)
 
-    def insert_on_operand(self, consumer: str, pos: int, op, *args) -> fx.Node:
-        """Put ``op(operand, *args)`` between operand ``pos`` of node ``consumer`` and the consumer."""
-        node = self.node(consumer)
-        src = node.args[pos]
-        with self.module.graph.inserting_before(node):
-            new = self.module.graph.call_function(op, (src, *args))
-        new.meta["val"] = src.meta.get("val")
-        node.update_arg(pos, new)
-        return new
+    def insert_on_operand(self, consumer: str, pos: int, op: Online) -> str:
+        """Put ``op(operand)`` between operand ``pos`` of node ``consumer`` and the consumer."""
+        return self.graph.insert_on_operand(consumer, pos, op)
 
     def node(self, name: str) -> fx.Node:
         return fx_ir.node_by_name(self.module, name)
-
-    def users_of_weight(self, name: str) -> list[fx.Node]:
-        return [u for n in self.module.graph.nodes if n.op == "get_attr" and n.target == name for u in n.users]

@@ -194,9 +194,6 @@ def export_onnx(source, out: str | Path, *, force: bool = False, int8_path: str 
     exactly); ``"matmulinteger"`` computes the recipe's per-token int8 codes and ``MatMulInteger`` (exact A8;
     the weights stored as int8). ``model``/``recipe``/``tokenizer``/
     ``hf_config`` describe a Program source (a directory records them)."""
-    import onnx
-    import onnx_ir as ir
-
     if int8_path not in INT8_PATHS:
         raise ExportError(f"int8_path must be one of {INT8_PATHS}, got {int8_path!r}")
     out = Path(out)
@@ -214,6 +211,20 @@ def export_onnx(source, out: str | Path, *, force: bool = False, int8_path: str 
     ir_model.metadata_props.update(meta)
     ir_model.producer_name = "qcompile"
 
+    def fill(tmp: Path) -> None:
+        config = _genai_config(layout, hf_config, tokenizer, MODEL_FILE)
+        (tmp / GENAI_CONFIG).write_text(json.dumps(config, indent=1))
+
+    return write_folder(out, ir_model, tokenizer, fill)
+
+
+def write_folder(out: Path, ir_model, tokenizer=None, fill=None) -> Path:
+    """Write ``OUT/model.onnx`` (+ external data), the tokenizer and what ``fill(tmp)`` adds, under a temporary
+    name next to ``out``, renamed to ``out`` once ``onnx.checker`` has passed (an existing ``out`` is replaced):
+    a failure leaves nothing behind."""
+    import onnx
+    import onnx_ir as ir
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -221,8 +232,8 @@ def export_onnx(source, out: str | Path, *, force: bool = False, int8_path: str 
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        config = _genai_config(layout, hf_config, tokenizer, MODEL_FILE)
-        (tmp / GENAI_CONFIG).write_text(json.dumps(config, indent=1))
+        if fill is not None:
+            fill(tmp)
         for f in (tmp, *tmp.iterdir()):
             f.chmod(0o755 if f.is_dir() else 0o644)
         if out.exists():

@@ -2,7 +2,9 @@
 
 ``OrtModel(OUT)`` opens ``OUT/model.onnx`` once (CPU, ``threads`` intra-op threads) and checks that it is a
 qcompile decoder step: inputs ``input_ids`` and ``past_key_values.{i}.key/value``, outputs ``logits`` and
-``present.{i}.key/value``. A corrupt file or a foreign graph is refused with the file's name.
+``present.{i}.key/value``, or a scoring graph ``input_ids → logits`` that qcompile wrote from an ONNX source
+(``export/onnx_program``; ``cached`` is False: it decodes by recomputation only). A corrupt file or a foreign
+graph is refused with the file's name.
 
 - ``logits(ids)``: the step with an empty cache (P = 0), i.e. full-sequence scoring;
 - ``empty_cache(batch)`` / ``step(ids, cache) -> (logits, cache)``: the decoder protocol of
@@ -55,6 +57,10 @@ class OrtModel:
         self.layers = (len(ins) - 1) // 2
         want_in = ["input_ids"] + [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         want_out = ["logits"] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        self.cached = self.layers > 0  # a source graph quantized as ONNX (export/onnx_program) scores only
+        if not self.cached and ins == ["input_ids"] and outs[:1] == ["logits"] and META_MODEL in self.metadata:
+            self.kv_heads, self.head_dim = [], 0
+            return
         if ins != want_in or outs != want_out or META_MODEL not in self.metadata:
             raise ExportError(f"{f} is not a qcompile decoder export: inputs {ins[:3]}…, outputs {outs[:3]}…, "
                               f"metadata keys {sorted(self.metadata)[:4]}")
@@ -80,6 +86,8 @@ class OrtModel:
 
     def step(self, ids, cache: list[np.ndarray]) -> tuple[torch.Tensor, list[np.ndarray]]:
         """Logits ``[B, S, V]`` of the S new tokens ``ids`` after the cached ones, and the longer cache."""
+        if not self.cached and cache:
+            raise ExportError(f"{self.path} has no KV cache; decode it by recomputing (--no-cache)")
         feed = {"input_ids": np.asarray(ids, dtype=np.int64)}
         names = self.session.get_inputs()
         for inp, c in zip(names[1:], cache):

@@ -92,6 +92,8 @@ _DATA_FIRST_ONLY = {k for k, v in _KIND.items() if v == "view"} | {
     "Slice", "Split", "SplitToSequence", "SequenceAt", "ReduceMean", "ReduceSum"}
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Tanh", "Erf")  # what a decomposed gelu is made of
 _BIG = 2**62  # a Slice end at least this large means "to the end"
+QCOMPILE_DOMAIN = "qcompile"  # calls of the online ops a pass inserted (``graph/onnx_edit``): op type -> kind
+_QCOMPILE_KINDS = {"hadamard": "hadamard", "fake_quant": "quant"}
 
 
 @dataclass
@@ -160,6 +162,7 @@ class _Reader:
         self.fused: dict[ir.Node, _Fused] = {}
         self.absorbed: set[ir.Node] = set()
         self.splits: dict[ir.Value, tuple[int, list[int] | None]] = {}  # SplitToSequence output -> (dim, sizes)
+        self.members: dict[str, list[ir.Node]] = {}  # OpGraph node -> the ONNX nodes it stands for (root first)
 
     # --- values --------------------------------------------------------------------------------------------
     def _is_param(self, v: ir.Value) -> bool:
@@ -524,6 +527,11 @@ class _Reader:
     def _translate(self, node: ir.Node) -> list[_Op]:
         """The OpGraph node(s) of one ONNX node that no pattern claimed."""
         op = node.op_type
+        if node.domain == QCOMPILE_DOMAIN and op.split("_n")[0] in _QCOMPILE_KINDS:
+            out = node.outputs[0]
+            attrs = {k: a.value for k, a in node.attributes.items()}
+            return [_Op(out.name, _QCOMPILE_KINDS[op.split("_n")[0]], f"qcompile.{op}", _shape(out),
+                        [(0, node.inputs[0])], attrs)]
         kind = _KIND.get(op, "other") if node.domain in _STANDARD_DOMAINS else "other"
         handler = getattr(self, f"_op_{op}", None) if kind != "other" else None
         out = node.outputs[0]
@@ -728,8 +736,10 @@ class _Reader:
         for node in self.graph:
             if node in self.absorbed or self._static_node(node):
                 continue
+            nodes = [node, *self.fused[node].interior] if node in self.fused else [node]
             for op in self.fused[node].ops if node in self.fused else self._translate(node):
                 self._emit(op)
+                self.members[op.name] = nodes
         out = "output"
         while out in self.og.graph:
             out += "_"
@@ -755,20 +765,27 @@ def _load(model_or_path) -> ir.Model:
     return model
 
 
-def onnx_to_opgraph(model_or_path) -> OpGraph:
-    """The OpGraph view of an ONNX model (a path, an ``onnx_ir.Model`` or an ``onnx.ModelProto``).
-
-    Model-local functions are inlined and shapes inferred first (in place, on an ``onnx_ir.Model``): the
-    matcher reads head counts and widths from value shapes, which exporters leave partly unannotated.
-    """
-    model = _load(model_or_path)
+def prepare(model: ir.Model, where) -> ir.Model:
+    """Inline the model-local functions (but qcompile's own online ops) and infer shapes, in place: the
+    matcher reads head counts and widths from value shapes, which exporters leave partly unannotated."""
     try:
-        if model.functions:
+        if any(f.domain != QCOMPILE_DOMAIN for f in model.functions.values()):
             model = InlinePass()(model).model
-        model = ShapeInferencePass(strict_mode=False)(model).model
+        return ShapeInferencePass(strict_mode=False)(model).model
     except Exception as e:
-        raise CaptureError(f"cannot prepare ONNX model {model_or_path}: {type(e).__name__}: {e}") from e
-    return _Reader(model).run()
+        raise CaptureError(f"cannot prepare ONNX model {where}: {type(e).__name__}: {e}") from e
+
+
+def onnx_view(model: ir.Model) -> tuple[OpGraph, dict[str, list[ir.Node]]]:
+    """The OpGraph of a prepared model and, per OpGraph node, the ONNX nodes it stands for (root first)."""
+    reader = _Reader(model)
+    return reader.run(), reader.members
+
+
+def onnx_to_opgraph(model_or_path) -> OpGraph:
+    """The OpGraph view of an ONNX model (a path, an ``onnx_ir.Model`` or an ``onnx.ModelProto``), prepared
+    first (``prepare``: in place on an ``onnx_ir.Model``)."""
+    return onnx_view(prepare(_load(model_or_path), model_or_path))[0]
 
 
 def export_tiny_onnx(model, path, *, opset: int = 23, optimize: bool = False, example_ids=None) -> Path:

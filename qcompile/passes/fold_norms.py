@@ -24,8 +24,6 @@ from qcompile.passes import weights
 from qcompile.passes.options import FoldNormsOptions, check_can_run, history
 from qcompile.program import PassReport, Program
 
-aten = torch.ops.aten
-
 
 def untie_embeddings(p: Program, report: PassReport) -> None:
     """Give the token embedding its own copy of a table it shares with the lm_head."""
@@ -35,9 +33,8 @@ def untie_embeddings(p: Program, report: PassReport) -> None:
     shared = mm.embedding.weight
     names = [a for a in p.aliases.get(shared, []) if a != shared]
     new_name = names[0] if names else shared + ".untied"
-    node = p.node(mm.embedding.node)
-    get_attr = p.add_weight(new_name, p.weight(shared).detach(), replace=True)
-    node.args = (get_attr,) + tuple(node.args[1:])
+    p.add_weight(new_name, p.weight(shared).detach(), replace=True)
+    p.graph.use_weight(mm.embedding.node, 0, new_name)
     report.count("untied embedding", f"{new_name} (was shared with {shared})")
     p.rematch()
 
@@ -101,17 +98,14 @@ def fold_norms(program: Program, options: FoldNormsOptions | None = None) -> Pro
         if beta is not None:
             p.set_weight(norm.bias, torch.zeros_like(beta))
         for c in norm.centre:  # x − mean(x) = x on a mean-free stream
-            node = p.node(c)
-            node.replace_all_uses_with(node.args[0])
+            p.graph.bypass(c)
         if norm.kind == "layer" and not norm.centre:
-            node = p.node(norm.node)
-            node.target = aten.rms_norm.default
-            node.args = (node.args[0], node.args[1], None, node.args[4] if len(node.args) > 4 else 1e-5)
+            p.graph.to_rms(norm.node)
         report.count("folded norm", f"{norm.node} into {len(norm.readers)} readers")
     kept = sum(len(b.post_norms) for b in mm.blocks)
     if kept:
         report.notes["post-norms"] = f"{kept} kept as they are (no reader to fold into)"
-    p.module.graph.eliminate_dead_code()
+    p.graph.eliminate_dead_code()
     p.rematch()
     return p.done(report)
 

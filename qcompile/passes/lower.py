@@ -1,4 +1,4 @@
-"""lower: replace fake-quantized linears by qcompile's INT4 ops on packed weights.
+"""lower: replace fake-quantized linears by INT4 ops on packed weights (``GraphEdit.lower_linear``).
 
 For each linear whose weight the quantize pass left on a 4-bit affine grid (``program.quantized``):
 - input in float (no activation fake-quant before it): ``linear_w4a16(x, packed, scales, zeros, g, bias)``;
@@ -15,6 +15,8 @@ node in the graph, one int4 linear per expert inside the op (measured against on
 ``benchmarks/moe_lowering.py``); on a fake-quantized input, ``quantize_per_token`` over all rows (per-token
 codes do not depend on the expert) then ``grouped_linear_w4a8``/``w4a4``.
 Anything else (codebooks, other bit widths) stays fake-quantized and is reported.
+On an ONNX graph the same ops are ``kernels/ort``'s translations (MatMulNBits; per-token int8 codes and
+MatMulInteger), the ones the ONNX export writes; routed experts stay fake-quantized there (reported).
 """
 
 from __future__ import annotations
@@ -24,32 +26,18 @@ import operator
 import torch
 
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
+from qcompile.graph.fx_edit import quantized_input
 from qcompile.program import PassReport, Program
 
-qops = torch.ops.qcompile
 
-
-def _is(node, op) -> bool:
-    return getattr(node, "op", None) == "call_function" and node.target == op
-
-
-def _skip_reason(lin, qw) -> str | None:
+def _skip_reason(lin, qw, ir: str) -> str | None:
     if qw.codebook is not None:
         return "non-uniform codebook (no INT4 affine kernel)"
     if qw.spec.bits != 4:
         return f"{qw.spec.bits}-bit weights (kernels are INT4)"
+    if lin.experts and ir != "fx":
+        return f"stacked expert weights (no grouped INT4 op on {ir} graphs yet)"
     return None
-
-
-def _quantized_input(graph, x):
-    """(src, bits, symmetric, clip, rotate, block) when x = fake_quant(src) or fake_quant(hadamard(src)), else None."""
-    if not _is(x, qops.fake_quant.default):
-        return None
-    src, bits, symmetric, clip = x.args
-    rotate, block = False, 0
-    if _is(src, qops.hadamard.default):
-        rotate, block, src = True, src.args[1], src.args[0]
-    return src, bits, symmetric, clip, rotate, block
 
 
 def _lower_experts(p: Program, node, lin, qw, report: PassReport) -> None:
@@ -57,6 +45,7 @@ def _lower_experts(p: Program, node, lin, qw, report: PassReport) -> None:
     fake-quantized input, quantize_per_token → grouped_linear_w4a8/w4a4."""
     from qcompile.passes.experts import offsets_of
 
+    qops = torch.ops.qcompile
     graph = p.module.graph
     packed = qw.pack()
     e, n = lin.experts, lin.out_features
@@ -64,7 +53,7 @@ def _lower_experts(p: Program, node, lin, qw, report: PassReport) -> None:
     w_scales = p.add_weight(f"{lin.weight}_scales", packed.scales.reshape(e, n, -1))
     w_zeros = p.add_weight(f"{lin.weight}_zeros", packed.zeros.reshape(e, n, -1)) if packed.zeros is not None else None
     x, offs = node.args[0], offsets_of(node)
-    fq = _quantized_input(graph, x)
+    fq = quantized_input(x)
     with graph.inserting_before(node):
         if fq:
             src, bits, symmetric, clip, rotate, block = fq
@@ -86,54 +75,21 @@ def _lower_experts(p: Program, node, lin, qw, report: PassReport) -> None:
 def lower(program: Program) -> Program:
     p = program.clone()
     report = PassReport("lower")
-    graph = p.module.graph
     for node_name, lin in p.model_map.linears.items():
         qw = p.quantized.get(lin.weight)
         if qw is None:
             continue
-        reason = _skip_reason(lin, qw)
+        reason = _skip_reason(lin, qw, p.ir)
         if reason:
             report.skip(lin.weight, reason)
             continue
-        node = p.node(node_name)
         if lin.experts:
-            _lower_experts(p, node, lin, qw, report)
+            _lower_experts(p, p.node(node_name), lin, qw, report)
             continue
-        packed = qw.pack()
-        x = node.args[0]
-        bias = node.args[2] if len(node.args) > 2 else None
-        w_packed = p.add_weight(f"{lin.weight}_packed", packed.packed)
-        w_scales = p.add_weight(f"{lin.weight}_scales", packed.scales)
-        w_zeros = p.add_weight(f"{lin.weight}_zeros", packed.zeros) if packed.zeros is not None else None
-        out_dtype = node.meta["val"].dtype
-        fq = _quantized_input(graph, x)
-        with graph.inserting_before(node):
-            if fq:
-                src, bits, symmetric, clip, rotate, block = fq
-                q = graph.call_function(qops.quantize_per_token.default, (src, bits, symmetric, clip, rotate, block))
-                codes, scales, zeros = (graph.call_function(operator.getitem, (q, i)) for i in range(3))
-                op = qops.linear_w4a8.default if bits > 4 else qops.linear_w4a4.default
-                new = graph.call_function(op, (codes, scales, None if symmetric else zeros, w_packed, w_scales,
-                                               w_zeros, packed.group_size, bias, out_dtype))
-                report.count(f"W4A{bits}" + (" (fused R4)" if rotate else ""), lin.weight)
-            else:
-                new = graph.call_function(qops.linear_w4a16.default,
-                                          (x, w_packed, w_scales, w_zeros, packed.group_size, bias))
-                report.count("W4A16", lin.weight)
-        new.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-    graph.eliminate_dead_code()
-    graph.lint()
-    _drop_unused(p, [w for w in p.quantized if not p.users_of_weight(w)])
+        report.count(p.graph.lower_linear(node_name, lin.weight, qw.pack()), lin.weight)
+    p.graph.eliminate_dead_code()
+    for w in p.quantized:  # float weights that no node reads any more (their packed form replaced them)
+        if p.graph.has_weight(w) and not p.graph.readers_of_weight(w):
+            p.graph.drop_weight(w)
     report.notes["lowered"] = "the ModelMap describes the graph before lowering"
     return p.done(report)
-
-
-def _drop_unused(p: Program, names: list[str]) -> None:
-    """Remove float weights that no graph node reads any more (their packed form replaced them)."""
-    for name in names:
-        *path, leaf = name.split(".")
-        mod = p.module.get_submodule(".".join(path)) if path else p.module
-        if hasattr(mod, leaf):
-            delattr(mod, leaf)

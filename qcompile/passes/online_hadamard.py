@@ -1,7 +1,7 @@
 """online_hadamard: R3 on q and k after RoPE, R4 on the down projection's input.
 
 Neither can be fused: RoPE sits between q/k_proj and attention, and the FFN's activation sits between
-up/gate and down. So the graph gets ``torch.ops.qcompile.hadamard`` nodes:
+up/gate and down. So the graph gets online Hadamard ops (``graph.edit.Hadamard``):
 - R3: q ↦ q·H, k ↦ k·H over head_dim, which cancels in the scores: (qH)(kH)ᵀ = q·H·Hᵀ·kᵀ = q·kᵀ.
   It makes K (and Q) easy to quantize for a KV cache.
 - R4: x ↦ x·H on down's input, with W_down ← W_down·H so that (xH)(W H)ᵀ = x·Wᵀ.
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.errors import UnsafeRewriteError
+from qcompile.graph.edit import Hadamard
 from qcompile.passes import weights
 from qcompile.passes.options import OnlineHadamardOptions, check_can_run, history
 from qcompile.passes.rotate import RotationChoice, choose_rotation
@@ -38,7 +38,7 @@ def _matrix(choice: RotationChoice) -> torch.Tensor:
 
 
 def _insert(p: Program, consumer: str, pos: int, choice: RotationChoice) -> str:
-    return p.insert_on_operand(consumer, pos, torch.ops.qcompile.hadamard.default, choice.block or 0).name
+    return p.insert_on_operand(consumer, pos, Hadamard(choice.block or 0))
 
 
 def _r3_refusal(block) -> str | None:

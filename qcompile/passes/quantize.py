@@ -28,6 +28,7 @@ from tqdm import tqdm
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.analysis.modelmap import Linear
 from qcompile.errors import RecipeError
+from qcompile.graph.edit import FakeQuant
 from qcompile.passes import experts as moe
 from qcompile.passes.blockwise import quantize_blockwise
 from qcompile.program import PassReport, Program
@@ -38,7 +39,7 @@ from qcompile.recipe import Recipe, WeightQuant, quantized_linears
 
 
 def _insert_fake_quant(p: Program, consumer: str, pos: int, bits: int, symmetric: bool, clip: float) -> None:
-    p.insert_on_operand(consumer, pos, torch.ops.qcompile.fake_quant.default, bits, symmetric, float(clip))
+    p.insert_on_operand(consumer, pos, FakeQuant(bits, symmetric, float(clip)))
 
 
 def _quantize_weight(w: torch.Tensor, H: torch.Tensor | None, wq: WeightQuant, name: str):
@@ -67,18 +68,48 @@ def _store_experts(p: Program, lin: Linear, hessians: moe.ExpertHessians, wq: We
         report.skip(moe.expert_site(lin.weight, e), f"{wq.method}: {moe.RTN_REASON}")
 
 
+def role(mm, node: str) -> str:
+    """What linear ``node`` is in the map (q_proj, down_proj, ...), named as transformers names it, so that
+    counts agree whatever the source graph calls its weights."""
+    if node == mm.lm_head:
+        return "lm_head"
+    for b in mm.blocks:
+        a, f = b.attention, b.ffn
+        roles = {}
+        if a is not None:
+            for r, proj in (("q_proj", a.q), ("k_proj", a.k), ("v_proj", a.v)):
+                roles.setdefault(proj.linear, []).append(r)
+            roles[a.o] = ["o_proj"]
+        for ffn in filter(None, (f, f.shared if f else None)):
+            for r, proj in (("gate_proj", ffn.gate), ("up_proj", ffn.up)):
+                if proj is not None:
+                    roles.setdefault(proj.linear, []).append(r)
+            roles[ffn.down] = ["down_proj"]
+            if ffn.router:
+                roles[ffn.router] = ["router"]
+        if node in roles:
+            return "+".join(dict.fromkeys(roles[node]))
+    return "linear"
+
+
+def _rows(p: Program, lin: Linear) -> torch.Tensor:
+    """The weight as float32 rows [N, K] (experts: all their rows), whatever axes the source stores it in
+    (an ONNX exporter's pre-transposed ``val_*`` initializer is [in, out])."""
+    w = p.weight(lin.weight).detach().float().movedim((lin.out_axis, lin.in_axis), (-2, -1))
+    return w.reshape(-1, lin.in_features)
+
+
 def _store(p: Program, lin: Linear, qw, report: PassReport) -> None:
-    w = p.weight(lin.weight)
-    p.set_weight(lin.weight, qw.weight.reshape(w.shape))
+    w = p.weight(lin.weight).movedim((lin.out_axis, lin.in_axis), (-2, -1))
+    p.set_weight(lin.weight, qw.weight.reshape(w.shape).movedim((-2, -1), (lin.out_axis, lin.in_axis)))
     p.quantized[lin.weight] = qw
-    report.count(f"W{qw.spec.bits} {lin.weight.rsplit('.', 2)[-2] if '.' in lin.weight else 'weight'}")
+    report.count(f"W{qw.spec.bits} {role(p.model_map, lin.node)}")
 
 
 def _rtn_all(p: Program, targets: list[str], wq: WeightQuant, report: PassReport, progress: bool) -> None:
     for n in tqdm(targets, desc="rtn", unit="linear", disable=not progress):
         lin = p.model_map.linears[n]
-        flat = p.weight(lin.weight).detach().float().reshape(-1, lin.in_features)  # experts: all their rows
-        _store(p, lin, _quantize_weight(flat, None, wq, lin.weight), report)
+        _store(p, lin, _quantize_weight(_rows(p, lin), None, wq, lin.weight), report)
 
 
 class _SequentialQuantizer(fx.Interpreter):
@@ -106,7 +137,7 @@ class _SequentialQuantizer(fx.Interpreter):
                 acc.add(self.env[x_node].detach().reshape(-1, lin.in_features))
                 self.hessians[x_node] = acc.hessian()
                 self.readers_left[x_node] = sum(1 for u in x_node.users if u.name in self.targets)
-            w = self.p.weight(lin.weight).detach().float()
+            w = _rows(self.p, lin)
             _store(self.p, lin, _quantize_weight(w, self.hessians[x_node], self.wq, lin.weight), self.report)
             self.readers_left[x_node] -= 1
             if not self.readers_left[x_node]:  # memory stays bounded by the Hessians of one layer
@@ -121,7 +152,8 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
              ranks=None, timings: dict | None = None) -> Program:
     """The fake-quantized Program; ``calibration`` holds token windows [n, seq] for GPTQ/LeanQuant.
 
-    With ``device``, GPTQ/LeanQuant run block by block (``passes.blockwise``): one block's weights on
+    On an ONNX Program GPTQ/LeanQuant run block by block in onnxruntime (``graph.onnx_run``). With ``device``,
+    GPTQ/LeanQuant run block by block (``passes.blockwise``): one block's weights on
     ``device`` at a time, calibration activations carried forward in batches of ``batch`` windows, the rest
     of the weights where they are. Without it, the whole graph runs at once on the Program's device over
     all windows (the reference path; the same weights up to float summation order). With ``ranks``
@@ -147,7 +179,7 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
             for pos in (1, 2):
                 _insert_fake_quant(p, b.attention.node, pos, kv.bits, kv.symmetric, kv.clip_ratio)
         report.count(f"KV{kv.bits} per (token, head)", n=2 * sum(b.attention is not None for b in mm.blocks))
-    p.module.recompile()
+    p.graph.finish()
     wq = recipe.weights
     if wq:
         if wq.method == "rtn":
@@ -157,13 +189,24 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
                 raise RecipeError(f"weights.method {wq.method} needs calibration windows")
             if ranks is not None and ranks.distributed:
                 device = ranks.device
-            if device is not None:
-                def quantize_linear(lin, H):
-                    w = p.weight(lin.weight).detach().float()
-                    _store(p, lin, _quantize_weight(w, H, wq, lin.weight), report)
 
-                dense = {n: mm.linears[n] for n in targets if not mm.linears[n].experts}
-                routed = {n: mm.linears[n] for n in targets if mm.linears[n].experts}
+            def quantize_linear(lin, H):
+                _store(p, lin, _quantize_weight(_rows(p, lin), H, wq, lin.weight), report)
+
+            dense = {n: mm.linears[n] for n in targets if not mm.linears[n].experts}
+            routed = {n: mm.linears[n] for n in targets if mm.linears[n].experts}
+            if p.ir == "onnx":
+                from qcompile.graph.onnx_run import quantize_blockwise as onnx_blockwise
+
+                if routed:  # per-expert Hessians need the routed rows, which the ONNX runner does not split yet
+                    _rtn_all(p, list(routed), dataclasses.replace(wq, method="rtn"), report, progress)
+                    for lin in routed.values():
+                        report.skip(lin.weight, f"{wq.method}: stacked experts of an ONNX graph get RTN")
+                # one window per run: onnxruntime's RotaryEmbedding refuses a batch over the [1, S, D] tables
+                # that torch.onnx's optimized exports give it
+                onnx_blockwise(p, dense, quantize_linear, calibration, batch=1, progress=progress)
+                report.notes["execution"] = "onnxruntime, block by block, one window at a time"
+            elif device is not None:
                 quantize_blockwise(p, dense, quantize_linear, calibration, device=device, batch=batch,
                                    progress=progress, ranks=ranks, store=lambda lin, qw: _store(p, lin, qw, report),
                                    timings=timings)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.errors import RecipeError, UnsafeRewriteError
+from qcompile.graph.edit import Hadamard
 from qcompile.passes import weights
 from qcompile.passes.fold_norms import check_stream, untie_embeddings
 from qcompile.passes.options import ROTATION_KINDS, RotateOptions, check_can_run, history
@@ -102,8 +103,6 @@ def _check_post_norms(mm, choice: "RotationChoice") -> None:
 
 def _through_post_norms(p: Program, choice: "RotationChoice", q1: torch.Tensor, report: PassReport) -> None:
     """γ ← (γ + offset)∘d − offset and an online H after each post-norm, where R1 = diag(d)·H."""
-    import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.hadamard)
-
     h = torch.block_diag(*[had.hadamard_matrix(choice.block or choice.size)] * (choice.size // (choice.block or
                                                                                                    choice.size)))
     d = (q1 @ h.T).diagonal()  # R1·Hᵀ = diag(d)
@@ -112,11 +111,7 @@ def _through_post_norms(p: Program, choice: "RotationChoice", q1: torch.Tensor, 
         for norm, _ in b.post_norms:
             gamma = p.weight(norm.weight).detach().double() + norm.offset
             p.set_weight(norm.weight, gamma * d.to(gamma.device) - norm.offset)
-            node = p.node(norm.node)
-            with p.module.graph.inserting_after(node):
-                new = p.module.graph.call_function(torch.ops.qcompile.hadamard.default, (node, choice.block or 0))
-            new.meta["val"] = node.meta.get("val")
-            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+            p.graph.insert_after(norm.node, Hadamard(choice.block or 0))
             report.count("R1 post-norm (signs into γ, online H)", norm.node)
     p.rematch()
 

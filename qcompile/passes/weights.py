@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 from qcompile.analysis.modelmap import Linear
+from qcompile.graph.edit import bias_name
 from qcompile.program import Program
 
 
@@ -79,11 +80,8 @@ def add_to_bias(p: Program, lin: Linear, delta: torch.Tensor) -> Linear:
     if lin.experts:
         raise ValueError(f"cannot add a bias to stacked expert weight {lin.weight}")
     if lin.bias is None:
-        name = lin.weight[: -len(".weight")] + ".bias" if lin.weight.endswith(".weight") else lin.weight + ".bias"
-        ref = p.weight(lin.weight)
-        bias_node = p.add_weight(name, torch.zeros(lin.out_features, dtype=ref.dtype))
-        node = p.node(lin.node)
-        node.args = (node.args[0], node.args[1], bias_node)
+        name = bias_name(lin.weight)
+        p.graph.add_bias(lin.node, name, torch.zeros(lin.out_features, dtype=p.weight(lin.weight).dtype))
         lin = dataclasses.replace(lin, bias=name)
         linears = dict(p.model_map.linears)
         linears[lin.node] = lin

@@ -1,0 +1,109 @@
+"""GraphEdit: the few graph edits the passes make, one interface with an fx and an ONNX implementation.
+
+A pass reads structure from the ModelMap and changes weights by their source names; where it must change
+the graph itself it calls one of these edits, so the same pass runs on a torch.fx capture
+(``graph/fx_edit.FxGraph``) and on an ONNX model (``graph/onnx_edit.OnnxGraph``). Nodes are named as the
+OpGraph names them (fx node names, ONNX value names); an operand position is the OpGraph's.
+
+The edits, and what each keeps true:
+
+- ``weight`` / ``set_weight`` / ``add_weight``: a tensor by its source name (``val_102`` included); a value
+  written back keeps the weight's dtype and shape.
+- ``use_weight(consumer, pos, name)``: operand ``pos`` of ``consumer`` reads weight ``name`` instead (untying).
+- ``insert_on_operand(consumer, pos, op)``: ``consumer`` reads ``op(x)`` where it read x; other readers of x
+  still read x. ``insert_after(node, op)``: every reader of ``node`` reads ``op(node)``.
+- ``bypass(node)``: every reader of ``node`` reads its operand 0 (``x − mean(x)`` on a mean-free stream).
+- ``to_rms(norm)``: a fused LayerNorm op becomes an RMSNorm op with the same γ and ε (β dropped: it is 0).
+- ``add_bias(linear, name, value)``: the linear gets a bias (it had none), a new weight ``name``.
+- ``lower_linear(linear, weight, packed)``: the linear becomes a quantized INT4 op on the packed weight,
+  reading its input as the graph gives it (float: W4A16; a fake quantization, possibly of an online
+  Hadamard: W4A8/W4A4 with the Hadamard fused); returns the label of the op.
+
+The online ops (``Online``) are a Hadamard over the last axis and a per-token fake quantization; fx
+inserts ``torch.ops.qcompile.*`` calls, ONNX calls to model-local functions of the ``qcompile`` domain whose
+bodies are ``kernels/ort``'s translations of the same ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from qcompile.graph.opgraph import OpGraph
+
+
+@dataclass(frozen=True)
+class Hadamard:
+    """x ↦ x·H over the last axis (block-diagonal blocks of ``block``; 0: the whole axis)."""
+
+    block: int = 0
+    name = "hadamard"
+
+
+@dataclass(frozen=True)
+class FakeQuant:
+    """Per-token (per-row) quantize→dequantize of x at ``bits``, as ``formats.fake_quantize_per_token``."""
+
+    bits: int
+    symmetric: bool
+    clip: float
+    name = "fake_quant"
+
+
+Online = Hadamard | FakeQuant
+
+
+@runtime_checkable
+class GraphEdit(Protocol):
+    """What a pass may do to a graph (see the module docstring)."""
+
+    ir: str  # "fx" or "onnx"
+
+    def opgraph(self) -> OpGraph: ...
+
+    def clone(self) -> "GraphEdit": ...
+
+    # weights
+    def weight(self, name: str) -> torch.Tensor: ...
+
+    def set_weight(self, name: str, value: torch.Tensor) -> None: ...
+
+    def add_weight(self, name: str, value: torch.Tensor, replace: bool = False): ...
+
+    def has_weight(self, name: str) -> bool: ...
+
+    def readers_of_weight(self, name: str) -> int: ...
+
+    def drop_weight(self, name: str) -> None: ...
+
+    # structure
+    def use_weight(self, consumer: str, pos: int, name: str) -> None: ...
+
+    def insert_on_operand(self, consumer: str, pos: int, op: Online) -> str: ...
+
+    def insert_after(self, node: str, op: Online) -> str: ...
+
+    def bypass(self, node: str) -> None: ...
+
+    def to_rms(self, norm: str) -> None: ...
+
+    def add_bias(self, linear: str, name: str, value: torch.Tensor) -> None: ...
+
+    def lower_linear(self, linear: str, weight: str, packed) -> str: ...
+
+    def eliminate_dead_code(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+    # running
+    @property
+    def device(self) -> torch.device: ...
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def bias_name(weight: str) -> str:
+    """The name a new bias of ``weight`` gets: ``x.weight`` → ``x.bias``, else ``weight.bias``."""
+    return weight[: -len(".weight")] + ".bias" if weight.endswith(".weight") else weight + ".bias"

@@ -1,0 +1,163 @@
+"""Run an ONNX Program's graph one transformer block at a time in onnxruntime, for calibration and GPTQ.
+
+The ONNX twin of ``passes/blockwise``. Segment k is the sub-graph that computes block k's residual-stream
+output (``Block.ffn_add``) from block k−1's and the input ids (the rotary tables and the mask are
+recomputed from the ids in every segment: they cost little); segment 0 starts from the ids (embedding
+included), a tail computes the logits. Each segment becomes its own onnxruntime session whose extra
+outputs are the inputs of the linears it quantizes, and whose weights are *graph inputs* fed from the
+Program's tensors at every run: a weight quantized a moment ago is what the next run reads, without
+rebuilding the session. Between segments only the residual stream of every window is kept, so memory
+holds one block's activations for one batch plus the carried stream, whatever the depth.
+
+Within a segment the linears that read one value (q/k/v, o, gate/up, down) are a *stage*, in graph order:
+for each stage the segment runs over every batch up to the stage's input, the Hessian is summed, the
+stage's weights are quantized; after the last stage the segment runs once more to carry its output
+forward. That is GPTQ's sequential order, with each layer's input computed by the already-quantized
+layers before it, as in the fx path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+from tqdm import tqdm
+
+from qcompile.errors import QCompileError
+
+
+def _info(v: ir.Value) -> onnx.ValueInfoProto:
+    dims = None if v.shape is None else [d if isinstance(d, int) else None for d in v.shape]
+    return onnx.helper.make_tensor_value_info(v.name, v.dtype.value if v.dtype else 0, dims)
+
+
+class Segment:
+    """The nodes that compute ``outputs`` from ``stream_in`` (None: from the ids) and the constants."""
+
+    def __init__(self, graph, stream_in: ir.Value | None, stream_out: ir.Value | None, order: dict):
+        self.graph, self.stream_in, self.stream_out = graph, stream_in, stream_out
+        stop = {stream_in} if stream_in is not None else set()
+        seen, stack = set(), [stream_out if stream_out is not None else graph.model.graph.outputs[0]]
+        while stack:
+            v = stack.pop()
+            p = v.producer()
+            if v in stop or p is None or p in seen:
+                continue
+            seen.add(p)
+            stack.extend(i for i in p.inputs if i is not None)
+        self.nodes = sorted(seen, key=order.__getitem__)
+        self.node_set = seen
+        self._sessions: dict[tuple[str, ...], object] = {}
+
+    def session(self, outputs: list[ir.Value]):
+        """An onnxruntime session computing ``outputs``; the segment's weights are its inputs."""
+        key = tuple(v.name for v in outputs)
+        if key not in self._sessions:
+            self._sessions[key] = self._build(outputs)
+        return self._sessions[key]
+
+    def _build(self, outputs: list[ir.Value]):
+        import onnxruntime as ort
+
+        g = self.graph
+        need, stack, nodes = set(), list(outputs), set()
+        while stack:  # only the nodes the outputs need
+            v = stack.pop()
+            p = v.producer()
+            if v is self.stream_in or p is None or p in nodes or p not in self.node_set:
+                continue
+            nodes.add(p)
+            stack.extend(i for i in p.inputs if i is not None)
+        ordered = [n for n in self.nodes if n in nodes]
+        read = {i for n in ordered for i in n.inputs if i is not None}
+        ids = [v for v in g.model.graph.inputs if v in read]
+        self.weights = sorted(v.name for v in read if v.is_initializer() and v.name in g.weights)
+        consts = [v for v in read if v.is_initializer() and v.name not in g.weights]
+        inputs = [_info(v) for v in ids] + ([_info(self.stream_in)] if self.stream_in in read else [])
+        inputs += [_info(g.model.graph.initializers[w]) for w in self.weights]
+        graph = onnx.helper.make_graph(
+            [ir.serde.serialize_node(n) for n in ordered], "segment", inputs, [_info(v) for v in outputs],
+            initializer=[ir.serde.serialize_tensor(v.const_value) for v in consts])
+        model = onnx.helper.make_model(
+            graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in g.model.opset_imports.items()],
+            functions=[ir.serde.serialize_function(f) for f in g.model.functions.values()],
+            ir_version=g.model.ir_version)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = False  # an arena per segment session would keep each one's peak
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session.qcompile_feeds = ([v.name for v in ids], self.stream_in.name if self.stream_in in read else None,
+                                  list(self.weights))
+        return session
+
+    def release(self) -> None:
+        """Drop the segment's sessions (their memory) once its block is done."""
+        self._sessions.clear()
+
+    def run(self, outputs: list[ir.Value], ids: np.ndarray, stream: np.ndarray | None) -> list[np.ndarray]:
+        s = self.session(outputs)
+        id_names, stream_name, weights = s.qcompile_feeds
+        feed = {n: ids for n in id_names}
+        if stream_name is not None:
+            feed[stream_name] = stream
+        feed |= {w: self.graph.weights[w].numpy() for w in weights}
+        return s.run([v.name for v in outputs], feed)
+
+
+def segments(graph, model_map) -> list[Segment]:
+    """One segment per block (cut after its residual add ``ffn_add``) and a tail to the logits."""
+    order = {n: i for i, n in enumerate(graph.model.graph)}
+    cuts = [graph.value(b.ffn_add) for b in model_map.blocks]
+    bounds = [None, *cuts, None]
+    return [Segment(graph, a, b, order) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@torch.no_grad()
+def quantize_blockwise(program, targets: dict, quantize_linear: Callable, calibration: torch.Tensor,
+                       batch: int = 4, progress: bool = True) -> None:
+    """GPTQ/LeanQuant on an ONNX Program, segment by segment (see the module docstring).
+
+    ``targets`` {OpGraph linear: Linear}; ``quantize_linear(lin, H)`` quantizes one weight against Hessian H
+    and writes it into the Program (``set_weight``), where the next run of the segment reads it.
+    """
+    from qcompile.quant.gptq import HessianAccumulator
+
+    graph, og = program.graph, program.graph.opgraph()
+    segs = segments(graph, program.model_map)
+    owner = {}
+    for name in targets:
+        root = graph.members(name)[0]
+        k = next((k for k, s in enumerate(segs) if root in s.node_set), None)
+        if k is None:
+            raise QCompileError(f"{graph.path}: linear {name} lies in no block of the residual stream")
+        owner.setdefault(k, []).append(name)
+    ids_dtype = np.int32 if graph.model.graph.inputs[0].dtype == ir.DataType.INT32 else np.int64
+    batches = [calibration[s:s + batch].numpy().astype(ids_dtype) for s in range(0, calibration.shape[0], batch)]
+    carried: list = [None] * len(batches)
+    last = max(owner, default=-1)
+    bar = tqdm(total=len(targets), desc="gptq (onnxruntime)", unit="linear", disable=not progress)
+    for k in range(last + 1):
+        seg = segs[k]
+        stages: dict[str, list[str]] = {}
+        for name in sorted(owner.get(k, []), key=lambda n: seg.nodes.index(graph.members(n)[0])):
+            stages.setdefault(og.operand(name, 0), []).append(name)
+        for x_name, readers in stages.items():
+            x = graph.value(x_name)
+            lin0 = targets[readers[0]]
+            acc = HessianAccumulator(lin0.in_features, name=lin0.weight)
+            for ids, stream in zip(batches, carried):
+                (value,) = seg.run([x], ids, stream)
+                acc.add(torch.from_numpy(value).reshape(-1, lin0.in_features))
+            H = acc.hessian()
+            for name in readers:
+                quantize_linear(targets[name], H)
+                bar.update(1)
+        if k < last:
+            carried = [seg.run([seg.stream_out], ids, stream)[0] for ids, stream in zip(batches, carried)]
+        seg.release()
+    bar.close()
