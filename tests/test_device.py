@@ -109,6 +109,15 @@ def test_blockwise_statistics_equal_whole_graph(llama):
         assert torch.equal(s.kept(), b.kept())
 
 
+def test_blockwise_runs_where_attention_is_not_matched():
+    """DeepSeek-V3's latent attention is not proved by the matcher: the memory plan must not need its heads."""
+    model = tiny("deepseek_v3")
+    program = Program.capture(model)
+    assert program.model_map.blocks[0].attention is None
+    out = quantize(program, load_recipe("gptq").with_calibration(2, 32), _calib(2, 32), progress=False, device="cpu")
+    assert "block by block" in " ".join(line for r in out.reports for line in r.lines())
+
+
 def test_blockwise_refuses_nan_naming_the_node(llama):
     _, p = llama
     bad = p.clone()

@@ -194,7 +194,10 @@ def check_memory(program: Program, segments: Segments, device: torch.device, cal
     widest = max(lin.out_features for lin in mm.linears.values() if lin.node != mm.lm_head)
     carried = n * seq * mm.hidden * itemsize
     working = 6 * min(batch, n) * seq * max(widest, mm.hidden) * itemsize
-    attention = min(batch, n) * mm.blocks[0].attention.n_heads * seq * seq * itemsize  # a materialized mask/score
+    # a materialized mask/score; an attention the matcher did not prove (multi-head latent attention) is
+    # counted with one head per 64 channels of the residual stream
+    heads = max((b.attention.n_heads for b in mm.blocks if b.attention is not None), default=max(1, mm.hidden // 64))
+    attention = min(batch, n) * heads * seq * seq * itemsize
     hessian = 4 * hessian_width ** 2 * 4
     need = weights + carried + working + attention + hessian
     if device.type == "cuda":
