@@ -35,6 +35,7 @@ import qcompile
 from qcompile.errors import ExportError
 from qcompile.export.gqa import attention_as_gqa, cached_attention, cached_attention_onnx
 from qcompile.export.onnx_rewrites import fold, fuse_for_ort, tie_lm_head
+from qcompile.passes.fuse_linears import fuse_shared_input_linears
 from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
 
 MODEL_FILE = "model.onnx"
@@ -118,11 +119,18 @@ def _names(layout: CacheLayout) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
+def _int4_linears(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("qcompile.linear"))
+
+
 def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str):
     """torch.onnx (dynamo) export of the decoder step with batch, S and P dynamic; returns the ir.Model."""
     from qcompile.kernels.ort import pack_matmulnbits, translation_table, w4ax_as_matmulnbits
 
     rewritten, level = w4ax_as_matmulnbits(gm) if int8_path == "matmulnbits" else (0, 0)
+    n_linears = _int4_linears(gm)
+    fuse_shared_input_linears(gm)
+    n_ops = _int4_linears(gm)
     fused = attention_as_gqa(gm)
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=8191)
     past_len = torch.export.Dim("past", min=0, max=8191)
@@ -142,7 +150,8 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str):
     model = prog.model
     fold(model, unpack_weights=int8_path == "matmulinteger")
     pack_matmulnbits(model)
-    notes = [tie_lm_head(model), f"attention: {fused} of {layout.layers} layers as GroupQueryAttention"]
+    notes = [tie_lm_head(model), f"attention: {fused} of {layout.layers} layers as GroupQueryAttention",
+             f"linears: {n_linears} INT4 linears in {n_ops} ops (those sharing an input fused)"]
     fusions = fuse_for_ort(model)
     notes.append("fused: " + ", ".join(f"{k} ×{v}" for k, v in fusions.items()))
     if rewritten:
