@@ -1,11 +1,17 @@
 """Accuracy of every recipe on SmolLM2-135M: WikiText-2 test perplexity, first 4 and first 8 windows of 2048.
 
     python benchmarks/accuracy.py [--rows PATTERN] [--calib-samples 32] [--fresh]
+    python benchmarks/accuracy.py --gpu --model /root/m/smollm2.gguf --results $OUT   # on the lent H200
 
 Loads and captures the model once, then compiles each row's recipe from the captured Program and
 evaluates it; the 4-window figure is the peers' protocol, the 8-window one a check on its noise. Rows
 are cached in ``results/accuracy-smollm2.json`` (so a long run can resume; ``--fresh`` starts over)
 and the Markdown table is rewritten after every row, with the command, machine and date.
+
+``--gpu`` runs ``GPU_ROWS`` instead: the recipes at their papers' settings (each recipe's own calibration:
+128 × 2048 windows for GPTQ, DuQuant's 256 greedy steps, SpinQuant's 100 Cayley steps of 8 × 2048), the
+Program on the GPU for the passes and GPTQ block by block there; they are cached in
+``accuracy-smollm2-h200.json`` and shown as a second table of ``accuracy-smollm2.md``.
 """
 
 from __future__ import annotations
@@ -91,6 +97,16 @@ ROWS = [  # most decisive first: a long run can be cut short and still answer th
 ]
 
 
+# the papers' settings on one GPU (issue 13); calibration as each recipe says
+GPU_ROWS = [
+    ("W4A4KV4", "quarot+gptq", {}),
+    ("W4A16 g128", "quarot+gptq", {"group": 128, "a": 16, "kv": 16, "symmetric": False}),
+    ("W4A4KV4", "duquant+gptq", {"symmetric": False}),  # DuQuant's W4 per-channel asymmetric, then GPTQ
+    ("W4A4KV4", "spinquant", {}),
+]
+GPU_NAME = "accuracy-smollm2-h200"
+
+
 def row_key(setting: str, spec: str, overrides: dict) -> str:
     extra = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     return f"{setting} | {spec}" + (f" | {extra}" if extra else "")
@@ -99,8 +115,9 @@ def row_key(setting: str, spec: str, overrides: dict) -> str:
 BIT_KEYS = ("w", "a", "kv", "group", "symmetric")
 
 
-def build_recipe(spec: str, overrides: dict, calib_samples: int, calib_seq: int) -> Recipe:
-    """The recipe with bit-width overrides and any other weight-quantizer field (act_order, ...)."""
+def build_recipe(spec: str, overrides: dict, calib_samples: int | None, calib_seq: int | None) -> Recipe:
+    """The recipe with bit-width overrides and any other weight-quantizer field (act_order, ...); its own
+    calibration when ``calib_samples`` is None."""
     recipe = Recipe(name="fp") if spec == "fp" else load_recipe(spec)
     recipe = recipe.with_bits(**{k: v for k, v in overrides.items() if k in BIT_KEYS})
     sections, passes = {}, {n: dict(p) for n, p in recipe.passes}
@@ -114,7 +131,7 @@ def build_recipe(spec: str, overrides: dict, calib_samples: int, calib_seq: int)
             sections.setdefault(part or "weights", {})[field] = value
     changes = {s: dataclasses.replace(getattr(recipe, s), **f) for s, f in sections.items()}
     recipe = dataclasses.replace(recipe, passes=tuple(passes.items()), **changes)  # re-validated
-    return recipe.with_calibration(calib_samples, calib_seq)
+    return recipe if calib_samples is None else recipe.with_calibration(calib_samples, calib_seq)
 
 
 def describe(recipe: Recipe, overrides: dict) -> str:
@@ -137,8 +154,43 @@ def describe(recipe: Recipe, overrides: dict) -> str:
     return "; ".join(parts)
 
 
-def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}"
+def machine(device: str = "cpu") -> str:
+    host = f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}"
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)} (host {host})"
+    return host
+
+
+def row_line(r: dict, fp: float | None) -> str:
+    ratio = f"{r['ppl4'] / fp:.3f}" if fp else "-"
+    return (f"| {r['setting']} | {r['recipe']} | {r['details']} | {r['ppl4']:.3f} | {r['ppl8']:.3f} | "
+            f"{ratio} | {r['seconds']:.0f} |")
+
+
+def gpu_section(path: Path, fp: float | None) -> list[str]:
+    """The GPU rows (``--gpu``) as a table of their own, with the command, machine and date they came from."""
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    if not rows:
+        return []
+    first = next(iter(rows.values()))
+    return [
+        "",
+        "## The papers' settings on one GPU",
+        "",
+        f"- command: `{first['command']}` (the model and data carried to the lent machine)",
+        f"- machine: {first['machine']}",
+        f"- date: {first['date']}",
+        "- each recipe's own calibration: 128 × 2048 windows for GPTQ, DuQuant's 256 greedy steps, SpinQuant's",
+        "  100 Cayley steps of 8 × 2048 tokens; passes with the Program on the GPU, GPTQ block by block there",
+        "  (linears that share an input as one stack, CUDA-graph column loop); × FP against the CPU FP row;",
+        "  quant time: wall time of passes, calibration and quantization on the GPU (load and capture excluded).",
+        "",
+        "| setting | recipe | details | ppl 4×2048 | ppl 8×2048 | × FP (4) | quant time (s) |",
+        "|---|---|---|---|---|---|---|",
+        *[row_line(r, fp) for r in rows.values()],
+    ]
 
 
 def write_table(rows: dict, command: str, path: Path) -> None:
@@ -159,11 +211,53 @@ def write_table(rows: dict, command: str, path: Path) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     fp = next((r["ppl4"] for r in rows.values() if r["recipe"] == "fp"), None)
-    for r in rows.values():
-        ratio = f"{r['ppl4'] / fp:.3f}" if fp else "-"
-        lines.append(f"| {r['setting']} | {r['recipe']} | {r['details']} | {r['ppl4']:.3f} | {r['ppl8']:.3f} | "
-                     f"{ratio} | {r['seconds']:.0f} |")
+    lines += [row_line(r, fp) for r in rows.values()]
+    lines += gpu_section(path.parent / f"{GPU_NAME}.json", fp)
     path.write_text("\n".join(lines) + "\n")
+
+
+def run_gpu(args, command: str) -> None:
+    """``GPU_ROWS`` on ``args.device``: the Program there for the passes, GPTQ block by block there; each row is
+    written to ``<results>/accuracy-smollm2-h200.json`` as it finishes, and a row that fails is reported and
+    skipped (the others still run)."""
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    cache_path = results / f"{GPU_NAME}.json"
+    rows = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
+    todo = [r for r in GPU_ROWS if fnmatch.fnmatch(row_key(*r), args.rows) and row_key(*r) not in rows]
+    if not todo:
+        return
+    dev = torch.device(args.device)
+    model, tokenizer = qc.load_model(args.model)
+    program = qc.capture(model).to(dev)
+    windows = data.eval_windows(data.token_ids(tokenizer, data.TEST), 2048, args.windows)
+
+    for setting, spec, overrides in todo:
+        recipe = build_recipe(spec, overrides, None, None)
+        torch.cuda.synchronize()
+        start = time.time()
+        try:
+            compiled = qc.compile(program, recipe, tokenizer, progress=False, device=dev)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001  (one failing row is reported; the others still run)
+            print(f"{row_key(setting, spec, overrides)}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        seconds = time.time() - start
+        with torch.no_grad():
+            losses = window_losses(lambda ids: compiled.logits(ids.to(dev)).cpu(), windows, progress=False)
+        rows[row_key(setting, spec, overrides)] = {
+            "setting": setting, "recipe": spec, "details": describe(recipe, overrides), "ppl4": ppl_of(losses[:4]),
+            "ppl8": ppl_of(losses), "seconds": seconds, "losses": losses, "machine": machine(args.device),
+            "date": datetime.date.today().isoformat(), "command": command,
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        }
+        cache_path.write_text(json.dumps(rows, indent=1))
+        print(f"{row_key(setting, spec, overrides)}: ppl4 {rows[row_key(setting, spec, overrides)]['ppl4']:.3f} "
+              f"({seconds:.0f} s, peak {rows[row_key(setting, spec, overrides)]['peak_gpu_gib']} GiB)", flush=True)
+        del compiled
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def main() -> None:
@@ -174,10 +268,17 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
     parser.add_argument("--name", default="accuracy-smollm2")
+    parser.add_argument("--gpu", action="store_true", help="the papers' settings (GPU_ROWS) on --device")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model", default="smollm2-135m", help="model spec or .gguf file")
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the --gpu rows' JSON")
     args = parser.parse_args()
     # the table's command is the one that regenerates all of it: a --rows filter only selects what runs now
     kept = [a for i, a in enumerate(sys.argv[1:]) if a != "--rows" and (i == 0 or sys.argv[i] != "--rows")]
     command = " ".join(["python benchmarks/accuracy.py", *kept])
+    if args.gpu:
+        run_gpu(args, command)
+        return
     RESULTS.mkdir(exist_ok=True)
     cache_path, table_path = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.md"
     rows = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
@@ -187,7 +288,7 @@ def main() -> None:
             rows[row_key(*r)]["details"] = describe(build_recipe(r[1], r[2], args.calib_samples, args.calib_seq), r[2])
     todo = [r for r in ROWS if fnmatch.fnmatch(row_key(*r), args.rows) and row_key(*r) not in rows]
     if todo:
-        model, tokenizer = qc.load_model("smollm2-135m")
+        model, tokenizer = qc.load_model(args.model)
         program = qc.capture(model)
         windows = data.eval_windows(data.token_ids(tokenizer, data.TEST), 2048, args.windows)
     for setting, spec, overrides in todo:

@@ -69,6 +69,51 @@ def warm_up(dev: torch.device) -> None:
     torch.cuda.synchronize()
 
 
+def column_loops(shape: str, dev: torch.device, group: int = 128, shrink: int = 1) -> dict:
+    """GPTQ alone on one block's linears of ``shape`` (random W, H of random inputs): seconds per block for
+    each linear on its own with the eager column loop (the previous path), the stages' stacked rows eager, and
+    stacked with the CUDA-graph loop (the first call of each shape captures; a second, timed, replays); and
+    whether the graphed result equals the eager one bit for bit."""
+    from qcompile.quant.formats import QuantSpec
+    from qcompile.quant.gptq import gptq_quantize
+
+    s = SHAPES[shape]
+    d, f = s["hidden_size"] // shrink, s["intermediate_size"] // shrink
+    kv = d * s["num_key_value_heads"] // s["num_attention_heads"]
+    stages = [(d, [d, kv, kv]), (d, [d]), (d, [f, f]), (f, [d])]  # (in, outs): q|k|v, o, gate|up, down
+    spec = QuantSpec(4, False, "group", group)
+    g = torch.Generator(device=dev).manual_seed(0)
+    times = {"per_linear_eager_s": 0.0, "stacked_eager_s": 0.0, "stacked_graph_first_s": 0.0,
+             "stacked_graph_s": 0.0}
+    equal = True
+
+    def clock(fn):
+        torch.cuda.synchronize()
+        t = time.time()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, time.time() - t
+
+    for k, outs in stages:
+        x = torch.randn(2 * k, k, device=dev, generator=g)
+        H = x.T @ x / x.shape[0]
+        del x
+        ws = [torch.randn(n, k, device=dev, generator=g) * 0.02 for n in outs]
+        for w in ws:
+            times["per_linear_eager_s"] += clock(lambda: gptq_quantize(w, H, spec, cuda_graph=False))[1]
+        W = torch.cat(ws)
+        eager, t = clock(lambda: gptq_quantize(W, H, spec, cuda_graph=False))
+        times["stacked_eager_s"] += t
+        if dev.type == "cuda":
+            times["stacked_graph_first_s"] += clock(lambda: gptq_quantize(W, H, spec, cuda_graph=True))[1]
+            graphed, t = clock(lambda: gptq_quantize(W, H, spec, cuda_graph=True))
+            times["stacked_graph_s"] += t
+            equal &= torch.equal(eager.codes, graphed.codes) and torch.equal(eager.weight, graphed.weight)
+        del ws, W, H, eager
+    return {**{k: round(v, 2) for k, v in times.items()}, "graph_equals_eager": bool(equal),
+            "columns": sum(k for k, _ in stages), "rows_x_columns": sum(k * sum(o) for k, o in stages)}
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -91,6 +136,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--shrink", type=int, default=1, help="divide every width by this (a CPU smoke test)")
     ap.add_argument("--spin-steps", type=int, default=None,
                     help="SpinQuant's Cayley steps (default: the recipe's 100); the time per step extrapolates")
+    ap.add_argument("--column-loops", action="store_true",
+                    help="only time GPTQ's column loops on one block's linears (per linear / stacked / CUDA graph)")
     ap.add_argument("--compare-single", action="store_true",
                     help="under torchrun: also time the one-process path on rank 0 and compare the codes")
     args = ap.parse_args(argv)
@@ -113,6 +160,15 @@ def main(argv=None) -> dict:
         torch.cuda.synchronize = torch.cuda.reset_peak_memory_stats = torch.cuda.empty_cache = lambda *a: None
         torch.cuda.max_memory_allocated = lambda *a: 0
         torch.cuda.get_device_name = lambda *a: "cpu"
+    if args.column_loops:
+        out = {"shape": args.shape, "group": args.group, "gpu": torch.cuda.get_device_name(0),
+               "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+               **column_loops(args.shape, dev, args.group, args.shrink)}
+        print(json.dumps(out))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return out
     recipe = load_recipe(args.recipe).with_bits(w=args.w, a=args.a, kv=args.kv, group=args.group)
     recipe = recipe.with_calibration(samples=args.samples, seq=args.seq)
     if args.spin_steps is not None:
@@ -165,6 +221,9 @@ def main(argv=None) -> dict:
         out[f"{prefix}extrapolated_min"] = round((out["capture_s"] + per_block * real_layers) / 60, 1)
         return q
 
+    t = time.time()
+    program.clone()
+    out["program_clone_s"] = round(time.time() - t, 2)  # quantize() starts with one: part of the "rest"
     q = timed("", ranks)
     out["real_layers"] = real_layers
     out["quantized_linears"] = len(q.quantized)

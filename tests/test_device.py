@@ -96,6 +96,26 @@ def test_blockwise_gptq_equals_whole_graph(llama, batch):
     assert not torch.allclose(whole.logits(_ids()), rotated.logits(_ids()), atol=1e-3)
 
 
+def test_blockwise_quantizes_each_stage_as_one_stack(llama, monkeypatch):
+    """q|k|v and gate|up share an input, hence a Hessian: one GPTQ run over their stacked rows per stage."""
+    import qcompile.passes.quantize as qz
+
+    _, p = llama
+    recipe = load_recipe("gptq").with_bits(group=32)
+    calls, real = [], qz._quantize_weight
+    monkeypatch.setattr(qz, "_quantize_weight", lambda w, H, wq, name: calls.append((tuple(w.shape), name))
+                        or real(w, H, wq, name))
+    phases = {}
+    q = quantize(p, recipe, _calib(), progress=False, device="cpu", batch=2, timings=phases)
+    mm = p.model_map
+    blocks = len(mm.blocks)
+    assert len(calls) == 4 * blocks and len(q.quantized) == 7 * blocks
+    a = mm.blocks[0].attention
+    rows = sum(mm.linears[proj.linear].out_features for proj in (a.q, a.k, a.v))
+    assert calls[0][0] == (rows, mm.hidden) and calls[0][1].count("+") == 2, calls[0]
+    assert {"forward", "quantize", "stack", "store", "weights in", "weights out", "codes home"} <= set(phases)
+
+
 def test_blockwise_statistics_equal_whole_graph(llama):
     _, p = llama
     watch = linear_inputs(p)

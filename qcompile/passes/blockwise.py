@@ -35,6 +35,7 @@ from tqdm import tqdm
 from qcompile.errors import QCompileError
 from qcompile.passes.distributed import SINGLE, Ranks, SummedHessian
 from qcompile.program import Program, move_quantized
+from qcompile.quant.rows import cat_rows, row_runs, split_rows
 
 
 class DeviceMemoryError(QCompileError):
@@ -137,19 +138,27 @@ class BlockRunner(fx.Interpreter):
         ids = self.segments.inputs[0]
         return [{ids: windows[s : s + batch].to(self.device)} for s in range(0, windows.shape[0], batch)]
 
-    @contextlib.contextmanager
-    def weights_on_device(self, k: int):
-        """Segment ``k``'s weights on the device while the block runs, back where they were after."""
+    def load(self, k: int) -> dict:
+        """Move segment ``k``'s weights to the device; returns where each was (for ``unload``)."""
         gm = self.module
         home = {t: attr_device(gm, t) for t in self.segments.attrs[k]}
         for t in home:
             move_attr(gm, t, self.device)
+        return home
+
+    def unload(self, home: dict) -> None:
+        for t, dev in home.items():
+            if dev is not None and dev != self.device:
+                move_attr(self.module, t, dev)
+
+    @contextlib.contextmanager
+    def weights_on_device(self, k: int):
+        """Segment ``k``'s weights on the device while the block runs, back where they were after."""
+        home = self.load(k)
         try:
             yield
         finally:
-            for t, dev in home.items():
-                if dev is not None and dev != self.device:
-                    move_attr(gm, t, dev)
+            self.unload(home)
 
     def run_segment(self, k: int, envs: list[dict], until: fx.Node | None = None,
                     consume: Callable[[torch.Tensor], None] | None = None) -> list[dict]:
@@ -251,6 +260,51 @@ class _Clock:
         self.into[phase] = self.into.get(phase, 0.0) + time.perf_counter() - t
 
 
+def _quantize_dealt(program, lins, acc, quantize_linear, store, ranks, clock, bar, what: str) -> None:
+    """A stage's linears one by one, whole linears dealt out among ranks (longest first) and broadcast."""
+    owners = ranks.deal([lin.in_features * (lin.out_features + 4096) for lin in lins])
+    with clock("quantize"), ranks.step(what):
+        H = acc.hessian()
+        for lin, owner in zip(lins, owners):
+            if owner == ranks.rank:
+                quantize_linear(lin, H)
+                bar.update(1)
+    del H
+    if ranks.distributed:
+        with clock("broadcast"):
+            for lin, owner in zip(lins, owners):
+                mine = program.quantized[lin.weight] if owner == ranks.rank else None
+                qw = ranks.broadcast_quantized(mine, owner)
+                if owner != ranks.rank:
+                    store(lin, qw)
+                    bar.update(1)
+
+
+def _quantize_stacked(lins, acc, rows_of, quantize_rows, store, ranks, clock, bar, what: str) -> None:
+    """A stage's linears as one stacked matrix; rank r quantizes run r of its rows; every rank stores all."""
+    with clock("stack"):
+        parts = [rows_of(lin) for lin in lins]
+        sizes = [w.shape[0] for w in parts]
+        W = torch.cat(parts) if len(parts) > 1 else parts[0]
+        del parts
+    runs = row_runs(W.shape[0], ranks.world)
+    name = "+".join(lin.weight for lin in lins)
+    with clock("quantize"), ranks.step(what):
+        lo, hi = runs[ranks.rank]
+        mine = quantize_rows(W[lo:hi], acc.hessian(), name) if hi > lo else None
+    del W
+    if ranks.distributed:
+        with clock("broadcast"):
+            parts = [ranks.broadcast_quantized(mine, r) for r, (lo, hi) in enumerate(runs) if hi > lo]
+        qw = cat_rows(parts)
+    else:
+        qw = mine
+    with clock("store"):
+        for lin, part in zip(lins, split_rows(qw, sizes) if len(lins) > 1 else [qw]):
+            store(lin, part)
+            bar.update(1)
+
+
 def _store(program: Program, lin, qw) -> None:
     program.set_weight(lin.weight, qw.weight.reshape(program.weight(lin.weight).shape))
     program.quantized[lin.weight] = qw
@@ -259,7 +313,8 @@ def _store(program: Program, lin, qw) -> None:
 @torch.no_grad()
 def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callable, calibration: torch.Tensor,
                        device=None, batch: int = 4, progress: bool = True, ranks: Ranks | None = None,
-                       store: Callable | None = None, timings: dict | None = None) -> None:
+                       store: Callable | None = None, timings: dict | None = None,
+                       rows_of: Callable | None = None, quantize_rows: Callable | None = None) -> None:
     """Quantize the linears ``targets`` {node name: Linear} of ``program`` in place, block by block.
 
     ``quantize_linear(lin, H)`` quantizes one linear's weight (on the device while its block runs) against
@@ -270,8 +325,16 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
     windows, the Hessians are all-reduced, each rank quantizes its share of a stage's linears and receives the
     others' through ``store(lin, qw)`` (default: set the weight and ``program.quantized``); ``device`` is then
     ``ranks.device``. ``timings`` (a dict) receives seconds per phase: forward (the block up to each stage and
-    the Hessian sums), reduce, quantize, broadcast, carry (the whole block, for the next one).
+    the Hessian sums), reduce, quantize, broadcast, carry (the whole block, for the next one), weights in,
+    weights out (a block's weights to the device and home), codes home.
+
+    With ``rows_of(lin)`` (a linear's weight as float rows ``[N, K]``) and ``quantize_rows(W, H, name)`` (a
+    QuantizedWeight of any rows against ``H``), a stage is quantized as one matrix: its linears' rows stacked
+    (they share ``H``, and GPTQ is row by row: ``quant.rows``), the stack's rows dealt out among ranks in even
+    contiguous runs, and each linear's rows stored from the joined result. Without them each linear is
+    quantized on its own by ``quantize_linear(lin, H)``, whole linears dealt out among ranks.
     """
+    stacked = rows_of is not None and quantize_rows is not None
     ranks = ranks or SINGLE
     if ranks.distributed:
         device = ranks.device
@@ -291,7 +354,9 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
         for n in segs.nodes[k]:
             if n.name in targets:
                 stages.setdefault(n.args[0], []).append(n)
-        with runner.weights_on_device(k):
+        with clock("weights in"):
+            home = runner.load(k)
+        try:
             for x_node, readers in stages.items():
                 lin0 = targets[readers[0].name]
                 acc = SummedHessian(lin0.in_features, name=lin0.weight, device=dev)
@@ -307,28 +372,22 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
                 with clock("reduce"):
                     acc.all_reduce(ranks)
                 lins = [targets[n.name] for n in readers]
-                owners = ranks.deal([lin.in_features * (lin.out_features + 4096) for lin in lins])
-                with clock("quantize"), ranks.step(f"quantizing {segs.names[k]}"):
-                    H = acc.hessian()
-                    for lin, owner in zip(lins, owners):
-                        if owner == ranks.rank:
-                            quantize_linear(lin, H)
-                            bar.update(1)
-                del H, acc
-                if ranks.distributed:
-                    with clock("broadcast"):
-                        for lin, owner in zip(lins, owners):
-                            mine = program.quantized[lin.weight] if owner == ranks.rank else None
-                            qw = ranks.broadcast_quantized(mine, owner)
-                            if owner != ranks.rank:
-                                store(lin, qw)
-                                bar.update(1)
+                what = f"quantizing {segs.names[k]}"
+                if stacked:
+                    _quantize_stacked(lins, acc, rows_of, quantize_rows, store, ranks, clock, bar, what)
+                else:
+                    _quantize_dealt(program, lins, acc, quantize_linear, store, ranks, clock, bar, what)
+                del acc
             if k < len(segs) - 1 and k < max(todo):
                 with clock("carry"), ranks.step(f"running {segs.names[k]}"):
                     envs = runner.run_segment(k, envs)
-        for n in segs.nodes[k]:  # the codes leave the device with their block
-            lin = targets.get(n.name)
-            if lin is not None:
-                home = attr_device(program.module, lin.weight)
-                program.quantized[lin.weight] = move_quantized(program.quantized[lin.weight], home)
+        finally:
+            with clock("weights out"):
+                runner.unload(home)
+        with clock("codes home"):
+            for n in segs.nodes[k]:  # the codes leave the device with their block
+                lin = targets.get(n.name)
+                if lin is not None:
+                    where = attr_device(program.module, lin.weight)
+                    program.quantized[lin.weight] = move_quantized(program.quantized[lin.weight], where)
     bar.close()

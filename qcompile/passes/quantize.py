@@ -207,9 +207,13 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
                 onnx_blockwise(p, dense, quantize_linear, calibration, batch=1, progress=progress)
                 report.notes["execution"] = "onnxruntime, block by block, one window at a time"
             elif device is not None:
+                # linears sharing an input are quantized as one stack of rows (same H; GPTQ is row by row),
+                # except per-row k-means, whose seeded draws depend on the rows drawn before
+                stack = {} if wq.method == "leanquant-nu" else dict(
+                    rows_of=lambda lin: _rows(p, lin), quantize_rows=lambda w, H, name: _quantize_weight(w, H, wq, name))
                 quantize_blockwise(p, dense, quantize_linear, calibration, device=device, batch=batch,
                                    progress=progress, ranks=ranks, store=lambda lin, qw: _store(p, lin, qw, report),
-                                   timings=timings)
+                                   timings=timings, **stack)
                 if routed:
                     moe.quantize_blockwise(p, routed, lambda lin, h: _store_experts(p, lin, h, wq, report),
                                            calibration, device=device, batch=batch)

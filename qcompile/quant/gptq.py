@@ -27,6 +27,8 @@ a ``Grid`` whose ``round(column, k)`` gives codes and values for original column
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -100,11 +102,21 @@ class HessianAccumulator:
 
 
 class Grid(Protocol):
-    """A quantization grid fixed for a whole weight; rounds one column at a time."""
+    """A quantization grid fixed for a whole weight; rounds one column at a time.
+
+    ``block(cols)`` gathers what rounding the original columns ``cols`` needs into tensors (``[N, len(cols)]``
+    or per row), and the static ``round_in(col, params, i, spec)`` rounds column ``i`` of such a block from
+    those tensors alone: the column loop then reads nothing else, so it can be captured as a CUDA graph.
+    """
 
     def round(self, col: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Codes (uint8 ``[N]``) and dequantized values (float ``[N]``) of column ``col`` = original column ``k``."""
         ...
+
+    def block(self, cols: Tensor) -> tuple[Tensor, ...]: ...
+
+    @staticmethod
+    def round_in(col: Tensor, params: tuple[Tensor, ...], i: int, spec) -> tuple[Tensor, Tensor]: ...
 
 
 GridFn = Callable[[Tensor, Tensor], Grid]
@@ -121,8 +133,18 @@ class AffineGrid:
 
     def round(self, col: Tensor, k: int) -> tuple[Tensor, Tensor]:
         gi = k // self.group_size
-        s, z = self.scales[:, gi : gi + 1], self.zeros[:, gi : gi + 1]
-        codes = quantize(col.unsqueeze(1), s, z, self.spec)  # one column = one (partial) group
+        return self.round_in(col, (self.scales[:, gi : gi + 1], self.zeros[:, gi : gi + 1]), 0, self.spec)
+
+    def block(self, cols: Tensor) -> tuple[Tensor, ...]:
+        """Per-column params ``(s, z)`` ``[N, len(cols)]`` of original columns ``cols``: a block's grid."""
+        gi = torch.div(cols, self.group_size, rounding_mode="floor")
+        return self.scales[:, gi], self.zeros[:, gi]
+
+    @staticmethod
+    def round_in(col: Tensor, params: tuple[Tensor, ...], i: int, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+        """Codes and values of ``col`` on column ``i`` of a block's params (one column = one group)."""
+        s, z = params[0][:, i : i + 1], params[1][:, i : i + 1]
+        codes = quantize(col.unsqueeze(1), s, z, spec)
         return codes.squeeze(1), ((codes.float() - z) * s).squeeze(1)
 
 
@@ -138,8 +160,16 @@ class CodebookGrid:
         object.__setattr__(self, "_mids", ((cb[:, 1:] + cb[:, :-1]) * 0.5).contiguous())
 
     def round(self, col: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        idx = torch.searchsorted(self._mids, col.unsqueeze(1).contiguous())
-        return idx.squeeze(1).to(torch.uint8), self.codebook.gather(1, idx).squeeze(1)
+        return self.round_in(col, self.block(None), 0, None)
+
+    def block(self, cols: Tensor | None) -> tuple[Tensor, ...]:
+        return self.codebook, self._mids
+
+    @staticmethod
+    def round_in(col: Tensor, params: tuple[Tensor, ...], i: int, spec: QuantSpec | None) -> tuple[Tensor, Tensor]:
+        codebook, mids = params
+        idx = torch.searchsorted(mids, col.unsqueeze(1).contiguous())
+        return idx.squeeze(1).to(torch.uint8), codebook.gather(1, idx).squeeze(1)
 
 
 def _channel(spec: QuantSpec) -> QuantSpec:
@@ -161,6 +191,75 @@ def damped_inverse_cholesky(H: Tensor, percdamp: float = 0.01, name: str = "") -
     return U
 
 
+def block_columns(round_in, spec, W1: Tensor, U1: Tensor, params: tuple[Tensor, ...]):
+    """GPTQ's inner loop over one block's columns, in place on ``W1 [N, B]`` (the block's current weights).
+
+    Column ``i``: ``q = round(w_i)``, ``e = (w_i − q) / U_ii``, ``W1[:, j] −= e · U_ij`` for ``j ≥ i``; the loop is
+    sequential in columns and independent per row. Returns codes ``[N, B]``, values ``[N, B]`` and the
+    scaled errors ``E [N, B]`` that update the columns after the block (``W[:, i2:] −= E · U[block, i2:]``).
+    """
+    codes = torch.empty(W1.shape, dtype=torch.uint8, device=W1.device)
+    Q1 = torch.empty_like(W1)
+    err1 = torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        w = W1[:, i]
+        c, q = round_in(w, params, i, spec)
+        codes[:, i], Q1[:, i] = c, q
+        err = (w - q) / U1[i, i]
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+        err1[:, i] = err
+    return codes, Q1, err1
+
+
+def _use_graphs(W: Tensor, cuda_graph: bool | None) -> bool:
+    if cuda_graph is None:
+        cuda_graph = W.is_cuda and os.environ.get("QCOMPILE_GPTQ_CUDA_GRAPH", "1") != "0"
+    if cuda_graph and not W.is_cuda:
+        raise RecipeError("GPTQ's CUDA-graph column loop needs the weight on a CUDA device")
+    return cuda_graph
+
+
+class _CapturedBlock:
+    """``block_columns`` captured once per (grid kind, spec, shapes, device) as a CUDA graph over static
+    buffers; a call copies the block in, replays the graph and hands back the static outputs (valid until
+    the next call on the same shapes)."""
+
+    def __init__(self, kind, spec, W1: Tensor, U1: Tensor, params: tuple[Tensor, ...]):
+        self.W1, self.U1 = W1.clone(), U1.clone()
+        self.params = tuple(p.clone() for p in params)
+        side = torch.cuda.Stream(device=W1.device)
+        side.wait_stream(torch.cuda.current_stream(W1.device))
+        with torch.cuda.stream(side):  # warm-up off the capture (allocator, lazy kernel loading)
+            block_columns(kind.round_in, spec, self.W1.clone(), self.U1, self.params)
+        torch.cuda.current_stream(W1.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = block_columns(kind.round_in, spec, self.W1, self.U1, self.params)
+
+    def __call__(self, W1: Tensor, U1: Tensor, params: tuple[Tensor, ...]):
+        self.W1.copy_(W1)
+        self.U1.copy_(U1)
+        for mine, p in zip(self.params, params):
+            mine.copy_(p)
+        self.graph.replay()
+        return self.out
+
+
+_CAPTURED: OrderedDict = OrderedDict()
+_CAPTURED_MAX = 16  # shapes seen in one model: a few per block kind, and the partial last blocks
+
+
+def _graphed_block(kind, spec, W1: Tensor, U1: Tensor, params: tuple[Tensor, ...]):
+    key = (kind, spec, tuple(W1.shape), W1.dtype, W1.device, tuple((tuple(p.shape), p.dtype) for p in params))
+    step = _CAPTURED.get(key)
+    if step is None:
+        step = _CAPTURED[key] = _CapturedBlock(kind, spec, W1, U1, params)
+        while len(_CAPTURED) > _CAPTURED_MAX:
+            _CAPTURED.popitem(last=False)
+    _CAPTURED.move_to_end(key)
+    return step(W1, U1, params)
+
+
 def gptq_quantize(
     W: Tensor,
     H: Tensor,
@@ -174,11 +273,14 @@ def gptq_quantize(
     mse: bool = False,
     scale_dtype: torch.dtype | None = torch.float16,
     name: str = "",
+    cuda_graph: bool | None = None,
 ) -> QuantizedWeight:
     """GPTQ-quantize ``W [N, K]`` with Hessian ``H [K, K]``; returns codes, grid and dequantized W.
 
     ``mse`` picks params by QuaRot's clip search instead of min/max. Scales are rounded through
-    ``scale_dtype`` so that ``.pack()`` reproduces ``.weight`` exactly.
+    ``scale_dtype`` so that ``.pack()`` reproduces ``.weight`` exactly. ``cuda_graph`` (default: on for CUDA
+    weights) replays each block's column loop as a captured CUDA graph: the same kernels on the same
+    values, so the same result, without a launch per op per column.
     """
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ShapeError(f"{_layer(name)}: GPTQ needs W [N, K] and H [K, K]; got {tuple(W.shape)}, {tuple(H.shape)}")
@@ -223,27 +325,23 @@ def gptq_quantize(
     else:
         fitted = AffineGrid(*params(W, spec), spec, g)
 
-    W = W[:, perm]  # the loop runs in quantization order; cols maps position → original column
+    W = W[:, perm]  # the loop runs in quantization order; perm maps position → original column
     starts = set(range(0, K, block_size)) | (set(range(0, K, g)) if dynamic else set())
     bounds = sorted(starts) + [K]
-    cols = perm.tolist()
+    graphed = _use_graphs(W, cuda_graph)
     Q = torch.zeros_like(W)
     codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
         if dynamic and i1 % g == 0:  # group start: params from the current (updated) weights
             s, z = params(W[:, i1 : i1 + g], _channel(spec))
             fitted.scales[:, i1 // g], fitted.zeros[:, i1 // g] = s[:, 0], z[:, 0]
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            c, q = fitted.round(w, cols[i1 + i])
-            codes[:, i1 + i], Q[:, i1 + i] = c, q
-            err = (w - q) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+        args = (W[:, i1:i2], U[i1:i2, i1:i2], fitted.block(perm[i1:i2]))
+        if graphed:
+            c1, q1, err1 = _graphed_block(type(fitted), spec, *args)
+        else:
+            c1, q1, err1 = block_columns(type(fitted).round_in, spec, args[0].clone(), *args[1:])
+        codes[:, i1:i2], Q[:, i1:i2] = c1, q1
+        W[:, i2:].addmm_(err1, U[i1:i2, i2:], alpha=-1.0)
 
     Q, codes = Q[:, invperm], codes[:, invperm]
     if isinstance(fitted, CodebookGrid):
