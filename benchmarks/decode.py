@@ -10,7 +10,8 @@ Variants (per shape):
   mode at batch 1, where the step is launch-bound without graphs);
 - ``w4a16`` / ``w4a8`` / ``w4a4``: RTN int4 weights (g128, symmetric; per-token symmetric activations for
   A8/A4) lowered to the ``qcompile`` ops, compiled through the ``qcompile`` backend with
-  ``mode="reduce-overhead"``;
+  ``mode="reduce-overhead"``; ``-fused`` (``w4a16-fused``, ...): the same after ``fuse_linears`` (one INT4
+  op for q|k|v and one for gate|up, sharing one activation quantization);
 - ``torchao-int4wo``: torchao's int4 weight-only (``Int4WeightOnlyConfig(group_size=128,
   int4_packing_format="tile_packed_to_4d")``, i.e. torch's tinygemm ``_weight_int4pack_mm``) on the same
   linears as ours (the lm_head stays bf16 in both), compiled by Inductor with ``reduce-overhead`` and the
@@ -46,7 +47,7 @@ SHAPES = {  # hidden, ffn, heads, kv heads, layers, vocab
     "llama3-8b": (4096, 14336, 32, 8, 32, 128256),
     "smoke": (256, 512, 4, 2, 2, 1000),  # a CPU check of the script itself
 }
-VARIANTS = "bf16-compile,w4a16,w4a4,w4a8,bf16-eager,torchao-int4wo"
+VARIANTS = "bf16-compile,w4a16-fused,w4a4-fused,w4a8-fused,bf16-eager,torchao-int4wo"
 
 
 def build(shape: str, layers: int | None, device: str):
@@ -202,9 +203,16 @@ def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
             elif name == "bf16-compile":
                 dec = decoder_of(copy.deepcopy(program.module), "inductor")
             elif name.startswith("w4a"):
-                a = int(name[3:])
+                bits, _, suffix = name[3:].partition("-")
+                if suffix not in ("", "fused"):
+                    raise ValueError(f"unknown variant {name}")
+                a = int(bits)
                 recipe = rtn.with_bits(group=128, a=None if a == 16 else a)
                 lowered = lower(qc.compile(program, recipe, progress=False))
+                if suffix == "fused":  # q|k|v and gate|up as one INT4 op each
+                    from qcompile.passes.fuse_linears import fuse_linears
+
+                    lowered = fuse_linears(lowered)
                 dec = decoder_of(lowered.module, "qcompile")
                 del lowered
             elif name == "torchao-int4wo":

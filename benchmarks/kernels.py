@@ -336,6 +336,7 @@ def overhead() -> list[dict]:
         "bf16 F.linear (cuBLAS)": lambda: F.linear(x, wb),
         "tinygemm _weight_int4pack_mm": lambda: torch._weight_int4pack_mm(x, tg[0], 128, tg[1]),
         "w4a16 kernel (w4a16.run)": lambda: w4a16.run(cand, x, w[0], w[1], None, 128, None),
+        "w4a16 plan (plans.call_w4a16)": lambda: plans.call_w4a16(x, w[0], w[1], None, 128, None),
         "w4a16 dispatch.linear_w4a16": lambda: dispatch.linear_w4a16(x, w[0], w[1], None, 128, None),
         "w4a16 torch.ops.qcompile": lambda: torch.ops.qcompile.linear_w4a16(x, w[0], w[1], None, 128, None),
         "w4a16 ops.linear_w4a16": lambda: ops.linear_w4a16(x, w[0], w[1], None, 128),
@@ -344,6 +345,27 @@ def overhead() -> list[dict]:
         "quantize_per_token a8": lambda: ops.quantize_per_token(x, 8),
         "quantize_per_token a4 rotate": lambda: ops.quantize_per_token(x, 4, rotate=True),
     }
+    # the op's launch plan (recorded by the calls above) must give the generic path's output exactly
+    from qcompile.kernels.triton import plans, w4ax
+
+    ok = {}
+    for w in ws[:2]:
+        ops.linear_w4a16(x, w[0], w[1], None, 128)
+        planned = plans.call_w4a16(x, w[0], w[1], None, 128, None)
+        ok.setdefault("w4a16 plan", []).append(planned is not None and torch.equal(
+            planned, w4a16.run(cand, x, w[0], w[1], None, 128, None)))
+        ops.linear_w4a8(codes8, s8, None, w[0], w[1], None, 128)
+        c8 = w4ax.chosen_candidate(codes8, None, w[0], None, 128, None, torch.bfloat16, 8)
+        planned = plans.call_w4ax(codes8, s8, None, w[0], w[1], None, 128, None, torch.bfloat16, 8)
+        ok.setdefault(f"w4a8 plan ({c8.name if c8 else '-'})", []).append(
+            planned is None if c8 is None or c8.meta.get("kind") != "codes_gemv" else torch.equal(
+                planned, w4ax.run(c8, codes8, s8.reshape(-1), None, w[0], w[1], None, 128, None, torch.bfloat16)))
+    q_gen = dispatch.quantize_per_token(x, 8, True, 1.0, False, 0)  # the generic path (records the plan)
+    q_plan = plans.call_quantize(x, 8, True, 1.0, False, 0)
+    ok["quantize plan"] = [q_plan is not None and all(torch.equal(a, b) for a, b in zip(q_plan, q_gen))]
+    for name, v in ok.items():
+        print(f"  plan check {name}: {'ok' if all(v) else 'MISMATCH'} ({v})", flush=True)
+        rows.append(dict(layer=f"check {name}", mode="check", us=float(all(v)), cand=cand.name))
     for name, fn in host.items():
         try:
             us = host_us(fn)
@@ -354,7 +376,10 @@ def overhead() -> list[dict]:
         print(f"  host     {name:36s} {us:7.1f} us per call", flush=True)
     layers = {
         "w4a16 kernel (w4a16.run)": lambda w: w4a16.run(cand, x, w[0], w[1], None, 128, None),
+        "w4a16 torch.ops.qcompile": lambda w: torch.ops.qcompile.linear_w4a16(x, w[0], w[1], None, 128, None),
         "w4a16 ops.linear_w4a16": lambda w: ops.linear_w4a16(x, w[0], w[1], None, 128),
+        "w4a8 ops.linear_w4a8 g128": lambda w: ops.linear_w4a8(codes8, s8, None, w[0], w[1], None, 128),
+        "quantize_per_token a8": lambda w: ops.quantize_per_token(x, 8),
     }
     for name, fn in layers.items():
         for mode in ("launched", "graph"):

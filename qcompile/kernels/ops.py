@@ -2,7 +2,9 @@
 plain-torch ground truth in ``reference.py``), CUDA implementation (Triton, imported on first use),
 fake implementation (shapes only, for ``torch.export`` and ``torch.compile``), and a typed wrapper.
 Shapes are checked inside each implementation (real and fake), once per call, so a direct
-``torch.ops.qcompile.*`` call from a lowered graph is checked exactly like a wrapper call.
+``torch.ops.qcompile.*`` call from a lowered graph is checked exactly like a wrapper call. On CUDA a
+decode-sized call first tries its launch plan (``triton/plans.py``: recorded after a checked call with
+the same weight tensors and activation signature), which skips the checks it has already passed.
 
 The ops are declared with the low-level ``torch.library.Library`` (``define`` + ``impl`` per dispatch
 key + ``register_fake``) rather than ``torch.library.custom_op``: the latter wraps every call in
@@ -49,10 +51,21 @@ __all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "lin
            "grouped_linear_w4a8", "grouped_linear_w4a4"]
 
 
-def _cuda():
-    from qcompile.kernels.triton import dispatch
+_triton: list = []  # [dispatch, plans], imported on the first CUDA call
 
-    return dispatch
+
+def _cuda():
+    if not _triton:
+        from qcompile.kernels.triton import dispatch, plans
+
+        _triton[:] = [dispatch, plans]
+    return _triton[0]
+
+
+def _plans():
+    if not _triton:
+        _cuda()
+    return _triton[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,6 +122,9 @@ def _quantize_per_token(
 def _quantize_per_token_cuda(
     x: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool, block: int
 ) -> tuple[Tensor, Tensor, Tensor]:
+    out = _plans().call_quantize(x, bits, symmetric, clip_ratio, rotate, block)  # the decode fast path
+    if out is not None:
+        return out
     shapes.check_quantize_per_token(x, bits, symmetric, clip_ratio, rotate, block)
     return _cuda().quantize_per_token(x, bits, symmetric, clip_ratio, rotate, block)
 
@@ -157,6 +173,9 @@ def _linear_w4a16(
 def _linear_w4a16_cuda(
     x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
 ) -> Tensor:
+    y = _plans().call_w4a16(x, packed_weight, scales, zeros, group_size, bias)  # the decode fast path
+    if y is not None:
+        return y
     shapes.check_linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
     return _cuda().linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
 
@@ -195,10 +214,16 @@ def _declare_w4ax(name: str) -> None:
         shapes.check_linear_w4ax(name, *args)
         return reference.linear_w4a8(*args)
 
+    bits = 4 if name == "linear_w4a4" else 8
+
     def cuda(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
+        y = _plans().call_w4ax(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias,
+                               out_dtype, bits)  # the decode fast path
+        if y is not None:
+            return y
         args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype)
         shapes.check_linear_w4ax(name, *args)
-        return _cuda().linear_w4ax(*args, act_bits=4 if name == "linear_w4a4" else 8)
+        return _cuda().linear_w4ax(*args, act_bits=bits)
 
     def fake(x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype):
         args = (x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias, out_dtype)

@@ -5,17 +5,21 @@ an op, so Triton is never imported by ``import qcompile``.
 Hadamard units too large for one program's registers (``rotate_quant.supports``) are rotated by the
 torch reference on the GPU instead, with a warning naming the size: the result is the same, only
 slower; ``qcompile.kernels.hadamard_kernel_supported`` lets a planner report it ahead of time.
+
+Each op here ends, at decode sizes, by recording a launch plan (``plans.py``) for its arguments once the
+kernel choice is tuned; the op layer (``ops.py``) tries the plan before its checks and this module.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 from torch import Tensor
 
 from qcompile.kernels import reference
-from qcompile.kernels.triton import rotate_quant, w4a16, w4ax
+from qcompile.kernels.triton import plans, rotate_quant, w4a16, w4ax
 
 _warned: set[int] = set()
 
@@ -62,7 +66,18 @@ def quantize_per_token(x: Tensor, bits: int, symmetric: bool, clip_ratio: float,
         x2 = reference.hadamard(x2.float(), block_size)  # float32, as the fused kernel keeps it
         unit = None
     codes, scales, zeros = rotate_quant.quantize_per_token(x2, bits, symmetric, clip_ratio, unit)
+    key = plans.quant_key(x, bits, symmetric, clip_ratio, rotate, block_size)
+    if key not in plans._quant and _may_plan(x):
+        plans.build_quant(key, x, bits, symmetric, clip_ratio, unit)
     return codes.reshape(x.shape), scales.reshape(*lead, 1), zeros.reshape(*lead, 1)
+
+
+_PLANS = os.environ.get("QCOMPILE_PLANS", "1") != "0"  # 0: every call takes the generic path (for comparison)
+
+
+def _may_plan(x: Tensor) -> bool:
+    """Plans are recorded from an eager call on the GPU, never while a CUDA graph is being captured."""
+    return _PLANS and x.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
 def _weight(t: Tensor | None) -> Tensor | None:
@@ -75,7 +90,14 @@ def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None
     # are already contiguous (all of them, from the lowering) are not re-checked by .contiguous()
     if x.shape[0] == 0 or x.shape[-1] == 0 or x.numel() == 0:
         return x.new_empty((*x.shape[:-1], packed.shape[0]))
-    y = w4a16.linear(_rows(x), _weight(packed), _weight(scales), _weight(zeros), group_size, _weight(bias))
+    x2 = _rows(x)
+    y = w4a16.linear(x2, _weight(packed), _weight(scales), _weight(zeros), group_size, _weight(bias))
+    if x2.shape[0] <= 16:
+        key = plans.w4a16_key(x, packed, group_size)
+        if key not in plans._linear and _may_plan(x):
+            cand = w4a16.chosen_candidate(x2, packed, zeros, group_size, bias)
+            if cand is not None:
+                plans.build_w4a16(key, cand, x, packed, scales, zeros, group_size, bias)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], packed.shape[0])
 
 
@@ -88,6 +110,14 @@ def linear_w4ax(x_codes: Tensor, x_scales: Tensor, x_zeros: Tensor | None, packe
         return torch.empty(out_shape, dtype=out_dtype, device=x_codes.device)
     sa = x_scales.reshape(-1).contiguous()
     za = None if x_zeros is None else x_zeros.reshape(-1).contiguous()
-    y = w4ax.linear(_rows(x_codes), sa, za, _weight(packed), _weight(w_scales), _weight(w_zeros),
-                    group_size, _weight(bias), out_dtype, act_bits)
+    a = _rows(x_codes)
+    y = w4ax.linear(a, sa, za, _weight(packed), _weight(w_scales), _weight(w_zeros), group_size, _weight(bias),
+                    out_dtype, act_bits)
+    if a.shape[0] == 1:
+        key = plans.w4ax_key(x_codes, x_scales, x_zeros, packed, group_size, out_dtype, act_bits)
+        if key not in plans._linear and _may_plan(x_codes):
+            cand = w4ax.chosen_candidate(a, za, packed, w_zeros, group_size, bias, out_dtype, act_bits)
+            if cand is not None:
+                plans.build_w4ax(key, cand, x_codes, x_scales, x_zeros, packed, w_scales, w_zeros, group_size,
+                                 bias, out_dtype)
     return y.reshape(out_shape)

@@ -11,10 +11,17 @@ interpreter. Launch hooks (profilers) are passed on as the JIT passes them, an e
 
 Kernels launched here take their runtime arguments first and their constexprs last (no defaults),
 so the launcher's argument list is ``args`` followed by the constexpr values in signature order.
+
+``bind`` goes one step further for the decode hot path (``plans.py``): a compiled specialization with
+its grid and constexprs fixed, called with the runtime arguments as plain values (addresses and ints).
+Its per-call work is one stream query and the launcher call; where the launcher is Triton 3.6's
+(whose Python ``__call__`` only allocates scratch memory, none for these kernels, before calling its
+C ``launch``) the C function is called directly.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -37,12 +44,8 @@ def _hook(h):
     return None if h is None or getattr(h, "calls", True) == [] else h
 
 
-def launch(fn, grid: tuple[int, ...], args: tuple, consts: dict[str, Any], num_warps: int,
-           num_stages: int | None = None) -> None:
-    """``fn[grid](*args, **consts, num_warps=…, num_stages=…)``, from the second call of a
-    specialization on without the JIT's per-call binding. The key holds, per tensor, its dtype, device
-    kind and whether it is 16-byte aligned, and every scalar's value (a superset of Triton's facts about it,
-    cheaper to key on than to derive)."""
+def _spec(args: tuple) -> tuple[list, list]:
+    """The launcher's values (tensors as addresses) and the cache key's facts about each argument."""
     values, spec = [], []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -52,6 +55,16 @@ def launch(fn, grid: tuple[int, ...], args: tuple, consts: dict[str, Any], num_w
         else:
             values.append(a)
             spec.append(a)
+    return values, spec
+
+
+def launch(fn, grid: tuple[int, ...], args: tuple, consts: dict[str, Any], num_warps: int,
+           num_stages: int | None = None) -> None:
+    """``fn[grid](*args, **consts, num_warps=…, num_stages=…)``, from the second call of a
+    specialization on without the JIT's per-call binding. The key holds, per tensor, its dtype, device
+    kind and whether it is 16-byte aligned, and every scalar's value (a superset of Triton's facts about it,
+    cheaper to key on than to derive)."""
+    values, spec = _spec(args)
     key = (fn, *consts.items(), num_warps, num_stages, *spec)
     hit = _compiled.get(key)
     if hit is None:
@@ -72,3 +85,73 @@ def launch(fn, grid: tuple[int, ...], args: tuple, consts: dict[str, Any], num_w
     # query (cuPointerGetAttribute), which only re-derives the same address for a CUDA tensor (the key holds
     # is_cuda, so a CPU tensor misses the cache and gets the JIT's error)
     kernel.run(*grid3, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *values, *tail)
+
+
+def _direct(launcher) -> bool:
+    """Whether ``launcher`` is Triton 3.6's ``CudaLauncher`` shape: ``__call__(gridX, gridY, gridZ, stream,
+    function, *args)`` allocating scratch (none needed here) and calling ``self.launch(gridX, gridY,
+    gridZ, stream, function, cooperative, pdl, global_scratch, profile_scratch, *args)``. Checked on the
+    source once per launcher class; any other Triton takes the public call."""
+    cls = type(launcher)
+    hit = _direct_classes.get(cls)
+    if hit is None:
+        try:
+            src = inspect.getsource(cls.__call__)
+        except (OSError, TypeError):
+            src = ""
+        hit = ("self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl,"
+               in " ".join(src.split()) and "global_scratch, profile_scratch, *args)" in src
+               and list(inspect.signature(cls.__call__).parameters)[:6] == ["self", "gridX", "gridY", "gridZ",
+                                                                            "stream", "function"])
+        _direct_classes[cls] = hit
+    return (hit and getattr(launcher, "global_scratch_size", 1) == 0
+            and getattr(launcher, "profile_scratch_size", 1) == 0 and not getattr(launcher, "gsan_enabled", False))
+
+
+_direct_classes: dict = {}
+
+
+class Bound:
+    """One compiled kernel specialization with its grid and constexprs fixed: ``bound(*values)`` launches
+    it on the current stream with the runtime arguments given as values (tensor addresses as ints, in the
+    kernel's order). Launch hooks (profilers) installed later are honoured: the call then takes the
+    launcher's public path with their metadata."""
+
+    __slots__ = ("kernel", "run", "c_launch", "prefix", "grid", "tail")
+
+    def __init__(self, kernel, grid: tuple[int, ...], tail: tuple):
+        self.kernel = kernel
+        self.run = kernel.run  # the launcher object (creates the module handles on first access)
+        self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self.tail = tail
+        direct = _direct(self.run)
+        self.c_launch = self.run.launch if direct else None
+        self.prefix = ((kernel.function, self.run.launch_cooperative_grid, self.run.launch_pdl, None, None,
+                        kernel.packed_metadata, None, None, None) if direct else None)
+
+    def __call__(self, *values) -> None:
+        if not _current:
+            _current[:] = [driver.active.get_current_stream, driver.active.get_current_device]
+        stream = _current[0](_current[1]())
+        runtime = knobs.runtime
+        enter, leave = _hook(runtime.launch_enter_hook), _hook(runtime.launch_exit_hook)
+        g = self.grid
+        if enter is None and leave is None:
+            if self.c_launch is not None:
+                self.c_launch(g[0], g[1], g[2], stream, *self.prefix, *values, *self.tail)
+                return
+            k = self.kernel
+            self.run(g[0], g[1], g[2], stream, k.function, k.packed_metadata, None, None, None, *values, *self.tail)
+            return
+        k = self.kernel
+        meta = None if enter is None else k.launch_metadata(g, stream, *values, *self.tail)
+        self.run(g[0], g[1], g[2], stream, k.function, k.packed_metadata, meta, enter, leave, *values, *self.tail)
+
+
+def bind(fn, grid: tuple[int, ...], args: tuple, consts: dict[str, Any], num_warps: int,
+         num_stages: int | None = None) -> Bound | None:
+    """The ``Bound`` launch of the specialization ``launch`` would use for these arguments, or None where
+    none is compiled yet (call ``launch`` once first) or none can be (the interpreter)."""
+    _, spec = _spec(args)
+    hit = _compiled.get((fn, *consts.items(), num_warps, num_stages, *spec))
+    return None if hit is None else Bound(hit[0], grid, hit[1])

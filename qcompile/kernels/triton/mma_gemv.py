@@ -265,17 +265,25 @@ def run(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_s
     M, K = x.shape
     N = packed.shape[0]
     tiles = tiles_of(packed, K)
+    y = x.new_zeros((M, N), dtype=torch.float32) if split > 1 else x.new_empty((M, N))
+    if x.data_ptr() % 16 or x.stride(0) % 8:  # rows are read as 16-byte vectors
+        x = x.clone(memory_format=torch.contiguous_format)
+    launch(*launch_args(x, tiles, scales, zeros, group_size, bias, y, warps, slabs, split))
+    return y.to(x.dtype) if split > 1 else y
+
+
+def launch_args(x: Tensor, tiles: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None,
+                y: Tensor, warps: int, slabs: int, split: int) -> tuple:
+    """``launch`` arguments of the kernel for ``x [M, K]`` (16-byte aligned rows) into ``y [M, N]``."""
+    M = x.shape[0]
+    N = y.shape[1]
     nt, n_slabs = tiles.shape[:2]
     G = scales.shape[1]
     spg = group_size // MMA_STEP if G > 1 else 0
     if n_slabs % slabs or (spg and spg % slabs):
         slabs = 1
-    y = x.new_zeros((M, N), dtype=torch.float32) if split > 1 else x.new_empty((M, N))
-    if x.data_ptr() % 16 or x.stride(0) % 8:  # rows are read as 16-byte vectors
-        x = x.clone(memory_format=torch.contiguous_format)
-    launch(_mma_gemv_kernel, (cdiv(nt, warps), split),
-           (x, tiles, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
-            M, N, n_slabs, nt, x.stride(0), y.stride(0), scales.stride(0)),
-           dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SLABS_PER_GROUP=spg, SLABS=slabs,
-                BLOCKS=1 if M <= 8 else 2, SPLIT_K=split, NUM_WARPS=warps), warps)
-    return y.to(x.dtype) if split > 1 else y
+    return (_mma_gemv_kernel, (cdiv(nt, warps), split),
+            (x, tiles, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+             M, N, n_slabs, nt, x.stride(0), y.stride(0), scales.stride(0)),
+            dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SLABS_PER_GROUP=spg, SLABS=slabs,
+                 BLOCKS=1 if M <= 8 else 2, SPLIT_K=split, NUM_WARPS=warps), warps)

@@ -194,6 +194,13 @@ def _candidates(tile: int, min_rows: int) -> list[Candidate]:
 
 def _launch(cand: Candidate, x: Tensor, y: Tensor, s: Tensor, z: Tensor, up: UnitPlan | None, n: int,
             unit: int, quant: bool, bits: int, symmetric: bool, clip: float, splits: int) -> None:
+    launch(*launch_args(cand, x, y, s, z, up, n, unit, quant, bits, symmetric, clip, splits))
+
+
+def launch_args(cand: Candidate, x: Tensor, y: Tensor, s: Tensor, z: Tensor, up: UnitPlan | None, n: int,
+                unit: int, quant: bool, bits: int, symmetric: bool, clip: float, splits: int) -> tuple:
+    """``launch`` arguments of the rotate/quantize kernel for rows ``x [R, n]`` into ``y`` (and, when
+    ``quant``, per-row scales ``s`` and zeros ``z``)."""
     R = x.shape[0]
     rows = cand.meta["ROWS"]
     if up is None:  # plain quantization, chunked along the row
@@ -205,11 +212,11 @@ def _launch(cand: Candidate, x: Tensor, y: Tensor, s: Tensor, z: Tensor, up: Uni
         hm, h1, h2 = _factors(up, x.device)
         geo = dict(MP=up.MP, P1=up.P1, P2=up.P2)
         m_real, U, NU, norm = up.m, unit, n // unit, 1.0 / math.sqrt(unit)
-    launch(_rotate_quant_kernel, (-(-R // rows),),
-           (x, y, s, z, hm, h1, h2, R, n, x.stride(0), y.stride(0), m_real, U, NU, norm, clip),
-           dict(ROWS=rows, **geo, SPLITS=splits, FIRST_SPLITS=1 if x.dtype == torch.bfloat16 else splits,
-                TRANSFORM=up is not None, QUANT=quant, SYMMETRIC=symmetric, BITS=bits, SINGLE=NU == 1),
-           cand.meta["num_warps"])
+    return (_rotate_quant_kernel, (-(-R // rows),),
+            (x, y, s, z, hm, h1, h2, R, n, x.stride(0), y.stride(0), m_real, U, NU, norm, clip),
+            dict(ROWS=rows, **geo, SPLITS=splits, FIRST_SPLITS=1 if x.dtype == torch.bfloat16 else splits,
+                 TRANSFORM=up is not None, QUANT=quant, SYMMETRIC=symmetric, BITS=bits, SINGLE=NU == 1),
+            cand.meta["num_warps"])
 
 
 def supports(unit: int) -> bool:
@@ -236,6 +243,13 @@ def hadamard(x: Tensor, unit: int, out_dtype: torch.dtype | None = None) -> Tens
 
 
 SPLIT_ROWS = 512  # below this many rows, a block-diagonal rotation runs blocks in parallel, then quantizes
+
+
+def chosen_candidate(x: Tensor, bits: int, symmetric: bool, unit: int | None) -> Candidate | None:
+    """The tuned kernel configuration ``quantize_per_token`` uses for rows ``x [R, n]`` (None before its
+    first call)."""
+    R, n = x.shape
+    return chosen("rotate_quant", (_bucket(R), n, unit or 0, bits, symmetric, x.dtype), x.device)
 
 
 def quantize_per_token(x: Tensor, bits: int, symmetric: bool, clip: float, unit: int | None

@@ -489,14 +489,8 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
             xp = x.clone(memory_format=torch.contiguous_format)
         if not meta["FUSED"]:
             xp = torch.empty((PLANES, KW), dtype=torch.float32, device=x.device)
-            launch(_gemv_prep_kernel, (cdiv(KW, 256),), (x, xp, KW), dict(BLOCK=256), 4)
-        chunk = 4 if G == 1 or (group_size // 8) % 4 == 0 else 1  # a thread's 4 words in one group
-        consts = dict(flags, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"], CHUNK=chunk, EVEN=KW % meta["BW"] == 0,
-                      FUSED=meta["FUSED"], ASM=meta["ASM"])
-        launch(_gemv_kernel, (cdiv(N, meta["BLOCK_N"]),),
-               (xp, packed, scales, zp, bp, y, N, KW, group_size // 8 if G > 1 else KW, packed.stride(0) // 4,
-                scales.stride(0), sg),
-               consts, meta["num_warps"])
+            launch(*prep_launch(x, xp))
+        launch(*gemv_launch(meta, xp, packed, scales, zeros, group_size, bias, y, meta["FUSED"], meta["ASM"]))
     elif kind == "skinny":
         h = meta["H"]
         offset = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
@@ -515,6 +509,34 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
     return y.to(x.dtype) if split > 1 else y
 
 
+def prep_launch(x: Tensor, xp: Tensor) -> tuple:
+    """``launch`` arguments of ``_gemv_prep_kernel`` (x ``[1, K]`` → its planes ``xp [PLANES, K/8]``)."""
+    KW = xp.shape[1]
+    return _gemv_prep_kernel, (cdiv(KW, 256),), (x, xp, KW), dict(BLOCK=256), 4
+
+
+def gemv_launch(meta: dict, xp: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+                bias: Tensor | None, y: Tensor, fused: bool, asm: bool) -> tuple:
+    """``launch`` arguments of the word GEMV: ``xp`` is x itself (``fused``) or its planes; ``packed`` must
+    be word-aligned (``packed.stride(0) % 4 == 0``)."""
+    N, KH = packed.shape
+    G = scales.shape[1]
+    KW = KH // 4
+    chunk = 4 if G == 1 or (group_size // 8) % 4 == 0 else 1  # a thread's 4 words in one group
+    consts = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"],
+                  CHUNK=chunk, EVEN=KW % meta["BW"] == 0, FUSED=fused, ASM=asm)
+    args = (xp, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+            N, KW, group_size // 8 if G > 1 else KW, packed.stride(0) // 4, scales.stride(0), 1 if G > 1 else 0)
+    return _gemv_kernel, (cdiv(N, meta["BLOCK_N"]),), args, consts, meta["num_warps"]
+
+
+def codes_prep_launch(a: Tensor, sa: Tensor, za: Tensor | None, xp: Tensor) -> tuple:
+    """``launch`` arguments of ``_gemv_prep_codes_kernel`` (one token of int8 codes → planes ``xp``)."""
+    KW = xp.shape[1]
+    return (_gemv_prep_codes_kernel, (cdiv(KW, 256),), (a, sa, za if za is not None else sa, xp, KW),
+            dict(HAS_ZEROS=za is not None, BLOCK=256), 4)
+
+
 def gemv_codes(meta: dict, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, scales: Tensor,
                zeros: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     """``((a − za)·sa) @ Wᵀ (+ bias)`` in ``out_dtype`` for one token of int8 codes ``a [1, K]`` (``sa``,
@@ -522,21 +544,13 @@ def gemv_codes(meta: dict, a: Tensor, sa: Tensor, za: Tensor | None, packed: Ten
     by one prep launch, its output written in ``out_dtype`` directly. Two launches, where dequantizing
     the activation with torch ops first takes five. Needs ``_word_gemv(K, group_size, G)``."""
     N, KH = packed.shape
-    G = scales.shape[1]
     if packed.data_ptr() % 4 or packed.stride(0) % 4:  # a view off word alignment: copy it
         packed = packed.clone(memory_format=torch.contiguous_format)
     KW = KH // 4
     xp = torch.empty((PLANES, KW), dtype=torch.float32, device=a.device)
-    launch(_gemv_prep_codes_kernel, (cdiv(KW, 256),), (a, sa, za if za is not None else sa, xp, KW),
-           dict(HAS_ZEROS=za is not None, BLOCK=256), 4)
+    launch(*codes_prep_launch(a, sa, za, xp))
     y = torch.empty((1, N), dtype=out_dtype, device=a.device)
-    chunk = 4 if G == 1 or (group_size // 8) % 4 == 0 else 1
-    consts = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"],
-                  CHUNK=chunk, EVEN=KW % meta["BW"] == 0, FUSED=False, ASM=a.is_cuda)
-    launch(_gemv_kernel, (cdiv(N, meta["BLOCK_N"]),),
-           (xp, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
-            N, KW, group_size // 8 if G > 1 else KW, packed.stride(0) // 4, scales.stride(0), 1 if G > 1 else 0),
-           consts, meta["num_warps"])
+    launch(*gemv_launch(meta, xp, packed, scales, zeros, group_size, bias, y, False, a.is_cuda))
     return y
 
 
@@ -544,12 +558,24 @@ def _bucket(M: int) -> int:
     return M if M <= 16 else min(1 << (M - 1).bit_length(), 8192)
 
 
+def _tune_key(x: Tensor, packed: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None) -> tuple:
+    M, K = x.shape
+    return (_bucket(M), packed.shape[0], K, group_size, zeros is not None, bias is not None, x.dtype)
+
+
+def chosen_candidate(x: Tensor, packed: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
+                     ) -> Candidate | None:
+    """The tuned candidate ``linear`` runs for ``x [M, K]`` (None before its first call)."""
+    family = "w4a16_decode" if x.shape[0] <= 16 else "w4a16_prefill"
+    return chosen(family, _tune_key(x, packed, zeros, group_size, bias), x.device)
+
+
 def linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
            bias: Tensor | None) -> Tensor:
     """The tuned W4A16 linear for ``x [M, K]``."""
     M, K = x.shape
     N = packed.shape[0]
-    key = (_bucket(M), N, K, group_size, zeros is not None, bias is not None, x.dtype)
+    key = _tune_key(x, packed, zeros, group_size, bias)
     family = "w4a16_decode" if M <= 16 else "w4a16_prefill"
     device = x.device
     cand = chosen(family, key, device) or choose(

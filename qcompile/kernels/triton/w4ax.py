@@ -316,13 +316,26 @@ def run(cand: Candidate, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tenso
     return y.to(out_dtype) if split > 1 else y
 
 
+def _tune_key(a: Tensor, za: Tensor | None, packed: Tensor, zw: Tensor | None, group_size: int,
+              bias: Tensor | None, out_dtype: torch.dtype, act_bits: int) -> tuple:
+    M, K = a.shape
+    bucket = M if M <= 16 else min(1 << (M - 1).bit_length(), 8192)
+    return (bucket, packed.shape[0], K, group_size, za is not None, zw is not None, bias is not None, out_dtype,
+            act_bits)
+
+
+def chosen_candidate(a: Tensor, za: Tensor | None, packed: Tensor, zw: Tensor | None, group_size: int,
+                     bias: Tensor | None, out_dtype: torch.dtype, act_bits: int) -> Candidate | None:
+    """The tuned candidate ``linear`` runs for codes ``a [M, K]`` (None before its first call)."""
+    return chosen("w4ax", _tune_key(a, za, packed, zw, group_size, bias, out_dtype, act_bits), a.device)
+
+
 def linear(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor, zw: Tensor | None,
            group_size: int, bias: Tensor | None, out_dtype: torch.dtype, act_bits: int = 8) -> Tensor:
     """The tuned W4A8 (``act_bits`` 8) or W4A4 (4: codes in [−8, 7], which may take the FP8 GEMM)."""
     M, K = a.shape
     N = packed.shape[0]
-    bucket = M if M <= 16 else min(1 << (M - 1).bit_length(), 8192)
-    key = (bucket, N, K, group_size, za is not None, zw is not None, bias is not None, out_dtype, act_bits)
+    key = _tune_key(a, za, packed, zw, group_size, bias, out_dtype, act_bits)
     fp8 = act_bits <= 4 and za is None and out_dtype == torch.bfloat16 and a.is_cuda
     device = a.device
     cand = chosen("w4ax", key, device) or choose(

@@ -1,0 +1,313 @@
+"""Launch plans: the decode-time calls of the INT4 ops with everything but the activation fixed.
+
+Why: an eager decode call of a ``qcompile`` op runs a 6–15 µs kernel, and the generic path re-derives on
+every call what cannot change between two calls on the same weight — the argument checks, the autotuner's
+choice, the candidate's launch arguments (constexprs, grid, strides, the weight's derived layouts) and the
+launcher's specialization key. A plan is built once per ``(weight, activation signature)`` after the
+generic path has run (checked, tuned, compiled) and holds the result as a ``launch.Bound`` per kernel
+and the weights' addresses; a call allocates the output, reads the activation's address and launches.
+
+Validity. A plan is keyed on ``id`` of the packed weight (dropped by a finalizer when that tensor dies,
+so a live key always names the same tensor) and the activation's shape and dtype; a call also requires
+the very same scale/zero/bias tensor objects, the packed weight's version counter unchanged (an in-place
+write or ``set_`` bumps it: the addresses and derived layouts would be stale) and the activation
+contiguous and 16-byte aligned. Anything else returns None and the caller takes the generic path (which
+checks the arguments and raises the op's own errors). The activation's values are never looked at, so
+plans are used inside CUDA-graph capture as well.
+
+Plans exist for the decode candidates only: W4A16 word GEMV (fused or with its prep launch) and
+tensor-core GEMV (M ≤ 16), W4A8/W4A4 ``codes_gemv`` (M = 1), and per-token quantization (any rows) when
+it is one launch. The prefill strategies keep the generic path: their kernels run hundreds of µs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from qcompile.kernels.hadamard_plan import plan_unit
+from qcompile.kernels.triton import mma_gemv, rotate_quant, w4a16
+from qcompile.kernels.triton.launch import Bound, bind
+
+Plan = Callable[..., object]
+_NONE = object()  # "no plan for this key": the generic path runs without trying again
+
+_linear: dict = {}  # (id(packed), x.shape, x.dtype, group_size, extra...) -> LinearPlan | _NONE
+_quant: dict = {}  # (x.shape, x.dtype, bits, symmetric, clip, unit) -> QuantPlan | _NONE
+
+
+def _forget(table: dict, key) -> None:
+    table.pop(key, None)
+
+
+def _bound(args: tuple) -> Bound | None:
+    """The compiled specialization for ``launch`` arguments ``args`` (the generic path compiled it)."""
+    return bind(*args)
+
+
+class LinearPlan:
+    """One weight's decode launch sequence (see the module docstring); ``__call__`` gives the output or
+    None when this call does not fit the plan."""
+
+    __slots__ = ("scales", "zeros", "bias", "version", "steps", "out_shape", "out_dtype", "tmp_shape", "cast",
+                 "keep")
+
+    def matches(self, scales, zeros, bias, packed: Tensor) -> bool:
+        return (self.scales is scales and self.zeros is zeros and self.bias is bias
+                and packed._version == self.version)
+
+
+class W4A16Plan(LinearPlan):
+    __slots__ = ("prep", "gemv", "mid")  # prep: Bound or None; mid: the gemv's values after x and before y
+
+    def __call__(self, x: Tensor) -> Tensor | None:
+        px = x.data_ptr()
+        if px & 15 or not x.is_contiguous():
+            return None
+        if self.cast:  # split-K: float32 partials, zeroed, cast after
+            y = x.new_zeros(self.out_shape, dtype=torch.float32)
+        else:
+            y = x.new_empty(self.out_shape)
+        if self.prep is not None:  # the activation's planes first
+            xp = x.new_empty(self.tmp_shape, dtype=torch.float32)
+            pp = xp.data_ptr()
+            self.prep(px, pp, self.tmp_shape[1])
+            px = pp
+        self.gemv(px, *self.mid, y.data_ptr(), *self.steps)
+        return y.to(x.dtype) if self.cast else y
+
+
+class CodesPlan(LinearPlan):
+    """W4A8/W4A4 at one token: codes → planes (one launch), word GEMV into ``out_dtype``."""
+
+    __slots__ = ("prep", "gemv", "mid", "has_az")
+
+    def __call__(self, a: Tensor, sa: Tensor, za: Tensor | None) -> Tensor | None:
+        pa = a.data_ptr()
+        if pa & 15 or not (a.is_contiguous() and sa.is_contiguous()):
+            return None
+        ps = sa.data_ptr()
+        pz = za.data_ptr() if self.has_az else ps
+        if (ps | pz) & 15:  # the kernel was specialized on aligned scale and zero pointers
+            return None
+        xp = a.new_empty(self.tmp_shape, dtype=torch.float32)
+        pp = xp.data_ptr()
+        self.prep(pa, ps, pz, pp, self.tmp_shape[1])
+        y = a.new_empty(self.out_shape, dtype=self.out_dtype)
+        self.gemv(pp, *self.mid, y.data_ptr(), *self.steps)
+        return y
+
+
+def _weight_values(args: tuple, first: int, count: int) -> tuple:
+    return tuple(a.data_ptr() if isinstance(a, Tensor) else a for a in args[first:first + count])
+
+
+def _finish(plan: LinearPlan, key, packed: Tensor, scales, zeros, bias) -> LinearPlan:
+    plan.scales, plan.zeros, plan.bias, plan.version = scales, zeros, bias, packed._version
+    _linear[key] = plan
+    weakref.finalize(packed, _forget, _linear, key)
+    return plan
+
+
+def w4a16_key(x: Tensor, packed: Tensor, group_size: int) -> tuple:
+    return (id(packed), x.shape, x.dtype, group_size)
+
+
+def build_w4a16(key, cand, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+                bias: Tensor | None) -> None:
+    """After the generic path ran ``cand`` on these arguments: remember a plan for ``key`` (or that there
+    is none). ``x`` is the caller's activation (any leading dims, K last)."""
+    plan = _NONE
+    try:
+        plan = _make_w4a16(cand, x, packed, scales, zeros, group_size, bias) or _NONE
+    finally:
+        if plan is _NONE:
+            _linear[key] = _NONE
+            weakref.finalize(packed, _forget, _linear, key)
+        else:
+            _finish(plan, key, packed, scales, zeros, bias)
+
+
+def _make_w4a16(cand, x, packed, scales, zeros, group_size, bias) -> W4A16Plan | None:
+    meta = cand.meta
+    kind = meta["kind"]
+    if kind not in ("gemv", "mma_gemv") or not x.is_contiguous() or x.data_ptr() & 15:
+        return None
+    if not (packed.is_contiguous() and scales.is_contiguous() and (zeros is None or zeros.is_contiguous())
+            and (bias is None or bias.is_contiguous())):
+        return None
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M, N = x2.shape[0], packed.shape[0]
+    plan = W4A16Plan()
+    plan.out_shape = (*x.shape[:-1], N)
+    plan.cast = False
+    plan.prep = None
+    plan.tmp_shape = None
+    y = x2.new_empty((M, N))
+    if kind == "gemv":
+        if packed.data_ptr() % 4 or packed.stride(0) % 4:
+            return None
+        fused = meta["FUSED"]
+        xp = x2
+        if not fused:
+            xp = torch.empty((w4a16.PLANES, packed.shape[1] // 4), dtype=torch.float32, device=x.device)
+            plan.prep = _bound(w4a16.prep_launch(x2, xp))
+            plan.tmp_shape = tuple(xp.shape)
+            if plan.prep is None:
+                return None
+        args = w4a16.gemv_launch(meta, xp, packed, scales, zeros, group_size, bias, y, fused, meta["ASM"])
+    else:
+        split = meta["SPLIT_K"]
+        if split > 1:
+            y = x2.new_zeros((M, N), dtype=torch.float32)
+            plan.cast = True
+        if x2.stride(0) % 8:
+            return None
+        tiles = mma_gemv.tiles_of(packed, K)
+        args = mma_gemv.launch_args(x2, tiles, scales, zeros, group_size, bias, y, meta["WARPS"], meta["SLABS"],
+                                    split)
+    plan.gemv = _bound(args)
+    if plan.gemv is None:
+        return None
+    kernel_args = args[2]  # (x, weight…, y, ints…): x at 0, y at 5 in both kernels
+    plan.mid = _weight_values(kernel_args, 1, 4)
+    plan.steps = tuple(kernel_args[6:])
+    # the tensor-core GEMV's tiles stay alive with the plan (never the packed weight: it would never die)
+    plan.keep = kernel_args[1] if kind == "mma_gemv" else None
+    return plan
+
+
+def call_w4a16(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+          bias: Tensor | None) -> Tensor | None:
+    """The planned call, or None (no plan, or one that does not fit: take the generic path)."""
+    plan = _linear.get((id(packed), x.shape, x.dtype, group_size))
+    if plan is None or plan is _NONE or not plan.matches(scales, zeros, bias, packed):
+        return None
+    return plan(x)
+
+
+def w4ax_key(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, group_size: int, out_dtype, act_bits: int
+             ) -> tuple:
+    return (id(packed), a.shape, a.dtype, sa.shape, sa.dtype, None if za is None else (za.shape, za.dtype),
+            group_size, out_dtype, act_bits)
+
+
+def build_w4ax(key, cand, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor,
+               zw: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> None:
+    plan = _NONE
+    try:
+        plan = _make_codes(cand, a, sa, za, packed, sw, zw, group_size, bias, out_dtype) or _NONE
+    finally:
+        if plan is _NONE:
+            _linear[key] = _NONE
+            weakref.finalize(packed, _forget, _linear, key)
+        else:
+            _finish(plan, key, packed, sw, zw, bias)
+
+
+def _make_codes(cand, a, sa, za, packed, sw, zw, group_size, bias, out_dtype) -> CodesPlan | None:
+    meta = cand.meta
+    if meta.get("kind") != "codes_gemv" or a.numel() != a.shape[-1] or not a.is_contiguous() or a.data_ptr() & 15:
+        return None
+    if not (packed.is_contiguous() and sw.is_contiguous() and (zw is None or zw.is_contiguous())
+            and (bias is None or bias.is_contiguous()) and sa.is_contiguous()
+            and (za is None or za.is_contiguous())) or packed.data_ptr() % 4:
+        return None
+    N = packed.shape[0]
+    a2, sa1 = a.reshape(1, -1), sa.reshape(-1)
+    za1 = None if za is None else za.reshape(-1)
+    xp = torch.empty((w4a16.PLANES, packed.shape[1] // 4), dtype=torch.float32, device=a.device)
+    y = torch.empty((1, N), dtype=out_dtype, device=a.device)
+    plan = CodesPlan()
+    plan.prep = _bound(w4a16.codes_prep_launch(a2, sa1, za1, xp))
+    args = w4a16.gemv_launch(meta, xp, packed, sw, zw, group_size, bias, y, False, a.is_cuda)
+    plan.gemv = _bound(args)
+    if plan.prep is None or plan.gemv is None:
+        return None
+    plan.has_az = za is not None
+    plan.tmp_shape = tuple(xp.shape)
+    plan.out_shape = (*a.shape[:-1], N)
+    plan.out_dtype = out_dtype
+    plan.mid = _weight_values(args[2], 1, 4)
+    plan.steps = tuple(args[2][6:])
+    return plan
+
+
+def call_w4ax(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor, zw: Tensor | None, group_size: int,
+         bias: Tensor | None, out_dtype: torch.dtype, act_bits: int) -> Tensor | None:
+    plan = _linear.get(w4ax_key(a, sa, za, packed, group_size, out_dtype, act_bits))
+    if plan is None or plan is _NONE or not plan.matches(sw, zw, bias, packed):
+        return None
+    return plan(a, sa, za)
+
+
+class QuantPlan:
+    """Per-token quantization in one launch: codes, scales and zeros allocated, one kernel."""
+
+    __slots__ = ("bound", "steps", "keep", "shape", "lead")
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        px = x.data_ptr()
+        if px & 15 or not x.is_contiguous():
+            return None
+        codes = x.new_empty(self.shape, dtype=torch.int8)
+        scales = x.new_empty(self.lead, dtype=torch.float32)
+        zeros = x.new_empty(self.lead, dtype=torch.int8)
+        self.bound(px, codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), *self.steps)
+        return codes, scales, zeros
+
+
+def quant_key(x: Tensor, bits: int, symmetric: bool, clip: float, rotate: bool, block: int) -> tuple:
+    return (x.shape, x.dtype, bits, symmetric, clip, rotate, block)
+
+
+def build_quant(key, x: Tensor, bits: int, symmetric: bool, clip: float, unit: int | None) -> None:
+    """After the generic path quantized ``x`` once: a plan when that was one launch of the fused kernel
+    (no rotation, or a rotation the kernel applies to enough rows at once)."""
+    plan = _NONE
+    try:
+        plan = _make_quant(x, bits, symmetric, clip, unit) or _NONE
+    finally:
+        _quant[key] = plan
+
+
+def _make_quant(x, bits, symmetric, clip, unit) -> QuantPlan | None:
+    if not x.is_contiguous() or x.data_ptr() & 15 or x.numel() == 0:
+        return None
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    R = x2.shape[0]
+    if unit is not None and (not rotate_quant.supports(unit) or (unit < n and R < rotate_quant.SPLIT_ROWS)):
+        return None
+    cand = rotate_quant.chosen_candidate(x2, bits, symmetric, unit)
+    if cand is None:
+        return None
+    up = None if unit is None else plan_unit(unit)
+    codes = torch.empty((R, n), dtype=torch.int8, device=x.device)
+    scales = torch.empty((R,), dtype=torch.float32, device=x.device)
+    zeros = torch.empty((R,), dtype=torch.int8, device=x.device)
+    args = rotate_quant.launch_args(cand, x2, codes, scales, zeros, up, n, unit or n, True, bits, symmetric, clip, 2)
+    bound = _bound(args)
+    if bound is None:
+        return None
+    plan = QuantPlan()
+    plan.bound = bound
+    kernel_args = args[2]  # (x, codes, scales, zeros, factors…, ints…)
+    plan.steps = tuple(a.data_ptr() if isinstance(a, Tensor) else a for a in kernel_args[4:])
+    plan.keep = kernel_args[4:7]  # the factor matrices, kept alive
+    plan.shape = tuple(x.shape)
+    plan.lead = (*x.shape[:-1], 1)
+    return plan
+
+
+def call_quantize(x: Tensor, bits: int, symmetric: bool, clip: float, rotate: bool, block: int
+             ) -> tuple[Tensor, Tensor, Tensor] | None:
+    plan = _quant.get((x.shape, x.dtype, bits, symmetric, clip, rotate, block))
+    if plan is None or plan is _NONE:
+        return None
+    return plan(x)
+
