@@ -50,7 +50,8 @@ def _from_dict(cls, d: dict, where: str):
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """How linear weights are quantized (lm_head and embeddings stay in float unless listed)."""
+    """How linear weights are quantized (lm_head and embeddings stay in float unless ``include_lm_head`` or
+    ``vocab_bits`` says otherwise)."""
 
     method: str = "rtn"
     bits: int = 4
@@ -63,8 +64,13 @@ class WeightQuant:
     percdamp: float = 0.01
     p: float = 4.0  # LeanQuant's loss-error exponent
     include_lm_head: bool = False
+    vocab_bits: int | None = None  # the embedding table and lm_head: RTN, symmetric, groups of 32 (passes.vocab)
 
     def __post_init__(self):
+        if self.vocab_bits not in (None, 4, 8):
+            raise RecipeError(f"weights.vocab_bits must be 4, 8 or null (float), got {self.vocab_bits!r}")
+        if self.vocab_bits is not None and self.include_lm_head:
+            raise RecipeError("weights.vocab_bits and include_lm_head both quantize the lm_head; choose one")
         if self.method not in WEIGHT_METHODS:
             raise RecipeError(f"weights.method {self.method!r} is not one of {WEIGHT_METHODS}")
         if self.method == "leanquant-nu" and self.group_size:
@@ -161,8 +167,9 @@ class Recipe:
         return next((dict(p) for n, p in self.passes if n == pass_name), None)
 
     def with_bits(self, w: int | None = None, a: int | None = None, kv: int | None = None,
-                  group: int | None = None, symmetric: bool | None = None) -> "Recipe":
-        """The recipe with bit widths from the command line (16 or more turns that part off)."""
+                  group: int | None = None, symmetric: bool | None = None, vocab: int | None = None) -> "Recipe":
+        """The recipe with bit widths from the command line (16 or more turns that part off; ``vocab``: the
+        embedding table and lm_head, ``weights.vocab_bits``)."""
         changes = {}
         if w is not None and w >= 16:
             changes["weights"] = None
@@ -172,6 +179,12 @@ class Recipe:
                 base, bits=w if w is not None else base.bits,
                 group_size=group if group is not None else base.group_size,
                 symmetric=symmetric if symmetric is not None else base.symmetric)
+        if vocab is not None:
+            weights = changes.get("weights", self.weights)
+            if weights is None and vocab < 16:
+                raise RecipeError("vocabulary tables are quantized with the weights: this recipe quantizes none")
+            if weights is not None:
+                changes["weights"] = dataclasses.replace(weights, vocab_bits=None if vocab >= 16 else vocab)
         if a is not None:
             changes["activations"] = None if a >= 16 else dataclasses.replace(self.activations or ActQuant(), bits=a)
         if kv is not None:

@@ -38,6 +38,8 @@ def test_an_earlier_migration_stands_in_for_a_later_recipes():
         ({"weights": {"method": "awq"}}, "weights.method 'awq'"),
         ({"weights": {"bits": 4, "grup_size": 64}}, r"unknown key\(s\) \['grup_size'\]"),
         ({"weights": {"bits": 11}}, "bits"),
+        ({"weights": {"vocab_bits": 6}}, "vocab_bits must be 4, 8"),
+        ({"weights": {"vocab_bits": 8, "include_lm_head": True}}, "choose one"),
         ({"activations": {"bits": 4, "clip_ratio": 1.5}}, "clip"),
         ({"calibration": {"samples": 0}}, "samples"),
         ({"wieghts": {}}, "wieghts"),

@@ -22,14 +22,26 @@ import torch
 from torch import Tensor, fx
 
 from qcompile.errors import ShapeError
+from qcompile.graph.fx_edit import FxGraph
 
 aten = torch.ops.aten
 _lib = torch.library.Library("qcompile", "FRAGMENT")  # noqa: TOR901 - same registration style as kernels/ops
-_lib.define("cached_attention(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, float scale) "
-            "-> (Tensor, Tensor, Tensor)")
+_lib.define("cached_attention(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, float scale, "
+            "Tensor? cos_cache=None, Tensor? sin_cache=None) -> (Tensor, Tensor, Tensor)")
 
 
-def _cached_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, scale: float):
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE with half-width tables: x·cat(c, c) + cat(−x₂, x₁)·cat(s, s) = [x₁c − x₂s, x₂c + x₁s]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _cached_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, scale: float,
+                      cos_cache: Tensor | None = None, sin_cache: Tensor | None = None):
+    if cos_cache is not None:  # positions P … P + S − 1
+        p, s = past_k.shape[2], q.shape[2]
+        cos, sin = cos_cache[p:p + s], sin_cache[p:p + s]
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     present_k, present_v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
     rep = q.shape[1] // k.shape[1]
     s, t = q.shape[2], present_k.shape[2]
@@ -39,7 +51,7 @@ def _cached_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: T
     return out, present_k, present_v
 
 
-def _cached_attention_fake(q, k, v, past_k, past_v, scale):
+def _cached_attention_fake(q, k, v, past_k, past_v, scale, cos_cache=None, sin_cache=None):
     total = past_k.shape[2] + k.shape[2]
     shape = (k.shape[0], k.shape[1], total, k.shape[3])
     return torch.empty_like(q), past_k.new_empty(shape), past_v.new_empty(shape)
@@ -94,6 +106,157 @@ def attention_as_gqa(gm: fx.GraphModule) -> int:
     return count
 
 
+def _is(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
+
+
+def _per_head_ops():
+    q = torch.ops.qcompile
+    return (q.hadamard.default, q.fake_quant.default)  # both act on the last dim, row by row
+
+
+def _unrepeated(node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(x, per-head ops) when ``node = slice(ops(repeat_kv(x)), 1, 0, H, rep)``: the kv_cache pass's pick of the
+    new tokens' kv heads out of the repeated ones. Ops that act on each head row alone (online Hadamard, per-row
+    fake quantization) commute with picking heads, so this is ``ops(x)``."""
+    if not _is(node, aten.slice.Tensor) or len(node.args) != 5 or node.args[1] != 1 or node.args[2] != 0:
+        return None
+    rep, chain, cur = node.args[4], [], node.args[0]
+    while any(_is(cur, op) for op in _per_head_ops()) and len(cur.users) == 1:
+        chain.append(cur)
+        cur = cur.args[0]
+    if not (_is(cur, aten.reshape.default) and _is(exp := cur.args[0], aten.expand.default)
+            and _is(uns := exp.args[0], aten.unsqueeze.default) and uns.args[1] == 2 and exp.args[1][2] == rep):
+        return None
+    return uns.args[0], chain[::-1]
+
+
+def unrepeat_kv(graph: fx.Graph, attention: fx.Node) -> int:
+    """Feed the attention's new K/V from the kv heads themselves, not a pick out of their repetition."""
+    done = 0
+    for pos in (1, 2):
+        found = _unrepeated(attention.args[pos])
+        if found is None:
+            continue
+        x, chain = found
+        with graph.inserting_before(attention):
+            for op in chain:
+                x = graph.call_function(op.target, (x, *op.args[1:]), op.kwargs)
+        attention.update_arg(pos, x)
+        done += 1
+    return done
+
+
+def drop_cancelling_r3(attention: fx.Node) -> bool:
+    """q ↦ qH and k ↦ kH with nothing between them and the attention (K not quantized): (qH)(kH)ᵀ = q·kᵀ, and
+    the cache, which only this graph writes and reads, holds K in either basis. Drop both."""
+    q, k = attention.args[0], attention.args[1]
+    had = torch.ops.qcompile.hadamard.default
+    if not (_is(q, had) and _is(k, had) and q.args[1:] == k.args[1:] and len(q.users) == len(k.users) == 1):
+        return False
+    attention.update_arg(0, q.args[0])
+    attention.update_arg(1, k.args[0])
+    return True
+
+
+def _rotate_half_of(rot, x) -> bool:
+    """``rot = cat([−x[..., h:], x[..., :h]], −1)`` with h = D / 2."""
+    d = x.meta["val"].shape[-1]
+    if not (_is(rot, aten.cat.default) and len(rot.args[0]) == 2 and (rot.args[1:] or (0,))[0] in (-1, 3)):
+        return False
+    neg, low = rot.args[0]
+
+    def half(n, start, end):
+        return (_is(n, aten.slice.Tensor) and n.args[0] is x and n.args[1] in (-1, 3) and n.args[2] == start
+                and n.args[3] >= end and (n.args[4:] or (1,))[0] == 1)
+
+    return _is(neg, aten.neg.default) and half(neg.args[0], d // 2, d) and half(low, 0, d // 2)
+
+
+def _rope_parts(node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(x, cos, sin) when ``node = x·cos + rotate_half(x)·sin`` (the rotate-half RoPE over the whole head)."""
+    if not _is(node, aten.add.Tensor):
+        return None
+    for a, b in (node.args[:2], node.args[1::-1]):
+        if not (_is(a, aten.mul.Tensor) and _is(b, aten.mul.Tensor)):
+            continue
+        for x, cos in (a.args, a.args[::-1]):
+            for rot, sin in (b.args, b.args[::-1]):
+                if isinstance(x, fx.Node) and _rotate_half_of(rot, x):
+                    return x, cos, sin
+    return None
+
+
+def _evaluate(gm: fx.GraphModule, targets: list[fx.Node], inputs: tuple) -> list[Tensor]:
+    """The values of ``targets`` for ``inputs`` (gm's placeholders in order), running only their ancestors."""
+    needed, stack = set(), list(targets)
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack += n.all_input_nodes
+    sub, env = fx.Graph(), {}
+    feeds = []
+    for n, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), inputs):
+        if n in needed:
+            feeds.append(value)
+    for n in gm.graph.nodes:
+        if n in needed:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(tuple(env[t] for t in targets))
+    with torch.no_grad():
+        return list(fx.GraphModule(gm, sub)(*feeds))
+
+
+def rope_into_attention(gm: fx.GraphModule, attentions: list[fx.Node], example, max_positions: int) -> int:
+    """Move each attention's RoPE on q and k into ``cached_attention`` (GroupQueryAttention's rotary), with
+    half-width cos/sin tables read off the graph's own cos/sin at positions 0 … max_positions − 1 (``example(P,
+    S)`` gives the step's inputs). Proved before use: the graph's tables must have equal halves (rotate-half
+    over the whole head) and must equal the tables' rows P … P + S − 1 at a probe with a past (P = 3, S = 5)."""
+    graph, sites = gm.graph, []
+    for att in attentions:
+        q, k = _rope_parts(att.args[0]), _rope_parts(att.args[1])
+        if q is None or k is None or q[1:] != k[1:] or len(att.args) > 6:
+            continue
+        sites.append((att, q[0], k[0], q[1], q[2]))
+    if not sites:
+        return 0
+    tables, values = {}, {}
+    for cos, sin in dict.fromkeys((c, s) for *_, c, s in sites):
+        full = [t.reshape(-1, t.shape[-1]) for t in _evaluate(gm, [cos, sin], example(0, max_positions))]
+        probe = [t.reshape(-1, t.shape[-1]) for t in _evaluate(gm, [cos, sin], example(3, 5))]
+        h = full[0].shape[-1] // 2
+        if len(full[0]) != max_positions or any(not torch.equal(t[:, :h], t[:, h:]) for t in full) \
+                or any(not torch.equal(p, t[3:8]) for p, t in zip(probe, full)):
+            continue
+        halves = [t[:, :h].contiguous() for t in full]
+        same = next((nodes for key, nodes in tables.items() if all(torch.equal(a, b) for a, b in zip(
+            halves, values[key]))), None)  # every layer's own copy of one table: one initializer
+        values[(cos, sin)] = halves
+        tables[(cos, sin)] = same or [FxGraph(gm).add_weight(f"rope_{name}_cache_{len(tables)}", t)
+                                      for name, t in zip(("cos", "sin"), halves)]
+    done = 0
+    for att, q0, k0, cos, sin in sites:
+        if (cos, sin) not in tables:
+            continue
+        att.args = (q0, k0, *att.args[2:6], *tables[(cos, sin)])
+        done += 1
+    return done
+
+
+def simplify_attention(gm: fx.GraphModule, example, max_positions: int) -> dict:
+    """After ``attention_as_gqa``: K/V from the kv heads themselves, R3 dropped where it cancels, RoPE into the
+    attention op where it fits (see each function). Returns what it did, counted."""
+    graph = gm.graph
+    attentions = [n for n in graph.nodes if _is(n, cached_attention)]
+    counts = {"kv un-repeated": sum(unrepeat_kv(graph, a) for a in attentions),
+              "R3 pairs dropped (K not quantized)": sum(drop_cancelling_r3(a) for a in attentions)}
+    counts["RoPE into the attention"] = rope_into_attention(gm, attentions, example, max_positions)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return {k: v for k, v in counts.items() if v}
+
+
 # ------------------------------------------------------------------------------------------------
 # ONNX
 
@@ -104,19 +267,23 @@ def _gqa_schema():
 
     p, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
     attrs = [OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in ("num_heads", "kv_num_heads")]
+    attrs += [OpSchema.Attribute(a, OpSchema.AttrType.INT, "", required=False) for a in ("do_rotary",
+                                                                                         "rotary_interleaved")]
     attrs.append(OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False))
     ins = [p("query", "T"), p("key", "T", "", param_option=opt), p("value", "T", "", param_option=opt),
            p("past_key", "T", "", param_option=opt), p("past_value", "T", "", param_option=opt),
-           p("seqlens_k", "M"), p("total_sequence_length", "M")]
+           p("seqlens_k", "M"), p("total_sequence_length", "M"), p("cos_cache", "T", "", param_option=opt),
+           p("sin_cache", "T", "", param_option=opt)]
     outs = [p("output", "T"), p("present_key", "T"), p("present_value", "T")]
     return OpSchema("GroupQueryAttention", "com.microsoft", 1, inputs=ins, outputs=outs,
                     type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
                     attributes=attrs)
 
 
-def cached_attention_onnx(q, k, v, past_k, past_v, scale: float):
+def cached_attention_onnx(q, k, v, past_k, past_v, scale: float, cos_cache=None, sin_cache=None):
     """``GroupQueryAttention`` on ``[B, S, heads·D]`` views; lengths from the shapes (no padding):
-    ``total_sequence_length = P + S``, ``seqlens_k = total − 1`` per sequence."""
+    ``total_sequence_length = P + S``, ``seqlens_k = total − 1`` per sequence, so its rotary (with the tables,
+    rotate-half) places the new tokens at P … P + S − 1 as the reference does."""
     import numpy as np
     import onnx_ir as ir
     from onnxscript import opset18 as op
@@ -140,7 +307,9 @@ def cached_attention_onnx(q, k, v, past_k, past_v, scale: float):
     seqlens = op.Cast(op.Expand(op.Sub(total, const(np.array([1], np.int64))), op.Shape(q, start=0, end=1)), to=i32)
     total = op.Cast(op.Squeeze(total, const(np.array([0], np.int64))), to=i32)
     gqa = Op(MSFT, "GroupQueryAttention", _gqa_schema())
+    rotary = {} if cos_cache is None else {"do_rotary": 1, "rotary_interleaved": 0}
+    tables = () if cos_cache is None else (cos_cache, sin_cache)
     out, present_k, present_v = gqa(bshd(q, heads), bshd(k, kv_heads), bshd(v, kv_heads), past_k, past_v, seqlens,
-                                    total, num_heads=heads, kv_num_heads=kv_heads, scale=scale)
+                                    total, *tables, num_heads=heads, kv_num_heads=kv_heads, scale=scale, **rotary)
     out = op.Transpose(op.Reshape(out, const(np.array([0, 0, heads, head_dim], np.int64))), perm=[0, 2, 1, 3])
     return out, present_k, present_v

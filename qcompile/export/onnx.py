@@ -33,8 +33,8 @@ import torch
 
 import qcompile
 from qcompile.errors import ExportError
-from qcompile.export.gqa import attention_as_gqa, cached_attention, cached_attention_onnx
-from qcompile.export.onnx_rewrites import fold, fuse_for_ort, tie_lm_head
+from qcompile.export.gqa import attention_as_gqa, cached_attention, cached_attention_onnx, simplify_attention
+from qcompile.export.onnx_rewrites import fold, fuse_for_ort, quantize_vocab_tables, tie_lm_head
 from qcompile.passes.fuse_linears import fuse_shared_input_linears
 from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
 
@@ -123,7 +123,14 @@ def _int4_linears(gm: torch.fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("qcompile.linear"))
 
 
-def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str):
+def _step_inputs(layout: CacheLayout, past: int, seq: int) -> tuple:
+    """The decoder step's inputs for one sequence: ``seq`` new token ids and an all-zero cache of length ``past``."""
+    ids = torch.zeros(1, seq, dtype=torch.long)
+    return ids, *(torch.zeros(1, h, past, layout.head_dim) for h in layout.n_kv_heads for _ in (0, 1))
+
+
+def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str, max_positions: int,
+            vocab_bits: int | None = None):
     """torch.onnx (dynamo) export of the decoder step with batch, S and P dynamic; returns the ir.Model."""
     from qcompile.kernels.ort import pack_matmulnbits, translation_table, w4ax_as_matmulnbits
 
@@ -132,6 +139,7 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str):
     fuse_shared_input_linears(gm)
     n_ops = _int4_linears(gm)
     fused = attention_as_gqa(gm)
+    simplified = simplify_attention(gm, lambda past, seq: _step_inputs(layout, past, seq), max_positions)
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=8191)
     past_len = torch.export.Dim("past", min=0, max=8191)
     ids = torch.zeros(2, 3, dtype=torch.long)
@@ -150,8 +158,9 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str):
     model = prog.model
     fold(model, unpack_weights=int8_path == "matmulinteger")
     pack_matmulnbits(model)
-    notes = [tie_lm_head(model), f"attention: {fused} of {layout.layers} layers as GroupQueryAttention",
-             f"linears: {n_linears} INT4 linears in {n_ops} ops (those sharing an input fused)"]
+    notes = [quantize_vocab_tables(model, vocab_bits) if vocab_bits else tie_lm_head(model), f"attention: {fused} of {layout.layers} layers as GroupQueryAttention",
+             f"linears: {n_linears} INT4 linears in {n_ops} ops (those sharing an input fused)",
+             "attention inputs: " + (", ".join(f"{k} ×{v}" for k, v in simplified.items()) or "as captured")]
     fusions = fuse_for_ort(model)
     notes.append("fused: " + ", ".join(f"{k} ×{v}" for k, v in fusions.items()))
     if rewritten:
@@ -159,12 +168,16 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str):
     return model, rewritten, notes
 
 
+def _context_length(hf_config) -> int:
+    return int(getattr(hf_config, "max_position_embeddings", None) or 2048)
+
+
 def _genai_config(layout: CacheLayout, hf_config, tokenizer, filename: str) -> dict:
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     eos = eos if eos is not None else getattr(hf_config, "eos_token_id", 0)
     bos = getattr(hf_config, "bos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    ctx = int(getattr(hf_config, "max_position_embeddings", 2048))
+    ctx = _context_length(hf_config)
     return {
         "model": {
             "bos_token_id": bos if bos is not None else eos,
@@ -212,7 +225,8 @@ def export_onnx(source, out: str | Path, *, force: bool = False, int8_path: str 
                                                                            hf_config)
     _check_expressible(gm, lines, where)
     gm = with_kv_cache(gm, layout)
-    ir_model, rewritten, notes = _export(gm, layout, int8_path)
+    vocab_bits = recipe.weights.vocab_bits if recipe is not None and recipe.weights is not None else None
+    ir_model, rewritten, notes = _export(gm, layout, int8_path, _context_length(hf_config), vocab_bits)
     meta = {META_MODEL: spec, META_VERSION: qcompile.__version__, META_INT8: int8_path if rewritten else "none",
             META_NOTES: "\n".join(notes)}
     if recipe is not None:

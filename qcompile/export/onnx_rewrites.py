@@ -149,3 +149,87 @@ def tie_lm_head(model: ir.Model) -> str:
     extra = "" if identity else f" after an {X.shape[0]}×{X.shape[0]} matmul"
     return f"lm_head: reads the embedding table{extra} (relative residual {residual:.1e}); one {E.shape[0]}×" \
            f"{E.shape[1]} table stored instead of two"
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _vocab_codes(table: np.ndarray, bits: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(unsigned codes [V, H] with zero point 2^(b−1), scales [V, H/32]) of a table the recipe's ``vocab``
+    pass left on its grid; refuses a table whose codes do not reproduce it exactly."""
+    import torch
+
+    from qcompile.errors import ExportError
+    from qcompile.passes.vocab import VOCAB_GROUP, vocab_rtn
+
+    t = torch.from_numpy(np.array(table, dtype=np.float32))
+    if t.shape[1] % VOCAB_GROUP:
+        raise ExportError(f"{what}: width {t.shape[1]} is not a multiple of the vocabulary group {VOCAB_GROUP}")
+    qw = vocab_rtn(t, bits)
+    if not torch.equal(qw.weight, t):
+        raise ExportError(f"{what}: the table is not on the recipe's {bits}-bit vocabulary grid (was it quantized "
+                          "by weights.vocab_bits?)")
+    return qw.codes.numpy(), qw.scales.float().reshape(t.shape[0], -1).numpy()
+
+
+def _take_place(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """``new`` (one output) instead of ``old``: its output gets the old one's name, type and shape and users."""
+    before, after = old.outputs[0], new.outputs[0]
+    after.type, after.shape = before.type, before.shape
+    graph.insert_before(old, new)
+    before.replace_all_uses_with(after, replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+    after.name = before.name
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes, two per byte along the last axis, the first in the low nibble (onnxruntime's order)."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize_vocab_tables(model: ir.Model, bits: int) -> str:
+    """The embedding ``Gather`` as ``GatherBlockQuantized`` and the logits ``MatMul`` as ``MatMulNBits`` (``bits``
+    4 or 8, blocks of 32, symmetric: onnxruntime's default zero point 2^(b−1) is the grid's), on the codes of the
+    tables the ``vocab`` pass quantized. ``accuracy_level`` 0: the lm_head's input stays float, as in the
+    recipe. Returns a one-line report."""
+    from qcompile.passes.vocab import VOCAB_GROUP
+
+    graph = model.graph
+    done = []
+    gather = next((n for n in graph if n.op_type == "Gather" and n.domain == "" and len(n.inputs) == 2
+                   and n.inputs[1] is not None and n.inputs[1].name == "input_ids"
+                   and n.inputs[0].const_value is not None), None)
+    if gather is not None:
+        table = gather.inputs[0]
+        codes, scales = _vocab_codes(table.const_value.numpy(), bits, f"embedding {table.name}")
+        data = codes if bits == 8 else _pack_nibbles(codes)
+        new = ir.node("GatherBlockQuantized", [_initializer(graph, f"{table.name}_q{bits}", data), gather.inputs[1],
+                                               _initializer(graph, f"{table.name}_scales", scales)],
+                      attributes={"bits": bits, "block_size": VOCAB_GROUP, "gather_axis": 0, "quantize_axis": 1},
+                      domain="com.microsoft", name=f"{gather.name}.q{bits}")
+        _take_place(graph, gather, new)
+        if not table.uses():
+            graph.initializers.pop(table.name)
+        done.append("embedding as GatherBlockQuantized")
+    node = _logits_matmul(graph)
+    if node is not None:
+        lm = node.inputs[1]
+        L = np.asarray(lm.const_value.numpy()).T  # [V, H]
+        codes, scales = _vocab_codes(L, bits, f"lm_head {lm.name}")
+        V, H = codes.shape
+        data = codes.reshape(V, H // VOCAB_GROUP, VOCAB_GROUP)
+        data = data if bits == 8 else _pack_nibbles(data)
+        new = ir.node("MatMulNBits", [node.inputs[0], _initializer(graph, f"{lm.name}_q{bits}", data),
+                                      _initializer(graph, f"{lm.name}_scales", scales.reshape(-1))],
+                      attributes={"K": H, "N": V, "bits": bits, "block_size": VOCAB_GROUP, "accuracy_level": 0},
+                      domain="com.microsoft", name=f"{node.name}.q{bits}")
+        _take_place(graph, node, new)
+        if not lm.uses():
+            graph.initializers.pop(lm.name)
+        done.append("lm_head as MatMulNBits")
+    return f"vocabulary tables ({bits}-bit, g{VOCAB_GROUP}): " + (", ".join(done) or "no embedding Gather or "
+                                                                  "constant logits MatMul found")

@@ -31,6 +31,7 @@ from qcompile.errors import RecipeError
 from qcompile.graph.edit import FakeQuant
 from qcompile.passes import experts as moe
 from qcompile.passes.blockwise import quantize_blockwise
+from qcompile.passes.vocab import quantize_vocab
 from qcompile.program import PassReport, Program
 from qcompile.quant.gptq import HessianAccumulator, gptq_quantize
 from qcompile.quant.leanquant import leanquant_quantize
@@ -229,5 +230,7 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
             report.notes["routed tokens per expert"] = (f"min {tokens[0]}, median {tokens[len(tokens) // 2]}, max "
                                                         f"{tokens[-1]} over {len(tokens)} experts")
         report.notes["weights"] = f"{wq.method} {wq.spec.bits}-bit {'g' + str(wq.group_size) if wq.group_size else 'per-channel'}"
+        if wq.vocab_bits:
+            quantize_vocab(p, wq.vocab_bits, report)
     p.rematch()
     return p.done(report)

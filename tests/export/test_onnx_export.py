@@ -3,6 +3,8 @@ program; KV-cache decoding = full-sequence scoring; onnxruntime-genai runs the f
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -63,8 +65,19 @@ def test_checker_metadata_and_ops(exported):
     # block's input norm has none: 2 layers × 2 + the final norm − 1 = 4), no repeat of the cache
     assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
     assert ops.count("SkipSimplifiedLayerNormalization") == 4
+    # without a quantized K, R3 cancels and RoPE runs inside GroupQueryAttention (one cos/sin table pair); with
+    # KV4 both stay in the graph before it
+    rotary = {a.i for n in m.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+              if a.name == "do_rotary"}
+    tables = [i.name for i in m.graph.initializer if i.name.startswith("rope_")]
+    negated = {o for n in m.graph.node if n.op_type == "Neg" for o in n.output}
+    rotate_half = sum(1 for n in m.graph.node if n.op_type == "Concat" and n.input[0] in negated)
+    if "kv4" in name:
+        assert not rotary and not tables and rotate_half == 4  # RoPE of q and k, 2 layers
+    else:
+        assert rotary == {1} and len(tables) == 2 and rotate_half == 0
     # the lm_head reads the embedding table: one vocabulary-sized matrix in the file
-    vocab = [i.name for i in m.graph.initializer if 256 in i.dims and len(i.dims) == 2]
+    vocab = [i.name for i in m.graph.initializer if list(i.dims) == [256, 64]]
     assert len(vocab) == 1, vocab
     # online Hadamards are structured: no square float initializer of the FFN width (96) or more
     for init in m.graph.initializer:
@@ -108,6 +121,29 @@ def test_genai_generates_the_same_tokens(exported, ids):
     prompt = ids[0, :8]
     ours = generate(om, prompt[None], 8)[0, 8:].tolist()
     assert genai_generate(out, prompt.tolist(), 8) == ours
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_vocabulary_tables(bits, tmp_path, ids):
+    """weights.vocab_bits: the embedding and the lm_head as GatherBlockQuantized / MatMulNBits on the codes the
+    recipe chose, with the PyTorch program's logits (float32 rounding: the tables are exactly its values)."""
+    model = tiny("llama")
+    recipe = load_recipe("quarot").with_bits(a=16, kv=16, group=32)
+    recipe = dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, vocab_bits=bits))
+    program = lower(qc.compile(qc.capture(model), recipe, None, progress=False))
+    emb = program.weight(program.model_map.embedding.weight)
+    assert emb.reshape(-1, 32).unique(dim=None).numel() < emb.numel()  # on a grid now
+    out = export_onnx(program, tmp_path / "v", recipe=recipe, model="tiny:llama", hf_config=model.config)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and "Gather" not in ops
+    head = [n for n in m.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"]
+    assert [a.i for a in head[0].attribute if a.name == "bits"] == [bits]
+    assert not [i.name for i in m.graph.initializer if list(i.dims) in ([256, 64], [64, 256])
+                and i.data_type == onnx.TensorProto.FLOAT]  # no float table left
+    ref = program.logits(ids)
+    got = OrtModel(out, threads=2).logits(ids)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
