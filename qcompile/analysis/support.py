@@ -76,7 +76,7 @@ def _clean(reason, width: int = 120) -> str:
     """A reason as one kind of refusal reads at every site: node numbers, row ranges, op tuples and a leading node
     name dropped, cut at its first ``;`` outside parentheses and at a word boundary."""
     text = re.sub(r"\b([A-Za-z]\w*?)_\d+\b", r"\1", str(reason))
-    text = re.sub(r"\s*\((?:rows |aten\.|torch\.)[^)]*\)", "", text)
+    text = re.sub(r"\s*\((?:rows |aten\.|torch\.)(?:[^()]|\([^()]*\))*\)", "", text)  # one nested level: shapes
     text = re.sub(r"^(?:linear|addmm|matmul|grouped_mm_fallback): ", "", text)
     depth = 0
     for i, ch in enumerate(text):

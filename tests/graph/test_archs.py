@@ -192,3 +192,13 @@ def test_readme_support_table_says_what_these_tests_prove():
         assert row["lower"].startswith("✔") and "fake-quantized" not in row["lower"], arch
         assert ("grouped INT4 expert ops" in row["lower"]) == (arch in moe), arch
         assert ("routed experts each on its own tokens" in row["GPTQ"]) == (arch in moe), arch
+
+
+def test_refusal_reasons_read_the_same_at_every_site():
+    """The support table's reasons drop node numbers and op descriptions, nested shapes included."""
+    from qcompile.analysis.support import _clean
+
+    raw = ("attention not matched: k of scaled_dot_product_attention_3 (aten.scaled_dot_product_attention.default, "
+           "shape (2, 1, 32, 128)) does not come from exactly one linear: []; more detail")
+    assert _clean(raw) == ("attention not matched: k of scaled_dot_product_attention does not come from exactly one "
+                           "linear: []")
