@@ -187,6 +187,11 @@ def gpu_section(path: Path, fp: float | None) -> list[str]:
         "  (linears that share an input as one stack, CUDA-graph column loop); × FP against the CPU FP row;",
         "  quant time: wall time of passes, calibration and quantization on the GPU (load and capture excluded).",
         "",
+        "- peak GPU memory per row: " + ", ".join(f"{r['recipe']} {r['setting']} {r['peak_gpu_gib']} GiB"
+                                                  for r in rows.values()),
+        *([f"- not run yet: {', '.join(missing)}"] if (missing := [row_key(*r) for r in GPU_ROWS
+                                                                  if row_key(*r) not in rows]) else []),
+        "",
         "| setting | recipe | details | ppl 4×2048 | ppl 8×2048 | × FP (4) | quant time (s) |",
         "|---|---|---|---|---|---|---|",
         *[row_line(r, fp) for r in rows.values()],
