@@ -114,6 +114,18 @@ def test_kv_cache_decoding_matches_full_sequence(exported, ids):
     assert ((inc - full[:, :23]).abs().max() / full.abs().max()).item() < 1e-4
 
 
+def test_chunked_continuation_matches_full_sequence(exported, ids):
+    """A prompt fed in two chunks (P = 11, then S = 7 with a past): GroupQueryAttention's rotary must place the
+    second chunk at positions 11 … 17, as one full pass does."""
+    _, _, _, om = exported
+    seq = ids[:1, :18]
+    full = om.logits(seq)
+    first, cache = om.step(seq[:, :11], om.empty_cache(1))
+    second, _ = om.step(seq[:, 11:], cache)
+    got = torch.cat([first, second], 1)
+    assert ((got - full).abs().max() / full.abs().max()).item() < 1e-4
+
+
 def test_genai_generates_the_same_tokens(exported, ids):
     name, _, out, om = exported
     if name != "w4a8":
