@@ -126,7 +126,7 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     from qcompile.api import export_onnx
 
-    out = export_onnx(args.model, args.onnx, force=args.force, int8_path=args.int8)
+    out = export_onnx(args.model, args.onnx, force=args.force, int8_path=args.int8, accuracy_level=args.accuracy_level)
     print(f"exported {out}")
 
 
@@ -202,6 +202,9 @@ def main(argv=None) -> int:
     p.add_argument("model", help="a directory written by quantize")
     p.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX folder to write (model.onnx, genai_config)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 4),
+                   help="every INT4 MatMulNBits: 0 float activations, 4 onnxruntime's int8 per block (default: 0 "
+                        "for W4A16, 4 for A8)")
     p.add_argument("--int8", choices=["matmulnbits", "matmulinteger"], default="matmulnbits",
                    help="W4A8/W4A4 linears: 4-bit MatMulNBits (default; A8 with onnxruntime's int8 activations per "
                         "block, A4 by the recipe's per-token codes) or the recipe's per-token int8 codes and "

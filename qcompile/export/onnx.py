@@ -130,11 +130,12 @@ def _step_inputs(layout: CacheLayout, past: int, seq: int) -> tuple:
 
 
 def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str, max_positions: int,
-            vocab_bits: int | None = None):
+            vocab_bits: int | None = None, accuracy_level: int | None = None):
     """torch.onnx (dynamo) export of the decoder step with batch, S and P dynamic; returns the ir.Model."""
     from qcompile.kernels.ort import pack_matmulnbits, translation_table, w4ax_as_matmulnbits
 
     rewritten, level = w4ax_as_matmulnbits(gm) if int8_path == "matmulnbits" else (0, 0)
+    chosen = level if accuracy_level is None else accuracy_level
     n_linears = _int4_linears(gm)
     fuse_shared_input_linears(gm)
     n_ops = _int4_linears(gm)
@@ -150,7 +151,7 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str, max_p
         warnings.simplefilter("ignore")
         try:
             prog = torch.onnx.export(gm, (ids, *past), dynamic_shapes=dynamic, dynamo=True, input_names=ins,
-                                     output_names=outs, custom_translation_table=translation_table(level) | {cached_attention: cached_attention_onnx},
+                                     output_names=outs, custom_translation_table=translation_table(chosen) | {cached_attention: cached_attention_onnx},
                                      optimize=False, verbose=False)
         except Exception as e:  # the exporter raises many types; keep its first line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -165,6 +166,9 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str, max_p
     notes.append("fused: " + ", ".join(f"{k} ×{v}" for k, v in fusions.items()))
     if rewritten:
         notes.append(f"W4A8/W4A4: {rewritten} linears as MatMulNBits, accuracy_level {level}")
+    if chosen != level:
+        notes.append(f"accuracy_level {chosen} on every INT4 MatMulNBits as asked (onnxruntime's int8 activations "
+                     "per block of K)" if chosen else "accuracy_level 0 as asked (float activations)")
     return model, rewritten, notes
 
 
@@ -208,16 +212,21 @@ def _genai_config(layout: CacheLayout, hf_config, tokenizer, filename: str) -> d
 
 
 def export_onnx(source, out: str | Path, *, force: bool = False, int8_path: str = "matmulnbits",
-                model: str | None = None, recipe=None, tokenizer=None, hf_config=None) -> Path:
+                accuracy_level: int | None = None, model: str | None = None, recipe=None, tokenizer=None,
+                hf_config=None) -> Path:
     """Export a saved directory (``qcompile quantize``'s output) or a lowered ``Program`` to the ONNX folder
     ``out`` (see the module docstring). ``int8_path`` (W4A8/W4A4 linears): ``"matmulnbits"`` keeps the
     weights 4-bit in ``MatMulNBits`` (A8: ``accuracy_level=4``, onnxruntime's int8 activations per block of K —
     the same perplexity as the exact route on SmolLM2 and twice its speed; A4: the recipe's per-token codes
     exactly); ``"matmulinteger"`` computes the recipe's per-token int8 codes and ``MatMulInteger`` (exact A8;
-    the weights stored as int8). ``model``/``recipe``/``tokenizer``/
+    the weights stored as int8). ``accuracy_level`` (0 or 4) overrides the one chosen for every INT4
+    ``MatMulNBits``: 4 on a W4A16 model trades its float activations for onnxruntime's int8 compute (what the
+    onnxruntime-genai builder's int4 does by default). ``model``/``recipe``/``tokenizer``/
     ``hf_config`` describe a Program source (a directory records them)."""
     if int8_path not in INT8_PATHS:
         raise ExportError(f"int8_path must be one of {INT8_PATHS}, got {int8_path!r}")
+    if accuracy_level not in (None, 0, 4):
+        raise ExportError(f"accuracy_level must be 0 (float activations) or 4 (int8), got {accuracy_level!r}")
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; choose a new folder or pass --force to replace it")
@@ -226,7 +235,8 @@ def export_onnx(source, out: str | Path, *, force: bool = False, int8_path: str 
     _check_expressible(gm, lines, where)
     gm = with_kv_cache(gm, layout)
     vocab_bits = recipe.weights.vocab_bits if recipe is not None and recipe.weights is not None else None
-    ir_model, rewritten, notes = _export(gm, layout, int8_path, _context_length(hf_config), vocab_bits)
+    ir_model, rewritten, notes = _export(gm, layout, int8_path, _context_length(hf_config), vocab_bits,
+                                         accuracy_level)
     meta = {META_MODEL: spec, META_VERSION: qcompile.__version__, META_INT8: int8_path if rewritten else "none",
             META_NOTES: "\n".join(notes)}
     if recipe is not None:

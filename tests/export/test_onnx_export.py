@@ -158,6 +158,22 @@ def test_quantized_vocabulary_tables(bits, tmp_path, ids):
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
+def test_accuracy_level_is_the_users_choice(tmp_path, ids):
+    """accuracy_level=4 on a W4A16 model: every INT4 MatMulNBits computes with onnxruntime's int8 activations
+    (close to, not equal to, the float-activation program); a level other than 0 or 4 is refused."""
+    model, recipe, program = _lowered("w4a16")
+    out = export_onnx(program, tmp_path / "l4", recipe=recipe, model="tiny:llama", hf_config=model.config,
+                      accuracy_level=4)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    levels = [a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
+    assert levels == [4] * 8
+    ref, got = program.logits(ids), OrtModel(out, threads=2).logits(ids)
+    assert 0 < ((got - ref).abs().max() / ref.abs().max()).item() < 0.2
+    with pytest.raises(ExportError, match="accuracy_level must be 0 .* or 4"):
+        export_onnx(program, tmp_path / "l2", model="tiny:llama", accuracy_level=2)
+    assert not (tmp_path / "l2").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # refusals
 
