@@ -137,3 +137,59 @@ def test_quantize_plan_launches_what_the_generic_path_launches(recorder, monkeyp
     # codes, scales, zeros are fresh; the unused factor slots point at the build call's scales
     _same_launches(recorder, [{1, 2, 3, 4, 5, 6}])
     assert plans.call_quantize(x, 4, True, 1.0, False, 0) is None
+
+
+class Launcher36:
+    """The shape of Triton 3.6's ``CudaLauncher``: ``__call__`` allocates scratch, then calls ``launch``."""
+
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self):
+        self.calls = []
+        self.launch = lambda *a: self.calls.append(("c", a))
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        global_scratch = profile_scratch = None
+        self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl,
+                    global_scratch, profile_scratch, *args)
+
+
+class LauncherOther(Launcher36):
+    """Another argument order (as Triton 3.9's): never called directly."""
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata, *args):
+        self.calls.append(("py", (gridX, gridY, gridZ, stream, function, kernel_metadata, *args)))
+
+
+def _kernel(launcher):
+    k = FakeKernel([])
+    k.run = launcher
+    return k
+
+
+def test_bound_calls_a_36_launcher_directly_in_its_argument_order(monkeypatch):
+    monkeypatch.setattr(launch_mod, "_current", [lambda device: 7, lambda: 0])
+    k = _kernel(Launcher36())
+    b = launch_mod.Bound(k, (3, 2), (64, True))
+    b(11, 12)
+    (kind, args), = k.run.calls
+    assert kind == "c"
+    assert args == (3, 2, 1, 7, k.function, False, True, None, None, k.packed_metadata, None, None, None, 11, 12,
+                    64, True)
+    # the same call through the launcher's own __call__ gives the same C call
+    k.run.calls.clear()
+    k.run(3, 2, 1, 7, k.function, k.packed_metadata, None, None, None, 11, 12, 64, True)
+    assert k.run.calls == [("c", args)]
+
+
+def test_bound_takes_the_public_call_otherwise(monkeypatch):
+    monkeypatch.setattr(launch_mod, "_current", [lambda device: 7, lambda: 0])
+    other = _kernel(LauncherOther())
+    launch_mod.Bound(other, (5,), ())(1)
+    assert [c[0] for c in other.run.calls] == ["py"]
+    scratch = Launcher36()
+    scratch.global_scratch_size = 128  # needs scratch memory: only its __call__ allocates it
+    k = _kernel(scratch)
+    assert not launch_mod._direct(scratch) and launch_mod._direct(Launcher36())
+    assert launch_mod.Bound(k, (5,), ()).c_launch is None  # its __call__ allocates the scratch memory
