@@ -126,18 +126,22 @@ def build_rows(args) -> list[tuple[str, Path, str]]:
         export_onnx(qc.capture(model), fp, recipe=Recipe(name="fp"), model="smollm2-135m", tokenizer=tokenizer,
                     hf_config=model.config)
     rows.append(("fp32 ONNX (qcompile export, no quantization)", fp, "qcompile.export_onnx(capture(model))"))
-    for name, src, path in ((f"W4A16 {args.w4a16_label} (MatMulNBits)", args.w4a16, "matmulnbits"),
-                            (f"W4A8 {args.w4a8_label} (MatMulNBits accuracy_level 4: onnxruntime's int8 activations "
-                             "per block)", args.w4a8, "matmulnbits"),
-                            (f"W4A8 {args.w4a8_label} (MatMulInteger: the recipe's per-token int8 activations)",
-                             args.w4a8, "matmulinteger"),
-                            (f"W4A4 {args.w4a4_label} (per-token A4 codes, MatMulNBits)", args.w4a4, "matmulnbits")):
+    for name, src, path, level in (
+            (f"W4A16 {args.w4a16_label} (MatMulNBits, float activations)", args.w4a16, "matmulnbits", None),
+            (f"W4A16 {args.w4a16_label} (MatMulNBits accuracy_level 4, as the builder's int4 runs)", args.w4a16,
+             "matmulnbits", 4),
+            (f"W4A8 {args.w4a8_label} (MatMulNBits accuracy_level 4: onnxruntime's int8 activations per block)",
+             args.w4a8, "matmulnbits", None),
+            (f"W4A8 {args.w4a8_label} (MatMulInteger: the recipe's per-token int8 activations)", args.w4a8,
+             "matmulinteger", None),
+            (f"W4A4 {args.w4a4_label} (per-token A4 codes, MatMulNBits)", args.w4a4, "matmulnbits", None)):
         if not src:
             continue
-        out = work / f"{Path(src).name}-{path}"
+        out = work / f"{Path(src).name}-{path}{'' if level is None else f'-l{level}'}"
         if not out.exists():
-            export_onnx(src, out, int8_path=path)
-        rows.append((name, out, f"qcompile export {src} --onnx {out} --int8 {path}"))
+            export_onnx(src, out, int8_path=path, accuracy_level=level)
+        flag = "" if level is None else f" --accuracy-level {level}"
+        rows.append((name, out, f"qcompile export {src} --onnx {out} --int8 {path}{flag}"))
     if args.no_peer:
         return rows
     hf, peer = work / "hf", work / "peer-int4"

@@ -4,12 +4,16 @@ The ``kv_cache`` pass leaves each attention as ``cat(past, new)`` → repeat the
 ``scaled_dot_product_attention``: a dozen ONNX nodes per layer, copies of the whole cache per token (the
 repeat, the transposes). ``attention_as_gqa`` folds that pattern, found where the pass built it, into
 
-    qcompile::cached_attention(q [B, H, S, D], k, v [B, H_kv, S, D], past_k, past_v [B, H_kv, P, D], scale)
+    qcompile::cached_attention(q [B, H, S, D], k, v [B, H_kv, S, D], past_k, past_v [B, H_kv, P, D], scale,
+                               cos_cache?, sin_cache? [T, D/2])
         → (out [B, H, S, D], present_k, present_v [B, H_kv, P + S, D])
 
 whose reference is exactly the pass's algebra (``present = cat(past, new)``; head ``h`` reads kv head
-``h // (H / H_kv)``; query ``i`` sees keys ``j ≤ P + i``), and whose ONNX translation is one
-``GroupQueryAttention`` (rotary off: RoPE, R3 and K/V quantization already ran on q and k in the graph).
+``h // (H / H_kv)``; query ``i`` sees keys ``j ≤ P + i``; with the tables, rotate-half RoPE of q and k at positions
+P … P + S − 1 first), and whose ONNX translation is one ``GroupQueryAttention``. ``simplify_attention`` then
+cleans what feeds it: K/V straight from the kv heads, R3 dropped where it cancels (K not quantized), and RoPE
+moved into the op (GroupQueryAttention's rotary) where q and k reach it through RoPE alone — with a quantized
+K cache, RoPE, R3 and the K/V quantization stay in the graph before it.
 Export-only: the saved graphs keep the plain form.
 """
 
