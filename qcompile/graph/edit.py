@@ -15,6 +15,10 @@ The edits, and what each keeps true:
 - ``bypass(node)``: every reader of ``node`` reads its operand 0 (``x − mean(x)`` on a mean-free stream).
 - ``to_rms(norm)``: a fused LayerNorm op becomes an RMSNorm op with the same γ and ε (β dropped: it is 0).
 - ``add_bias(linear, name, value)``: the linear gets a bias (it had none), a new weight ``name``.
+- ``add_after(node, name, value)``: every reader of ``node`` reads ``node + β``, β a new weight ``name``
+  (a shift migrated into a bias-less norm: the matcher reads the add as the norm's β).
+- ``give_norm_weight(norm, name)``: a norm op without a scale gets γ = 1, a new weight ``name`` (LayerNorm
+  turned RMS in fx drops γ; a smoothing scale divides it).
 - ``lower_linear(linear, weight, packed)``: the linear becomes a quantized INT4 op on the packed weight,
   reading its input as the graph gives it (float: W4A16; a fake quantization, possibly of an online
   Hadamard: W4A8/W4A4 with the Hadamard fused); returns the label of the op.
@@ -90,6 +94,10 @@ class GraphEdit(Protocol):
     def to_rms(self, norm: str) -> None: ...
 
     def add_bias(self, linear: str, name: str, value: torch.Tensor) -> None: ...
+
+    def add_after(self, node: str, name: str, value: torch.Tensor) -> None: ...
+
+    def give_norm_weight(self, norm: str, name: str) -> None: ...
 
     def lower_linear(self, linear: str, weight: str, packed) -> str: ...
 

@@ -149,6 +149,25 @@ class FxGraph:
             raise QCompileError(f"cannot add a bias to {node.name} ({node.target})")
         node.args = (node.args[0], node.args[1], bias_node)
 
+    def add_after(self, node: str, name: str, value: torch.Tensor) -> None:
+        n = self.node(node)
+        beta = self.add_weight(name, value)
+        beta.meta["val"] = self.weight(name).detach()
+        with self.module.graph.inserting_after(n):
+            add = self.module.graph.call_function(aten.add.Tensor, (n, beta))
+        add.meta["val"] = n.meta.get("val")
+        n.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+
+    def give_norm_weight(self, norm: str, name: str) -> None:
+        node = self.node(norm)
+        if node.target not in (aten.rms_norm.default, aten.layer_norm.default) or \
+                (len(node.args) > 2 and node.args[2] is not None):
+            raise QCompileError(f"norm {norm} ({node.target}) cannot be given a scale parameter")
+        val = node.meta["val"]
+        gamma = self.add_weight(name, torch.ones(int(val.shape[-1]), dtype=val.dtype))
+        gamma.meta["val"] = self.weight(name).detach()
+        node.update_arg(2, gamma)
+
     def lower_linear(self, linear: str, weight: str, packed) -> str:
         """The linear as a ``qcompile.linear_w4a*`` op on ``packed`` (a ``formats.PackedWeight``)."""
         qops = _qops()

@@ -351,6 +351,20 @@ class OnnxGraph:
         self.model.graph.insert_after(root, add)
         self._take_over(y, add.outputs[0], "::nobias", keep=add)
 
+    def add_after(self, node: str, name: str, value: torch.Tensor) -> None:
+        x = self.value(node)
+        b = self.add_weight(name, value.to(_FLOATS.get(x.dtype, torch.float32)))
+        add = ir.Node("", "Add", [x, b], num_outputs=1, name=self._name(f"{node}::shift"))
+        add.outputs[0].shape, add.outputs[0].type = x.shape, x.type
+        self._place([add], x)
+        self._take_over(x, add.outputs[0], "::unshifted", keep=add, rename=False)
+
+    def give_norm_weight(self, norm: str, name: str) -> None:
+        """ONNX's norm ops (LayerNormalization, RMSNormalization, SimplifiedLayerNormalization) take their
+        scale as a required input, so a norm without one is a decomposed one: refused, naming it."""
+        raise QCompileError(f"{self.path}: norm {norm} ({self.members(norm)[0].op_type}) has no scale input to "
+                            "divide by a smoothing scale; not supported")
+
     def lower_linear(self, linear: str, weight: str, packed) -> str:
         """The linear as ``kernels/ort``'s translation of the INT4 op its input calls for."""
         from qcompile.kernels.ort import _linear_w4a16, linear_w4ax_onnx, quantize_per_token_onnx

@@ -161,3 +161,46 @@ def quantize_blockwise(program, targets: dict, quantize_linear: Callable, calibr
             carried = [seg.run([seg.stream_out], ids, stream)[0] for ids, stream in zip(batches, carried)]
         seg.release()
     bar.close()
+
+
+@torch.no_grad()
+def collect_values(program, windows: torch.Tensor, watch: dict[str, str],
+                   on_value: Callable[[str, torch.Tensor], None], progress: bool = False) -> None:
+    """Calibration statistics on an ONNX Program: ``on_value(key, x)`` for each watched ``{key: ONNX value
+    name}`` and every window, with x that value in float32 (``calibrate.collect``'s ONNX path).
+
+    Segment by segment as GPTQ runs (see the module docstring), one window at a time: each segment's session
+    computes its watched values and its residual-stream output, which alone is carried to the next; the
+    segments after the last watched value are not run. A value is read from the first segment that
+    computes it (the rotary tables and the mask are recomputed in each).
+    """
+    graph = program.graph
+    segs = segments(graph, program.model_map)
+    by_value: dict[str, list[str]] = {}
+    for key, name in watch.items():
+        by_value.setdefault(name, []).append(key)
+    owner: dict[int, list[ir.Value]] = {}
+    for name in by_value:
+        v = graph.value(name)
+        k = next((k for k, s in enumerate(segs) if v.producer() in s.node_set), None)
+        if k is None:
+            raise QCompileError(f"{graph.path}: value {name} is computed by no node of the model's blocks")
+        owner.setdefault(k, []).append(v)
+    ids_dtype = np.int32 if graph.model.graph.inputs[0].dtype == ir.DataType.INT32 else np.int64
+    # one window per run: onnxruntime's RotaryEmbedding refuses a batch over [1, S, D] tables
+    ids = [w[None].numpy().astype(ids_dtype) for w in windows]
+    carried: list = [None] * len(ids)
+    last = max(owner, default=-1)
+    for k in tqdm(range(last + 1), desc="calibrate (onnxruntime)", unit="block", disable=not progress):
+        seg, values = segs[k], owner.get(k, [])
+        outputs = values + ([seg.stream_out] if k < last else [])
+        if not outputs:
+            continue
+        for i, (w, stream) in enumerate(zip(ids, carried)):
+            results = seg.run(outputs, w, stream)
+            for v, x in zip(values, results):
+                for key in by_value[v.name]:
+                    on_value(key, torch.from_numpy(x))
+            if k < last:
+                carried[i] = results[-1]
+        seg.release()

@@ -3,6 +3,9 @@
 One graph interpreter serves every transform that needs activation statistics (SmoothQuant's per-channel
 maxima, OS+'s min/max, DuQuant's outlier channels): it runs the Program on batches of windows and
 reduces the operand of each watched node over all tokens, so memory stays bounded by one batch.
+An ONNX Program is run in onnxruntime instead, block by block and one window at a time, the watched
+operands being extra outputs of each block's session (``graph.onnx_run.collect_values``); the node names
+are the OpGraph's on both IRs, so a pass asks for the same statistics whatever the IR.
 NaN or inf in a watched value is refused, naming the node.
 """
 
@@ -59,14 +62,14 @@ class _Watcher(fx.Interpreter):
     def run_node(self, n: fx.Node):
         pos = self.watch.get(n.name)
         if pos is not None:
-            _observe(n, self.env[n.args[pos]], self.stats, self.keep, self.make)
+            _observe(n.name, self.env[n.args[pos]], self.stats, self.keep, self.make)
         return super().run_node(n)
 
 
-def _observe(n: fx.Node, value: torch.Tensor, stats: dict, keep: int, make) -> None:
+def _observe(name: str, value: torch.Tensor, stats: dict, keep: int, make) -> None:
     if not bool(torch.isfinite(value).all()):
-        raise CalibrationError(f"calibration: NaN/inf in the input of node {n.name}")
-    stats.setdefault(n.name, make()).update(value, keep)
+        raise CalibrationError(f"calibration: NaN/inf in the input of node {name}")
+    stats.setdefault(name, make()).update(value, keep)
 
 
 @torch.no_grad()
@@ -77,15 +80,23 @@ def collect(program: Program, windows: torch.Tensor, watch: dict[str, int], batc
 
     ``keep_tokens`` > 0 also keeps that many token rows per node (for searches that need samples).
     ``make`` builds each node's accumulator: a ``ChannelStats`` subclass that reduces more (e.g. moments).
+    On an ONNX Program it runs in onnxruntime (see the module docstring; ``batch`` and ``device`` unused).
     With ``device`` the graph runs block by block there (``passes.blockwise``), the weights staying where
     they are; each node still sees the batches in order, so the statistics are the same.
     """
     stats: dict[str, ChannelStats] = {}
+    if program.ir == "onnx":
+        from qcompile.graph.onnx_run import collect_values
+
+        og = program.graph.opgraph()
+        values = {n: og.operand(n, pos) for n, pos in watch.items()}
+        collect_values(program, windows, values, lambda n, x: _observe(n, x, stats, keep_tokens, make), progress)
+        return stats
     if device is not None:
         def on_node(n, env):
             pos = watch.get(n.name)
             if pos is not None:
-                _observe(n, env[n.args[pos]], stats, keep_tokens, make)
+                _observe(n.name, env[n.args[pos]], stats, keep_tokens, make)
 
         collect_blockwise(program, windows, on_node, set(watch), batch=batch, device=device, progress=progress)
         return stats

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.analysis.modelmap import ModelMap, Norm
+from qcompile.graph.opgraph import OpGraph
 from qcompile.errors import UnsafeRewriteError
 from qcompile.passes import weights
 from qcompile.program import PassReport, Program
 
-aten = torch.ops.aten
 POSITIVELY_HOMOGENEOUS = ("relu",)
 
 
@@ -58,9 +58,10 @@ class Site:
 
 
 def sites(mm: ModelMap, kinds: tuple[str, ...], report: PassReport | None = None,
-          graph=None) -> list[Site]:
+          graph: OpGraph | None = None) -> list[Site]:
     """The migration sites of the map, in block order; a site that cannot be migrated is skipped with its
-    reason in ``report``. ``graph`` (the fx graph) lets up_down refuse a down input behind an online op."""
+    reason in ``report``. ``graph`` (the Program's OpGraph, fx or ONNX) lets up_down refuse a down input
+    behind an online op."""
     out = []
     for b in mm.blocks:
         a, f = b.attention, b.ffn
@@ -96,12 +97,12 @@ def _skip(report, site, why):
         report.skip(site, why)
 
 
-def _behind_online_op(graph, node_name: str) -> bool:
-    node = next(n for n in graph.nodes if n.name == node_name)
-    x = node.args[0]
-    while x.op == "call_function" and x.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-        x = x.args[0]
-    return "qcompile.hadamard" in str(x.target) or x.meta.get("qcompile") == "online"
+def _behind_online_op(graph: OpGraph, node: str) -> bool:
+    """Whether ``node``'s input is (a view of) an online Hadamard or DuQuant transform's output."""
+    x = graph.operand(node, 0)
+    while x is not None and graph.kind(x) == "view":
+        x = graph.operand(x, 0)
+    return x is not None and graph.kind(x) in ("hadamard", "transform")
 
 
 def watch_map(site_list: list[Site]) -> dict[str, int]:
@@ -187,15 +188,9 @@ def _ensure_norm_weight(p: Program, norm: Norm) -> Norm:
     """Give a norm without γ (LayerNorm → rms_norm after folding drops it) a γ = 1 to divide by s."""
     if norm.weight:
         return norm
-    node = p.node(norm.node)
-    if node.target not in (aten.rms_norm.default, aten.layer_norm.default) or norm.bias:
-        raise UnsafeRewriteError(f"norm {norm.node} ({node.target}) has no scale parameter to divide by s; "
-                                 "not supported")
-    hidden = node.meta["val"].shape[-1]
-    name = f"qcompile_norms.{norm.node}.weight"
-    gamma = p.add_weight(name, torch.ones(int(hidden), dtype=node.meta["val"].dtype))
-    gamma.meta["val"] = p.weight(name).detach()
-    node.update_arg(2, gamma)
+    if norm.bias:
+        raise UnsafeRewriteError(f"norm {norm.node} has a bias but no scale parameter to divide by s; not supported")
+    p.graph.give_norm_weight(norm.node, f"qcompile_norms.{norm.node}.weight")
     p.rematch()
     return _norm_now(p, norm)
 
@@ -208,26 +203,12 @@ def _ensure_norm_bias(p: Program, norm: Norm) -> Norm:
         raise UnsafeRewriteError(f"norm {norm.node} has no scale parameter to name a shift after; not supported")
     base = norm.weight[: -len(".weight")] if norm.weight.endswith(".weight") else norm.weight
     name = base + ".bias"
-    if hasattr_path(p.module, name):
+    if p.graph.has_weight(name):
         name = base + ".shift"
     ref = p.weight(norm.weight)
-    beta = p.add_weight(name, torch.zeros(ref.shape[-1], dtype=ref.dtype))
-    beta.meta["val"] = p.weight(name).detach()
-    out = p.node(norm.node)
-    with p.module.graph.inserting_after(out):
-        add = p.module.graph.call_function(aten.add.Tensor, (out, beta))
-    add.meta["val"] = out.meta.get("val")
-    out.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+    p.graph.add_after(norm.node, name, torch.zeros(ref.shape[-1], dtype=ref.dtype))
     p.rematch()
     return _norm_now(p, norm)
-
-
-def hasattr_path(mod, name: str) -> bool:
-    for part in name.split("."):
-        if not hasattr(mod, part):
-            return False
-        mod = getattr(mod, part)
-    return True
 
 
 def _rescale_norm(p: Program, norm: Norm, s: torch.Tensor | None, z: torch.Tensor | None) -> None:

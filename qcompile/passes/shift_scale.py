@@ -215,7 +215,7 @@ def shift_scale(program: Program, options: ShiftScaleOptions | None = None, *, c
     floor = floor or _official_floor(program)
     kinds = ("norm",) + (("up_down",) if up_down and scale else ())
     site_list = []
-    for site in migrate.sites(mm, kinds, report, p.module.graph):
+    for site in migrate.sites(mm, kinds, report, p.graph.opgraph()):
         if site.kind == "norm" and any(mm.linears[r].experts for r in site.readers):
             report.skip(site.name, "MoE FFN norm: the routed experts' cone is not searched")
         else:

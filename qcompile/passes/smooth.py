@@ -44,7 +44,7 @@ def smooth(program: Program, options: SmoothOptions | None = None, *, calibratio
     alpha = opts.alpha
     p = program.clone()
     report = PassReport("smooth")
-    site_list = migrate.sites(p.model_map, _kinds(opts.norms, opts.v_o, opts.up_down), report, p.module.graph)
+    site_list = migrate.sites(p.model_map, _kinds(opts.norms, opts.v_o, opts.up_down), report, p.graph.opgraph())
     stats = collect(p, calibration, migrate.watch_map(site_list), batch=opts.batch, progress=False)
     for site in site_list:
         act = migrate.reduce_heads(site, migrate.merged(stats, site, "absmax"))

@@ -20,12 +20,16 @@ from qcompile.export.onnx import META_RECIPE
 from qcompile.export.runtime import OrtModel
 from qcompile.graph.onnx import export_tiny_onnx
 from qcompile.models import TINY_ARCHS
+from qcompile.passes import migrate
+from qcompile.passes.calibrate import collect, linear_inputs
 from qcompile.passes.fold_norms import fold_norms
 from qcompile.passes.lower import lower
 from qcompile.passes.online_hadamard import online_hadamard
+from qcompile.passes.quantize import role
 from qcompile.passes.rotate import rotate
+from qcompile.passes.smooth import smooth
 from qcompile.pipeline import plan
-from qcompile.program import Program
+from qcompile.program import PassReport, Program
 from qcompile.recipe import load_recipe
 
 TOL = 1e-4
@@ -191,5 +195,77 @@ def test_unknown_op_on_the_residual_stream_is_named(onnx_file, tmp_path):
 
 def test_passes_not_ported_are_refused_at_plan(onnx_file):
     p = Program.from_onnx(onnx_file("llama"))
-    with pytest.raises(QCompileError, match="smooth .*does not run on onnx graphs"):
-        plan(p.model_map, load_recipe("smoothquant"), p.ir)
+    with pytest.raises(QCompileError, match="shift_scale .*does not run on onnx graphs"):
+        plan(p.model_map, load_recipe("osplus"), p.ir)
+    assert any(line.startswith("smooth: ") for line in plan(p.model_map, load_recipe("smoothquant"), p.ir))
+
+
+# --- calibration statistics and the migration passes on both IRs ------------------------------------------
+
+
+def _windows():
+    return torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(2))
+
+
+def test_calibration_statistics_alike_on_fx_and_onnx(tiny_programs, onnx_file):
+    """``calibrate.collect`` on an ONNX Program (onnxruntime, block by block) gives the fx statistics for the
+    same OpGraph nodes: every linear input's per-channel min, max and token count."""
+    _, fx_program = tiny_programs["llama"]
+    onnx_program = Program.from_onnx(onnx_file("llama"))
+    stats = {}
+    for ir_, p in (("fx", fx_program), ("onnx", onnx_program)):
+        by_role = {}
+        for name, st in collect(p, _windows(), linear_inputs(p), progress=False).items():
+            by_role.setdefault(role(p.model_map, name), []).append(st)
+        stats[ir_] = by_role
+    assert stats["fx"].keys() == stats["onnx"].keys() and len(stats["fx"]) >= 7
+    for r, fx_stats in stats["fx"].items():
+        assert len(fx_stats) == len(stats["onnx"][r])
+        for a, b in zip(fx_stats, stats["onnx"][r]):  # blocks in order on both sides
+            assert a.tokens == b.tokens == 3 * 32
+            assert max_rel_error(b.max, a.max) <= TOL and max_rel_error(b.min, a.min) <= TOL
+
+
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_smooth_exact_on_fx_and_onnx(arch, fold, tiny_programs, tiny_ids, onnx_file):
+    """SmoothQuant, written once against the graph interface: exact on both IRs, the same sites, and the same
+    scales (the q weight of block 0 agrees across IRs, whatever axes the ONNX file stores it in)."""
+    model, fx_program = tiny_programs[arch]
+    with torch.no_grad():
+        ref = model(input_ids=tiny_ids).logits
+    outs = {}
+    for ir_, p in (("fx", fx_program), ("onnx", Program.from_onnx(onnx_file(arch)))):
+        out = smooth(fold_norms(p) if fold else p, calibration=_windows(), alpha=0.5, v_o=True, up_down=True)
+        assert max_rel_error(out.logits(tiny_ids), ref) <= TOL
+        outs[ir_] = out
+    assert _counts(outs["fx"]) == _counts(outs["onnx"])
+    counts = outs["onnx"].reports[-1].counts
+    assert counts["scaled norm"] == 2 * len(fx_program.model_map.blocks)
+    w = {}
+    for ir_, out in outs.items():
+        lin = out.model_map.linears[out.model_map.blocks[0].attention.q.linear]
+        w[ir_] = out.weight(lin.weight).detach().movedim((lin.out_axis, lin.in_axis), (-2, -1))
+    assert max_rel_error(w["onnx"], w["fx"]) <= TOL
+    before = fx_program.model_map.linears[fx_program.model_map.blocks[0].attention.q.linear].weight
+    assert (w["fx"] - fx_program.weight(before)).abs().max() > 1e-4  # it did rewrite
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_shift_into_a_norm_exact_on_fx_and_onnx(arch, tiny_programs, tiny_ids, onnx_file):
+    """OS+'s shift X ← X − z migrated into a norm creates β as ``add(norm, β)`` (the ``add_after`` edit) and
+    biases in the readers; exact on both IRs, and the matcher reads the add back as the norm's β."""
+    model, fx_program = tiny_programs[arch]
+    with torch.no_grad():
+        ref = model(input_ids=tiny_ids).logits
+    for p in (fx_program, Program.from_onnx(onnx_file(arch))):
+        q = fold_norms(p).clone()
+        report = PassReport("shift")
+        site = migrate.sites(q.model_map, ("norm",), report)[0]
+        z = torch.linspace(-0.5, 0.5, q.model_map.hidden, dtype=torch.float64)
+        migrate.migrate(q, site, torch.full_like(z, 2.0), z, report)
+        q.rematch()
+        q.done(report)
+        assert report.counts == {"scaled norm": 1, "shifted norm": 1}
+        assert q.model_map.blocks[0].attn_norm.bias is not None
+        assert max_rel_error(q.logits(tiny_ids), ref) <= TOL
