@@ -99,13 +99,16 @@ class Segment:
         """Drop the segment's sessions (their memory) once its block is done."""
         self._sessions.clear()
 
-    def run(self, outputs: list[ir.Value], ids: np.ndarray, stream: np.ndarray | None) -> list[np.ndarray]:
+    def run(self, outputs: list[ir.Value], ids: np.ndarray, stream: np.ndarray | None,
+            weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """``outputs`` for token ids ``ids`` and the carried ``stream``; ``weights`` replace the Program's."""
         s = self.session(outputs)
-        id_names, stream_name, weights = s.qcompile_feeds
+        id_names, stream_name, names = s.qcompile_feeds
         feed = {n: ids for n in id_names}
         if stream_name is not None:
             feed[stream_name] = stream
-        feed |= {w: self.graph.weights[w].numpy() for w in weights}
+        weights = weights or {}
+        feed |= {w: weights[w] if w in weights else self.graph.weights[w].numpy() for w in names}
         return s.run([v.name for v in outputs], feed)
 
 
@@ -204,3 +207,58 @@ def collect_values(program, windows: torch.Tensor, watch: dict[str, str],
             if k < last:
                 carried[i] = results[-1]
         seg.release()
+
+
+_PASS_THROUGH = ("Cast", "CastLike", "Identity", "Reshape")  # per-token quantization commutes with them
+
+
+class Cone:
+    """The sub-graph from value ``start`` to value ``end`` (OS+'s search: a norm's output to the attention
+    output, or to act(gate)·up; down's input to its output), run in onnxruntime with ``start`` fed and the
+    readers' weights replaced. The other values it reads (rotary tables, the mask) are recomputed from the
+    search windows' ids. The twin of ``passes/shift_scale._Cone``: ``start``/``end`` name the recorded
+    values, ``run`` computes ``end``.
+
+    The readers' input fake quantization is applied to the fed ``start`` value, so every node of the cone
+    that reads ``start``'s values must be a reader, possibly through casts and reshapes (refused otherwise,
+    naming the node); ``Shape`` and ``CastLike``'s type operand read none."""
+
+    def __init__(self, program, start: str, end: str, readers, windows: torch.Tensor):
+        g = program.graph
+        self.program, self.start, self.end = program, start, end
+        self.reader_names = list(readers)
+        order = {n: i for i, n in enumerate(g.model.graph)}
+        self.segment = Segment(g, g.value(start), g.value(end), order)
+        members = {n for r in self.reader_names for n in g.members(r)}
+        stack = [g.value(start)]
+        while stack:
+            for user, pos in stack.pop().uses():
+                if user not in self.segment.node_set or user in members or user.op_type == "Shape" or \
+                        (user.op_type == "CastLike" and pos == 1):
+                    continue  # outside, a reader, or reads only the shape or type
+                if user.op_type in _PASS_THROUGH and pos == 0:
+                    stack.append(user.outputs[0])  # a cast or reshape on the way to the readers
+                    continue
+                raise QCompileError(f"{g.path}: {user.name} ({user.op_type}) reads {start} inside the search cone "
+                                    f"{start}→{end} but is none of its readers {self.reader_names}")
+        ids_dtype = np.int32 if g.model.graph.inputs[0].dtype == ir.DataType.INT32 else np.int64
+        self.ids = [w[None].numpy().astype(ids_dtype) for w in windows]
+
+    def run(self, x: torch.Tensor, values: dict, linears: dict | None = None, a_quant=None) -> torch.Tensor:
+        """``end`` with ``start`` = x [windows, ...]; ``linears`` {reader: (W [out, in], b)} replace the
+        readers' weights (and biases) and ``a_quant`` fake-quantizes their input."""
+        mm = self.program.model_map
+        x = a_quant(x) if a_quant else x
+        feed = {}
+        for name, (w, b) in (linears or {}).items():
+            lin = mm.linears[name]
+            feed[lin.weight] = w.float().movedim((-2, -1), (lin.out_axis, lin.in_axis)).contiguous().numpy()
+            if b is not None:
+                if not lin.bias:
+                    raise QCompileError(f"{self.program.graph.path}: reader {name} has no bias to replace")
+                feed[lin.bias] = b.float().numpy()
+        end = self.program.graph.value(self.end)
+        # x holds the windows' values concatenated on axis 0, [n, S, K] or [n·S, K] (a graph that flattens tokens)
+        outs = [self.segment.run([end], ids, xi.float().contiguous().numpy(), feed)[0]
+                for ids, xi in zip(self.ids, x.chunk(len(self.ids)))]
+        return torch.from_numpy(np.concatenate(outs))

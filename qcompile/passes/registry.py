@@ -34,7 +34,8 @@ class Pass:
 _BOUND = {
     "fold_norms": dict(run=fold_norms.fold_norms, plan=fold_norms.plan, per_site=True, onnx=True),
     "smooth": dict(run=smooth.smooth, plan=smooth.plan, calibration=True, onnx=True),
-    "shift_scale": dict(run=shift_scale.shift_scale, plan=shift_scale.plan, calibration=True, progress=True),
+    "shift_scale": dict(run=shift_scale.shift_scale, plan=shift_scale.plan, calibration=True, progress=True,
+                        onnx=True),
     "rotate": dict(run=rotate.rotate, plan=rotate.plan, per_site=True, onnx=True),
     "spinquant": dict(run=spinquant.spinquant, plan=spinquant.plan, calibration=True, progress=True),
     "duquant": dict(run=duquant.duquant, plan=duquant.plan, calibration=True, progress=True),

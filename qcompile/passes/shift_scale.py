@@ -26,6 +26,10 @@ layer's values alive. Departures from the official code, by design or simplifica
 - MoE FFN norms are skipped (the routed cone is not evaluated), reported.
 - ``coarse`` searches the official grid coarse-to-fine instead of point by point: T_max/0.5 thresholds
   are ~6000 cone evaluations at SmolLM2's massive down-projection inputs (|x| ≈ 3000).
+
+On an ONNX Program the statistics come from onnxruntime (``calibrate.collect``) and each cone is an
+onnxruntime session from X to the output (``graph.onnx_run.Cone``), fed the readers' candidate weights;
+the search and the migration are the same code as on fx.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class _Cone:
         inside = set(self.nodes) | {start}
         self.outside = {a for n in self.nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
         self.readers = [n for n in self.nodes if n.name in readers]
+        self.reader_names = [n.name for n in self.readers]
         if len(self.readers) != len(readers):
             raise UnsafeRewriteError(f"the search cone {start.name}→{end.name} misses readers "
                                      f"{sorted(readers - {n.name for n in self.readers})}")
@@ -151,20 +156,53 @@ def _site_cone(p: Program, site: migrate.Site) -> _Cone:
     return _Cone(gm, start, end, set(site.readers))
 
 
-def _reader_weights(p: Program, cone: _Cone, s, z, w_spec):
+def _reader_weights(p: Program, cone, s, z, w_spec):
+    """{reader: (W·diag(s) quantized, b + W·z)} in [out, in] layout, for the cone's run."""
     out = {}
-    for n in cone.readers:
-        lin = p.model_map.linears[n.name]
+    for name in cone.reader_names:
+        lin = p.model_map.linears[name]
         if lin.experts:
-            raise UnsafeRewriteError(f"expert reader {n.name} in an OS+ search")
-        w = migrate_attr(p.module, lin.weight).detach().double().movedim((lin.out_axis, lin.in_axis), (-2, -1))
-        b = migrate_attr(p.module, lin.bias).detach().double() if lin.bias else None
+            raise UnsafeRewriteError(f"expert reader {name} in an OS+ search")
+        w = p.weight(lin.weight).detach().double().movedim((lin.out_axis, lin.in_axis), (-2, -1))
+        b = p.weight(lin.bias).detach().double() if lin.bias else None
         if z is not None:
             b = (w @ z) if b is None else b + w @ z
         ws = w * s if s is not None else w
         wq = fake_quantize(ws.float(), w_spec) if w_spec else ws.float()
-        out[n.name] = (wq, b.float() if b is not None else None)
+        out[name] = (wq, b.float() if b is not None else None)
     return out
+
+
+def _onnx_cones(p: Program, plans: list, windows: torch.Tensor) -> tuple[dict, dict, Program]:
+    """The search cones of an ONNX Program (``graph.onnx_run.Cone``) and their recorded start/end values.
+
+    The cones run on a copy in which every bias-less reader of a shifted site has a zero bias (the
+    ``add_bias`` edit), so the search can feed b = W·z as the fx cone computes it; the Program itself
+    gets biases only where ``migrate`` puts them."""
+    from qcompile.graph.onnx_run import Cone, collect_values
+    from qcompile.passes import weights
+
+    q = p.clone()
+    for site, _, _, z in plans:
+        for r in site.readers if z is not None else ():
+            lin = q.model_map.linears[r]
+            if lin.bias is None:
+                weights.add_to_bias(q, lin, torch.zeros(lin.out_features, dtype=torch.float64))
+    q.rematch()
+    og = q.graph.opgraph()
+    cones = {}
+    for site, *_ in plans:
+        b = q.model_map.blocks[site.block]
+        if site.kind == "norm":
+            start = migrate._norm_now(q, site.norm).node
+            end = b.attention.node if site.norm.node == b.attn_norm.node else og.skip_views_back(og.operand(b.ffn.down, 0))
+        else:
+            start, end = og.operand(site.readers[0], 0), site.readers[0]
+        cones[site.name] = Cone(q, start, end, site.readers, windows)
+    values: dict[str, list] = {}
+    watch = {v: v for c in cones.values() for v in (c.start, c.end)}  # one cone's end may be the next one's start
+    collect_values(q, windows, watch, lambda name, x: values.setdefault(name, []).append(x))
+    return cones, {k: torch.cat(v) for k, v in values.items()}, q
 
 
 def search_order(n: int, coarse: int, best_of) -> list[int]:
@@ -231,19 +269,23 @@ def shift_scale(program: Program, options: ShiftScaleOptions | None = None, *, c
         plans.append((site, lo, hi, z))
     found = {}
     if scale and plans:
-        cones = {site.name: _site_cone(p, site) for site, *_ in plans}
-        needed = {n for c in cones.values() for n in (c.outside | {c.start, c.end})}
-        rec = _Recorder(p.module, needed)
-        rec.run(calibration[:search_windows].to(p.device))
+        if p.ir == "onnx":
+            cones, values, searched = _onnx_cones(p, plans, calibration[:search_windows])
+        else:
+            cones = {site.name: _site_cone(p, site) for site, *_ in plans}
+            needed = {n for c in cones.values() for n in (c.outside | {c.start, c.end})}
+            rec = _Recorder(p.module, needed)
+            rec.run(calibration[:search_windows].to(p.device))
+            values, searched = rec.values, p
         for site, lo, hi, z in tqdm(plans, desc="shift_scale search", unit="site", disable=not progress):
             cone = cones[site.name]
             t_max = float(torch.maximum(hi.abs(), lo.abs()).max())
             grid = threshold_grid(t_max, floor, max_steps)
-            err, t, s, tried = _search(p, cone, rec.values, lo, hi, z, grid, w_spec, a_bits, coarse)
+            err, t, s, tried = _search(searched, cone, values, lo, hi, z, grid, w_spec, a_bits, coarse)
             found[site.name] = s
             report.sites.append(f"{site.name}: t = {t:.4g} of T_max {t_max:.4g}, {int((s > 1).sum())} channels "
                                 f"scaled, search MSE {err:.4g} ({tried} of {len(grid)} thresholds tried)")
-        del rec
+        del values, cones
     for site, lo, hi, z in plans:
         s = found.get(site.name)
         if s is not None and bool((s == 1).all()):

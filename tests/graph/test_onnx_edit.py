@@ -27,6 +27,7 @@ from qcompile.passes.lower import lower
 from qcompile.passes.online_hadamard import online_hadamard
 from qcompile.passes.quantize import role
 from qcompile.passes.rotate import rotate
+from qcompile.passes.shift_scale import shift_scale
 from qcompile.passes.smooth import smooth
 from qcompile.pipeline import plan
 from qcompile.program import PassReport, Program
@@ -195,9 +196,10 @@ def test_unknown_op_on_the_residual_stream_is_named(onnx_file, tmp_path):
 
 def test_passes_not_ported_are_refused_at_plan(onnx_file):
     p = Program.from_onnx(onnx_file("llama"))
-    with pytest.raises(QCompileError, match="shift_scale .*does not run on onnx graphs"):
-        plan(p.model_map, load_recipe("osplus"), p.ir)
+    with pytest.raises(QCompileError, match="duquant .*does not run on onnx graphs"):
+        plan(p.model_map, load_recipe("duquant"), p.ir)
     assert any(line.startswith("smooth: ") for line in plan(p.model_map, load_recipe("smoothquant"), p.ir))
+    assert any(line.startswith("shift_scale: ") for line in plan(p.model_map, load_recipe("osplus"), p.ir))
 
 
 # --- calibration statistics and the migration passes on both IRs ------------------------------------------
@@ -269,3 +271,26 @@ def test_shift_into_a_norm_exact_on_fx_and_onnx(arch, tiny_programs, tiny_ids, o
         assert report.counts == {"scaled norm": 1, "shifted norm": 1}
         assert q.model_map.blocks[0].attn_norm.bias is not None
         assert max_rel_error(q.logits(tiny_ids), ref) <= TOL
+
+
+def _thresholds(report):
+    """Each searched site's chosen threshold and scaled channel count (the search MSE differs in rounding)."""
+    return [line.split(", search MSE")[0] for line in report.sites if ", search MSE" in line]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_shift_scale_alike_on_fx_and_onnx(arch, tiny_programs, tiny_ids, onnx_file):
+    """OS+ (shift, and the threshold search in a cone of the graph: torch on fx, onnxruntime on ONNX) is exact
+    on both IRs, rewrites the same sites and chooses the same threshold at every site."""
+    model, fx_program = tiny_programs[arch]
+    with torch.no_grad():
+        ref = model(input_ids=tiny_ids).logits
+    outs = {}
+    for ir_, p in (("fx", fx_program), ("onnx", Program.from_onnx(onnx_file(arch)))):
+        out = shift_scale(fold_norms(p), calibration=_windows(), max_steps=8, progress=False)
+        assert max_rel_error(out.logits(tiny_ids), ref) <= TOL
+        outs[ir_] = out
+    assert _counts(outs["fx"]) == _counts(outs["onnx"])
+    chosen = [_thresholds(out.reports[-1]) for out in outs.values()]
+    assert chosen[0] == chosen[1] and len(chosen[0]) >= len(fx_program.model_map.blocks)
+    assert outs["onnx"].reports[-1].counts.get("shifted norm") == 2 * len(fx_program.model_map.blocks)
