@@ -23,9 +23,11 @@ The edits, and what each keeps true:
   reading its input as the graph gives it (float: W4A16; a fake quantization, possibly of an online
   Hadamard: W4A8/W4A4 with the Hadamard fused); returns the label of the op.
 
-The online ops (``Online``) are a Hadamard over the last axis and a per-token fake quantization; fx
-inserts ``torch.ops.qcompile.*`` calls, ONNX calls to model-local functions of the ``qcompile`` domain whose
-bodies are ``kernels/ort``'s translations of the same ops.
+The online ops (``Online``) are a Hadamard over the last axis, a per-token fake quantization and DuQuant's
+block rotations around a permutation (``Transform``); fx inserts ``torch.ops.qcompile.*`` calls (the
+transform as plain aten ops marked ``online``), ONNX calls to model-local functions of the ``qcompile``
+domain whose bodies are ``kernels/ort``'s translations of the same ops (the transform's weights are
+operands of its call), which the OpGraph reads as one ``hadamard``/``quant``/``transform`` node.
 """
 
 from __future__ import annotations
@@ -56,7 +58,28 @@ class FakeQuant:
     name = "fake_quant"
 
 
-Online = Hadamard | FakeQuant
+@dataclass(frozen=True, eq=False)
+class Transform:
+    """x ↦ x·T over the last axis (DuQuant's T = R₁·P·R₂): with ``dense`` None, ``r1`` and ``r2`` are b×b
+    blocks applied block-diagonally (x as [..., C/b, b]) around the column gather ``perm``; else x·dense.
+    Its tensors become new weights ``{weight}.R1``, ``.perm``, ``.R2`` (or ``.T``)."""
+
+    weight: str
+    block: int
+    r1: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+    r2: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    name = "transform"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """{weight name: tensor} in operand order after x."""
+        if self.dense is not None:
+            return {f"{self.weight}.T": self.dense}
+        return {f"{self.weight}.R1": self.r1, f"{self.weight}.perm": self.perm, f"{self.weight}.R2": self.r2}
+
+
+Online = Hadamard | FakeQuant | Transform
 
 
 @runtime_checkable

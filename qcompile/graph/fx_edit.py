@@ -15,7 +15,7 @@ from torch import fx
 
 from qcompile.errors import QCompileError
 from qcompile.graph import fx as fx_ir
-from qcompile.graph.edit import FakeQuant, Hadamard, Online
+from qcompile.graph.edit import FakeQuant, Hadamard, Online, Transform
 from qcompile.graph.opgraph import OpGraph
 
 aten = torch.ops.aten
@@ -112,9 +112,37 @@ class FxGraph:
         with self.module.graph.inserting_before(node):
             node.update_arg(pos, self.module.graph.get_attr(name))
 
+    def _transform(self, src: fx.Node, op: Transform, anchor: fx.Node) -> fx.Node:
+        """x·T as aten ops before ``anchor``, each marked ``online`` (the OpGraph's kind ``transform``):
+        ``unflatten(-1, (C/b, b)) → matmul R₁ → flatten → index_select(perm) → unflatten → matmul R₂ →
+        flatten``, or one ``matmul T``."""
+        g = self.module.graph
+        w = [self.add_weight(name, t) for name, t in op.tensors().items()]
+
+        def mark(n):
+            n.meta["qcompile"] = "online"
+            n.meta["val"] = src.meta.get("val")
+            return n
+
+        with g.inserting_before(anchor):
+            if op.dense is not None:
+                return mark(g.call_function(aten.matmul.default, (src, w[0])))
+            k = op.perm.numel() // op.block
+            x = mark(g.call_function(aten.unflatten.int, (src, -1, [k, op.block])))
+            x = mark(g.call_function(aten.matmul.default, (x, w[0])))
+            x = mark(g.call_function(aten.flatten.using_ints, (x, -2, -1)))
+            x = mark(g.call_function(aten.index_select.default, (x, -1, w[1])))
+            x = mark(g.call_function(aten.unflatten.int, (x, -1, [k, op.block])))
+            x = mark(g.call_function(aten.matmul.default, (x, w[2])))
+            return mark(g.call_function(aten.flatten.using_ints, (x, -2, -1)))
+
     def insert_on_operand(self, consumer: str, pos: int, op: Online) -> str:
         node = self.node(consumer)
         src = node.args[pos]
+        if isinstance(op, Transform):
+            new = self._transform(src, op, node)
+            node.update_arg(pos, new)
+            return new.name
         target, args = _call(op)
         with self.module.graph.inserting_before(node):
             new = self.module.graph.call_function(target, (src, *args))
@@ -124,6 +152,12 @@ class FxGraph:
 
     def insert_after(self, node: str, op: Online) -> str:
         n = self.node(node)
+        if isinstance(op, Transform):
+            users = list(n.users)
+            new = self._transform(n, op, n.next)
+            for u in users:
+                u.replace_input_with(n, new)
+            return new.name
         target, args = _call(op)
         with self.module.graph.inserting_after(n):
             new = self.module.graph.call_function(target, (n, *args))

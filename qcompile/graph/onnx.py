@@ -93,7 +93,7 @@ _DATA_FIRST_ONLY = {k for k, v in _KIND.items() if v == "view"} | {
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Tanh", "Erf")  # what a decomposed gelu is made of
 _BIG = 2**62  # a Slice end at least this large means "to the end"
 QCOMPILE_DOMAIN = "qcompile"  # calls of the online ops a pass inserted (``graph/onnx_edit``): op type -> kind
-_QCOMPILE_KINDS = {"hadamard": "hadamard", "fake_quant": "quant"}
+_QCOMPILE_KINDS = {"hadamard": "hadamard", "fake_quant": "quant", "duquant": "transform"}
 
 
 @dataclass

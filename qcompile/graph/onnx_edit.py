@@ -29,7 +29,7 @@ import onnx_ir as ir
 import torch
 
 from qcompile.errors import CaptureError, QCompileError
-from qcompile.graph.edit import FakeQuant, Hadamard, Online
+from qcompile.graph.edit import FakeQuant, Hadamard, Online, Transform
 from qcompile.graph.onnx import QCOMPILE_DOMAIN, _load, onnx_view, prepare
 from qcompile.graph.opgraph import OpGraph
 
@@ -58,6 +58,8 @@ def _function_name(op: Online, n: int, dtype: ir.DataType) -> str:
     suffix = "" if dtype == ir.DataType.FLOAT else f"_{dtype.name.lower()}"
     if isinstance(op, Hadamard):
         return f"hadamard_n{n}_b{op.block}{suffix}"
+    if isinstance(op, Transform):
+        return f"duquant_n{n}_{'dense' if op.dense is not None else f'b{op.block}'}{suffix}"
     return f"fake_quant_n{n}_b{op.bits}_{'s' if op.symmetric else 'a'}_c{round(op.clip * 1e6)}{suffix}"
 
 
@@ -72,6 +74,29 @@ def record(opset: int, fn, *args):
     with evaluator.default_as(rec):
         out = fn(*args)
     return rec.nodes, out
+
+
+def _transform_body(x: ir.Value, w: list[ir.Value], c: int, op: Transform) -> tuple[list[ir.Node], ir.Value]:
+    """The nodes of x·T (``graph.edit.Transform``): ``MatMul(x, T)``, or x as [N, C/b, b] · R₁ → [N, C] →
+    ``Gather(perm, axis 1)`` → [N, C/b, b] · R₂ → x's shape; the same steps as fx's aten ops."""
+    if op.dense is not None:
+        node = ir.Node("", "MatMul", [x, w[0]], num_outputs=1)
+        return [node], node.outputs[0]
+
+    def const(values):
+        return ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array(values, np.int64)))])
+
+    nodes = [shape := ir.Node("", "Shape", [x]), blocks := const([-1, c // op.block, op.block]), rows := const([-1, c])]
+    nodes.append(a := ir.Node("", "Reshape", [x, blocks.outputs[0]]))
+    nodes.append(b := ir.Node("", "MatMul", [a.outputs[0], w[0]]))
+    nodes.append(f := ir.Node("", "Reshape", [b.outputs[0], rows.outputs[0]]))
+    nodes.append(g := ir.Node("", "Gather", [f.outputs[0], w[1]], attributes=[ir.AttrInt64("axis", 1)]))
+    nodes.append(u := ir.Node("", "Reshape", [g.outputs[0], blocks.outputs[0]]))
+    nodes.append(m := ir.Node("", "MatMul", [u.outputs[0], w[2]]))
+    nodes.append(y := ir.Node("", "Reshape", [m.outputs[0], shape.outputs[0]]))
+    for i, n in enumerate(nodes):
+        n.outputs[0].name = f"t{i}"
+    return nodes, y.outputs[0]
 
 
 class OnnxGraph:
@@ -264,19 +289,24 @@ class OnnxGraph:
         if (QCOMPILE_DOMAIN, name, "") in self.model.functions:
             return name
         arg = ir.Value(name="x", shape=ir.Shape([None] * (len(x.shape) - 1) + [n]), type=ir.TensorType(x.dtype))
-        if isinstance(op, Hadamard):
+        params = []
+        if isinstance(op, Transform):
+            params = [ir.Value(name=f"w{i}") for i in range(len(op.tensors()))]
+            nodes, y = _transform_body(arg, params, n, op)
+        elif isinstance(op, Hadamard):
             nodes, y = record(self.opset, hadamard_onnx, arg, op.block)
         else:
             nodes, y = record(self.opset, fake_quant_onnx, arg, op.bits, op.symmetric, op.clip)
         y.name = "y"
-        body = ir.Graph([arg], [y], nodes=nodes, opset_imports={"": self.opset}, name=name)
+        body = ir.Graph([arg, *params], [y], nodes=nodes, opset_imports={"": self.opset}, name=name)
         fn = ir.Function(QCOMPILE_DOMAIN, name, "", graph=body, attributes=[])
         self.model.functions[fn.identifier()] = fn
         self.model.opset_imports.setdefault(QCOMPILE_DOMAIN, 1)
         return name
 
     def _online(self, x: ir.Value, op: Online, stem: str) -> ir.Value:
-        node = ir.Node(QCOMPILE_DOMAIN, self._function(op, x), [x], num_outputs=1, name=self._name(stem))
+        extra = [self.add_weight(w, t) for w, t in op.tensors().items()] if isinstance(op, Transform) else []
+        node = ir.Node(QCOMPILE_DOMAIN, self._function(op, x), [x, *extra], num_outputs=1, name=self._name(stem))
         out = node.outputs[0]
         out.name, out.shape, out.type = node.name, x.shape, x.type
         self._place([node], x)

@@ -14,8 +14,9 @@ For a linear input X and its readers W, X ↦ X·T with W ↦ W·T is exact (T o
   the down input online (as R4). 1 online op per layer.
 
 Each transform is computed from the calibration inputs of its site (up to ``tokens`` token rows, the
-FP model's); the fused stream transform from the inputs of every norm reader. The online nodes carry
-``meta["qcompile"] = "online"`` and appear to the matcher as kind ``transform`` (transparent: it sees
+FP model's); the fused stream transform from the inputs of every norm reader. The online ops go in through the
+graph interface (``graph.edit.Transform``: marked aten ops in fx, a ``qcompile`` function call in ONNX) and
+appear to the matcher as kind ``transform`` (transparent: it sees
 through them as through views), so ``rematch`` still works; passes that assume a linear's input is the
 norm output (fold_norms, smooth, shift_scale, rotate) refuse to run after this one.
 Departure from the official code: the greedy exchange is channel-indexed (``index: row`` for the code's
@@ -30,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from qcompile.errors import UnsafeRewriteError
+from qcompile.graph.edit import Transform
 from qcompile.passes import weights
 from qcompile.passes.calibrate import collect
 from qcompile.passes.fold_norms import untie_embeddings
@@ -37,40 +39,17 @@ from qcompile.passes.options import DuQuantOptions, check_can_run, history
 from qcompile.program import PassReport, Program
 from qcompile.quant.duquant import DuQuantTransform, duquant_transform
 
-aten = torch.ops.aten
+def online_transform(t: DuQuantTransform, name: str) -> Transform:
+    """x ↦ x·T as the graph interface's online op: R₁, perm, R₂ blocks, or one dense T where the width is not a
+    multiple of the block (its last block is partial)."""
+    if t.perm.numel() % t.block:
+        return Transform(name, t.block, dense=t.matrix().float())
+    r1, r2 = (x.float() for x in t.blocks())
+    return Transform(name, t.block, r1=r1, perm=t.perm.clone(), r2=r2)
 
 
-def _mark(node, like):
-    node.meta["qcompile"] = "online"
-    node.meta["val"] = like.meta.get("val")
-    return node
-
-
-def insert_online(p: Program, src, users: list, t: DuQuantTransform, name: str) -> int:
-    """Insert x ↦ x·T after ``src`` for ``users``; returns the number of aten nodes added."""
-    g = p.module.graph
-    c = t.perm.numel()
-    dense = c % t.block != 0
-    anchor = users[0] if len(users) == 1 else src.next  # inserting_before keeps the nodes in order
-    with g.inserting_before(anchor):
-        if dense:
-            m = p.add_weight(f"{name}.T", t.matrix().float())
-            out = _mark(g.call_function(aten.matmul.default, (src, m)), src)
-        else:
-            r1, r2 = (x.float() for x in t.blocks())
-            w1, w2 = p.add_weight(f"{name}.R1", r1), p.add_weight(f"{name}.R2", r2)
-            idx = p.add_weight(f"{name}.perm", t.perm.clone())
-            k = c // t.block
-            x = _mark(g.call_function(aten.unflatten.int, (src, -1, [k, t.block])), src)
-            x = _mark(g.call_function(aten.matmul.default, (x, w1)), src)
-            x = _mark(g.call_function(aten.flatten.using_ints, (x, -2, -1)), src)
-            x = _mark(g.call_function(aten.index_select.default, (x, -1, idx)), src)
-            x = _mark(g.call_function(aten.unflatten.int, (x, -1, [k, t.block])), src)
-            x = _mark(g.call_function(aten.matmul.default, (x, w2)), src)
-            out = _mark(g.call_function(aten.flatten.using_ints, (x, -2, -1)), src)
-    for u in users:
-        u.replace_input_with(src, out)
-    return 1 if dense else 7
+def _ops(op: Transform) -> int:
+    return 1 if op.dense is not None else 7
 
 
 def _rows(stats, node: str) -> torch.Tensor:
@@ -143,9 +122,9 @@ def duquant(program: Program, options: DuQuantOptions | None = None, *, calibrat
         for b in mm.blocks:
             for what, norm in (("qkv", b.attn_norm), ("gate/up", b.ffn_norm)):
                 t = found[b.index, what]
-                out = p.node(norm.node)
-                users = list(out.users)
-                n = insert_online(p, out, users, t, f"duquant.{b.index}.{what.replace('/', '_')}")
+                op = online_transform(t, f"duquant.{b.index}.{what.replace('/', '_')}")
+                p.graph.insert_after(norm.node, op)
+                n = _ops(op)
                 m = t.matrix()
                 for r in norm.readers:
                     weights.transform_inputs(p, mm.linears[r], m)
@@ -155,8 +134,9 @@ def duquant(program: Program, options: DuQuantOptions | None = None, *, calibrat
                     report.skip(f"block {b.index} down", "MoE experts read gathered inputs; not transformed")
                     continue
                 t = found[b.index, what]
-                node = p.node(lin)
-                n = insert_online(p, node.args[0], [node], t, f"duquant.{b.index}.{what}")
+                op = online_transform(t, f"duquant.{b.index}.{what}")
+                p.insert_on_operand(lin, 0, op)
+                n = _ops(op)
                 weights.transform_inputs(p, mm.linears[lin], t.matrix())
                 report.count("online transform", f"block {b.index} {what} input ({n} aten ops, kept steps {t.steps})")
     else:
@@ -215,8 +195,9 @@ def _fused(p: Program, calibration, report, opts, tokens, seed, batch, progress)
             continue
         # the down input keeps the model's stream-independent FFN width: online, like R4
         td = duquant_transform(_rows(stats, b.ffn.down), seed=seed + 1000 + b.index, **opts)
-        node = p.node(b.ffn.down)
-        n = insert_online(p, node.args[0], [node], td, f"duquant.{b.index}.down")
+        op = online_transform(td, f"duquant.{b.index}.down")
+        p.insert_on_operand(b.ffn.down, 0, op)
+        n = _ops(op)
         weights.transform_inputs(p, mm.linears[b.ffn.down], td.matrix())
         report.count("online transform", f"block {b.index} down input ({n} aten ops)")
 

@@ -38,7 +38,7 @@ _BOUND = {
                         onnx=True),
     "rotate": dict(run=rotate.rotate, plan=rotate.plan, per_site=True, onnx=True),
     "spinquant": dict(run=spinquant.spinquant, plan=spinquant.plan, calibration=True, progress=True),
-    "duquant": dict(run=duquant.duquant, plan=duquant.plan, calibration=True, progress=True),
+    "duquant": dict(run=duquant.duquant, plan=duquant.plan, calibration=True, progress=True, onnx=True),
     "online_hadamard": dict(run=online_hadamard.online_hadamard, plan=online_hadamard.plan, per_site=True,
                             onnx=True),
 }

@@ -8,6 +8,8 @@ quantized, both IRs give the same logits (GPTQ's Hessians come from onnxruntime 
 too, and the ONNX folder written from the ONNX Program scores as the Program does.
 """
 
+import dataclasses
+
 import onnx
 import onnx_ir as ir
 import pytest
@@ -22,6 +24,7 @@ from qcompile.graph.onnx import export_tiny_onnx
 from qcompile.models import TINY_ARCHS
 from qcompile.passes import migrate
 from qcompile.passes.calibrate import collect, linear_inputs
+from qcompile.passes.duquant import duquant
 from qcompile.passes.fold_norms import fold_norms
 from qcompile.passes.lower import lower
 from qcompile.passes.online_hadamard import online_hadamard
@@ -196,8 +199,8 @@ def test_unknown_op_on_the_residual_stream_is_named(onnx_file, tmp_path):
 
 def test_passes_not_ported_are_refused_at_plan(onnx_file):
     p = Program.from_onnx(onnx_file("llama"))
-    with pytest.raises(QCompileError, match="duquant .*does not run on onnx graphs"):
-        plan(p.model_map, load_recipe("duquant"), p.ir)
+    with pytest.raises(QCompileError, match="spinquant .*does not run on onnx graphs"):
+        plan(p.model_map, load_recipe("spinquant"), p.ir)
     assert any(line.startswith("smooth: ") for line in plan(p.model_map, load_recipe("smoothquant"), p.ir))
     assert any(line.startswith("shift_scale: ") for line in plan(p.model_map, load_recipe("osplus"), p.ir))
 
@@ -294,3 +297,46 @@ def test_shift_scale_alike_on_fx_and_onnx(arch, tiny_programs, tiny_ids, onnx_fi
     chosen = [_thresholds(out.reports[-1]) for out in outs.values()]
     assert chosen[0] == chosen[1] and len(chosen[0]) >= len(fx_program.model_map.blocks)
     assert outs["onnx"].reports[-1].counts.get("shifted norm") == 2 * len(fx_program.model_map.blocks)
+
+
+@pytest.mark.parametrize("placement", ["duquant", "fused"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_duquant_alike_on_fx_and_onnx(arch, placement, tiny_programs, tiny_ids, onnx_file):
+    """DuQuant's online transforms (the interface's ``Transform``: aten ops in fx, a ``qcompile`` function in
+    ONNX) are exact on both IRs with the same counts, or refused alike; the ONNX calls are read back as
+    ``transform`` nodes, so the map is matched again."""
+    model, fx_program = tiny_programs[arch]
+    with torch.no_grad():
+        ref = model(input_ids=tiny_ids).logits
+    results = {}
+    for ir_, p in (("fx", fx_program), ("onnx", Program.from_onnx(onnx_file(arch)))):
+        try:
+            out = duquant(fold_norms(p) if placement == "fused" else p, calibration=_windows(), placement=placement,
+                          block=16, steps=8, tokens=64, progress=False)
+        except UnsafeRewriteError as e:
+            results[ir_] = type(e)
+            continue
+        assert max_rel_error(out.logits(tiny_ids), ref) <= TOL
+        assert out.model_map.blocks[0].attention is not None
+        results[ir_] = _counts(out)
+        if ir_ == "onnx":
+            calls = [n for n in out.graph.model.graph if n.op_type.startswith("duquant_")]
+            assert len(calls) == out.reports[-1].counts["online transform"]
+    assert results["fx"] == results["onnx"]
+
+
+def test_duquant_quantized_and_lowered_alike_on_fx_and_onnx(tiny_programs, onnx_file):
+    """The duquant recipe (fold_norms, smooth on every site, DuQuant's transforms) at W4A8 RTN: the
+    fake-quantized and the lowered graphs agree across IRs, with the same counts."""
+    ids = torch.randint(0, 256, (1, 37), generator=torch.Generator().manual_seed(1))
+    recipe = load_recipe("duquant").with_bits(w=4, a=8, kv=16, group=32)
+    recipe = dataclasses.replace(recipe, passes=tuple(
+        (n, {**o, "block": 16, "steps": 8, "tokens": 64}) if n == "duquant" else (n, o) for n, o in recipe.passes))
+    out = {}
+    for ir_, p in (("fx", tiny_programs["llama"][1]), ("onnx", Program.from_onnx(onnx_file("llama")))):
+        q = compile(p, recipe, calibration=_windows(), progress=False)
+        low = lower(q)
+        out[ir_] = (q.logits(ids), low.logits(ids), _counts(low))
+    assert max_rel_error(out["onnx"][0], out["fx"][0]) <= FQ_TOL
+    assert max_rel_error(out["onnx"][1], out["fx"][1]) <= FQ_TOL
+    assert out["onnx"][2] == out["fx"][2]
