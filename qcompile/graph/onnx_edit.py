@@ -121,10 +121,13 @@ class OnnxGraph:
         ins = [v for v in model.graph.inputs if not v.is_initializer()]
         if len(ins) != 1 or ins[0].dtype not in (ir.DataType.INT64, ir.DataType.INT32) or \
                 (ins[0].shape is not None and len(ins[0].shape) != 2):
-            raise CaptureError(f"{where} is not a decoder qcompile can read: its inputs are "
-                               f"{[(v.name, str(v.dtype), str(v.shape)) for v in ins]}; expected one integer "
-                               "input_ids [batch, seq] (a graph without a KV cache, e.g. torch.onnx.export(dynamo=True) "
-                               "of model(input_ids))")
+            shown = [(v.name, str(v.dtype), str(v.shape)) for v in ins[:3]]
+            more = f" and {len(ins) - 3} more" if len(ins) > 3 else ""
+            cache = " (a KV-cache decoder step, as onnxruntime-genai's builder writes, is not read yet)" if any(
+                "past" in v.name for v in ins) else ""
+            raise CaptureError(f"{where} is not a decoder qcompile can read: its inputs are {shown}{more}; expected "
+                               "one integer input_ids [batch, seq] (a graph without a KV cache, e.g. "
+                               f"torch.onnx.export(dynamo=True) of model(input_ids)){cache}")
         out = model.graph.outputs[0]
         if out.dtype not in _FLOATS or (out.shape is not None and len(out.shape) != 3):
             raise CaptureError(f"{where} is not a decoder qcompile can read: its first output {out.name} is "

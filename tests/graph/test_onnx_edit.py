@@ -174,6 +174,25 @@ def test_non_decoder_is_refused(tmp_path):
     _assert_nothing_written(path, tmp_path)
 
 
+def test_kv_cache_decoder_step_is_refused_briefly(tmp_path):
+    """A decoder step with 2·L past K/V inputs (onnxruntime-genai's builder) is refused naming three inputs
+    and the count of the rest, and saying that KV-cache graphs are not read."""
+    ids = onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["b", "s"])
+    past = [onnx.helper.make_tensor_value_info(f"past_key_values.{i}.key", onnx.TensorProto.FLOAT, ["b", 2, "p", 4])
+            for i in range(8)]
+    y = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["b", "s", 5])
+    cast = onnx.helper.make_node("Cast", ["input_ids"], ["f"], to=onnx.TensorProto.FLOAT)
+    expand = onnx.helper.make_node("Expand", ["f", "shape"], ["logits"])
+    shape = onnx.helper.make_tensor("shape", onnx.TensorProto.INT64, [3], [1, 1, 5])
+    graph = onnx.helper.make_graph([cast, expand], "g", [ids, *past], [y], initializer=[shape])
+    path = tmp_path / "step.onnx"
+    onnx.save(onnx.helper.make_model(graph), path)
+    with pytest.raises(CaptureError, match=r"step\.onnx is not a decoder .*and 6 more.*KV-cache") as e:
+        Program.from_onnx(path)
+    assert "past_key_values.5" not in str(e.value)
+    _assert_nothing_written(path, tmp_path)
+
+
 def test_unknown_op_on_the_residual_stream_is_named(onnx_file, tmp_path):
     """A foreign op reading the residual stream: the map keeps the linears (weight-only quantization still
     plans) and a stream rewrite is refused naming the op's node."""
