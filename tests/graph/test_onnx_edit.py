@@ -295,15 +295,22 @@ def test_shift_into_a_norm_exact_on_fx_and_onnx(arch, tiny_programs, tiny_ids, o
         assert max_rel_error(q.logits(tiny_ids), ref) <= TOL
 
 
-def _thresholds(report):
-    """Each searched site's chosen threshold and scaled channel count (the search MSE differs in rounding)."""
-    return [line.split(", search MSE")[0] for line in report.sites if ", search MSE" in line]
+def _searches(report):
+    """{searched site: (T_max, the search MSE at the chosen threshold)} from the report's site lines."""
+    out = {}
+    for line in report.sites:
+        if ", search MSE" in line:
+            site, rest = line.split(": t = ")
+            out[site] = (rest.split(" of T_max ")[1].split(",")[0], float(rest.split("search MSE ")[1].split()[0]))
+    return out
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_shift_scale_alike_on_fx_and_onnx(arch, tiny_programs, tiny_ids, onnx_file):
     """OS+ (shift, and the threshold search in a cone of the graph: torch on fx, onnxruntime on ONNX) is exact
-    on both IRs, rewrites the same sites and chooses the same threshold at every site."""
+    on both IRs, rewrites the same sites from the same ranges, and its search reaches the same error at every
+    site (within 5 %: the A8 fake quantization in the cone rounds a few values differently in onnxruntime,
+    which can reorder thresholds whose errors nearly tie)."""
     model, fx_program = tiny_programs[arch]
     with torch.no_grad():
         ref = model(input_ids=tiny_ids).logits
@@ -313,9 +320,12 @@ def test_shift_scale_alike_on_fx_and_onnx(arch, tiny_programs, tiny_ids, onnx_fi
         assert max_rel_error(out.logits(tiny_ids), ref) <= TOL
         outs[ir_] = out
     assert _counts(outs["fx"]) == _counts(outs["onnx"])
-    chosen = [_thresholds(out.reports[-1]) for out in outs.values()]
-    assert chosen[0] == chosen[1] and len(chosen[0]) >= len(fx_program.model_map.blocks)
-    assert outs["onnx"].reports[-1].counts.get("shifted norm") == 2 * len(fx_program.model_map.blocks)
+    fx_search, onnx_search = (_searches(out.reports[-1]) for out in outs.values())
+    assert fx_search.keys() == onnx_search.keys() and len(fx_search) >= len(fx_program.model_map.blocks)
+    for site, (t_max, err) in fx_search.items():
+        assert onnx_search[site][0] == t_max and abs(onnx_search[site][1] - err) <= 0.05 * err, site
+    moe = sum(b.ffn.kind == "moe" for b in fx_program.model_map.blocks)  # their FFN norms are skipped
+    assert outs["onnx"].reports[-1].counts["shifted norm"] == 2 * len(fx_program.model_map.blocks) - moe
 
 
 @pytest.mark.parametrize("placement", ["duquant", "fused"])
@@ -340,7 +350,7 @@ def test_duquant_alike_on_fx_and_onnx(arch, placement, tiny_programs, tiny_ids, 
         results[ir_] = _counts(out)
         if ir_ == "onnx":
             calls = [n for n in out.graph.model.graph if n.op_type.startswith("duquant_")]
-            assert len(calls) == out.reports[-1].counts["online transform"]
+            assert len(calls) == out.reports[-1].counts.get("online transform", 0)
     assert results["fx"] == results["onnx"]
 
 
