@@ -62,7 +62,7 @@ def plan(mm: ModelMap, recipe: Recipe, ir: str = "fx") -> list[str]:
     lines += [f"not matched: {site}: {reason}" for site, reason in mm.gaps()]
     for name, options in recipe.pass_options():
         if ir != "fx" and not PASSES[name].onnx:
-            raise RecipeError(f"pass {name} edits torch.fx nodes itself and does not run on {ir} graphs yet "
+            raise RecipeError(f"pass {name} {PASSES[name].fx_only} and does not run on {ir} graphs yet "
                               f"(on ONNX: {', '.join(n for n, p in PASSES.items() if p.onnx)}, then any weight "
                               "quantizer); quantize the PyTorch model instead")
         check_layout(mm, name)

@@ -25,6 +25,7 @@ class Pass:
     progress: bool = False  # shows a progress bar (the pipeline passes ``progress``)
     per_site: bool = False  # plans every site of any matched layout (else: sequential pre-norm blocks only)
     onnx: bool = False  # written against ``graph.edit.GraphEdit`` only, so it runs on ONNX Programs too
+    fx_only: str = "edits torch.fx nodes itself"  # why it does not (where ``onnx`` is False)
 
     @property
     def name(self) -> str:
@@ -37,7 +38,8 @@ _BOUND = {
     "shift_scale": dict(run=shift_scale.shift_scale, plan=shift_scale.plan, calibration=True, progress=True,
                         onnx=True),
     "rotate": dict(run=rotate.rotate, plan=rotate.plan, per_site=True, onnx=True),
-    "spinquant": dict(run=spinquant.spinquant, plan=spinquant.plan, calibration=True, progress=True),
+    "spinquant": dict(run=spinquant.spinquant, plan=spinquant.plan, calibration=True, progress=True,
+                      fx_only="trains its rotations by autograd through the torch.fx graph"),
     "duquant": dict(run=duquant.duquant, plan=duquant.plan, calibration=True, progress=True, onnx=True),
     "online_hadamard": dict(run=online_hadamard.online_hadamard, plan=online_hadamard.plan, per_site=True,
                             onnx=True),
