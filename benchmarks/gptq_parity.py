@@ -133,14 +133,12 @@ def depth(fx_p: Program, recipe, calib, tok, onnx_p: Program | None = None) -> l
 
 
 def _block_of(p: Program, node: str) -> int | None:
-    from qcompile.passes.quantize import role
-
+    """The block whose attention or FFN linear ``node`` is (None: the lm_head)."""
     for b in p.model_map.blocks:
         a, f = b.attention, b.ffn
-        members = {a.q.linear, a.k.linear, a.v.linear, a.o, f.gate.linear, f.up.linear, f.down}
-        if node in members:
+        if node in {a.q.linear, a.k.linear, a.v.linear, a.o, f.gate.linear, f.up.linear, f.down}:
             return b.index
-    return role(p.model_map, node) and None
+    return None
 
 
 def main() -> None:

@@ -195,7 +195,8 @@ def _onnx_cones(p: Program, plans: list, windows: torch.Tensor) -> tuple[dict, d
         b = q.model_map.blocks[site.block]
         if site.kind == "norm":
             start = migrate._norm_now(q, site.norm).node
-            end = b.attention.node if site.norm.node == b.attn_norm.node else og.skip_views_back(og.operand(b.ffn.down, 0))
+            attn = site.norm.node == b.attn_norm.node
+            end = b.attention.node if attn else og.skip_views_back(og.operand(b.ffn.down, 0))
         else:
             start, end = og.operand(site.readers[0], 0), site.readers[0]
         cones[site.name] = Cone(q, start, end, site.readers, windows)
