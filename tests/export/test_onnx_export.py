@@ -138,7 +138,7 @@ def test_genai_generates_the_same_tokens(exported, ids):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_vocabulary_tables(bits, tmp_path, ids):
     """weights.vocab_bits: the embedding and the lm_head as GatherBlockQuantized / MatMulNBits on the codes the
-    recipe chose, with the PyTorch program's logits (float32 rounding: the tables are exactly its values)."""
+    recipe chose, with the PyTorch program's logits (the tables are exactly its values)."""
     model = tiny("llama")
     recipe = load_recipe("quarot").with_bits(a=16, kv=16, group=32)
     recipe = dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, vocab_bits=bits))
@@ -155,7 +155,10 @@ def test_quantized_vocabulary_tables(bits, tmp_path, ids):
                 and i.data_type == onnx.TensorProto.FLOAT]  # no float table left
     ref = program.logits(ids)
     got = OrtModel(out, threads=2).logits(ids)
-    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    # 4-bit: float32 rounding; 8-bit: the lm_head's input in onnxruntime's int8 per block of 32 (its fast kernel)
+    assert err < (1e-5 if bits == 4 else 2e-2), err
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.97
 
 
 def test_accuracy_level_is_the_users_choice(tmp_path, ids):
