@@ -96,24 +96,46 @@ def test_blockwise_gptq_equals_whole_graph(llama, batch):
     assert not torch.allclose(whole.logits(_ids()), rotated.logits(_ids()), atol=1e-3)
 
 
-def test_blockwise_quantizes_each_stage_as_one_stack(llama, monkeypatch):
-    """q|k|v and gate|up share an input, hence a Hessian: one GPTQ run over their stacked rows per stage."""
+@pytest.mark.parametrize("a", [16, 4])
+@pytest.mark.parametrize("device", ["cpu", None])
+def test_gptq_quantizes_each_stage_as_one_stack(llama, monkeypatch, a, device):
+    """q|k|v and gate|up read one value (with A4, each through its own fake quantization of it), hence share a
+    Hessian: one GPTQ run over their stacked rows per stage, block by block and on the whole graph alike."""
     import qcompile.passes.quantize as qz
 
     _, p = llama
-    recipe = load_recipe("gptq").with_bits(group=32)
+    recipe = load_recipe("gptq").with_bits(group=32, a=a)
     calls, real = [], qz._quantize_weight
     monkeypatch.setattr(qz, "_quantize_weight", lambda w, H, wq, name: calls.append((tuple(w.shape), name))
                         or real(w, H, wq, name))
     phases = {}
-    q = quantize(p, recipe, _calib(), progress=False, device="cpu", batch=2, timings=phases)
+    q = quantize(p, recipe, _calib(), progress=False, device=device, batch=2, timings=phases)
     mm = p.model_map
     blocks = len(mm.blocks)
     assert len(calls) == 4 * blocks and len(q.quantized) == 7 * blocks
-    a = mm.blocks[0].attention
-    rows = sum(mm.linears[proj.linear].out_features for proj in (a.q, a.k, a.v))
+    at = mm.blocks[0].attention
+    rows = sum(mm.linears[proj.linear].out_features for proj in (at.q, at.k, at.v))
     assert calls[0][0] == (rows, mm.hidden) and calls[0][1].count("+") == 2, calls[0]
-    assert {"forward", "quantize", "stack", "store", "weights in", "weights out", "codes home"} <= set(phases)
+    if device is not None:
+        assert {"forward", "quantize", "stack", "store", "weights in", "weights out", "codes home"} <= set(phases)
+
+
+def test_stacked_stages_equal_each_linear_alone(llama, monkeypatch):
+    """The stacked path gives every linear the codes it gets quantized alone against the stage's Hessian."""
+    import qcompile.passes.quantize as qz
+
+    _, p = llama
+    recipe = load_recipe("quarot+gptq").with_bits(group=32)
+    calib = _calib()
+    rotated = run_passes(p, recipe, calib)
+    stacked = quantize(rotated, recipe, calib, progress=False, device="cpu", batch=2)
+    real = qz.quantize_blockwise
+    monkeypatch.setattr(qz, "quantize_blockwise", lambda *a, rows_of=None, quantize_rows=None, **k: real(*a, **k))
+    alone = quantize(rotated, recipe, calib, progress=False, device="cpu", batch=2)
+    assert set(stacked.quantized) == set(alone.quantized)
+    for name, qw in alone.quantized.items():
+        assert torch.equal(qw.codes, stacked.quantized[name].codes), name
+        assert torch.equal(qw.weight, stacked.quantized[name].weight), name
 
 
 def test_blockwise_statistics_equal_whole_graph(llama):

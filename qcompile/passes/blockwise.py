@@ -32,6 +32,7 @@ import torch
 from torch import fx
 from tqdm import tqdm
 
+import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.fake_quant)
 from qcompile.errors import QCompileError
 from qcompile.passes.distributed import SINGLE, Ranks, SummedHessian
 from qcompile.program import Program, move_quantized
@@ -184,6 +185,15 @@ class BlockRunner(fx.Interpreter):
                 out.append({v: self.env[v] for v in self.segments.live_out[k]})
             self.env = {}
         return out
+
+
+def shared_input(x: fx.Node):
+    """What identifies the value a linear reads, so that linears reading equal values share one Hessian: the
+    node itself, or for an activation fake-quantization (one per reader, inserted by ``quantize``) the op and
+    its operands: ``fake_quant(v, bits, sym, clip)`` of the same ``v`` is the same tensor for every reader."""
+    if x.op == "call_function" and x.target is torch.ops.qcompile.fake_quant.default:
+        return ("fake_quant", x.args, tuple(sorted(x.kwargs.items())))
+    return x
 
 
 def _bytes(t) -> int:
@@ -350,14 +360,15 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
     todo = [k for k, seg in enumerate(segs.nodes) if any(n.name in targets for n in seg)]
     bar = tqdm(total=len(targets), desc="blockwise", unit="linear", disable=not (progress and ranks.lead))
     for k in range(max(todo, default=-1) + 1):
-        stages: dict[fx.Node, list[fx.Node]] = {}
+        stages: dict[object, list[fx.Node]] = {}  # readers of one value (GPTQ's sequential group), graph order
         for n in segs.nodes[k]:
             if n.name in targets:
-                stages.setdefault(n.args[0], []).append(n)
+                stages.setdefault(shared_input(n.args[0]), []).append(n)
         with clock("weights in"):
             home = runner.load(k)
         try:
-            for x_node, readers in stages.items():
+            for readers in stages.values():
+                x_node = readers[0].args[0]  # the first reader's input (the others' are equal to it)
                 lin0 = targets[readers[0].name]
                 acc = SummedHessian(lin0.in_features, name=lin0.weight, device=dev)
                 def add(v, acc=acc, k_in=lin0.in_features):

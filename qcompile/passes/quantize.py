@@ -30,11 +30,12 @@ from qcompile.analysis.modelmap import Linear
 from qcompile.errors import RecipeError
 from qcompile.graph.edit import FakeQuant
 from qcompile.passes import experts as moe
-from qcompile.passes.blockwise import quantize_blockwise
+from qcompile.passes.blockwise import quantize_blockwise, shared_input
 from qcompile.passes.vocab import quantize_vocab
 from qcompile.program import PassReport, Program
 from qcompile.quant.gptq import HessianAccumulator, gptq_quantize
 from qcompile.quant.leanquant import leanquant_quantize
+from qcompile.quant.rows import split_rows
 from qcompile.quant.rtn import rtn_quantize
 from qcompile.recipe import Recipe, WeightQuant, quantized_linears
 
@@ -120,8 +121,11 @@ class _SequentialQuantizer(fx.Interpreter):
         super().__init__(p.module, garbage_collect_values=True)
         self.p, self.wq, self.report = p, wq, report
         self.targets = {n: p.model_map.linears[n] for n in targets}
-        self.hessians: dict[fx.Node, torch.Tensor] = {}  # per input value, shared by its readers
-        self.readers_left: dict[fx.Node, int] = {}  # quantized readers of each input still to come
+        self.stored: set[str] = set()  # linears already quantized (with the first reader of their input)
+        self.siblings: dict[object, list[fx.Node]] = {}  # the dense quantized readers of each input value
+        for node in p.module.graph.nodes:
+            if node.name in self.targets and not self.targets[node.name].experts:
+                self.siblings.setdefault(shared_input(node.args[0]), []).append(node)
         self.bar = tqdm(total=len(targets), desc=wq.method, unit="linear", disable=not progress)
 
     def run_node(self, n: fx.Node):
@@ -130,20 +134,23 @@ class _SequentialQuantizer(fx.Interpreter):
             hessians = moe.ExpertHessians.from_rows(lin, self.env[n.args[0]], self.env[moe.offsets_of(n)])
             _store_experts(self.p, lin, hessians, self.wq, self.report)
             self.bar.update(1)
-        elif lin is not None:
+        elif lin is not None and n.name not in self.stored:
+            # every quantized reader of this input at once, as one stack of rows (they share H; GPTQ is row by
+            # row, so each gets its own result), except per-row k-means, whose seeded draws depend on the rows
             x_node = n.args[0]
-            if x_node not in self.hessians:
-                x = self.env[x_node]
-                acc = HessianAccumulator(lin.in_features, name=lin.weight, device=x.device)
-                acc.add(self.env[x_node].detach().reshape(-1, lin.in_features))
-                self.hessians[x_node] = acc.hessian()
-                self.readers_left[x_node] = sum(1 for u in x_node.users if u.name in self.targets)
-            w = _rows(self.p, lin)
-            _store(self.p, lin, _quantize_weight(w, self.hessians[x_node], self.wq, lin.weight), self.report)
-            self.readers_left[x_node] -= 1
-            if not self.readers_left[x_node]:  # memory stays bounded by the Hessians of one layer
-                del self.hessians[x_node]
-            self.bar.update(1)
+            acc = HessianAccumulator(lin.in_features, name=lin.weight, device=self.env[x_node].device)
+            acc.add(self.env[x_node].detach().reshape(-1, lin.in_features))
+            H = acc.hessian()
+            group = [n] if self.wq.method == "leanquant-nu" else self.siblings[shared_input(x_node)]
+            lins = [self.targets[u.name] for u in group]
+            rows = [_rows(self.p, r) for r in lins]
+            qw = _quantize_weight(torch.cat(rows) if len(rows) > 1 else rows[0], H, self.wq,
+                                  "+".join(r.weight for r in lins))
+            for r, part in zip(lins, split_rows(qw, [w.shape[0] for w in rows]) if len(rows) > 1 else [qw]):
+                _store(self.p, r, part, self.report)
+                self.bar.update(1)
+            self.stored.update(u.name for u in group)
+            del H, acc
         return super().run_node(n)
 
 
