@@ -160,12 +160,21 @@ def main() -> None:
     if not args.skip_depth:
         lines += depth(fx_p, recipe, calib, tok, onnx_p if args.onnx_depth else None)
     head = [f"## SmolLM2-135M quarot+gptq W4A{args.a} g128, 4 calibration windows of 2048: fx vs ONNX, fx vs fx",
-            "", f"`{' '.join(['python', *sys.argv])}` on {platform.node()} ({torch.get_num_threads()} threads), "
-            f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC", "", "| measurement | value |", "|---|---|"]
-    text = "\n".join(head + lines) + "\n"
+            "", provenance(), "", "| measurement | value |", "|---|---|"]
+    publish("\n".join(head + lines) + "\n", args.out)
+
+
+def provenance() -> str:
+    """The command, machine, thread count and time a table was measured with."""
+    return (f"`{' '.join(['python', *sys.argv])}` on {platform.node()} ({torch.get_num_threads()} threads), "
+            f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+
+
+def publish(text: str, out: str | None) -> None:
+    """Print a results section and append it to ``out``."""
     print(text)
-    if args.out:
-        with open(args.out, "a") as f:
+    if out:
+        with open(out, "a") as f:
             f.write("\n" + text)
 
 

@@ -10,13 +10,11 @@ than GPTQ's ±1 %. SmoothQuant's calibration maxima come from onnxruntime on the
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import sys
 import time
 
 import torch
 
+from gptq_parity import provenance, publish  # noqa: E402  (benchmarks/ is the script's folder)
 from qcompile.api import evaluate
 from qcompile.recipe import load_recipe
 
@@ -40,16 +38,10 @@ def main() -> None:
         gap = 100 * abs(ppl["onnx"] - ppl["fx"]) / ppl["fx"]
         w = f"W{bits['w']}A{bits['a']}" + (f" g{bits['group']}" if bits.get("group") else "")
         rows.append(f"| {name} RTN {w} | {ppl['fx']:.4f} | {ppl['onnx']:.4f} | {gap:.2f} % |")
-    text = "\n".join([
+    publish("\n".join([
         "## RTN control: the same recipes from fx and from ONNX, no GPTQ", "",
-        f"`{' '.join(['python', *sys.argv])}` on {platform.node()} ({torch.get_num_threads()} threads), "
-        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; 4 calibration windows of 2048 (SmoothQuant's "
-        "maxima), ppl on the first 4 WikiText-2 test windows of 2048.", "",
-        "| recipe | fx | ONNX in | apart |", "|---|---|---|---|", *rows]) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+        f"{provenance()}; 4 calibration windows of 2048 (SmoothQuant's maxima), ppl on the first 4 WikiText-2 test "
+        "windows of 2048.", "", "| recipe | fx | ONNX in | apart |", "|---|---|---|---|", *rows]) + "\n", args.out)
 
 
 if __name__ == "__main__":

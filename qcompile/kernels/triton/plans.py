@@ -112,6 +112,20 @@ def _finish(plan: LinearPlan, key, packed: Tensor, scales, zeros, bias) -> Linea
     return plan
 
 
+def _remember(key, make, packed: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None) -> None:
+    """Store ``make()``'s plan for ``key``, or that there is none (also when making it raised: the generic path
+    stays the one that runs), forgotten when ``packed`` is freed."""
+    plan = _NONE
+    try:
+        plan = make() or _NONE
+    finally:
+        if plan is _NONE:
+            _linear[key] = _NONE
+            weakref.finalize(packed, _forget, _linear, key)
+        else:
+            _finish(plan, key, packed, scales, zeros, bias)
+
+
 def w4a16_key(x: Tensor, packed: Tensor, group_size: int) -> tuple:
     return (id(packed), x.shape, x.dtype, group_size)
 
@@ -120,15 +134,8 @@ def build_w4a16(key, cand, x: Tensor, packed: Tensor, scales: Tensor, zeros: Ten
                 bias: Tensor | None) -> None:
     """After the generic path ran ``cand`` on these arguments: remember a plan for ``key`` (or that there
     is none). ``x`` is the caller's activation (any leading dims, K last)."""
-    plan = _NONE
-    try:
-        plan = _make_w4a16(cand, x, packed, scales, zeros, group_size, bias) or _NONE
-    finally:
-        if plan is _NONE:
-            _linear[key] = _NONE
-            weakref.finalize(packed, _forget, _linear, key)
-        else:
-            _finish(plan, key, packed, scales, zeros, bias)
+    _remember(key, lambda: _make_w4a16(cand, x, packed, scales, zeros, group_size, bias), packed, scales, zeros,
+              bias)
 
 
 def _make_w4a16(cand, x, packed, scales, zeros, group_size, bias) -> W4A16Plan | None:
@@ -198,15 +205,8 @@ def w4ax_key(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, group_siz
 
 def build_w4ax(key, cand, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor,
                zw: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> None:
-    plan = _NONE
-    try:
-        plan = _make_codes(cand, a, sa, za, packed, sw, zw, group_size, bias, out_dtype) or _NONE
-    finally:
-        if plan is _NONE:
-            _linear[key] = _NONE
-            weakref.finalize(packed, _forget, _linear, key)
-        else:
-            _finish(plan, key, packed, sw, zw, bias)
+    _remember(key, lambda: _make_codes(cand, a, sa, za, packed, sw, zw, group_size, bias, out_dtype), packed, sw, zw,
+              bias)
 
 
 def _make_codes(cand, a, sa, za, packed, sw, zw, group_size, bias, out_dtype) -> CodesPlan | None:
