@@ -91,13 +91,21 @@ def _expand_plain_rms_norms(model: ir.Model) -> int:
     return count
 
 
-def _embedding_gather(graph: ir.Graph) -> ir.Value | None:
-    """The initializer a ``Gather`` reads ``input_ids`` from (the token embedding table ``E [V, H]``)."""
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer of ``graph`` holding ``array``."""
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _embedding_gather(graph: ir.Graph) -> ir.Node | None:
+    """The ``Gather`` that reads ``input_ids`` from an initializer (the token embedding table ``E [V, H]``)."""
     for node in graph:
         if node.op_type == "Gather" and node.domain == "" and len(node.inputs) == 2:
             table, ids = node.inputs
             if ids is not None and ids.name == "input_ids" and table is not None and table.const_value is not None:
-                return table
+                return node
     return None
 
 
@@ -120,9 +128,10 @@ def tie_lm_head(model: ir.Model) -> str:
     more per token (``H/V`` of the lm_head's work), one table less in the file. ``X = I`` (a plain tied model)
     drops the extra matmul. Returns a one-line report."""
     graph = model.graph
-    table, node = _embedding_gather(graph), _logits_matmul(graph)
-    if table is None or node is None:
+    gather, node = _embedding_gather(graph), _logits_matmul(graph)
+    if gather is None or node is None:
         return "lm_head: no embedding Gather and constant logits MatMul pair; left as is"
+    table = gather.inputs[0]
     lm = node.inputs[1]
     E = np.asarray(table.const_value.numpy(), dtype=np.float64)
     L = np.asarray(lm.const_value.numpy(), dtype=np.float64)
@@ -137,9 +146,7 @@ def tie_lm_head(model: ir.Model) -> str:
     h = node.inputs[0]
     identity = np.abs(X - np.eye(X.shape[0])).max() <= TIE_TOLERANCE
     if not identity:
-        xt = ir.Value(name=f"{lm.name}.tie", shape=ir.Shape(X.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                      const_value=ir.tensor(np.ascontiguousarray(X.T, dtype=np.float32), name=f"{lm.name}.tie"))
-        graph.register_initializer(xt)
+        xt = _initializer(graph, f"{lm.name}.tie", X.T.astype(np.float32))
         mix = ir.node("MatMul", [h, xt], name=f"{node.name}.tie")
         graph.insert_before(node, mix)
         h = mix.outputs[0]
@@ -152,13 +159,6 @@ def tie_lm_head(model: ir.Model) -> str:
     extra = "" if identity else f" after an {X.shape[0]}×{X.shape[0]} matmul"
     return f"lm_head: reads the embedding table{extra} (relative residual {residual:.1e}); one {E.shape[0]}×" \
            f"{E.shape[1]} table stored instead of two"
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _vocab_codes(table: np.ndarray, bits: int, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -204,9 +204,7 @@ def quantize_vocab_tables(model: ir.Model, bits: int) -> str:
 
     graph = model.graph
     done = []
-    gather = next((n for n in graph if n.op_type == "Gather" and n.domain == "" and len(n.inputs) == 2
-                   and n.inputs[1] is not None and n.inputs[1].name == "input_ids"
-                   and n.inputs[0].const_value is not None), None)
+    gather = _embedding_gather(graph)
     if gather is not None:
         table = gather.inputs[0]
         codes, scales = _vocab_codes(table.const_value.numpy(), bits, f"embedding {table.name}")

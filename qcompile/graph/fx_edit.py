@@ -202,6 +202,14 @@ class FxGraph:
         gamma.meta["val"] = self.weight(name).detach()
         node.update_arg(2, gamma)
 
+    def add_packed(self, weight: str, packed, rows: tuple[int, ...] = ()) -> tuple:
+        """get_attr nodes of a ``formats.PackedWeight``'s packed codes, scales and zeros (None when symmetric),
+        stored as ``<weight>_packed/_scales/_zeros``; ``rows`` reshapes their leading dim (stacked experts)."""
+        def add(suffix, t):
+            return None if t is None else self.add_weight(f"{weight}_{suffix}", t.reshape(*rows, -1) if rows else t)
+
+        return add("packed", packed.packed), add("scales", packed.scales), add("zeros", packed.zeros)
+
     def lower_linear(self, linear: str, weight: str, packed) -> str:
         """The linear as a ``qcompile.linear_w4a*`` op on ``packed`` (a ``formats.PackedWeight``)."""
         qops = _qops()
@@ -209,16 +217,13 @@ class FxGraph:
         node = self.node(linear)
         x = node.args[0]
         bias = node.args[2] if len(node.args) > 2 else None
-        w_packed = self.add_weight(f"{weight}_packed", packed.packed)
-        w_scales = self.add_weight(f"{weight}_scales", packed.scales)
-        w_zeros = self.add_weight(f"{weight}_zeros", packed.zeros) if packed.zeros is not None else None
+        w_packed, w_scales, w_zeros = self.add_packed(weight, packed)
         out_dtype = node.meta["val"].dtype
         fq = quantized_input(x)
         with graph.inserting_before(node):
             if fq:
-                src, bits, symmetric, clip, rotate, block = fq
-                q = graph.call_function(qops.quantize_per_token.default, (src, bits, symmetric, clip, rotate, block))
-                codes, scales, zeros = (graph.call_function(operator.getitem, (q, i)) for i in range(3))
+                codes, scales, zeros = per_token_codes(graph, fq)
+                _, bits, symmetric, _, rotate, _ = fq
                 op = qops.linear_w4a8.default if bits > 4 else qops.linear_w4a4.default
                 new = graph.call_function(op, (codes, scales, None if symmetric else zeros, w_packed, w_scales,
                                                w_zeros, packed.group_size, bias, out_dtype))
@@ -264,6 +269,14 @@ class FxGraph:
 
 def _is(node, op) -> bool:
     return getattr(node, "op", None) == "call_function" and node.target == op
+
+
+def per_token_codes(graph: fx.Graph, fq) -> tuple:
+    """``quantize_per_token`` of a ``quantized_input`` match (at the graph's insertion point): its (codes, scales,
+    zeros) nodes, the operands of the ``linear_w4a8/w4a4`` ops."""
+    src, bits, symmetric, clip, rotate, block = fq
+    q = graph.call_function(_qops().quantize_per_token.default, (src, bits, symmetric, clip, rotate, block))
+    return tuple(graph.call_function(operator.getitem, (q, i)) for i in range(3))
 
 
 def quantized_input(x):

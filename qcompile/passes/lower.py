@@ -21,12 +21,10 @@ MatMulInteger), the ones the ONNX export writes; routed experts stay fake-quanti
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
-from qcompile.graph.fx_edit import quantized_input
+from qcompile.graph.fx_edit import per_token_codes, quantized_input
 from qcompile.program import PassReport, Program
 
 
@@ -49,16 +47,13 @@ def _lower_experts(p: Program, node, lin, qw, report: PassReport) -> None:
     graph = p.module.graph
     packed = qw.pack()
     e, n = lin.experts, lin.out_features
-    w_packed = p.add_weight(f"{lin.weight}_packed", packed.packed.reshape(e, n, -1))
-    w_scales = p.add_weight(f"{lin.weight}_scales", packed.scales.reshape(e, n, -1))
-    w_zeros = p.add_weight(f"{lin.weight}_zeros", packed.zeros.reshape(e, n, -1)) if packed.zeros is not None else None
+    w_packed, w_scales, w_zeros = p.graph.add_packed(lin.weight, packed, (e, n))
     x, offs = node.args[0], offsets_of(node)
     fq = quantized_input(x)
     with graph.inserting_before(node):
         if fq:
-            src, bits, symmetric, clip, rotate, block = fq
-            q = graph.call_function(qops.quantize_per_token.default, (src, bits, symmetric, clip, rotate, block))
-            codes, scales, zeros = (graph.call_function(operator.getitem, (q, i)) for i in range(3))
+            codes, scales, zeros = per_token_codes(graph, fq)
+            _, bits, symmetric, _, rotate, _ = fq
             op = qops.grouped_linear_w4a8.default if bits > 4 else qops.grouped_linear_w4a4.default
             new = graph.call_function(op, (codes, scales, None if symmetric else zeros, offs, w_packed, w_scales,
                                            w_zeros, packed.group_size, node.meta["val"].dtype))
