@@ -33,7 +33,8 @@ import torch
 
 import qcompile
 from qcompile.errors import ExportError
-from qcompile.export.gqa import attention_as_gqa, cached_attention, cached_attention_onnx, simplify_attention
+from qcompile.export.gqa import (attention_as_gqa, share_attention_lengths, simplify_attention, to_token_major,
+                                 token_attention, token_attention_onnx)
 from qcompile.export.onnx_rewrites import fold, fuse_for_ort, quantize_vocab_tables, tie_lm_head
 from qcompile.passes.fuse_linears import fuse_shared_input_linears
 from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
@@ -147,11 +148,16 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str, max_p
     past = [t.normal_() for t in [torch.empty(2, h, 4, layout.head_dim) for h in layout.n_kv_heads for _ in (0, 1)]]
     dynamic = ({0: batch, 1: seq}, *({0: batch, 2: past_len} for _ in past))
     ins, outs = _names(layout)
+    table = translation_table(chosen) | {token_attention: token_attention_onnx}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            prog = torch.onnx.export(gm, (ids, *past), dynamic_shapes=dynamic, dynamo=True, input_names=ins,
-                                     output_names=outs, custom_translation_table=translation_table(chosen) | {cached_attention: cached_attention_onnx},
+            # traced first: every node then has its symbolic shape (one batch, S and P for all layers), which
+            # the token-major rewrite proves its layout changes with
+            traced = torch.export.export(gm, (ids, *past), dynamic_shapes=dynamic, strict=False)
+            simplified |= to_token_major(traced.graph_module)
+            prog = torch.onnx.export(traced, (ids, *past), dynamic_shapes=dynamic, dynamo=True, input_names=ins,
+                                     output_names=outs, custom_translation_table=table,
                                      optimize=False, verbose=False)
         except Exception as e:  # the exporter raises many types; keep its first line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -162,7 +168,9 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str, max_p
     notes = [quantize_vocab_tables(model, vocab_bits) if vocab_bits else tie_lm_head(model), f"attention: {fused} of {layout.layers} layers as GroupQueryAttention",
              f"linears: {n_linears} INT4 linears in {n_ops} ops (those sharing an input fused)",
              "attention inputs: " + (", ".join(f"{k} ×{v}" for k, v in simplified.items()) or "as captured")]
+    shared = share_attention_lengths(model)
     fusions = fuse_for_ort(model)
+    notes.append(f"attention lengths: computed once, read by {shared + 1 if fused else 0} layers")
     notes.append("fused: " + ", ".join(f"{k} ×{v}" for k, v in fusions.items()))
     if rewritten:
         notes.append(f"W4A8/W4A4: {rewritten} linears as MatMulNBits, accuracy_level {level}")
