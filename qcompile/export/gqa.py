@@ -15,8 +15,9 @@ dropped where it cancels (K not quantized), and RoPE moved into the op (GroupQue
 k reach it through RoPE alone — with a quantized K cache, RoPE, R3 and the K/V quantization stay in the graph
 before it. Last, ``to_token_major`` turns it into ``token_attention``, the same attention on [B, S, heads·D]
 tensors (q|k|v packed when they are one projection's split), whose ONNX translation is one
-``GroupQueryAttention`` with no layout change around it; ``share_attention_lengths`` has every layer read one
-copy of the sequence lengths. SmolLM2 W4A8: 1,093 → 468 nodes per step.
+``GroupQueryAttention`` with no layout change around it; ``lengths_from_mask`` has every layer read the
+sequence lengths from one ``attention_mask`` input, as onnxruntime-genai's in-place cache needs. SmolLM2 W4A8:
+1,093 → 468 nodes per step.
 Export-only: the saved graphs keep the plain form.
 """
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import math
 import operator
+
+import numpy as np
 
 import torch
 from torch import Tensor, fx
@@ -415,8 +418,7 @@ def token_attention_onnx(query, key, value, past_k, past_v, scale: float, num_he
     """One ``GroupQueryAttention``, inputs as they come (token-major; packed q|k|v when key and value are None).
     Lengths from the shapes (no padding): ``total_sequence_length = P + S``, ``seqlens_k = total − 1`` per
     sequence, so its rotary (with the tables, rotate-half) places the new tokens at P … P + S − 1 as the reference
-    does. Every layer computes the same two lengths: ``share_attention_lengths`` keeps one copy."""
-    import numpy as np
+    does. ``lengths_from_mask`` then has every layer read them from the attention mask instead."""
     import onnx_ir as ir
     from onnxscript import opset18 as op
     from onnxscript.values import Op
@@ -442,27 +444,39 @@ def token_attention_onnx(query, key, value, past_k, past_v, scale: float, num_he
                kv_num_heads=kv_heads, scale=scale, **rotary)
 
 
-def share_attention_lengths(model) -> int:
-    """Every ``GroupQueryAttention`` reads the first one's ``seqlens_k``/``total_sequence_length``: the
-    translation computes them from (B, S, P) = (query dims 0 and 1, past_key dim 2) alone, and where those are
-    the same declared dims (the export's one batch, sequence and past length) they are the same values. Returns
-    how many nodes were rewired; the copies left unread are removed by the next dead-node pass."""
-    nodes = [n for n in model.graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+def lengths_from_mask(model) -> int:
+    """Every ``GroupQueryAttention`` reads its lengths from a new graph input ``attention_mask`` [B, P + S]:
+    ``seqlens_k = Σ_j mask[b, j] − 1`` and ``total_sequence_length = P + S`` (the mask's length), computed once
+    for all layers. With the mask of ones that every caller feeds (no padding) these are the translation's
+    ``P + S − 1`` and ``P + S``; what changes is where they come from: onnxruntime-genai then keeps one cache
+    buffer of the context length per layer (``past_present_share_buffer``), whose dim 2 no longer says P, and
+    each step writes the new token in place instead of copying the whole cache into a longer one. Returns how
+    many attentions read them."""
+    import onnx_ir as ir
 
-    def dims(n):
-        q, past = n.inputs[0], n.inputs[3]
-        if q is None or past is None or q.shape is None or past.shape is None:
-            return None
-        key = (q.shape[0], q.shape[1], past.shape[2])
-        known = all(isinstance(d, int) or getattr(d, "value", None) is not None for d in key)
-        return tuple(str(d) for d in key) if known else None
+    graph = model.graph
+    nodes = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    if not nodes:
+        return 0
+    ids = next(v for v in graph.inputs if v.name == "input_ids")
+    mask = ir.Value(name="attention_mask", type=ir.TensorType(ir.DataType.INT64),
+                    shape=ir.Shape([ids.shape[0], "total_sequence_length"]))
+    graph.inputs.insert(list(graph.inputs).index(ids) + 1, mask)
 
-    first = nodes[0] if nodes else None
-    shared = 0
-    for n in nodes[1:]:
-        if dims(n) is None or dims(n) != dims(first):
-            continue
-        n.replace_input_with(5, first.inputs[5])
-        n.replace_input_with(6, first.inputs[6])
-        shared += 1
-    return shared
+    def const(name, array):
+        return ir.node("Constant", [], {"value": ir.tensor(array, name=name)}, outputs=[ir.Value(name=name)])
+
+    one, axis = const("mask_one", np.array(1, np.int64)), const("mask_axis", np.array([1], np.int64))
+    zero_axis = const("mask_axis0", np.array([0], np.int64))
+    summed = ir.node("ReduceSum", [mask, axis.outputs[0]], {"keepdims": 0})
+    last = ir.node("Sub", [summed.outputs[0], one.outputs[0]])
+    seqlens = ir.node("Cast", [last.outputs[0]], {"to": ir.DataType.INT32}, outputs=[ir.Value(name="seqlens_k")])
+    length = ir.node("Shape", [mask], {"start": 1, "end": 2})
+    scalar = ir.node("Squeeze", [length.outputs[0], zero_axis.outputs[0]])
+    total = ir.node("Cast", [scalar.outputs[0]], {"to": ir.DataType.INT32},
+                    outputs=[ir.Value(name="total_sequence_length")])
+    graph.insert_before(nodes[0], [one, axis, zero_axis, summed, last, seqlens, length, scalar, total])
+    for n in nodes:
+        n.replace_input_with(5, seqlens.outputs[0])
+        n.replace_input_with(6, total.outputs[0])
+    return len(nodes)

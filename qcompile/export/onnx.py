@@ -6,10 +6,12 @@
 
 The graph is the ``kv_cache`` pass's decoder step, with onnxruntime-genai's names::
 
-    (input_ids [B, S], past_key_values.{i}.key/value [B, n_kv, P, D])
+    (input_ids [B, S], attention_mask [B, P + S] (ones), past_key_values.{i}.key/value [B, n_kv, P, D])
         → (logits [B, S, V], present.{i}.key/value [B, n_kv, P + S, D])
 
-P = 0 (empty past) is full-sequence scoring, so one graph serves perplexity and generation. Linears are
+P = 0 (empty past) is full-sequence scoring, so one graph serves perplexity and generation. The attention's
+lengths come from the mask, so onnxruntime-genai can keep one cache buffer per layer and write each new token
+in place (``past_present_share_buffer``; the past then has the context length as its dim 2). Linears are
 translated by ``qcompile.kernels.ort`` (W4A16 → MatMulNBits, W4A8/W4A4 → per-token quantization and
 MatMulInteger, online Hadamards as reshapes and small matmuls, KV fake-quant emulated exactly); the rest is
 ``torch.onnx``'s own aten translation. The recipe (YAML) and the source model are stored in the model's
@@ -33,7 +35,7 @@ import torch
 
 import qcompile
 from qcompile.errors import ExportError
-from qcompile.export.gqa import (attention_as_gqa, share_attention_lengths, simplify_attention, to_token_major,
+from qcompile.export.gqa import (attention_as_gqa, lengths_from_mask, simplify_attention, to_token_major,
                                  token_attention, token_attention_onnx)
 from qcompile.export.onnx_rewrites import fold, fuse_for_ort, quantize_vocab_tables, tie_lm_head
 from qcompile.passes.fuse_linears import fuse_shared_input_linears
@@ -168,9 +170,9 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str, max_p
     notes = [quantize_vocab_tables(model, vocab_bits) if vocab_bits else tie_lm_head(model), f"attention: {fused} of {layout.layers} layers as GroupQueryAttention",
              f"linears: {n_linears} INT4 linears in {n_ops} ops (those sharing an input fused)",
              "attention inputs: " + (", ".join(f"{k} ×{v}" for k, v in simplified.items()) or "as captured")]
-    shared = share_attention_lengths(model)
+    masked = lengths_from_mask(model)
     fusions = fuse_for_ort(model)
-    notes.append(f"attention lengths: computed once, read by {shared + 1 if fused else 0} layers")
+    notes.append(f"attention lengths: from the attention_mask input, read by {masked} layers")
     notes.append("fused: " + ", ".join(f"{k} ×{v}" for k, v in fusions.items()))
     if rewritten:
         notes.append(f"W4A8/W4A4: {rewritten} linears as MatMulNBits, accuracy_level {level}")
@@ -199,7 +201,8 @@ def _genai_config(layout: CacheLayout, hf_config, tokenizer, filename: str) -> d
                 "filename": filename,
                 "head_size": layout.head_dim,
                 "hidden_size": int(getattr(hf_config, "hidden_size", layout.head_dim * layout.n_heads[0])),
-                "inputs": {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key",
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key",
                            "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
@@ -214,7 +217,7 @@ def _genai_config(layout: CacheLayout, hf_config, tokenizer, filename: str) -> d
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 

@@ -54,8 +54,10 @@ class OrtModel:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         ins = [i.name for i in self.session.get_inputs()]
         outs = [o.name for o in self.session.get_outputs()]
-        self.layers = (len(ins) - 1) // 2
-        want_in = ["input_ids"] + [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        self.masked = ins[1:2] == ["attention_mask"]  # exports before the mask input had none
+        head = ["input_ids"] + ["attention_mask"] * self.masked
+        self.layers = (len(ins) - len(head)) // 2
+        want_in = head + [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         want_out = ["logits"] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self.cached = self.layers > 0  # a source graph quantized as ONNX (export/onnx_program) scores only
         if not self.cached and ins == ["input_ids"] and outs[:1] == ["logits"] and META_MODEL in self.metadata:
@@ -64,7 +66,7 @@ class OrtModel:
         if ins != want_in or outs != want_out or META_MODEL not in self.metadata:
             raise ExportError(f"{f} is not a qcompile decoder export: inputs {ins[:3]}…, outputs {outs[:3]}…, "
                               f"metadata keys {sorted(self.metadata)[:4]}")
-        past = self.session.get_inputs()[1:]
+        past = self.session.get_inputs()[len(head):]
         self.kv_heads = [int(p.shape[1]) for p in past[0::2]]
         self.head_dim = int(past[0].shape[3])
 
@@ -88,9 +90,12 @@ class OrtModel:
         """Logits ``[B, S, V]`` of the S new tokens ``ids`` after the cached ones, and the longer cache."""
         if not self.cached and cache:
             raise ExportError(f"{self.path} has no KV cache; decode it by recomputing (--no-cache)")
-        feed = {"input_ids": np.asarray(ids, dtype=np.int64)}
-        names = self.session.get_inputs()
-        for inp, c in zip(names[1:], cache):
+        ids = np.asarray(ids, dtype=np.int64)
+        feed = {"input_ids": ids}
+        if self.masked:  # no padding: every cached and new position is attended
+            feed["attention_mask"] = np.ones((ids.shape[0], (cache[0].shape[2] if cache else 0) + ids.shape[1]),
+                                             dtype=np.int64)
+        for inp, c in zip(self.session.get_inputs()[1 + self.masked:], cache):
             feed[inp.name] = c
         out = self.session.run(None, feed)
         return torch.from_numpy(out[0]), out[1:]
