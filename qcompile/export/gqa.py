@@ -17,7 +17,7 @@ before it. Last, ``to_token_major`` turns it into ``token_attention``, the same 
 tensors (q|k|v packed when they are one projection's split), whose ONNX translation is one
 ``GroupQueryAttention`` with no layout change around it; ``lengths_from_mask`` has every layer read the
 sequence lengths from one ``attention_mask`` input, as onnxruntime-genai's in-place cache needs. SmolLM2 W4A8:
-1,093 → 468 nodes per step.
+1,093 → 465 nodes per step.
 Export-only: the saved graphs keep the plain form.
 """
 
