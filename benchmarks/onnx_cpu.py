@@ -7,7 +7,8 @@ intra-op threads: perplexity (WikiText-2 test, first ``--windows`` windows of 20
 prefill latency of 2048 tokens (plain onnxruntime, median of ``--repeats``), decode tokens/s (onnxruntime-genai,
 prompt 512, 128 new tokens, greedy, median of ``--repeats``) and the size of the files. The peer is
 ``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4 -e cpu --extra_options block_size=128``
-on an HF folder saved from the same (GGUF-loaded) weights. Writes benchmarks/results/onnx-cpu.md and .json.
+on an HF folder saved from the same (GGUF-loaded) weights. The latencies are measured round-robin over the rows
+(a machine shared with other jobs loads every row alike). Writes benchmarks/results/onnx-cpu.md and .json.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def main() -> None:
     windows = data.eval_windows(test, 2048, args.windows)
     prefill_ids = test[:2048][None].numpy().astype(np.int64)
     prompt = test[4096:4096 + 512].tolist()
-    done = {}  # --resume: rows measured by an interrupted run of the same command, kept as they were
+    done = {}  # --resume: rows whose size and perplexity an interrupted run of the same command measured
     partial = Path(args.out + ".partial.jsonl")
     if args.resume and partial.exists():
         done = {(r["row"], r["folder"]): r for r in map(json.loads, partial.read_text().splitlines())}
@@ -201,18 +202,27 @@ def main() -> None:
         partial.unlink()
     results = []
     for name, folder, how in rows:
-        if (name, str(folder)) in done:
-            results.append(done[(name, str(folder))])
-            continue
-        s = _session(folder, args.threads)
-        r = {"row": name, "folder": str(folder), "made_by": how, "size_mb": round(size_mb(folder), 1),
-             "ppl": round(perplexity(s, windows), 3), "prefill_2048_s": round(prefill(s, prefill_ids, args.repeats), 3)}
-        del s
-        r["decode_tok_s"] = round(decode(folder, prompt, 128, args.repeats, args.threads), 1)
+        r = done.get((name, str(folder)))
+        if r is None:
+            r = {"row": name, "folder": str(folder), "made_by": how, "size_mb": round(size_mb(folder), 1),
+                 "ppl": round(perplexity(_session(folder, args.threads), windows), 3)}
+            with partial.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+        results.append({k: r[k] for k in ("row", "folder", "made_by", "size_mb", "ppl")})
+    # latencies round-robin over the rows, one of each per round, so that every row sees the same mix of the
+    # machine's load (it is shared); the load average is kept with each round
+    sessions = [_session(Path(r["folder"]), args.threads) for r in results]
+    rounds = []
+    for i in range(args.repeats):
+        for r, s in zip(results, sessions):
+            r.setdefault("prefill_runs", []).append(round(prefill(s, prefill_ids, 1), 3))
+            r.setdefault("decode_runs", []).append(round(decode(Path(r["folder"]), prompt, 128, 1, args.threads), 1))
+        rounds.append(round(os.getloadavg()[0], 2))
+        print(f"round {i + 1}: load {rounds[-1]}", flush=True)
+    for r in results:
+        r["prefill_2048_s"] = statistics.median(r["prefill_runs"])
+        r["decode_tok_s"] = statistics.median(r["decode_runs"])
         print(json.dumps(r), flush=True)
-        with partial.open("a") as f:
-            f.write(json.dumps(r) + "\n")
-        results.append(r)
     fp_size = results[0]["size_mb"]
     lines = [
         "# SmolLM2-135M through onnxruntime on the CPU",
@@ -224,7 +234,9 @@ def main() -> None:
         f"- date: {date.today().isoformat()}",
         f"- ppl: WikiText-2 test, first {args.windows} windows of 2048 (plain onnxruntime, empty KV cache); prefill: "
         f"one 2048-token pass, median of {args.repeats}; decode: onnxruntime-genai greedy, prompt 512, 128 new "
-        f"tokens, tokens/s after the first, median of {args.repeats}; size: model.onnx + external data.",
+        f"tokens, tokens/s after the first, median of {args.repeats}; the latencies are taken round-robin over "
+        f"the rows (1-minute load average after each round: {', '.join(map(str, rounds))}); size: model.onnx + "
+        f"external data.",
         *[f"- {n}" for n in args.note],
         "",
         "| row | ppl | prefill 2048 (s) | decode (tok/s) | size (MB) | × fp32 size |",
@@ -235,7 +247,8 @@ def main() -> None:
                      f"{r['size_mb']:.1f} | {r['size_mb'] / fp_size:.2f} |")
     lines += ["", "How each row was made:", ""] + [f"- {r['row']}: `{r['made_by']}`" for r in results]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=1))
+    Path(args.out + ".json").write_text(json.dumps({"argv": sys.argv[1:], "load_per_round": rounds,
+                                                    "results": results}, indent=1))
     partial.unlink(missing_ok=True)
     print("\n".join(lines))
 
