@@ -74,7 +74,7 @@ def table(rows: list[dict]) -> str:
             wall, ok = f"failed (rc {r['rc']}) after {r['seconds']:.0f} s", "–"
         ppl = f"{r['ppl4']:.3f}" if "ppl4" in r else "–"
         lines.append(f"| {r['recipe']} | {wall} | {ok} | {ppl} | {r['load_before']:.2f} → {r['load_after']:.2f} | "
-                     f"{r.get('started', r['date'][:16].replace('T', ' '))} |")
+                     f"{r.get('started', r['date'][:10])} |")
     return "\n".join(lines)
 
 
