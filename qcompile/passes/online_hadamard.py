@@ -41,9 +41,16 @@ def _insert(p: Program, consumer: str, pos: int, choice: RotationChoice) -> str:
     return p.insert_on_operand(consumer, pos, Hadamard(choice.block or 0))
 
 
+R3_INSIDE = ("RoPE is inside the attention op (GroupQueryAttention do_rotary=1): no value between RoPE and the "
+             "scores to rotate; R3 dropped, exact while K is not quantized ((qH)(kH)ᵀ = q·kᵀ, and the plan refuses "
+             "KV quantization on such a graph: onnx_genai.check_recipe)")
+
+
 def _r3_refusal(block) -> str | None:
     if block.attention is None:
         return next((r for _, r in block.unmatched if "attention" in r), "attention not matched")
+    if block.attention.rope_inside:
+        return R3_INSIDE
     return None
 
 
