@@ -23,7 +23,8 @@ from pathlib import Path
 
 import qcompile
 from qcompile.errors import ExportError
-from qcompile.export.onnx import META_MODEL, META_RECIPE, META_VERSION, _lower_skips, write_folder
+from qcompile.export.onnx import META_MODEL, META_NOTES, META_RECIPE, META_VERSION, _lower_skips, write_folder
+from qcompile.export.onnx_rewrites import quantize_vocab_tables, tie_lm_head
 from qcompile.graph.onnx_genai import copy_companions, fuse_skip_norms
 
 
@@ -53,6 +54,9 @@ def save_onnx_program(program, out: str | Path, recipe, model: str, tokenizer=No
                 v.name = name
     else:  # onnxruntime-genai's step: its names and its fused norms, its config and tokenizer files beside it
         fuse_skip_norms(model_ir)
+        vocab = recipe.weights.vocab_bits if recipe is not None and recipe.weights is not None else None
+        # as the export does: 4/8-bit tables as GatherBlockQuantized + MatMulNBits, or one float table stored
+        meta_notes = quantize_vocab_tables(model_ir, vocab) if vocab else tie_lm_head(model_ir)
         source = Path(program.graph.path)
 
         def fill(tmp: Path) -> None:
@@ -61,6 +65,8 @@ def save_onnx_program(program, out: str | Path, recipe, model: str, tokenizer=No
         tokenizer = None  # the builder's own tokenizer files are copied
         check = ort_check
     meta = {META_MODEL: model, META_VERSION: qcompile.__version__}
+    if cache is not None:
+        meta[META_NOTES] = meta_notes
     if recipe is not None:
         meta[META_RECIPE] = recipe.to_yaml()
     model_ir.metadata_props.update(meta)
