@@ -103,7 +103,11 @@ def plan(mm, options: OnlineHadamardOptions | None = None) -> list[str]:
             c = online_choice(a.head_dim)
             where = "after RoPE" if a.rope else "before attention"
             lines.append(f"R3 {c.describe()}: {2 * len(done)} online ops on q and k {where}")
-        lines += [f"R3 refused in block {b.index}: {_r3_refusal(b)}" for b in mm.blocks if _r3_refusal(b)]
+        inside = [b for b in mm.blocks if _r3_refusal(b) == R3_INSIDE]
+        if inside:
+            lines.append(f"R3 dropped in {len(inside)} blocks: {R3_INSIDE}")
+        lines += [f"R3 refused in block {b.index}: {_r3_refusal(b)}" for b in mm.blocks
+                  if _r3_refusal(b) not in (None, R3_INSIDE)]
     if r4:
         downs = [mm.linears[d].in_features for b in mm.blocks if not _r4_refusal(b) for d in b.downs]
         for w in sorted(set(downs)):
