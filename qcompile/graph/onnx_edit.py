@@ -124,8 +124,8 @@ class OnnxGraph:
         where = str(path)
         ins = [v for v in model.graph.inputs if not v.is_initializer()]
         cache = signature(model, where, Path(path) if isinstance(path, (str, os.PathLike)) else None)
-        if cache is None and len(ins) != 1 or ins[0].dtype not in (ir.DataType.INT64, ir.DataType.INT32) or \
-                (ins[0].shape is not None and len(ins[0].shape) != 2):
+        if cache is None and (len(ins) != 1 or ins[0].dtype not in (ir.DataType.INT64, ir.DataType.INT32) or
+                              (ins[0].shape is not None and len(ins[0].shape) != 2)):
             shown = [(v.name, str(v.dtype), str(v.shape)) for v in ins[:3]]
             more = f" and {len(ins) - 3} more" if len(ins) > 3 else ""
             raise CaptureError(f"{where} is not a decoder qcompile can read: its inputs are {shown}{more}; expected "
