@@ -54,7 +54,7 @@ def main() -> None:
     prefill_ids = test[:2048][None].numpy().astype(np.int64)
     prompt = test[4096:4096 + 512].tolist()
     rows = [("source: the builder's fp32 build", args.source)]
-    rows += [tuple(r.split("=", 1)) for r in args.row] + [tuple(p.split("=", 1)) for p in args.peer]
+    rows += [tuple(r.rsplit("=", 1)) for r in args.row + args.peer]  # the folder after the last "="
     results = []
     for label, folder in rows:
         r = {"row": label, "folder": folder} | measure(Path(folder), windows, prefill_ids, prompt, args)
