@@ -19,6 +19,11 @@ than teaching the matcher a second dialect:
   ``Reciprocal(Sqrt(y))`` and ``1/Sqrt(y)`` are rsqrt and ``x/Sqrt(y)`` is ``x·rsqrt(y)`` (the RMSNorm
   the matcher reads); torchlib's scaled-dot-product attention for opsets without ``Attention``
   (``MatMul(q·s, kᵀ·s) [+ mask] → Softmax → MatMul(·, v)``) is one ``attention`` node (q, k, v, mask).
+- **onnxruntime's fused attention.** ``GroupQueryAttention`` (onnxruntime-genai's builds; ``graph/onnx_genai``
+  unfuses their skip norms before this view) is one ``attention`` node reading q, k, v as ``[B, heads, S, D]``
+  views of slices of its packed q|k|v input, through a ``rope`` node each for q and k when RoPE is inside the op
+  (attr ``rope_inside``); its present K/V outputs read k and v. A table gathered through its transpose (the
+  builder's tie to a [K, N] lm_head) is an embedding.
 - **Operand positions** follow the fx convention the matcher reads: norms take their weight at 2 and
   bias at 3; view ops have their data at 0 (shape and axes operands are not edges).
 

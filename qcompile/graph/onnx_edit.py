@@ -16,7 +16,9 @@ sees one ``hadamard``/``quant`` node as it does in fx, and onnxruntime runs thei
 ``kernels/ort``'s translations of ``torch.ops.qcompile.*``. A lowered linear is those translations inlined
 (``MatMulNBits``; per-token int8 codes and ``MatMulInteger``), as the ONNX export writes them.
 
-The graph runs in onnxruntime on the CPU (``logits``); the session is rebuilt after an edit.
+The graph runs in onnxruntime on the CPU (``logits``); the session is rebuilt after an edit. A decoder step
+with a KV cache (onnxruntime-genai's) runs from an empty cache (``cache``: ``graph/onnx_genai.Signature``), and
+its A8 linears lower to ``MatMulNBits`` at accuracy_level 4, as the export's default int8 path.
 """
 
 from __future__ import annotations
