@@ -60,16 +60,17 @@ def main() -> None:
         r = {"row": label, "folder": folder} | measure(Path(folder), windows, prefill_ids, prompt, args)
         print(json.dumps(r), flush=True)
         results.append(r)
+    versions = (f"onnxruntime {__import__('onnxruntime').__version__}, onnxruntime-genai "
+                f"{__import__('onnxruntime_genai').__version__}")
     lines = [f"## onnxruntime-genai's fp32 build in, quantized by qcompile, against the builder's int4 "
              f"({provenance()})", "",
-             f"ppl: WikiText-2 test, first {args.windows} windows of 2048 (plain onnxruntime, empty KV cache); prefill: "
-             f"one 2048-token pass, median of {args.repeats}; decode: onnxruntime-genai greedy, prompt 512, 128 new "
-             f"tokens, tokens/s after the first, median of {args.repeats}; {args.threads} threads; onnxruntime "
-             f"{__import__('onnxruntime').__version__}, onnxruntime-genai {__import__('onnxruntime_genai').__version__}.",
+             f"ppl: WikiText-2 test, first {args.windows} windows of 2048 (plain onnxruntime, empty KV cache); "
+             f"prefill: one 2048-token pass, median of {args.repeats}; decode: onnxruntime-genai greedy, prompt 512, "
+             f"128 new tokens, tokens/s after the first, median of {args.repeats}; {args.threads} threads; {versions}.",
              *[f"- {n}" for n in args.note], "",
              "| row | ppl | prefill 2048 (s) | decode (tok/s) | size (MB) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['row']} (`{r['folder']}`) | {r['ppl']:.3f} | {r['prefill_2048_s']:.3f} | {r['decode_tok_s']:.1f} | "
-              f"{r['size_mb']:.1f} |" for r in results]
+    lines += [f"| {r['row']} (`{r['folder']}`) | {r['ppl']:.3f} | {r['prefill_2048_s']:.3f} | "
+              f"{r['decode_tok_s']:.1f} | {r['size_mb']:.1f} |" for r in results]
     publish("\n".join(lines) + "\n", args.out)
     print(json.dumps({"argv": sys.argv[1:], "results": results}))
 
