@@ -97,11 +97,11 @@ def load(path: "str | Path") -> "LoadedModel":
     return artifact.load(path)
 
 
-def export_onnx(source, out, force: bool = False, int8_path: str = "matmulnbits"):
+def export_onnx(source, out, force: bool = False, int8_path: str = "matmulnbits", accuracy_level: int | None = None):
     """Export a `qcompile quantize` directory (or a lowered Program) to an ONNX folder (``qcompile.export.onnx``)."""
-    from qcompile.export.onnx import export_onnx as _export_onnx
+    from qcompile.api import export_onnx as _export_onnx
 
-    return _export_onnx(source, out, force=force, int8_path=int8_path)
+    return _export_onnx(source, out, force=force, int8_path=int8_path, accuracy_level=accuracy_level)
 
 
 def evaluate(model: "str | Path", recipe: "str | Recipe | None" = None, *, windows: int | None = 4,

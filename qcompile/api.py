@@ -219,8 +219,9 @@ def _onnx_model(spec: str):
     return om, tokenizer
 
 
-def export_onnx(source, out: str | Path, force: bool = False, int8_path: str = "matmulnbits") -> Path:
+def export_onnx(source, out: str | Path, force: bool = False, int8_path: str = "matmulnbits",
+                accuracy_level: int | None = None) -> Path:
     """Export a saved directory (or a lowered Program) to an ONNX folder; see ``qcompile.export.onnx``."""
     from qcompile.export.onnx import export_onnx as _export_onnx
 
-    return _export_onnx(source, out, force=force, int8_path=int8_path)
+    return _export_onnx(source, out, force=force, int8_path=int8_path, accuracy_level=accuracy_level)

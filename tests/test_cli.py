@@ -37,3 +37,17 @@ def test_eval_json_contract_on_the_real_model(smollm2, capsys):
         assert key in result
     assert result["windows"] == 1 and result["seq"] == 128 and result["wbits"] == 16
     assert 1 < result["ppl"] < 1000
+
+
+def test_quantize_then_export_with_an_accuracy_level(tmp_path, capsys):
+    """The export command end to end from a saved directory, its options reaching the exporter."""
+    import onnx
+
+    saved, out = tmp_path / "q", tmp_path / "onnx"
+    assert main(["quantize", "tiny:llama", "--recipe", "rtn", "--group", "32", "--out", str(saved),
+                 "--no-progress"]) in (0, None)
+    assert main(["export", str(saved), "--onnx", str(out), "--accuracy-level", "4"]) in (0, None)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    levels = {a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {4}

@@ -142,8 +142,10 @@ def test_blockwise_statistics_equal_whole_graph(llama):
     _, p = llama
     watch = linear_inputs(p)
     calib = _calib()
-    whole = collect(p, calib, watch, batch=2, keep_tokens=50, progress=False)
+    whole = collect(p, calib, watch, batch=2, keep_tokens=50, progress=False, whole_graph=True)
     blocks = collect(p, calib, watch, batch=2, keep_tokens=50, progress=False, device="cpu")
+    default = collect(p, calib, watch, batch=2, keep_tokens=50, progress=False)  # block by block, no logits
+    assert all(torch.equal(default[n].kept(), blocks[n].kept()) for n in watch)
     assert set(whole) == set(blocks) == set(watch)
     for n, s in whole.items():
         b = blocks[n]
@@ -225,3 +227,32 @@ def test_blockwise_on_cuda_keeps_weights_on_cpu(llama):
     same = sum(int(torch.equal(whole.quantized[k].codes, blocks.quantized[k].codes)) for k in whole.quantized)
     diff = max(float((whole.quantized[k].weight - blocks.quantized[k].weight).abs().mean()) for k in whole.quantized)
     assert same >= len(whole.quantized) // 2 and diff < 1e-3
+
+
+@pytest.mark.gpu
+@gpu
+def test_blockwise_weights_return_into_their_host_memory(llama):
+    """A block's weights go back into the very host tensors they left (changed ones copied in, the others only
+    pointed at again: no fresh host memory), and a quantized weight's dequantized values are the Program's
+    weight itself, not a second copy."""
+    from qcompile.passes.blockwise import BlockRunner
+
+    _, p = llama
+    q = p.clone()
+    runner = BlockRunner(q, "cuda")
+    names = runner.segments.attrs[1]
+    before = {t: (q.weight(t).data_ptr(), q.weight(t).detach().clone()) for t in names}
+    w = q.model_map.linears[q.model_map.blocks[1].attention.o].weight
+    home = runner.load(1)
+    assert all(q.weight(t).device.type == "cuda" for t in names)
+    q.set_weight(w, q.weight(w) * 2)
+    runner.unload(home, changed={w})
+    for t, (ptr, value) in before.items():
+        assert q.weight(t).device.type == "cpu" and q.weight(t).data_ptr() == ptr, t
+        assert torch.equal(q.weight(t), value * 2 if t == w else value), t
+    recipe = load_recipe("quarot+gptq").with_bits(group=32)
+    calib = _calib()
+    blocks = quantize(run_passes(p, recipe, calib), recipe, calib, progress=False, device="cuda", batch=2)
+    for name, qw in blocks.quantized.items():
+        assert qw.weight.untyped_storage().data_ptr() == blocks.weight(name).untyped_storage().data_ptr(), name
+        assert torch.equal(qw.weight, blocks.weight(name).reshape(qw.weight.shape))

@@ -1,11 +1,8 @@
 """Block-by-block GPTQ shared out among two processes (gloo on the CPU) equals the one-process result.
 
-Both ranks are spawned by ``torch.multiprocessing`` and join a gloo group; each writes what it got (or the
-error it raised) to a file that the test reads back.
+Both ranks are spawned by ``torch.multiprocessing`` and join a gloo group (meeting through a file); each writes
+what it got (or the error it raised) to a file that the test reads back.
 """
-
-import os
-import socket
 
 import pytest
 import torch
@@ -27,17 +24,11 @@ def _calib(n=7, seq=48, seed=0):
     return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rotated(model, recipe, calib) -> Program:
     return run_passes(Program.capture(model), recipe, calib)
 
 
-def _worker(rank, port, model, recipe, calib, out, runs, fail_rank=None):
+def _worker(rank, init, model, recipe, calib, out, runs, fail_rank=None):
     torch.set_num_threads(1)
     if rank == fail_rank:  # this rank's GPTQ breaks (not a qcompile error)
         import qcompile.passes.quantize as qz
@@ -46,8 +37,7 @@ def _worker(rank, port, model, recipe, calib, out, runs, fail_rank=None):
             raise RuntimeError("out of memory (simulated)")
 
         qz._quantize_weight = broken
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     ranks = Ranks.current()
     got = []
     try:
@@ -63,8 +53,10 @@ def _worker(rank, port, model, recipe, calib, out, runs, fail_rank=None):
 
 
 def _spawn(tmp_path, model, recipe, calib, runs=1, fail_rank=None) -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), model, recipe, calib, str(tmp_path), runs, fail_rank), nprocs=WORLD,
-             join=True)
+    # the ranks meet through a file of the test's own, not a TCP port: a port picked free here could be taken by
+    # another process before rank 0 listens on it (seen once under load)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_worker, args=(init, model, recipe, calib, str(tmp_path), runs, fail_rank), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

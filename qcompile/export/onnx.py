@@ -6,10 +6,12 @@
 
 The graph is the ``kv_cache`` pass's decoder step, with onnxruntime-genai's names::
 
-    (input_ids [B, S], past_key_values.{i}.key/value [B, n_kv, P, D])
+    (input_ids [B, S], attention_mask [B, P + S] (ones), past_key_values.{i}.key/value [B, n_kv, P, D])
         → (logits [B, S, V], present.{i}.key/value [B, n_kv, P + S, D])
 
-P = 0 (empty past) is full-sequence scoring, so one graph serves perplexity and generation. Linears are
+P = 0 (empty past) is full-sequence scoring, so one graph serves perplexity and generation. The attention's
+lengths come from the mask, so onnxruntime-genai can keep one cache buffer per layer and write each new token
+in place (``past_present_share_buffer``; the past then has the context length as its dim 2). Linears are
 translated by ``qcompile.kernels.ort`` (W4A16 → MatMulNBits, W4A8/W4A4 → per-token quantization and
 MatMulInteger, online Hadamards as reshapes and small matmuls, KV fake-quant emulated exactly); the rest is
 ``torch.onnx``'s own aten translation. The recipe (YAML) and the source model are stored in the model's
@@ -33,7 +35,8 @@ import torch
 
 import qcompile
 from qcompile.errors import ExportError
-from qcompile.export.gqa import attention_as_gqa, cached_attention, cached_attention_onnx, simplify_attention
+from qcompile.export.gqa import (attention_as_gqa, lengths_from_mask, simplify_attention, to_token_major,
+                                 token_attention, token_attention_onnx)
 from qcompile.export.onnx_rewrites import fold, fuse_for_ort, quantize_vocab_tables, tie_lm_head
 from qcompile.passes.fuse_linears import fuse_shared_input_linears
 from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
@@ -147,11 +150,16 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str, max_p
     past = [t.normal_() for t in [torch.empty(2, h, 4, layout.head_dim) for h in layout.n_kv_heads for _ in (0, 1)]]
     dynamic = ({0: batch, 1: seq}, *({0: batch, 2: past_len} for _ in past))
     ins, outs = _names(layout)
+    table = translation_table(chosen) | {token_attention: token_attention_onnx}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            prog = torch.onnx.export(gm, (ids, *past), dynamic_shapes=dynamic, dynamo=True, input_names=ins,
-                                     output_names=outs, custom_translation_table=translation_table(chosen) | {cached_attention: cached_attention_onnx},
+            # traced first: every node then has its symbolic shape (one batch, S and P for all layers), which
+            # the token-major rewrite proves its layout changes with
+            traced = torch.export.export(gm, (ids, *past), dynamic_shapes=dynamic, strict=False)
+            simplified |= to_token_major(traced.graph_module)
+            prog = torch.onnx.export(traced, (ids, *past), dynamic_shapes=dynamic, dynamo=True, input_names=ins,
+                                     output_names=outs, custom_translation_table=table,
                                      optimize=False, verbose=False)
         except Exception as e:  # the exporter raises many types; keep its first line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -162,7 +170,9 @@ def _export(gm: torch.fx.GraphModule, layout: CacheLayout, int8_path: str, max_p
     notes = [quantize_vocab_tables(model, vocab_bits) if vocab_bits else tie_lm_head(model), f"attention: {fused} of {layout.layers} layers as GroupQueryAttention",
              f"linears: {n_linears} INT4 linears in {n_ops} ops (those sharing an input fused)",
              "attention inputs: " + (", ".join(f"{k} ×{v}" for k, v in simplified.items()) or "as captured")]
+    masked = lengths_from_mask(model)
     fusions = fuse_for_ort(model)
+    notes.append(f"attention lengths: from the attention_mask input, read by {masked} layers")
     notes.append("fused: " + ", ".join(f"{k} ×{v}" for k, v in fusions.items()))
     if rewritten:
         notes.append(f"W4A8/W4A4: {rewritten} linears as MatMulNBits, accuracy_level {level}")
@@ -191,7 +201,8 @@ def _genai_config(layout: CacheLayout, hf_config, tokenizer, filename: str) -> d
                 "filename": filename,
                 "head_size": layout.head_dim,
                 "hidden_size": int(getattr(hf_config, "hidden_size", layout.head_dim * layout.n_heads[0])),
-                "inputs": {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key",
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key",
                            "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
@@ -206,7 +217,7 @@ def _genai_config(layout: CacheLayout, hf_config, tokenizer, filename: str) -> d
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 

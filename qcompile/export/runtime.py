@@ -56,15 +56,15 @@ class OrtModel:
         outs = [o.name for o in self.session.get_outputs()]
         # onnxruntime-genai's builder adds attention_mask and lists the keys before the values (a genai source
         # quantized as ONNX keeps that signature): inputs and outputs are matched by name, in any order
-        self.mask = "attention_mask" in ins
-        self.layers = (len(ins) - 1 - self.mask) // 2
+        self.masked = "attention_mask" in ins
+        self.layers = (len(ins) - 1 - self.masked) // 2
         self.past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self.present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self.cached = self.layers > 0  # a source graph quantized as ONNX (export/onnx_program) scores only
         if not self.cached and ins == ["input_ids"] and outs[:1] == ["logits"] and META_MODEL in self.metadata:
             self.kv_heads, self.head_dim = [], 0
             return
-        if sorted(ins) != sorted(["input_ids"] + ["attention_mask"] * self.mask + self.past) or \
+        if sorted(ins) != sorted(["input_ids"] + ["attention_mask"] * self.masked + self.past) or \
                 sorted(outs) != sorted(["logits"] + self.present) or META_MODEL not in self.metadata:
             raise ExportError(f"{f} is not a qcompile decoder export: inputs {ins[:3]}…, outputs {outs[:3]}…, "
                               f"metadata keys {sorted(self.metadata)[:4]}")
@@ -94,7 +94,7 @@ class OrtModel:
             raise ExportError(f"{self.path} has no KV cache; decode it by recomputing (--no-cache)")
         ids = np.asarray(ids, dtype=np.int64)
         feed = {"input_ids": ids} | dict(zip(self.past, cache))
-        if self.mask:
+        if self.masked:  # no padding: every cached and new position is attended
             feed["attention_mask"] = np.ones((ids.shape[0], (cache[0].shape[2] if cache else 0) + ids.shape[1]),
                                              dtype=np.int64)
         out = self.session.run(["logits"] + self.present, feed)

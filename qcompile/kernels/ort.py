@@ -107,17 +107,19 @@ def _hadamard_factors(n: int) -> tuple[np.ndarray | None, np.ndarray]:
 
 
 def hadamard_onnx(x, block: int = 0):
-    """``x @ H`` (block-diagonal blocks of ``block``, or the whole last dim): reshape to ``[-1, m, p]``,
-    ``·H_p`` then ``H_mᵀ·``, reshape back; float32 math, returned in x's dtype."""
+    """``x @ H`` (block-diagonal blocks of ``block``, or the whole last dim): the last dim viewed as
+    ``[n / block,] m, p``, ``·H_p`` then ``H_mᵀ·`` (broadcast over the leading dims), viewed back; float32 math,
+    returned in x's dtype. Both reshapes are constants (0 keeps a leading dim): no shape arithmetic per call."""
     n = _static_dim(x, -1, "hadamard")
     b = n if block == 0 else block
     hm, hp = _hadamard_factors(b)
     m, p = (1 if hm is None else hm.shape[0]), hp.shape[0]
+    keep = [0] * (len(x.shape) - 1)
     xf = _as_float(x)
-    y = op.MatMul(op.Reshape(xf, _i64([-1, m, p])), _const(hp))
+    y = op.MatMul(op.Reshape(xf, _i64(keep + ([n // b] if b < n else []) + [m, p])), _const(hp))
     if hm is not None:
         y = op.MatMul(_const(np.ascontiguousarray(hm.T)), y)
-    y = op.Reshape(y, op.Shape(x))
+    y = op.Reshape(y, _i64(keep + [n]))
     return y if x.dtype == FLOAT else op.Cast(y, to=x.dtype)
 
 

@@ -7,7 +7,8 @@ for every calibration batch, only the values that later segments read are kept (
 the rotary tables, the mask): the activations are carried block to block.
 
 ``BlockRunner`` runs one segment over every batch with the segment's weights moved to the compute
-device and moved back to where they were afterwards, so the device holds one block's weights, the
+device and back afterwards, into the very tensors they left (changed weights copied in place, the others
+only pointed at again: no fresh host memory), so the device holds one block's weights, the
 carried activations and one batch's working values. Running segment by segment computes exactly what
 the whole graph computes (the same ops on the same values); only the order in which batches and
 blocks interleave changes, so reductions over batches (Hessians, statistics) are summed in the same
@@ -25,6 +26,7 @@ a stage's linears are dealt out and broadcast; every local step is agreed on, so
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -51,19 +53,30 @@ def _owner(gm: torch.nn.Module, target: str):
     return obj, leaf
 
 
-def move_attr(gm: torch.nn.Module, target: str, device: torch.device) -> None:
-    """Move one parameter, buffer or tensor constant to ``device``, keeping the Parameter object."""
+def _tensor_of(gm: torch.nn.Module, target: str) -> torch.Tensor | None:
+    """The tensor behind one parameter (its ``data``), buffer or tensor constant."""
+    value = _attr(gm, target)
+    if isinstance(value, torch.nn.Parameter):
+        return value.data
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def put_attr(gm: torch.nn.Module, target: str, tensor: torch.Tensor) -> None:
+    """Make one parameter (keeping the Parameter object), buffer or tensor constant hold ``tensor``."""
     owner, leaf = _owner(gm, target)
     if leaf in owner._parameters and owner._parameters[leaf] is not None:
-        param = owner._parameters[leaf]
-        if param.device != device:
-            param.data = param.data.to(device)
+        owner._parameters[leaf].data = tensor
     elif leaf in owner._buffers and owner._buffers[leaf] is not None:
-        owner._buffers[leaf] = owner._buffers[leaf].to(device)
+        owner._buffers[leaf] = tensor
     else:
-        value = getattr(owner, leaf)
-        if isinstance(value, torch.Tensor):
-            setattr(owner, leaf, value.to(device))
+        setattr(owner, leaf, tensor)
+
+
+def move_attr(gm: torch.nn.Module, target: str, device: torch.device) -> None:
+    """Move one parameter, buffer or tensor constant to ``device``, keeping the Parameter object."""
+    value = _tensor_of(gm, target)
+    if value is not None and value.device != device:
+        put_attr(gm, target, value.to(device))
 
 
 def attr_device(gm: torch.nn.Module, target: str) -> torch.device | None:
@@ -140,26 +153,33 @@ class BlockRunner(fx.Interpreter):
         return [{ids: windows[s : s + batch].to(self.device)} for s in range(0, windows.shape[0], batch)]
 
     def load(self, k: int) -> dict:
-        """Move segment ``k``'s weights to the device; returns where each was (for ``unload``)."""
+        """Move segment ``k``'s weights to the device; returns the tensors they leave behind (for ``unload``)."""
         gm = self.module
-        home = {t: attr_device(gm, t) for t in self.segments.attrs[k]}
-        for t in home:
-            move_attr(gm, t, self.device)
+        home = {}
+        for t in self.segments.attrs[k]:
+            value = _tensor_of(gm, t)
+            if value is not None and value.device != self.device:
+                home[t] = value
+                put_attr(gm, t, value.to(self.device))
         return home
 
-    def unload(self, home: dict) -> None:
-        for t, dev in home.items():
-            if dev is not None and dev != self.device:
-                move_attr(self.module, t, dev)
+    def unload(self, home: dict, changed: set[str] | None = None) -> None:
+        """The weights back on the tensors they left, in place (no new host memory): those in ``changed`` (all
+        by default) copied into them, the others, unchanged, just pointed at them again."""
+        for t, host in home.items():
+            if changed is None or t in changed:
+                host.copy_(_tensor_of(self.module, t))
+            put_attr(self.module, t, host)
 
     @contextlib.contextmanager
-    def weights_on_device(self, k: int):
-        """Segment ``k``'s weights on the device while the block runs, back where they were after."""
+    def weights_on_device(self, k: int, changed: set[str] | None = None):
+        """Segment ``k``'s weights on the device while the block runs, back where they were after (``unload``:
+        the ``changed`` ones, all by default, copied back)."""
         home = self.load(k)
         try:
             yield
         finally:
-            self.unload(home)
+            self.unload(home, changed)
 
     def run_segment(self, k: int, envs: list[dict], until: fx.Node | None = None,
                     consume: Callable[[torch.Tensor], None] | None = None) -> list[dict]:
@@ -237,16 +257,17 @@ def _attr(gm, target):
 
 @torch.no_grad()
 def collect_blockwise(program: Program, windows: torch.Tensor, on_node: Callable[[fx.Node, dict], None],
-                      watched: set[str], batch: int = 4, device=None, progress: bool = False) -> None:
+                      watched: set[str], batch: int = 4, device=None, progress: bool = False,
+                      segments: Segments | None = None) -> None:
     """Run the graph block by block over ``windows`` calling ``on_node(node, env)`` before each node; stops
     after the last segment that holds a watched node."""
-    runner = BlockRunner(program, device)
+    runner = BlockRunner(program, device, segments)
     segs = runner.segments
     last = max((k for k, seg in enumerate(segs.nodes) if any(n.name in watched for n in seg)), default=-1)
     envs = runner.start(windows, batch)
     runner.on_node = on_node
     for k in tqdm(range(last + 1), desc="calibrate", unit="block", disable=not progress):
-        with runner.weights_on_device(k):
+        with runner.weights_on_device(k, changed=set()):  # statistics only: no weight changes
             envs = runner.run_segment(k, envs)
 
 
@@ -393,12 +414,28 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
                 with clock("carry"), ranks.step(f"running {segs.names[k]}"):
                     envs = runner.run_segment(k, envs)
         finally:
+            lins = [targets[n.name] for n in segs.nodes[k] if n.name in targets]
             with clock("weights out"):
-                runner.unload(home)
+                shared = {lin.weight for lin in lins if _weight_view(program, lin) is not None}
+                runner.unload(home, changed={lin.weight for lin in lins})
         with clock("codes home"):
-            for n in segs.nodes[k]:  # the codes leave the device with their block
-                lin = targets.get(n.name)
-                if lin is not None:
-                    where = attr_device(program.module, lin.weight)
-                    program.quantized[lin.weight] = move_quantized(program.quantized[lin.weight], where)
+            for lin in lins:  # the codes leave the device with their block
+                qw = program.quantized[lin.weight]
+                if lin.weight in shared:  # its dequantized weight is the Program's, now home: not copied twice
+                    qw = dataclasses.replace(qw, weight=_weight_view(program, lin))
+                program.quantized[lin.weight] = move_quantized(qw, attr_device(program.module, lin.weight))
     bar.close()
+
+
+def _weight_view(program: Program, lin):
+    """The Program's weight of ``lin`` viewed as its QuantizedWeight's dequantized ``weight`` [rows, K], where
+    the two are equal bit for bit (the store sets one from the other), else None."""
+    qw = program.quantized.get(lin.weight)
+    w = program.weight(lin.weight).detach()
+    if qw is None or not isinstance(getattr(qw, "weight", None), torch.Tensor) or qw.weight.dtype != w.dtype \
+            or qw.weight.numel() != w.numel():
+        return None
+    view = w.movedim((lin.out_axis, lin.in_axis), (-2, -1)).reshape(qw.weight.shape)
+    if view.device == qw.weight.device and not torch.equal(view, qw.weight):
+        return None
+    return view

@@ -17,8 +17,8 @@ import torch
 from torch import fx
 from tqdm import tqdm
 
-from qcompile.errors import CalibrationError
-from qcompile.passes.blockwise import collect_blockwise
+from qcompile.errors import CalibrationError, QCompileError
+from qcompile.passes.blockwise import Segments, collect_blockwise
 from qcompile.program import Program
 
 
@@ -75,14 +75,17 @@ def _observe(name: str, value: torch.Tensor, stats: dict, keep: int, make) -> No
 @torch.no_grad()
 def collect(program: Program, windows: torch.Tensor, watch: dict[str, int], batch: int = 4,
             keep_tokens: int = 0, progress: bool = True, make=ChannelStats,
-            device: torch.device | str | None = None) -> dict[str, ChannelStats]:
+            device: torch.device | str | None = None, whole_graph: bool = False) -> dict[str, ChannelStats]:
     """Stats of operand ``pos`` of each watched node ``{node name: pos}`` over all windows [n, seq].
 
     ``keep_tokens`` > 0 also keeps that many token rows per node (for searches that need samples).
     ``make`` builds each node's accumulator: a ``ChannelStats`` subclass that reduces more (e.g. moments).
     On an ONNX Program it runs in onnxruntime (see the module docstring; ``batch`` and ``device`` unused).
-    With ``device`` the graph runs block by block there (``passes.blockwise``), the weights staying where
-    they are; each node still sees the batches in order, so the statistics are the same.
+    An fx graph runs block by block (``passes.blockwise``) on ``device`` (default: the Program's), the weights
+    staying where they are, and only up to the last block that holds a watched node (the lm_head's logits, a
+    third of SmolLM2's forward, are never computed); each node still sees the batches in order, so the
+    statistics are those of the whole graph run batch by batch. A graph that cannot be cut into blocks, or
+    ``whole_graph`` (the reference), runs whole on the Program's device.
     """
     stats: dict[str, ChannelStats] = {}
     if program.ir == "onnx":
@@ -92,13 +95,18 @@ def collect(program: Program, windows: torch.Tensor, watch: dict[str, int], batc
         values = {n: og.operand(n, pos) for n, pos in watch.items()}
         collect_values(program, windows, values, lambda n, x: _observe(n, x, stats, keep_tokens, make), progress)
         return stats
-    if device is not None:
-        def on_node(n, env):
-            pos = watch.get(n.name)
-            if pos is not None:
-                _observe(n.name, env[n.args[pos]], stats, keep_tokens, make)
+    def on_node(n, env):
+        pos = watch.get(n.name)
+        if pos is not None:
+            _observe(n.name, env[n.args[pos]], stats, keep_tokens, make)
 
-        collect_blockwise(program, windows, on_node, set(watch), batch=batch, device=device, progress=progress)
+    try:
+        segments = None if whole_graph else Segments(program.module, program.model_map)
+    except QCompileError:
+        segments = None
+    if segments is not None and len(segments.inputs) == 1:
+        collect_blockwise(program, windows, on_node, set(watch), batch=batch, device=device or program.device,
+                          progress=progress, segments=segments)
         return stats
     watcher = _Watcher(program.module, watch, stats, keep_tokens, make)
     for start in tqdm(range(0, windows.shape[0], batch), desc="calibrate", unit="batch", disable=not progress):

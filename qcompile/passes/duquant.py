@@ -82,13 +82,13 @@ def _search(jobs: dict, opts: dict, progress: bool) -> dict[object, DuQuantTrans
         bar.close()
 
 
-def _first_windows(calibration: torch.Tensor, tokens: int, batch: int) -> torch.Tensor:
+def _first_windows(calibration: torch.Tensor, tokens: int) -> torch.Tensor:
     """The windows the kept token rows come from: statistics keep the first ``tokens`` rows in window order, so
-    only the first ⌈tokens/seq⌉ windows matter, rounded up to whole batches (each batch then is the very one
-    the run over every window computes first, so the rows are the same bit for bit). The greedy search reads
-    nothing else: running the other windows through the model would be wasted."""
-    need = -(-tokens // calibration.shape[1])
-    return calibration[: min(calibration.shape[0], -(-need // batch) * batch)]
+    only the first ⌈tokens/seq⌉ windows matter and the greedy search reads nothing else (at 2048 tokens, one
+    window instead of a batch of four). Each window's rows are its own (no op mixes windows), the same values
+    as in a run over every window wherever the matrix products' rows do not depend on the batch (bit for bit on
+    the CPU, tested; else up to float summation order)."""
+    return calibration[: -(-tokens // calibration.shape[1])]
 
 
 @torch.no_grad()
@@ -109,7 +109,7 @@ def duquant(program: Program, options: DuQuantOptions | None = None, *, calibrat
             watch.update({b.attn_norm.readers[0]: 0, b.attention.o: 0, b.ffn_norm.readers[0]: 0})
             if b.ffn.kind != "moe":
                 watch[b.ffn.down] = 0
-        stats = collect(p, _first_windows(calibration, tokens, batch), watch, batch=batch, keep_tokens=tokens,
+        stats = collect(p, _first_windows(calibration, tokens), watch, batch=batch, keep_tokens=tokens,
                         progress=False, device=p.device)  # block by block: the same rows, no logits computed
         jobs = {}
         for b in mm.blocks:
@@ -160,7 +160,7 @@ def _fused(p: Program, calibration, report, opts, tokens, seed, batch, progress)
         if b.ffn.kind != "moe":
             watch[b.ffn.down] = 0
     per = max(1, tokens // max(1, len(mm.norms) - 1))
-    stats = collect(p, _first_windows(calibration, per, batch), watch, batch=batch, keep_tokens=per, progress=False,
+    stats = collect(p, _first_windows(calibration, per), watch, batch=batch, keep_tokens=per, progress=False,
                     device=p.device)
     stream = torch.cat([_rows(stats, n.readers[0]) for n in mm.norms if n is not mm.final_norm])
     t = duquant_transform(stream, seed=seed, **opts)

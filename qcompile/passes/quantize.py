@@ -114,14 +114,29 @@ def _rtn_all(p: Program, targets: list[str], wq: WeightQuant, report: PassReport
         _store(p, lin, _quantize_weight(_rows(p, lin), None, wq, lin.weight), report)
 
 
+class _AllQuantized(Exception):
+    """Raised by ``_SequentialQuantizer`` once every target is quantized: the nodes after it (the lm_head's
+    logits, a third of SmolLM2's forward) feed no Hessian."""
+
+
 class _SequentialQuantizer(fx.Interpreter):
-    """Runs the graph node by node over all calibration windows, quantizing linears as it meets them."""
+    """Runs the graph node by node over all calibration windows, quantizing linears as it meets them, and stops
+    once the last is quantized (``quantize_all``)."""
 
     def __init__(self, p: Program, targets: list[str], wq: WeightQuant, report: PassReport, progress: bool):
         super().__init__(p.module, garbage_collect_values=True)
         self.p, self.wq, self.report = p, wq, report
         self.targets = {n: p.model_map.linears[n] for n in targets}
         self.stored: set[str] = set()  # linears already quantized (with the first reader of their input)
+        self.done: set[str] = set()  # targets the run has passed
+        # equal activation fake quantizations (one per reader: q/k/v, gate/up) computed once per run: the
+        # same deterministic op on the same value; each kept until its last twin has run
+        self.twins: dict[object, int] = {}
+        for node in p.module.graph.nodes:
+            key = shared_input(node)
+            if key is not node:
+                self.twins[key] = self.twins.get(key, 0) + 1
+        self.shared: dict[object, list] = {}
         self.siblings: dict[object, list[fx.Node]] = {}  # the dense quantized readers of each input value
         for node in p.module.graph.nodes:
             if node.name in self.targets and not self.targets[node.name].experts:
@@ -151,7 +166,33 @@ class _SequentialQuantizer(fx.Interpreter):
                 self.bar.update(1)
             self.stored.update(u.name for u in group)
             del H, acc
-        return super().run_node(n)
+        if lin is not None:
+            self.done.add(n.name)
+            if self.finished():
+                raise _AllQuantized
+        key = shared_input(n)
+        if key is n or self.twins[key] < 2:
+            return super().run_node(n)
+        seen = self.shared.setdefault(key, [None, 0])
+        if seen[1] == 0:
+            seen[0] = super().run_node(n)
+        seen[1] += 1
+        value = seen[0]
+        if seen[1] == self.twins[key]:
+            del self.shared[key]
+        return value
+
+    def finished(self) -> bool:
+        return len(self.done) == len(self.targets)
+
+    def quantize_all(self, ids: torch.Tensor) -> None:
+        try:
+            self.run(ids)
+        except _AllQuantized:
+            pass
+        finally:
+            self.env = {}
+            self.bar.close()
 
 
 @torch.no_grad()
@@ -229,9 +270,7 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
                 if ranks is not None and ranks.distributed:
                     report.notes["execution"] += f", shared out among {ranks.world} ranks"
             else:
-                runner = _SequentialQuantizer(p, targets, wq, report, progress)
-                runner.run(calibration.to(p.device))
-                runner.bar.close()
+                _SequentialQuantizer(p, targets, wq, report, progress).quantize_all(calibration.to(p.device))
         tokens = sorted(report.notes.pop("routed tokens per expert", []))
         if tokens:
             report.notes["routed tokens per expert"] = (f"min {tokens[0]}, median {tokens[len(tokens) // 2]}, max "

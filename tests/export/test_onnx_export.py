@@ -4,6 +4,7 @@ program; KV-cache decoding = full-sequence scoring; onnxruntime-genai runs the f
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import onnx
@@ -76,6 +77,21 @@ def test_checker_metadata_and_ops(exported):
         assert not rotary and not tables and rotate_half == 4  # RoPE of q and k, 2 layers
     else:
         assert rotary == {1} and len(tables) == 2 and rotate_half == 0
+    # token-major attention: q|k|v read packed (no key/value inputs) where nothing runs between the projection
+    # and the attention; one copy of the sequence lengths for every layer; no shape arithmetic elsewhere
+    gqas = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    packed = [n.input[1] == n.input[2] == "" for n in gqas]
+    assert packed == [("kv4" not in name)] * 2
+    assert len({n.input[5] for n in gqas}) == len({n.input[6] for n in gqas}) == 1
+    # the lengths come from the attention mask, so onnxruntime-genai may share one cache buffer per layer
+    assert [i.name for i in m.graph.input][:2] == ["input_ids", "attention_mask"]
+    assert {n.op_type for n in m.graph.node if gqas[0].input[5] in n.output} == {"Cast"}
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    assert config["model"]["decoder"]["inputs"]["attention_mask"] == "attention_mask"
+    weights = {i.name for i in m.graph.initializer}
+    moved = [n for n in m.graph.node if n.op_type == "Transpose" and n.input[0] not in weights]
+    assert (len(moved) > 0) == ("kv4" in name) and ("kv4" in name or ops.count("Shape") <= 3), ops
     # the lm_head reads the embedding table: one vocabulary-sized matrix in the file
     vocab = [i.name for i in m.graph.initializer if list(i.dims) == [256, 64]]
     assert len(vocab) == 1, vocab

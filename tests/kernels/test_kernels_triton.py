@@ -78,6 +78,9 @@ def test_word_gemv(n, k, g, asym, has_bias, dt):
     assert cands
     for cand in cands:
         assert _rel(w4a16.run(cand, x, packed, scales, zeros, g, bias), ref) < TOL[dt], cand.name
+    for ahead in (False, True):  # scales loaded where used, or a step ahead with the words
+        cand = w4a16.gemv_candidate(4, 2, False, False, ahead)
+        assert _rel(w4a16.run(cand, x, packed, scales, zeros, g, bias), ref) < TOL[dt], cand.name
     shifted = torch.cat([torch.zeros(n, 1, dtype=torch.uint8), packed], dim=1)[:, 1:]
     assert shifted.data_ptr() % 4 and torch.equal(shifted, packed)
     assert _rel(w4a16.run(cands[0], x, shifted, scales, zeros, g, bias), ref) < TOL[dt]
@@ -231,15 +234,16 @@ def test_mma_gemv_offered_only_where_it_applies():
     assert again is not first and not torch.equal(again, first)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(5))
 def test_w4ax_codes_gemv_at_one_token(seed):
-    """The decode candidate that runs the word GEMV on planes made from the codes: offered at M = 1 only,
-    and equal to the reference for symmetric and asymmetric activations, grouped and per-channel weights."""
+    """The decode candidate where the word GEMV reads the int8 codes itself (one launch): offered at M = 1
+    only, and equal to the reference for symmetric and asymmetric activations, grouped and per-channel
+    weights, K a multiple of the step (seed 4) or not."""
     gen = torch.Generator().manual_seed(seed)
-    n, k = 40 + seed, [256, 576, 1536, 64][seed]
-    g = [k, 32, 128, 64][seed]
+    n, k = 40 + seed, [256, 576, 1536, 64, 2048][seed]
+    g = [k, 32, 128, 64, 128][seed]
     packed, scales, zeros = _weight(n, k, g, seed % 2 == 1, gen)
-    bits, sym = [(8, True), (4, False), (4, True), (8, False)][seed]
+    bits, sym = [(8, True), (4, False), (4, True), (8, False), (8, False)][seed]
     codes, sa, za = reference.quantize_per_token(torch.randn(1, k, generator=gen), bits, sym, 0.9)
     za = None if sym else za
     bias = torch.randn(n, generator=gen) if seed % 2 == 0 else None

@@ -138,3 +138,31 @@ def test_gptq_and_leanquant_on_a_real_hessian(smollm2, smollm2_program):
     assert weighted(lean_grid.scales, lean_grid.zeros) <= weighted(minmax_s, minmax_z)
     lean = leanquant_quantize(W, H, spec, act_order=False)
     assert out_err(lean) < out_err(rtn)
+
+
+def test_sequential_gptq_computes_twin_fake_quants_once_and_stops_after_the_last_linear(tiny_programs, monkeypatch):
+    """Equal activation fake quantizations (q/k/v, gate/up) are computed once per run and the nodes after the last
+    quantized linear (the lm_head) never run; the weights are those of a run that computes every node."""
+    import qcompile.passes.quantize as qp
+
+    _, p = tiny_programs["llama"]
+    r = load_recipe("quarot+gptq").with_bits(a=4)
+    calib = _calib()
+    ran = []
+    real = qp._SequentialQuantizer.run_node
+    monkeypatch.setattr(qp._SequentialQuantizer, "run_node",
+                        lambda self, n: ran.append(n) or real(self, n))
+    fast = quantize(run_passes(p, r), r, calib)
+    fq = [n for n in ran if "qcompile.fake_quant" in str(n.target)]
+    distinct = {qp.shared_input(n) for n in fq}
+    assert len(distinct) < len(fq)  # twins were met...
+    head = fast.model_map.lm_head
+    assert head not in {n.name for n in ran}  # ...and the lm_head never ran
+
+    monkeypatch.setattr(qp._SequentialQuantizer, "run_node", real)
+    monkeypatch.setattr(qp._SequentialQuantizer, "finished", lambda self: False)  # every node runs
+    monkeypatch.setattr(qp, "shared_input", lambda n: n)  # every node its own: no twin shared
+    full = quantize(run_passes(p, r), r, calib)
+    assert sorted(full.quantized) == sorted(fast.quantized)
+    assert all(torch.equal(full.quantized[k].codes, q.codes) for k, q in fast.quantized.items())
+    assert all(torch.equal(x, y) for x, y in zip(full.module.state_dict().values(), fast.module.state_dict().values()))

@@ -1,9 +1,11 @@
-"""DuQuant's greedy search, sped up (float32 scan with exact float64 recheck, cached bases), takes the same
-path as the plain search that multiplies every row in float64 at every step."""
+"""DuQuant's greedy search, sped up (a bf16 or float32 scan with an exact float64 recheck, cached bases), takes the
+same path as the plain search that multiplies every row in float64 at every step."""
 
+import pytest
 import torch
 
-from qcompile.quant.duquant import _PeakFinder, greedy_bases, greedy_rotation, step_for_channel
+from qcompile.quant import duquant
+from qcompile.quant.duquant import _PeakFinder, block_matmul, blocks_of, greedy_bases, greedy_rotation, step_for_channel
 
 
 def _rows(n=3000, b=32, seed=0, massive=True):
@@ -36,7 +38,10 @@ def _plain_greedy(x, steps, seed, index="channel"):
     return best_r, best[1], peaks
 
 
-def test_peak_and_position_equal_the_float64_product():
+@pytest.mark.parametrize("bf16", [True, False])
+def test_peak_and_position_equal_the_float64_product(bf16, monkeypatch):
+    """Whichever precision scans (bf16 where the CPU has it, else float32), the recheck gives float64's answer."""
+    monkeypatch.setattr(duquant, "_BF16", bf16)
     for massive in (True, False):
         x = _rows(massive=massive)
         find = _PeakFinder(x, head=64)
@@ -63,3 +68,11 @@ def test_bases_are_cached_per_seed_and_read_only_use_keeps_them():
     greedy_rotation(_rows(n=200, b=16), steps=8, seed=123)
     assert greedy_bases(16, 8, 123) is a and torch.equal(a, before)
     assert not torch.equal(greedy_bases(16, 8, 124), a)
+
+
+def test_block_matmul_is_the_dense_product():
+    g = torch.Generator().manual_seed(3)
+    for c, b in ((96, 32), (100, 32), (20, 32)):  # full blocks, a partial last block, one block narrower than b
+        m = torch.block_diag(*[torch.randn(e - s, e - s, generator=g, dtype=torch.float64) for s, e in blocks_of(c, b)])
+        x = torch.randn(2, 7, c, generator=g, dtype=torch.float64)
+        assert torch.allclose(block_matmul(x, m, b), x @ m, rtol=0, atol=1e-12)

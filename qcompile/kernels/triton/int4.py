@@ -168,3 +168,37 @@ def word_activations(ptr, dt: tl.constexpr):
                                          dtype=(tl.float32,) * 8, is_pure=True, pack=1)
     return tl.inline_asm_elementwise(_XWORD_F16, "=r,=r,=r,=r,=r,=r,=r,=r,l", [addr],
                                      dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+
+
+# Eight int8 activation codes ``a[8w … 8w + 7]`` (8 bytes, 8-byte aligned) → eight float32 ``2^23 + 128 + a``,
+# exact: one 8-byte load by the thread that holds word w, then per code one shift and one lop3 that keeps
+# the byte, flips its sign bit (``a + 128`` in [0, 255]) and puts it in the mantissa of 2^23.
+_XCODES = tl.constexpr("""
+{
+.reg .b32 a, b, t;
+ld.global.v2.b32 {a, b}, [$8];
+lop3.b32 $0, a, 0xFF, 0x4B000080, 0x6A;
+shr.b32 t, a, 8;
+lop3.b32 $1, t, 0xFF, 0x4B000080, 0x6A;
+shr.b32 t, a, 16;
+lop3.b32 $2, t, 0xFF, 0x4B000080, 0x6A;
+shr.b32 t, a, 24;
+lop3.b32 $3, t, 0xFF, 0x4B000080, 0x6A;
+lop3.b32 $4, b, 0xFF, 0x4B000080, 0x6A;
+shr.b32 t, b, 8;
+lop3.b32 $5, t, 0xFF, 0x4B000080, 0x6A;
+shr.b32 t, b, 16;
+lop3.b32 $6, t, 0xFF, 0x4B000080, 0x6A;
+shr.b32 t, b, 24;
+lop3.b32 $7, t, 0xFF, 0x4B000080, 0x6A;
+}
+""")
+
+
+@triton.jit
+def word_codes8(ptr):
+    """``2^23 + 128 + a[8w + i]`` for i = 0 … 7 as float32 tiles, from a tile of 8-byte aligned int8 pointers
+    ``a + 8w`` (PTX, CUDA only): one 8-byte load per word, in the caller's layout."""
+    addr = ptr.to(tl.uint64, bitcast=True)
+    return tl.inline_asm_elementwise(_XCODES, "=r,=r,=r,=r,=r,=r,=r,=r,l", [addr], dtype=(tl.float32,) * 8,
+                                     is_pure=True, pack=1)

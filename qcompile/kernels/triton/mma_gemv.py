@@ -19,6 +19,12 @@ tokens g and 8 + g as its B registers: pairs of the token's 16 consecutive activ
 2t + 1 (+ 8): those take the group's scale, ``acc += s·C``, and are stored at the end. Products are
 exact (a small integer times a 16-bit float) and accumulate in float32.
 
+Warps along K (KSPLIT): one warp per 16-row tile leaves an SM with a few warps and little in flight
+(at 11008×4096, 688 warps for 132 SMs; ``ncu`` saw 42% of issue slots stalled on L1TEX). KSPLIT warps
+of a program share a tile, warp ``p`` taking steps ``p, p + KSPLIT, …``, and add their accumulators
+through shared memory at the end (``C = Σ_p C_p``: the sum is linear), with no atomics, zeroing or cast
+launch, unlike the grid's SPLIT_K. AHEAD: the next step's scales and zero pairs are loaded with its words.
+
 Every tensor here is 1-D over the program's ``32·num_warps`` threads (one element per thread, lane =
 index mod 32), so the warp-wide ``mma.sync`` in an elementwise asm runs converged, in every lane.
 """
@@ -153,19 +159,43 @@ def _store(y_ptr, stride_ym, tok, rg, rg8, v0, v1, v2, v3, M, mg, mg8, SPLIT_K: 
 
 
 @triton.jit
+def _step_params(s_ptr, z_ptr, rg, rg8, mg, mg8, slab, stride_sn, SLABS_PER_GROUP: tl.constexpr,
+                 HAS_ZEROS: tl.constexpr, dt: tl.constexpr):
+    """Scales of rows g, g + 8 and their ``−(OFFSET + z)`` pairs for the step starting at ``slab`` (inside
+    one group, or per-channel)."""
+    grp = 0 if SLABS_PER_GROUP == 0 else slab // SLABS_PER_GROUP
+    zg = _zero_pair(z_ptr, rg * stride_sn + grp, mg, HAS_ZEROS, dt)
+    zg8 = _zero_pair(z_ptr, rg8 * stride_sn + grp, mg8, HAS_ZEROS, dt)
+    s_g = tl.load(s_ptr + rg * stride_sn + grp, mask=mg, other=0.0).to(tl.float32)
+    s_g8 = tl.load(s_ptr + rg8 * stride_sn + grp, mask=mg8, other=0.0).to(tl.float32)
+    return s_g, s_g8, zg, zg8
+
+
+@triton.jit
+def _warp_sum(v, TILES: tl.constexpr, KSPLIT: tl.constexpr):
+    """``v [TILES·KSPLIT·32]`` (warp = tile·KSPLIT + part) summed over the KSPLIT warps of each tile."""
+    if KSPLIT == 1:
+        return v
+    return tl.reshape(tl.sum(tl.reshape(v, (TILES, KSPLIT, 32)), axis=1), (TILES * 32,))
+
+
+@triton.jit
 def _mma_gemv_kernel(
     x_ptr, t_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, N_SLABS, NT, stride_xm, stride_ym, stride_sn,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SLABS_PER_GROUP: tl.constexpr, SLABS: tl.constexpr,
-    BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr, NUM_WARPS: tl.constexpr,
+    BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr, NUM_WARPS: tl.constexpr, KSPLIT: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     dt = x_ptr.dtype.element_ty
     n: tl.constexpr = 32 * NUM_WARPS
+    TILES: tl.constexpr = NUM_WARPS // KSPLIT  # tiles of 16 rows per program, KSPLIT warps each along K
     i = tl.arange(0, n)
     lane = i % 32
     g = lane // 4
     t = lane % 4
-    tile = tl.program_id(0) * NUM_WARPS + i // 32
+    tile = tl.program_id(0) * TILES + (i // 32) // KSPLIT
+    part = (i // 32) % KSPLIT  # the warp's share of the tile's steps: part, part + KSPLIT, …
     live = tile < NT
     rg = tile * 16 + g
     rg8 = rg + 8
@@ -178,33 +208,39 @@ def _mma_gemv_kernel(
     quad = tl.arange(0, 4)
     # a slab of a tile: 32 lanes × 4 words; the lane's 16 bytes of slab q at wp + 128·q
     wp = t_ptr + ((tile * N_SLABS)[:, None] * 128 + lane[:, None] * 4 + quad[None, :])
-    wmask = live[:, None]
     # B column n = token n (lane 4g + t reads tokens g and 8 + g): its 16 activations of slab q are
     # the 32-bit pairs 32·q + 8t … 32·q + 8t + 7 of the token's row
     xw = x_ptr.to(tl.pointer_type(tl.int32))
     xp = xw + (g * (stride_xm // 2) + 8 * t)[:, None] + quad[None, :]
     xq = xp + 8 * (stride_xm // 2)
-    xm = (g < M)[:, None]
-    xmq = (g + 8 < M)[:, None]
-    sp_g = s_ptr + rg * stride_sn
-    sp_g8 = s_ptr + rg8 * stride_sn
     zero = tl.zeros([n], dtype=tl.float32)
     acc = (zero, zero, zero, zero)
     if BLOCKS == 2:
         acc = (zero, zero, zero, zero, zero, zero, zero, zero)
-    wa = tl.load(wp + first * SLABS * 128, mask=wmask & (first < last), other=0)
+    step = first + part  # per warp
+    ok = step < last
+    wa = tl.load(wp + (step * SLABS * 128)[:, None], mask=(live & ok)[:, None], other=0)
     if SLABS == 2:
-        wb = tl.load(wp + (first * 2 + 1) * 128, mask=wmask & (first < last), other=0)
-    for step in range(first, last):
-        # the next step's words are requested before this step's arithmetic
-        more = step + 1 < last
-        wa_next = tl.load(wp + (step + 1) * SLABS * 128, mask=wmask & more, other=0)
+        wb = tl.load(wp + ((step * 2 + 1) * 128)[:, None], mask=(live & ok)[:, None], other=0)
+    if AHEAD:
+        s_g, s_g8, zg, zg8 = _step_params(s_ptr, z_ptr, rg, rg8, mg & ok, mg8 & ok, step * SLABS, stride_sn,
+                                          SLABS_PER_GROUP, HAS_ZEROS, dt)
+    for _ in range(0, tl.cdiv(last - first, KSPLIT)):
+        # the next step's words (and scales) are requested before this step's arithmetic
+        nxt = step + KSPLIT
+        more = nxt < last
+        wa_next = tl.load(wp + (nxt * SLABS * 128)[:, None], mask=(live & more)[:, None], other=0)
         if SLABS == 2:
-            wb_next = tl.load(wp + ((step + 1) * 2 + 1) * 128, mask=wmask & more, other=0)
-        slab = step * SLABS
-        grp = 0 if SLABS_PER_GROUP == 0 else slab // SLABS_PER_GROUP  # the step lies in one group
-        zg = _zero_pair(z_ptr, rg * stride_sn + grp, mg, HAS_ZEROS, dt)
-        zg8 = _zero_pair(z_ptr, rg8 * stride_sn + grp, mg8, HAS_ZEROS, dt)
+            wb_next = tl.load(wp + ((nxt * 2 + 1) * 128)[:, None], mask=(live & more)[:, None], other=0)
+        if AHEAD:
+            s_n, s_n8, zg_n, zg_n8 = _step_params(s_ptr, z_ptr, rg, rg8, mg & more, mg8 & more, nxt * SLABS,
+                                                  stride_sn, SLABS_PER_GROUP, HAS_ZEROS, dt)
+        else:
+            s_g, s_g8, zg, zg8 = _step_params(s_ptr, z_ptr, rg, rg8, mg & ok, mg8 & ok, step * SLABS, stride_sn,
+                                              SLABS_PER_GROUP, HAS_ZEROS, dt)
+        slab = (step * SLABS)[:, None]
+        xm = ((g < M) & ok)[:, None]  # a warp past its last step reads no activations: its mmas add zeros
+        xmq = ((g + 8 < M) & ok)[:, None]
         c = (zero, zero, zero, zero)
         if BLOCKS == 2:
             c = (zero, zero, zero, zero, zero, zero, zero, zero)
@@ -212,8 +248,6 @@ def _mma_gemv_kernel(
         if SLABS == 2:
             c = _slab(wb, xp + 32 * (slab + 1), xq + 32 * (slab + 1), xm, xmq, zg, zg8, c, n, BLOCKS, dt)
             wb = wb_next
-        s_g = tl.load(sp_g + grp, mask=mg, other=0.0).to(tl.float32)
-        s_g8 = tl.load(sp_g8 + grp, mask=mg8, other=0.0).to(tl.float32)
         if BLOCKS == 1:
             acc = (tl.fma(c[0], s_g, acc[0]), tl.fma(c[1], s_g, acc[1]), tl.fma(c[2], s_g8, acc[2]),
                    tl.fma(c[3], s_g8, acc[3]))
@@ -222,6 +256,22 @@ def _mma_gemv_kernel(
                    tl.fma(c[3], s_g8, acc[3]), tl.fma(c[4], s_g, acc[4]), tl.fma(c[5], s_g, acc[5]),
                    tl.fma(c[6], s_g8, acc[6]), tl.fma(c[7], s_g8, acc[7]))
         wa = wa_next
+        if AHEAD:
+            s_g, s_g8, zg, zg8 = s_n, s_n8, zg_n, zg_n8
+        step = nxt
+        ok = more
+    # the KSPLIT warps of a tile add their sums (through shared memory); the stores then use the reduced layout
+    j = tl.arange(0, TILES * 32)
+    lane = j % 32
+    g = lane // 4
+    t = lane % 4
+    tile = tl.program_id(0) * TILES + j // 32
+    live = tile < NT
+    rg = tile * 16 + g
+    rg8 = rg + 8
+    mg = live & (rg < N)
+    mg8 = live & (rg8 < N)
+    zero = tl.zeros([TILES * 32], dtype=tl.float32)
     bias_g = zero
     bias_g8 = zero
     if HAS_BIAS:
@@ -229,11 +279,13 @@ def _mma_gemv_kernel(
             bias_g = tl.load(b_ptr + rg, mask=mg, other=0.0).to(tl.float32)
             bias_g8 = tl.load(b_ptr + rg8, mask=mg8, other=0.0).to(tl.float32)
     # lane 4g + t holds rows g, g + 8 for tokens 2t, 2t + 1 (and 8 + 2t, 9 + 2t in the second block)
-    _store(y_ptr, stride_ym, 2 * t, rg, rg8, acc[0] + bias_g, acc[1] + bias_g, acc[2] + bias_g8,
-           acc[3] + bias_g8, M, mg, mg8, SPLIT_K)
+    _store(y_ptr, stride_ym, 2 * t, rg, rg8, _warp_sum(acc[0], TILES, KSPLIT) + bias_g,
+           _warp_sum(acc[1], TILES, KSPLIT) + bias_g, _warp_sum(acc[2], TILES, KSPLIT) + bias_g8,
+           _warp_sum(acc[3], TILES, KSPLIT) + bias_g8, M, mg, mg8, SPLIT_K)
     if BLOCKS == 2:
-        _store(y_ptr, stride_ym, 8 + 2 * t, rg, rg8, acc[4] + bias_g, acc[5] + bias_g, acc[6] + bias_g8,
-               acc[7] + bias_g8, M, mg, mg8, SPLIT_K)
+        _store(y_ptr, stride_ym, 8 + 2 * t, rg, rg8, _warp_sum(acc[4], TILES, KSPLIT) + bias_g,
+               _warp_sum(acc[5], TILES, KSPLIT) + bias_g, _warp_sum(acc[6], TILES, KSPLIT) + bias_g8,
+               _warp_sum(acc[7], TILES, KSPLIT) + bias_g8, M, mg, mg8, SPLIT_K)
 
 
 _tiles: WeakIdKeyDictionary = WeakIdKeyDictionary()  # packed weight -> (its version, its mma tiles)
@@ -258,22 +310,23 @@ def tiles_of(packed: Tensor, K: int) -> Tensor:
 
 
 def run(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None,
-        warps: int, slabs: int, split: int) -> Tensor:
+        warps: int, slabs: int, split: int, ksplit: int = 1, ahead: bool = False) -> Tensor:
     """``x [M ≤ 16, K] @ Wᵀ (+ bias)`` (x with unit stride along K; scales and zeros with unit stride
     along groups). ``slabs`` (1 or 2) 64-k slabs per loop step, taken as 1 where 2 would straddle
-    groups or K."""
+    groups or K; ``warps`` per program, ``ksplit`` of them sharing one tile of 16 rows along K (summed
+    through shared memory), ``split`` programs along K (float32 partials added atomically)."""
     M, K = x.shape
     N = packed.shape[0]
     tiles = tiles_of(packed, K)
     y = x.new_zeros((M, N), dtype=torch.float32) if split > 1 else x.new_empty((M, N))
     if x.data_ptr() % 16 or x.stride(0) % 8:  # rows are read as 16-byte vectors
         x = x.clone(memory_format=torch.contiguous_format)
-    launch(*launch_args(x, tiles, scales, zeros, group_size, bias, y, warps, slabs, split))
+    launch(*launch_args(x, tiles, scales, zeros, group_size, bias, y, warps, slabs, split, ksplit, ahead))
     return y.to(x.dtype) if split > 1 else y
 
 
 def launch_args(x: Tensor, tiles: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None,
-                y: Tensor, warps: int, slabs: int, split: int) -> tuple:
+                y: Tensor, warps: int, slabs: int, split: int, ksplit: int = 1, ahead: bool = False) -> tuple:
     """``launch`` arguments of the kernel for ``x [M, K]`` (16-byte aligned rows) into ``y [M, N]``."""
     M = x.shape[0]
     N = y.shape[1]
@@ -282,8 +335,10 @@ def launch_args(x: Tensor, tiles: Tensor, scales: Tensor, zeros: Tensor | None, 
     spg = group_size // MMA_STEP if G > 1 else 0
     if n_slabs % slabs or (spg and spg % slabs):
         slabs = 1
-    return (_mma_gemv_kernel, (cdiv(nt, warps), split),
+    if warps % ksplit:
+        raise ValueError(f"mma_gemv: {warps} warps cannot share tiles {ksplit} at a time")
+    return (_mma_gemv_kernel, (cdiv(nt, warps // ksplit), split),
             (x, tiles, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
              M, N, n_slabs, nt, x.stride(0), y.stride(0), scales.stride(0)),
             dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SLABS_PER_GROUP=spg, SLABS=slabs,
-                 BLOCKS=1 if M <= 8 else 2, SPLIT_K=split, NUM_WARPS=warps), warps)
+                 BLOCKS=1 if M <= 8 else 2, SPLIT_K=split, NUM_WARPS=warps, KSPLIT=ksplit, AHEAD=ahead), warps)

@@ -16,7 +16,7 @@ checks the arguments and raises the op's own errors). The activation's values ar
 plans are used inside CUDA-graph capture as well.
 
 Plans exist for the decode candidates only: W4A16 word GEMV (fused or with its prep launch) and
-tensor-core GEMV (M ≤ 16), W4A8/W4A4 ``codes_gemv`` (M = 1), and per-token quantization (any rows) when
+tensor-core GEMV (M ≤ 16), W4A8/W4A4 ``codes_gemv`` (M = 1, one launch), and per-token quantization (any rows) when
 it is one launch. The prefill strategies keep the generic path: their kernels run hundreds of µs.
 """
 
@@ -81,9 +81,9 @@ class W4A16Plan(LinearPlan):
 
 
 class CodesPlan(LinearPlan):
-    """W4A8/W4A4 at one token: codes → planes (one launch), word GEMV into ``out_dtype``."""
+    """W4A8/W4A4 at one token: the word GEMV reading the codes (one launch) into ``out_dtype``."""
 
-    __slots__ = ("prep", "gemv", "mid", "has_az")
+    __slots__ = ("gemv", "mid", "has_az")
 
     def __call__(self, a: Tensor, sa: Tensor, za: Tensor | None) -> Tensor | None:
         pa = a.data_ptr()
@@ -93,11 +93,8 @@ class CodesPlan(LinearPlan):
         pz = za.data_ptr() if self.has_az else ps
         if (ps | pz) & 15:  # the kernel was specialized on aligned scale and zero pointers
             return None
-        xp = a.new_empty(self.tmp_shape, dtype=torch.float32)
-        pp = xp.data_ptr()
-        self.prep(pa, ps, pz, pp, self.tmp_shape[1])
         y = a.new_empty(self.out_shape, dtype=self.out_dtype)
-        self.gemv(pp, *self.mid, y.data_ptr(), *self.steps)
+        self.gemv(pa, ps, pz, *self.mid, y.data_ptr(), *self.steps)
         return y
 
 
@@ -176,7 +173,7 @@ def _make_w4a16(cand, x, packed, scales, zeros, group_size, bias) -> W4A16Plan |
             return None
         tiles = mma_gemv.tiles_of(packed, K)
         args = mma_gemv.launch_args(x2, tiles, scales, zeros, group_size, bias, y, meta["WARPS"], meta["SLABS"],
-                                    split)
+                                    split, meta.get("KSPLIT", 1), meta.get("AHEAD", False))
     plan.gemv = _bound(args)
     if plan.gemv is None:
         return None
@@ -220,20 +217,18 @@ def _make_codes(cand, a, sa, za, packed, sw, zw, group_size, bias, out_dtype) ->
     N = packed.shape[0]
     a2, sa1 = a.reshape(1, -1), sa.reshape(-1)
     za1 = None if za is None else za.reshape(-1)
-    xp = torch.empty((w4a16.PLANES, packed.shape[1] // 4), dtype=torch.float32, device=a.device)
     y = torch.empty((1, N), dtype=out_dtype, device=a.device)
     plan = CodesPlan()
-    plan.prep = _bound(w4a16.codes_prep_launch(a2, sa1, za1, xp))
-    args = w4a16.gemv_launch(meta, xp, packed, sw, zw, group_size, bias, y, False, a.is_cuda)
+    args = w4a16.codes_launch(meta, a2, sa1, za1, packed, sw, zw, group_size, bias, y)
     plan.gemv = _bound(args)
-    if plan.prep is None or plan.gemv is None:
+    if plan.gemv is None:
         return None
     plan.has_az = za is not None
-    plan.tmp_shape = tuple(xp.shape)
     plan.out_shape = (*a.shape[:-1], N)
     plan.out_dtype = out_dtype
-    plan.mid = _weight_values(args[2], 1, 4)
-    plan.steps = tuple(args[2][6:])
+    kernel_args = args[2]  # (a, sa, za, weight…, y, ints…)
+    plan.mid = _weight_values(kernel_args, 3, 4)
+    plan.steps = tuple(kernel_args[8:])
     return plan
 
 

@@ -32,10 +32,15 @@ Kernels:
   two rows on the H200's Triton 3.6, and ten activation loads per weight load). FUSED (16-bit x,
   CUDA): each thread reads its words' eight activations with one 16-byte load
   (``int4.word_activations``); otherwise ``_gemv_prep_kernel`` writes them as ten float32 planes
-  first (one more launch). Needs K and g multiples of 8.
+  first (one more launch). AHEAD: the next step's scales (and zeros) are requested with its words (a
+  scale loaded where it is used puts one dependent memory round trip into every step). Needs K and
+  g multiples of 8. The loop is ``_gemv_rows``, shared with ``_gemv_codes_kernel`` (W4A8/W4A4 at one
+  token, one launch): the eight int8 codes of a word read with one 8-byte load (``int4.word_codes8``),
+  each byte put in the mantissa of 2^23 (``a − za`` exact in float32), the token's scale applied to
+  the row sums.
 * ``mma_gemv`` (M ≤ 16, 16-bit x, CUDA; its own module): the GEMV on tensor cores, tokens as the
   MMA's narrow operand, from a derived weight layout made once per weight; ~19 instructions per word
-  against the word GEMV's ~30.
+  against the word GEMV's ~30; several warps may share a tile of rows along K (summed in the program).
 * ``_skinny_kernel`` (M ≤ 16, and M = 1 shapes the GEMV does not take): the even/odd algebra on tensor
   cores with A and B swapped, ``acc[BLOCK_N, 16] += dot(codes[BLOCK_N, H], x_halfᵀ[H, 16])``, so the
   weight tile is the wide operand and the few tokens the narrow one.
@@ -59,7 +64,7 @@ from qcompile.kernels.autotune import Candidate, choose, chosen
 from qcompile.kernels.triton import mma_gemv
 from qcompile.kernels.triton.launch import cdiv, launch
 from qcompile.kernels.triton.int4 import (EVEN_OFFSET, ODD_OFFSET, offset_codes, offset_codes_asm, unpack,
-                                          word_activations, word_codes)
+                                          word_activations, word_codes, word_codes8)
 
 
 PLANES = 10  # rows of the GEMV's activation table: x_0 … x_7, the codes' offsets summed, Σ_i x_i per word
@@ -77,27 +82,6 @@ def _gemv_prep_kernel(x_ptr, xp_ptr, KW, BLOCK: tl.constexpr):
     tot = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(8):
         v = tl.load(x_ptr + 8 * w + i, mask=m, other=0.0).to(tl.float32)
-        tl.store(xp_ptr + i * KW + w, v, mask=m)
-        off += v * (EVEN_OFFSET if i % 2 == 0 else ODD_OFFSET)
-        tot += v
-    tl.store(xp_ptr + 8 * KW + w, off, mask=m)
-    tl.store(xp_ptr + 9 * KW + w, tot, mask=m)
-
-
-@triton.jit
-def _gemv_prep_codes_kernel(a_ptr, sa_ptr, za_ptr, xp_ptr, KW, HAS_ZEROS: tl.constexpr, BLOCK: tl.constexpr):
-    """``_gemv_prep_kernel`` for one token of per-token activation codes (W4A8/W4A4 decode): the planes of
-    ``(a − za)·sa``, computed in float32 as the reference dequantizes them, straight from the int8 codes."""
-    w = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = w < KW
-    s = tl.load(sa_ptr).to(tl.float32)
-    off = tl.zeros([BLOCK], dtype=tl.float32)
-    tot = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(8):
-        v = tl.load(a_ptr + 8 * w + i, mask=m, other=0).to(tl.float32)
-        if HAS_ZEROS:
-            v = v - tl.load(za_ptr).to(tl.float32)
-        v = v * s
         tl.store(xp_ptr + i * KW + w, v, mask=m)
         off += v * (EVEN_OFFSET if i % 2 == 0 else ODD_OFFSET)
         tot += v
@@ -128,14 +112,36 @@ def _chunk_sum(t, ROWS: tl.constexpr, BW: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    N, KW, GW, stride_wn, stride_sn, stride_sg,
-    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr,
-    CHUNK: tl.constexpr, EVEN: tl.constexpr, FUSED: tl.constexpr, ASM: tl.constexpr,
-):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+def _group_params(s_ptr, z_ptr, gp, step, BW: tl.constexpr, CHUNK: tl.constexpr, KW, GW, stride_sg, n_mask,
+                  HAS_ZEROS: tl.constexpr):
+    """Scales (and zeros) of the groups of a step's chunks, ``[BLOCK_N, BW / CHUNK]`` float32."""
+    first = step * BW + CHUNK * tl.arange(0, BW // CHUNK)[None, :]  # the chunk's first word
+    gofs = gp + (first // GW) * stride_sg
+    gmask = n_mask[:, None] & (first < KW)
+    s = tl.load(s_ptr + gofs, mask=gmask, other=0.0).to(tl.float32)
+    z = s
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + gofs, mask=gmask, other=0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _code_value(word, SHIFT: tl.constexpr, base):
+    """Byte ``SHIFT/8`` of an int32 word of int8 codes as float32 ``code + 2^23 + 128 − base``: the byte
+    with its sign bit flipped is ``code + 128`` in [0, 255], put in the mantissa of 2^23 (one lop3)."""
+    v = ((word >> SHIFT) & 0xFF) ^ 0x4B000080
+    return v.to(tl.float32, bitcast=True) - base
+
+
+@triton.jit
+def _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, base, offs_n, n_mask, KW, GW, stride_wn, stride_sn, stride_sg,
+               HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr, CHUNK: tl.constexpr,
+               EVEN: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr):
+    """``Σ_k x[k]·(q[n, k] − z)·s`` for the program's rows, float32 ``[BLOCK_N]``. The activation by MODE:
+    0 its float32 planes (``_gemv_prep_kernel``), 1 the 16-bit x itself, 2 int8 codes ``a`` read as
+    ``a − za`` (``base = 2^23 + 128 + za``; exact integers in float32, the caller applies the token's
+    scale to the sum). AHEAD: the next step's scales (and zeros) are requested with its words, so no
+    step waits on a dependent scale load."""
     col = tl.arange(0, BW)[None, :]  # [1, BW] int32 words (8 codes each) of a step
     steps = tl.cdiv(KW, BW)
     wp = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * stride_wn + col
@@ -147,17 +153,38 @@ def _gemv_kernel(
     # group's scale and zero are applied once per chunk.
     acc = tl.zeros([BLOCK_N, BW // CHUNK], dtype=tl.float32)
     w = _gemv_weights(wp, 0, BW, col, KW, n_mask, EVEN)
+    if AHEAD:
+        s, z = _group_params(s_ptr, z_ptr, gp, 0, BW, CHUNK, KW, GW, stride_sg, n_mask, HAS_ZEROS)
     for step in range(0, steps):
-        # the next step's words are requested before this step's arithmetic: two steps in flight
-        w_next = _gemv_weights(wp, step + 1, BW, col, KW, n_mask & (offs_n * 0 + step + 1 < steps), EVEN)
+        # the next step's words (and scales) are requested before this step's arithmetic
+        more = offs_n * 0 + step + 1 < steps
+        w_next = _gemv_weights(wp, step + 1, BW, col, KW, n_mask & more, EVEN)
+        if AHEAD:
+            s_next, z_next = _group_params(s_ptr, z_ptr, gp, step + 1, BW, CHUNK, KW, GW, stride_sg, n_mask & more,
+                                           HAS_ZEROS)
         word = step * BW + col
         km = word < KW
-        if FUSED:  # the planes made here from x itself, as the prep kernel makes them
+        if MODE == 1:  # the planes made here from x itself, as the prep kernel makes them
             if EVEN:
                 x0, x1, x2, x3, x4, x5, x6, x7 = word_activations(x_ptr + 8 * word, x_ptr.dtype.element_ty)
             else:  # words past K read word 0 and count as zeros
                 x0, x1, x2, x3, x4, x5, x6, x7 = word_activations(x_ptr + 8 * tl.where(km, word, 0),
                                                                   x_ptr.dtype.element_ty)
+        elif MODE == 2:
+            if ASM:  # one 8-byte load per word (words past K read word 0, zeroed below)
+                x0, x1, x2, x3, x4, x5, x6, x7 = word_codes8(x_ptr + 8 * tl.where(km, word, 0))
+                x0, x1, x2, x3 = x0 - base, x1 - base, x2 - base, x3 - base
+                x4, x5, x6, x7 = x4 - base, x5 - base, x6 - base, x7 - base
+            else:  # two int32 words of four int8 codes each
+                ap = x_ptr.to(tl.pointer_type(tl.int32)) + 2 * word
+                lo = tl.load(ap, mask=km, other=0)
+                hi = tl.load(ap + 1, mask=km, other=0)
+                x0, x1 = _code_value(lo, 0, base), _code_value(lo, 8, base)
+                x2, x3 = _code_value(lo, 16, base), _code_value(lo, 24, base)
+                x4, x5 = _code_value(hi, 0, base), _code_value(hi, 8, base)
+                x6, x7 = _code_value(hi, 16, base), _code_value(hi, 24, base)
+        if MODE != 0:
+            if not EVEN:
                 x0, x1, x2, x3 = tl.where(km, x0, 0.0), tl.where(km, x1, 0.0), tl.where(km, x2, 0.0), \
                     tl.where(km, x3, 0.0)
                 x4, x5, x6, x7 = tl.where(km, x4, 0.0), tl.where(km, x5, 0.0), tl.where(km, x6, 0.0), \
@@ -189,18 +216,53 @@ def _gemv_kernel(
         part = tl.fma(c7, x7, part)
         part = _chunk_sum(part, BLOCK_N, BW, CHUNK)
         # each chunk takes its group's scale (and zero): s·(Σ q·x − z·Σ x); the row sums at the end
-        first = step * BW + CHUNK * tl.arange(0, BW // CHUNK)[None, :]  # the chunk's first word
-        gofs = gp + (first // GW) * stride_sg
-        gmask = n_mask[:, None] & (first < KW)
-        s = tl.load(s_ptr + gofs, mask=gmask, other=0.0).to(tl.float32)
+        if not AHEAD:
+            s, z = _group_params(s_ptr, z_ptr, gp, step, BW, CHUNK, KW, GW, stride_sg, n_mask, HAS_ZEROS)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + gofs, mask=gmask, other=0).to(tl.float32)
             # summed in the weight tile's layout: a [1, BW] tile reshaped alone takes a layout of its
             # own and a shared-memory round trip per step
             part -= z * _chunk_sum(tl.broadcast_to(tot, (BLOCK_N, BW)), BLOCK_N, BW, CHUNK)
         acc = tl.fma(part, s, acc)
         w = w_next
-    out = tl.sum(acc, axis=1)
+        if AHEAD:
+            s = s_next
+            z = z_next
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    N, KW, GW, stride_wn, stride_sn, stride_sg,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr,
+    CHUNK: tl.constexpr, EVEN: tl.constexpr, FUSED: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    out = _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, 0.0, offs_n, n_mask, KW, GW, stride_wn, stride_sn, stride_sg,
+                     HAS_ZEROS, BLOCK_N, BW, CHUNK, EVEN, 1 if FUSED else 0, ASM, AHEAD)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gemv_codes_kernel(
+    a_ptr, sa_ptr, za_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    N, KW, GW, stride_wn, stride_sn, stride_sg,
+    HAS_AZ: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BW: tl.constexpr, CHUNK: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr,
+):
+    """W4A8/W4A4 at one token in one launch: ``y = sa·Σ_k (a[k] − za)·ŵ[n, k] (+ bias)``, the int8 codes read
+    by the word GEMV itself (``_gemv_rows`` MODE 2), the token's scale applied to the row sums."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    base = 8388608.0 + 128.0
+    if HAS_AZ:
+        base += tl.load(za_ptr).to(tl.float32)
+    out = _gemv_rows(a_ptr, w_ptr, s_ptr, z_ptr, base, offs_n, n_mask, KW, GW, stride_wn, stride_sn, stride_sg,
+                     HAS_ZEROS, BLOCK_N, BW, CHUNK, EVEN, 2, ASM, AHEAD)
+    out *= tl.load(sa_ptr).to(tl.float32)
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -404,6 +466,33 @@ def _word_gemv(K: int, group_size: int, G: int) -> bool:
     return K % 8 == 0 and (G == 1 or group_size % 8 == 0)
 
 
+# Word-GEMV configurations offered to the tuner: (BLOCK_N, num_warps, FUSED, AHEAD). From the H200 sweep
+# (``benchmarks/gemv_profile.py``, kernels-h200.md): each fused one is the best or within 3% of it at one of
+# the decode shapes; the unfused ones serve float32 x (W4A8/W4A4's dequantized activation).
+GEMV_CONFIGS = ((8, 2, True, False), (8, 2, True, True), (8, 1, True, False), (4, 1, True, False), (8, 4, True, True),
+                (4, 1, False, True), (8, 1, False, True), (8, 2, False, True))
+
+# Tensor-core GEMV configurations: (warps per program, 64-k slabs per step, programs along K, warps per tile
+# along K, AHEAD); the same sweep: warps sharing a tile along K win at M = 1 for N ≥ 11008 and for K ≥ 11008
+# (16 warps), and at M = 16 everywhere; the split-K ones (atomics, zeroing and cast) stay for K-long shapes.
+MMA_CONFIGS = ((8, 2, 1, 4, True), (4, 2, 1, 4, True), (8, 2, 1, 8, True), (16, 2, 1, 16, True), (2, 2, 1, 2, True),
+               (4, 1, 1, 4, True), (1, 2, 4, 1, False), (1, 2, 8, 1, False))
+
+
+def mma_candidate(warps: int, slabs: int, split: int, ksplit: int = 1, ahead: bool = False) -> Candidate:
+    name = f"mma_gemv_w{warps}_s{slabs}_k{split}" + (f"_q{ksplit}" if ksplit > 1 else "") + ("_ahead" if ahead else "")
+    return Candidate(name, dict(kind="mma_gemv", WARPS=warps, SLABS=slabs, SPLIT_K=split, KSPLIT=ksplit,
+                                AHEAD=ahead))
+
+
+def gemv_candidate(bn: int, warps: int, fused: bool, asm: bool, ahead: bool = True) -> Candidate:
+    """The word GEMV with BLOCK_N rows per program and ``warps`` warps along K (4 words, 16 bytes, per thread
+    and row)."""
+    bw = 4 * 32 * warps
+    return Candidate(f"gemv_n{bn}_b{bw}_w{warps}{'_fused' if fused else ''}{'_ahead' if ahead else ''}",
+                     dict(kind="gemv", BLOCK_N=bn, BW=bw, FUSED=fused, ASM=asm, AHEAD=ahead, num_warps=warps))
+
+
 def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False,
                x_dtype: torch.dtype | None = None) -> list[Candidate]:
     """Variants worth timing for this shape; the first is the untuned default. ``asm`` selects the
@@ -412,18 +501,14 @@ def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False,
     G = -(-K // group_size)
     out: list[Candidate] = []
     if asm and mma_gemv.supports(M, K, group_size, G, x_dtype):
-        for warps, slabs, split in ((1, 2, 2), (1, 2, 4), (1, 2, 8), (2, 2, 8)):
-            out.append(Candidate(f"mma_gemv_w{warps}_s{slabs}_k{split}",
-                                 dict(kind="mma_gemv", WARPS=warps, SLABS=slabs, SPLIT_K=split)))
+        for warps, slabs, split, ksplit, ahead in MMA_CONFIGS:
+            out.append(mma_candidate(warps, slabs, split, ksplit, ahead))
     if M == 1 and _word_gemv(K, group_size, G):
         fuse = asm and x_dtype in (torch.bfloat16, torch.float16)
-        for bn, warps, fused in ((4, 1, True), (8, 1, True), (8, 2, True), (4, 2, True), (4, 1, False),
-                                 (8, 1, False), (8, 2, False)):
+        for bn, warps, fused, ahead in GEMV_CONFIGS:
             if fused and not fuse:
                 continue
-            bw = 4 * 32 * warps  # 4 words (16 bytes) per thread and row
-            out.append(Candidate(f"gemv_n{bn}_b{bw}_w{warps}{'_fused' if fused else ''}",
-                                 dict(kind="gemv", BLOCK_N=bn, BW=bw, FUSED=fused, ASM=asm, num_warps=warps)))
+            out.append(gemv_candidate(bn, warps, fused, asm, ahead))
     if M <= 16:
         c = _chunk(group_size, G, 128)
         gather = c < 32
@@ -470,7 +555,8 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
     N, KH = packed.shape
     G = scales.shape[1]
     if kind == "mma_gemv":
-        return mma_gemv.run(x, packed, scales, zeros, group_size, bias, meta["WARPS"], meta["SLABS"], meta["SPLIT_K"])
+        return mma_gemv.run(x, packed, scales, zeros, group_size, bias, meta["WARPS"], meta["SLABS"], meta["SPLIT_K"],
+                            meta.get("KSPLIT", 1), meta.get("AHEAD", False))
     if kind == "dequant_cublas":
         w = dequantize(packed, scales, zeros, group_size, K, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -522,35 +608,55 @@ def gemv_launch(meta: dict, xp: Tensor, packed: Tensor, scales: Tensor, zeros: T
     N, KH = packed.shape
     G = scales.shape[1]
     KW = KH // 4
-    chunk = 4 if G == 1 or (group_size // 8) % 4 == 0 else 1  # a thread's 4 words in one group
+    chunk = _chunk_words(group_size, G)
     consts = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"],
-                  CHUNK=chunk, EVEN=KW % meta["BW"] == 0, FUSED=fused, ASM=asm)
+                  CHUNK=chunk, EVEN=KW % meta["BW"] == 0, FUSED=fused, ASM=asm, AHEAD=meta.get("AHEAD", False))
     args = (xp, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
-            N, KW, group_size // 8 if G > 1 else KW, packed.stride(0) // 4, scales.stride(0), 1 if G > 1 else 0)
+            *_gemv_ints(packed, scales, group_size))
     return _gemv_kernel, (cdiv(N, meta["BLOCK_N"]),), args, consts, meta["num_warps"]
 
 
-def codes_prep_launch(a: Tensor, sa: Tensor, za: Tensor | None, xp: Tensor) -> tuple:
-    """``launch`` arguments of ``_gemv_prep_codes_kernel`` (one token of int8 codes → planes ``xp``)."""
-    KW = xp.shape[1]
-    return (_gemv_prep_codes_kernel, (cdiv(KW, 256),), (a, sa, za if za is not None else sa, xp, KW),
-            dict(HAS_ZEROS=za is not None, BLOCK=256), 4)
+def _gemv_ints(packed: Tensor, scales: Tensor, group_size: int) -> tuple:
+    """The word GEMV's integer arguments: N, KW, words per group, the strides."""
+    G = scales.shape[1]
+    KW = packed.shape[1] // 4
+    return (packed.shape[0], KW, group_size // 8 if G > 1 else KW, packed.stride(0) // 4, scales.stride(0),
+            1 if G > 1 else 0)
+
+
+def _chunk_words(group_size: int, G: int) -> int:
+    return 4 if G == 1 or (group_size // 8) % 4 == 0 else 1  # a thread's 4 words in one group
+
+
+def codes_launch(meta: dict, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, scales: Tensor,
+                 zeros: Tensor | None, group_size: int, bias: Tensor | None, y: Tensor) -> tuple:
+    """``launch`` arguments of ``_gemv_codes_kernel`` (one token of int8 codes ``a``, 4-byte aligned, into
+    ``y``); ``packed`` word-aligned."""
+    N, KH = packed.shape
+    G = scales.shape[1]
+    KW = KH // 4
+    consts = dict(HAS_AZ=za is not None, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+                  BLOCK_N=meta["BLOCK_N"], BW=meta["BW"], CHUNK=_chunk_words(group_size, G), EVEN=KW % meta["BW"] == 0,
+                  ASM=a.is_cuda, AHEAD=meta.get("AHEAD", False))
+    args = (a, sa, za if za is not None else sa, packed, scales, zeros if zeros is not None else scales,
+            bias if bias is not None else scales, y, *_gemv_ints(packed, scales, group_size))
+    return _gemv_codes_kernel, (cdiv(N, meta["BLOCK_N"]),), args, consts, meta["num_warps"]
 
 
 def gemv_codes(meta: dict, a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, scales: Tensor,
                zeros: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     """``((a − za)·sa) @ Wᵀ (+ bias)`` in ``out_dtype`` for one token of int8 codes ``a [1, K]`` (``sa``,
-    ``za`` of shape [1]): the word GEMV (``meta``: BLOCK_N, BW, num_warps) over planes made from the codes
-    by one prep launch, its output written in ``out_dtype`` directly. Two launches, where dequantizing
-    the activation with torch ops first takes five. Needs ``_word_gemv(K, group_size, G)``."""
-    N, KH = packed.shape
+    ``za`` of shape [1]) in one launch: the word GEMV (``meta``: BLOCK_N, BW, num_warps, AHEAD) reads the
+    codes itself as the integers ``a − za`` and scales its row sums by ``sa`` (the same sum as
+    dequantizing first: ``Σ_k (a − za)·sa·ŵ = sa·Σ_k (a − za)·ŵ``).
+    Needs ``_word_gemv(K, group_size, G)``."""
+    N = packed.shape[0]
     if packed.data_ptr() % 4 or packed.stride(0) % 4:  # a view off word alignment: copy it
         packed = packed.clone(memory_format=torch.contiguous_format)
-    KW = KH // 4
-    xp = torch.empty((PLANES, KW), dtype=torch.float32, device=a.device)
-    launch(*codes_prep_launch(a, sa, za, xp))
+    if a.data_ptr() % 8:  # codes are read as 8-byte words
+        a = a.clone(memory_format=torch.contiguous_format)
     y = torch.empty((1, N), dtype=out_dtype, device=a.device)
-    launch(*gemv_launch(meta, xp, packed, scales, zeros, group_size, bias, y, False, a.is_cuda))
+    launch(*codes_launch(meta, a, sa, za, packed, scales, zeros, group_size, bias, y))
     return y
 
 

@@ -246,10 +246,22 @@ def block_k_choices(K: int, group_size: int) -> list[int]:
     return ks
 
 
+# The one-token codes GEMV's configurations offered to the tuner: (BLOCK_N, num_warps, AHEAD), the best or
+# within 3% of it at a decode shape in the H200 sweep (kernels-h200.md).
+CODES_CONFIGS = ((8, 1, False), (8, 2, True), (8, 1, True), (4, 1, False))
+
+
 def candidates(M: int, N: int, K: int, group_size: int, fp8: bool = False) -> list[Candidate]:
     """Variants for this shape; ``fp8`` adds the FP8 GEMM (CUDA, 4-bit symmetric activation codes,
-    bfloat16 output: the caller knows). At M ≤ 16 the W4A16 GEMV on the dequantized activation competes,
-    at M = 1 also the word GEMV reading planes made from the codes in one launch (``w4a16.gemv_codes``)."""
+    bfloat16 output: the caller knows). At M ≤ 16 the W4A16 GEMV on the dequantized activation competes;
+    at M = 1 (K and g multiples of 8) only the word GEMV reading the codes itself, one launch (``w4a16.gemv_codes``)."""
+    if M == 1 and w4a16._word_gemv(K, group_size, -(-K // group_size)):
+        # one token: the codes GEMV alone. It reads the weight once at the W4A16 GEMV's rate (6.6 µs at
+        # 4096×4096 on the H200, the int8-dot kernel 14.4), and do_bench once ranked an int8-dot tile first
+        # at 4096×4096, which cost the W4A8 decode 3 % (kernels-h200.md, 2026-11-30 sweep)
+        return [Candidate(f"codes_gemv_n{bn}_w{warps}{'_ahead' if ahead else ''}",
+                          dict(kind="codes_gemv", BLOCK_N=bn, BW=128 * warps, AHEAD=ahead, num_warps=warps))
+                for bn, warps, ahead in CODES_CONFIGS]
     ks = block_k_choices(K, group_size)
     if M <= 16:
         shapes = ((16, 64, 1, 4, 4), (16, 32, 1, 4, 4), (16, 64, 2, 4, 4), (16, 128, 4, 4, 3), (16, 32, 4, 2, 4))
@@ -270,10 +282,6 @@ def candidates(M: int, N: int, K: int, group_size: int, fp8: bool = False) -> li
         out.append(Candidate("unpack_fp8_mm", dict(kind="unpack_fp8_mm")))
     if M <= 16:
         out.append(Candidate("act_dequant_gemv", dict(kind="act_dequant_gemv")))
-    if M == 1 and w4a16._word_gemv(K, group_size, -(-K // group_size)):
-        for bn, warps in ((4, 1), (8, 1), (8, 2)):
-            out.append(Candidate(f"codes_gemv_n{bn}_w{warps}",
-                                 dict(kind="codes_gemv", BLOCK_N=bn, BW=128 * warps, num_warps=warps)))
     return out
 
 
