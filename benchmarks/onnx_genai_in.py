@@ -1,7 +1,7 @@
 """onnxruntime-genai's fp32 SmolLM2 build in, a qcompile recipe out, against the builder's own int4 output.
 
     python benchmarks/onnx_genai_in.py --source GENAI_FP32 --row "LABEL=DIR" ... --peer DIR ... \
-        [--windows 4 --threads 2 --repeats 3 --out benchmarks/results/onnx-in-cpu.md]
+        [--windows 4 --threads 2 --repeats 3 --ab ROUNDS --out benchmarks/results/onnx-in-cpu.md]
 
 GENAI_FP32 is ``python -m onnxruntime_genai.models.builder -i HF -o GENAI_FP32 -p fp32 -e cpu``; each DIR of a
 ``--row`` is ``qcompile quantize GENAI_FP32/model.onnx --recipe ... --out DIR``; ``--peer`` DIRs are the
@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                    help="then decode the folders again, alternating, ROUNDS times (the spread under shared load)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "onnx-in-cpu.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,6 +73,13 @@ def main() -> None:
              "| row | ppl | prefill 2048 (s) | decode (tok/s) | size (MB) |", "|---|---|---|---|---|"]
     lines += [f"| {r['row']} (`{r['folder']}`) | {r['ppl']:.3f} | {r['prefill_2048_s']:.3f} | "
               f"{r['decode_tok_s']:.1f} | {r['size_mb']:.1f} |" for r in results]
+    if args.ab:
+        rates = {label: [] for label, _ in rows}
+        for _ in range(args.ab):
+            for label, folder in rows:
+                rates[label].append(round(decode(Path(folder), prompt, 128, args.repeats, args.threads), 1))
+        lines += ["", f"Decode A/B, the folders alternated {args.ab} times (tok/s, each a median of {args.repeats}):", ""]
+        lines += [f"- {label}: {', '.join(map(str, r))}" for label, r in rates.items()]
     publish("\n".join(lines) + "\n", args.out)
     print(json.dumps({"argv": sys.argv[1:], "results": results}))
 
