@@ -78,7 +78,8 @@ def main() -> None:
         for _ in range(args.ab):
             for label, folder in rows:
                 rates[label].append(round(decode(Path(folder), prompt, 128, args.repeats, args.threads), 1))
-        lines += ["", f"Decode A/B, the folders alternated {args.ab} times (tok/s, each a median of {args.repeats}):", ""]
+        lines += ["", f"Decode A/B, the folders alternated {args.ab} times (tok/s, each a median of "
+                      f"{args.repeats}):", ""]
         lines += [f"- {label}: {', '.join(map(str, r))}" for label, r in rates.items()]
     publish("\n".join(lines) + "\n", args.out)
     print(json.dumps({"argv": sys.argv[1:], "results": results}))
