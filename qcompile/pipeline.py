@@ -11,6 +11,7 @@ from collections import Counter
 
 from qcompile.analysis.modelmap import ModelMap
 from qcompile.errors import RecipeError, UnsafeRewriteError
+from qcompile.graph.onnx_genai import check_recipe
 from qcompile.passes.registry import PASSES
 from qcompile.program import Program
 from qcompile.quant.formats import num_groups
@@ -67,6 +68,7 @@ def plan(mm: ModelMap, recipe: Recipe, ir: str = "fx") -> list[str]:
                               "quantizer); quantize the PyTorch model instead")
         check_layout(mm, name)
         lines += [f"{name}: {line}" for line in PASSES[name].plan(mm, options)]
+    check_recipe(mm, recipe)
     lines += _plan_quantization(mm, recipe) or ["quantization: off"]
     if any(takes_calibration(n) for n, _ in recipe.passes) and not (recipe.weights and recipe.weights.method != "rtn"):
         c = recipe.calibration

@@ -320,7 +320,7 @@ class _Matcher:
         )
         rope = "rope" in qk or ("cat" in qk and "neg" in qk)  # a fused rotary op, or rotate_half's cat(-x2, x1)
         return Attention(t, q, k, v, o, n_heads, n_kv, head_dim, rope=rope, qk_norm="rsqrt" in qk or "rmsnorm" in qk,
-                         q_input=q_in, k_input=k_in)
+                         q_input=q_in, k_input=k_in, rope_inside=bool(g.attr(t, "rope_inside")))
 
     def _ffn_one(self, down: str) -> tuple[str, Proj | None, Proj, str]:
         """(kind, gate, up, act) of the FFN whose down projection is ``down``."""

@@ -67,6 +67,7 @@ class Attention:
     qk_norm: bool
     q_input: str  # the values fed to the attention op as q and k (after RoPE): where R3 goes
     k_input: str
+    rope_inside: bool = False  # RoPE applied inside the attention op (GroupQueryAttention do_rotary): no R3 site
 
 
 @dataclass(frozen=True)

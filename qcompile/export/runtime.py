@@ -54,21 +54,23 @@ class OrtModel:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         ins = [i.name for i in self.session.get_inputs()]
         outs = [o.name for o in self.session.get_outputs()]
-        self.masked = ins[1:2] == ["attention_mask"]  # exports before the mask input had none
-        head = ["input_ids"] + ["attention_mask"] * self.masked
-        self.layers = (len(ins) - len(head)) // 2
-        want_in = head + [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
-        want_out = ["logits"] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        # onnxruntime-genai's builder adds attention_mask and lists the keys before the values (a genai source
+        # quantized as ONNX keeps that signature): inputs and outputs are matched by name, in any order
+        self.masked = "attention_mask" in ins
+        self.layers = (len(ins) - 1 - self.masked) // 2
+        self.past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        self.present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self.cached = self.layers > 0  # a source graph quantized as ONNX (export/onnx_program) scores only
         if not self.cached and ins == ["input_ids"] and outs[:1] == ["logits"] and META_MODEL in self.metadata:
             self.kv_heads, self.head_dim = [], 0
             return
-        if ins != want_in or outs != want_out or META_MODEL not in self.metadata:
+        if sorted(ins) != sorted(["input_ids"] + ["attention_mask"] * self.masked + self.past) or \
+                sorted(outs) != sorted(["logits"] + self.present) or META_MODEL not in self.metadata:
             raise ExportError(f"{f} is not a qcompile decoder export: inputs {ins[:3]}…, outputs {outs[:3]}…, "
                               f"metadata keys {sorted(self.metadata)[:4]}")
-        past = self.session.get_inputs()[len(head):]
-        self.kv_heads = [int(p.shape[1]) for p in past[0::2]]
-        self.head_dim = int(past[0].shape[3])
+        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        self.kv_heads = [int(shapes[n][1]) for n in self.past[0::2]]
+        self.head_dim = next((d for d in (shapes[self.past[0]][3], self._head_dim(f)) if isinstance(d, int)), 0)
 
     @property
     def model(self) -> str:
@@ -91,14 +93,18 @@ class OrtModel:
         if not self.cached and cache:
             raise ExportError(f"{self.path} has no KV cache; decode it by recomputing (--no-cache)")
         ids = np.asarray(ids, dtype=np.int64)
-        feed = {"input_ids": ids}
+        feed = {"input_ids": ids} | dict(zip(self.past, cache))
         if self.masked:  # no padding: every cached and new position is attended
             feed["attention_mask"] = np.ones((ids.shape[0], (cache[0].shape[2] if cache else 0) + ids.shape[1]),
                                              dtype=np.int64)
-        for inp, c in zip(self.session.get_inputs()[1 + self.masked:], cache):
-            feed[inp.name] = c
-        out = self.session.run(None, feed)
+        out = self.session.run(["logits"] + self.present, feed)
         return torch.from_numpy(out[0]), out[1:]
+
+    def _head_dim(self, f: Path):
+        """The head size from ``genai_config.json`` beside the model (the builder leaves the past's last axis
+        symbolic)."""
+        config = f.parent / GENAI_CONFIG
+        return json.loads(config.read_text())["model"]["decoder"].get("head_size") if config.is_file() else None
 
     def logits(self, input_ids) -> torch.Tensor:
         """Full-sequence logits ``[B, S, V]`` (the step from an empty cache)."""

@@ -19,6 +19,11 @@ than teaching the matcher a second dialect:
   ``Reciprocal(Sqrt(y))`` and ``1/Sqrt(y)`` are rsqrt and ``x/Sqrt(y)`` is ``x·rsqrt(y)`` (the RMSNorm
   the matcher reads); torchlib's scaled-dot-product attention for opsets without ``Attention``
   (``MatMul(q·s, kᵀ·s) [+ mask] → Softmax → MatMul(·, v)``) is one ``attention`` node (q, k, v, mask).
+- **onnxruntime's fused attention.** ``GroupQueryAttention`` (onnxruntime-genai's builds; ``graph/onnx_genai``
+  unfuses their skip norms before this view) is one ``attention`` node reading q, k, v as ``[B, heads, S, D]``
+  views of slices of its packed q|k|v input, through a ``rope`` node each for q and k when RoPE is inside the op
+  (attr ``rope_inside``); its present K/V outputs read k and v. A table gathered through its transpose (the
+  builder's tie to a [K, N] lm_head) is an embedding.
 - **Operand positions** follow the fx convention the matcher reads: norms take their weight at 2 and
   bias at 3; view ops have their data at 0 (shape and axes operands are not edges).
 
@@ -82,6 +87,8 @@ _KIND = {
     "Attention": "attention",  # * [4-D q, k, v] (opset 23)
     "RotaryEmbedding": "rope",  # opset 23
 }
+_MS_DOMAIN = "com.microsoft"
+_MS_KIND = {"GroupQueryAttention": "attention"}  # * [packed q|k|v or separate q, k, v] (onnxruntime contrib ops)
 _ACTIVATION_FN = {"Relu": "relu", "Gelu": "gelu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _WEIGHT_VIEWS = ("Transpose", "Cast", "CastLike", "Identity")  # may stand between an initializer and its use
@@ -532,7 +539,8 @@ class _Reader:
             attrs = {k: a.value for k, a in node.attributes.items()}
             return [_Op(out.name, _QCOMPILE_KINDS[op.split("_n")[0]], f"qcompile.{op}", _shape(out),
                         [(0, node.inputs[0])], attrs)]
-        kind = _KIND.get(op, "other") if node.domain in _STANDARD_DOMAINS else "other"
+        kind = _KIND.get(op, "other") if node.domain in _STANDARD_DOMAINS else \
+            _MS_KIND.get(op, "other") if node.domain == _MS_DOMAIN else "other"
         handler = getattr(self, f"_op_{op}", None) if kind != "other" else None
         out = node.outputs[0]
         result = handler(node) if handler else None
@@ -588,7 +596,9 @@ class _Reader:
         if node.attributes.get_int("axis", 0) != 0:
             return None
         found = self._weight(data)
-        kind = "embedding" if found is not None and found[1] == sorted(found[1]) else "index"
+        # a table read as stored, or a 2-D one stored transposed: onnxruntime-genai ties the embedding to a
+        # [K, N] lm_head by gathering rows of Transpose(lm_head)
+        kind = "embedding" if found is not None and (found[1] == sorted(found[1]) or found[1] == [1, 0]) else "index"
         out = node.outputs[0]
         return _Op(out.name, kind, "Gather", _shape(out), [(0, data), (1, ids)])
 
@@ -705,6 +715,42 @@ class _Reader:
         out = node.outputs[0]
         operands = [(i, v) for i, v in enumerate(node.inputs) if v is not None]
         return _Op(out.name, "attention", "Attention", _shape(out), operands)
+
+    def _op_GroupQueryAttention(self, node):
+        """onnxruntime's ``GroupQueryAttention(q|k|v packed [B, S, (H + 2·H_kv)·D], or q, k, v; past K/V, seqlens,
+        total length, cos, sin)``: one ``attention`` node reading q, k, v as [B, heads, S, D] views (of slices of
+        the packed input, through a ``rope`` node each for q and k with ``do_rotary``), as the matcher reads
+        heads; the present K/V outputs read k and v. Rotary inside the op is attr ``rope_inside``: no value
+        lies between RoPE and the scores (the sequence lengths and the cache are not data edges of the view)."""
+        a = node.attributes
+        h, kv = a.get_int("num_heads", 0), a.get_int("kv_num_heads", 0)
+        x = node.inputs[0]
+        packed = len(node.inputs) < 3 or node.inputs[1] is None or node.inputs[2] is None
+        width = (_shape(x) or [None])[-1]
+        if not h or not kv or not isinstance(width, int):
+            return None
+        d = width // (h + 2 * kv) if packed else width // h
+        out, rotary = node.outputs[0], bool(a.get_int("do_rotary", 0))
+        ops, heads = [], []
+        for role, n, start, src in (("q", h, 0, x), ("k", kv, h * d, node.inputs[1]), ("v", kv, (h + kv) * d,
+                                                                                     node.inputs[2])):
+            ref = src
+            if packed:
+                ref = f"{out.name}::{role}"
+                ops.append(_Op(ref, "slice", "GroupQueryAttention", (None, None, n * d), [(0, x)],
+                               {"dim": -1, "start": start, "stop": start + n * d}))
+            if rotary and role != "v":
+                ops.append(_Op(f"{out.name}::{role}_rope", "rope", "GroupQueryAttention(do_rotary)",
+                               (None, None, n * d), [(0, ref)]))
+                ref = ops[-1].name
+            ops.append(_Op(f"{out.name}::{role}_heads", "view", "GroupQueryAttention", (None, n, None, d), [(0, ref)]))
+            heads.append(ops[-1].name)
+        ops.append(_Op(out.name, "attention", "GroupQueryAttention", _shape(out), list(enumerate(heads)),
+                       {"rope_inside": rotary}))
+        for present, src in zip(node.outputs[1:3], heads[1:]):
+            if present is not None and present.name:
+                ops.append(_Op(present.name, "other", "GroupQueryAttention:present", _shape(present), [(0, src)]))
+        return ops
 
     # --- emission ------------------------------------------------------------------------------------------
     def _ref(self, v: ir.Value) -> str:

@@ -16,11 +16,14 @@ sees one ``hadamard``/``quant`` node as it does in fx, and onnxruntime runs thei
 ``kernels/ort``'s translations of ``torch.ops.qcompile.*``. A lowered linear is those translations inlined
 (``MatMulNBits``; per-token int8 codes and ``MatMulInteger``), as the ONNX export writes them.
 
-The graph runs in onnxruntime on the CPU (``logits``); the session is rebuilt after an edit.
+The graph runs in onnxruntime on the CPU (``logits``); the session is rebuilt after an edit. A decoder step
+with a KV cache (onnxruntime-genai's) runs from an empty cache (``cache``: ``graph/onnx_genai.Signature``), and
+its A8 linears lower to ``MatMulNBits`` at accuracy_level 4, as the export's default int8 path.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -31,6 +34,7 @@ import torch
 from qcompile.errors import CaptureError, QCompileError
 from qcompile.graph.edit import FakeQuant, Hadamard, Online, Transform
 from qcompile.graph.onnx import QCOMPILE_DOMAIN, _load, onnx_view, prepare
+from qcompile.graph.onnx_genai import Signature, signature, unfuse_skip_norms
 from qcompile.graph.opgraph import OpGraph
 
 _FLOATS = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.DOUBLE: torch.float64}
@@ -104,8 +108,10 @@ class OnnxGraph:
 
     ir = "onnx"
 
-    def __init__(self, model: ir.Model, weights: dict[str, torch.Tensor], path: str = "model"):
+    def __init__(self, model: ir.Model, weights: dict[str, torch.Tensor], path: str = "model",
+                 cache: Signature | None = None):
         self.model, self.weights, self.path = model, weights, path
+        self.cache = cache  # a decoder step with a KV cache (onnxruntime-genai's): how to feed it an empty one
         self._view: tuple[OpGraph, dict] | None = None
         self._values: dict[str, ir.Value] | None = None
         self._session = None
@@ -119,15 +125,15 @@ class OnnxGraph:
         model = _load(path)
         where = str(path)
         ins = [v for v in model.graph.inputs if not v.is_initializer()]
-        if len(ins) != 1 or ins[0].dtype not in (ir.DataType.INT64, ir.DataType.INT32) or \
-                (ins[0].shape is not None and len(ins[0].shape) != 2):
+        cache = signature(model, where, Path(path) if isinstance(path, (str, os.PathLike)) else None)
+        if cache is None and (len(ins) != 1 or ins[0].dtype not in (ir.DataType.INT64, ir.DataType.INT32) or
+                              (ins[0].shape is not None and len(ins[0].shape) != 2)):
             shown = [(v.name, str(v.dtype), str(v.shape)) for v in ins[:3]]
             more = f" and {len(ins) - 3} more" if len(ins) > 3 else ""
-            cache = " (a KV-cache decoder step, as onnxruntime-genai's builder writes, is not read yet)" if any(
-                "past" in v.name for v in ins) else ""
             raise CaptureError(f"{where} is not a decoder qcompile can read: its inputs are {shown}{more}; expected "
                                "one integer input_ids [batch, seq] (a graph without a KV cache, e.g. "
-                               f"torch.onnx.export(dynamo=True) of model(input_ids)){cache}")
+                               "torch.onnx.export(dynamo=True) of model(input_ids)), or onnxruntime-genai's "
+                               "decoder step (input_ids, attention_mask, past K/V)")
         out = model.graph.outputs[0]
         if out.dtype not in _FLOATS or (out.shape is not None and len(out.shape) != 3):
             raise CaptureError(f"{where} is not a decoder qcompile can read: its first output {out.name} is "
@@ -149,8 +155,10 @@ class OnnxGraph:
                 v.const_value = ir.Tensor(weights[name].numpy(), name=name)
             else:
                 v.const_value = ir.Tensor(array, name=name) if array.dtype != object else v.const_value
+        if cache is not None:
+            unfuse_skip_norms(model, where)
         prepare(model, where)
-        return cls(model, weights, where)
+        return cls(model, weights, where, cache)
 
     # --- views ---------------------------------------------------------------------------------------------
     def opgraph(self) -> OpGraph:
@@ -207,7 +215,7 @@ class OnnxGraph:
         weights = {k: v.clone() for k, v in self.weights.items()}
         for name, t in weights.items():
             model.graph.initializers[name].const_value = ir.Tensor(t.numpy(), name=name)
-        return OnnxGraph(model, weights, self.path)
+        return OnnxGraph(model, weights, self.path, self.cache)
 
     @property
     def opset(self) -> int:
@@ -269,7 +277,19 @@ class OnnxGraph:
             n.replace_input_with(i, new)
 
     def use_weight(self, consumer: str, pos: int, name: str) -> None:
-        self._rewire(consumer, self._operand(consumer, pos), self.model.graph.initializers[name])
+        """Operand ``pos`` of ``consumer`` reads weight ``name``. Where it read a weight through a Transpose (the
+        builder's tied table, ``Gather(Transpose(lm_head [K, N]))``), ``name`` is re-laid as the consumer reads it
+        and read directly: the consumer's own table is [V, H], as an embedding's is everywhere else."""
+        old = self._operand(consumer, pos)
+        t = old.producer()
+        if t is not None and t.op_type == "Transpose" and t.inputs[0].is_initializer() and name in self.weights:
+            perm = list(t.attributes.get_ints("perm", list(reversed(range(len(old.shape or []))))))
+            value = self.weights[name].permute(perm).contiguous()
+            del self.model.graph.initializers[name]
+            self.weights.pop(name)
+            self._changed()
+            self.add_weight(name, value)
+        self._rewire(consumer, old, self.model.graph.initializers[name])
         self._changed()
 
     def _place(self, nodes: list[ir.Node], after: ir.Value) -> None:
@@ -428,6 +448,17 @@ class OnnxGraph:
                                         packed.group_size, bias)
 
             label = f"W4A{quant.bits}" + (" (fused R4)" if rotate else "")
+            if self.cache is not None and quant.bits == 8:
+                # a decoder step for onnxruntime-genai: the export's int8 path "matmulnbits"
+                # (``kernels/ort.w4ax_as_matmulnbits``): the weights stay 4-bit in MatMulNBits and onnxruntime
+                # quantizes the (rotated) input to int8 itself at accuracy_level 4, symmetric per block of K
+                rotated = fq.inputs[0]
+
+                def emit():  # noqa: F811 - the int8 path chosen for a KV-cache step
+                    return _linear_w4a16(4)(rotated, wp, ws, wz, packed.group_size, bias)
+
+                label += " as MatMulNBits accuracy_level 4"
+                self.model.opset_imports.setdefault("com.microsoft", 1)
         else:
             def emit():
                 return _linear_w4a16(0)(x, wp, ws, wz, packed.group_size, bias)
@@ -479,10 +510,16 @@ class OnnxGraph:
             self._session = ort_session(self.model, self.path)
         return self._session
 
+    def feeds(self, ids: np.ndarray, names) -> dict[str, np.ndarray]:
+        """Graph inputs ``names`` of a run over token ids ``ids``: the ids, and for a KV-cache step an empty cache
+        (``onnx_genai.Signature.feeds``)."""
+        return self.cache.feeds(ids, names) if self.cache is not None else {n: ids for n in names}
+
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         s = self.session()
-        out = s.run([s.get_outputs()[0].name], {s.get_inputs()[0].name: _ids(input_ids, s)})[0]
+        feed = self.feeds(_ids(input_ids, s), [i.name for i in s.get_inputs()])
+        out = s.run([s.get_outputs()[0].name], feed)[0]
         return torch.from_numpy(out)
 
 

@@ -104,7 +104,7 @@ class Segment:
         """``outputs`` for token ids ``ids`` and the carried ``stream``; ``weights`` replace the Program's."""
         s = self.session(outputs)
         id_names, stream_name, names = s.qcompile_feeds
-        feed = {n: ids for n in id_names}
+        feed = self.graph.feeds(ids, id_names)
         if stream_name is not None:
             feed[stream_name] = stream
         weights = weights or {}

@@ -41,9 +41,16 @@ def _insert(p: Program, consumer: str, pos: int, choice: RotationChoice) -> str:
     return p.insert_on_operand(consumer, pos, Hadamard(choice.block or 0))
 
 
+R3_INSIDE = ("RoPE is inside the attention op (GroupQueryAttention do_rotary=1): no value between RoPE and the "
+             "scores to rotate; R3 dropped, exact while K is not quantized ((qH)(kH)ᵀ = q·kᵀ, and the plan refuses "
+             "KV quantization on such a graph: onnx_genai.check_recipe)")
+
+
 def _r3_refusal(block) -> str | None:
     if block.attention is None:
         return next((r for _, r in block.unmatched if "attention" in r), "attention not matched")
+    if block.attention.rope_inside:
+        return R3_INSIDE
     return None
 
 
@@ -96,7 +103,11 @@ def plan(mm, options: OnlineHadamardOptions | None = None) -> list[str]:
             c = online_choice(a.head_dim)
             where = "after RoPE" if a.rope else "before attention"
             lines.append(f"R3 {c.describe()}: {2 * len(done)} online ops on q and k {where}")
-        lines += [f"R3 refused in block {b.index}: {_r3_refusal(b)}" for b in mm.blocks if _r3_refusal(b)]
+        inside = [b for b in mm.blocks if _r3_refusal(b) == R3_INSIDE]
+        if inside:
+            lines.append(f"R3 dropped in {len(inside)} blocks: {R3_INSIDE}")
+        lines += [f"R3 refused in block {b.index}: {_r3_refusal(b)}" for b in mm.blocks
+                  if _r3_refusal(b) not in (None, R3_INSIDE)]
     if r4:
         downs = [mm.linears[d].in_features for b in mm.blocks if not _r4_refusal(b) for d in b.downs]
         for w in sorted(set(downs)):
