@@ -24,7 +24,8 @@ def _recipe_with_bits(args):
 
     recipe = load_recipe(args.recipe) if args.recipe else Recipe(name="fp")
     recipe = recipe.with_bits(w=args.w, a=args.a, kv=args.kv, group=args.group,
-                              symmetric=False if args.asym else None, vocab=args.vocab_bits)
+                              symmetric=False if args.asym else None, vocab=args.vocab_bits,
+                              lm_head=True if args.lm_head else None)
     recipe = recipe.with_calibration(args.calib_samples, args.calib_seq)
     return recipe
 
@@ -139,6 +140,9 @@ def _bits(parser):
     parser.add_argument("--asym", action="store_true", help="asymmetric weights (a zero point per group)")
     parser.add_argument("--vocab-bits", type=int, choices=(4, 8, 16),
                         help="embedding table and lm_head: RTN symmetric groups of 32 (16: float, the default)")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="quantize the lm_head like the other linears (the recipe's method, GPTQ's Hessian "
+                             "included); with --vocab-bits that then covers the embedding table alone")
     parser.add_argument("--calib-samples", type=int, help="override the recipe's calibration window count")
     parser.add_argument("--calib-seq", type=int, help="override the recipe's calibration window length")
     parser.add_argument("--tokenizer", metavar="SPEC",

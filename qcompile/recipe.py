@@ -63,14 +63,12 @@ class WeightQuant:
     block_size: int = 128
     percdamp: float = 0.01
     p: float = 4.0  # LeanQuant's loss-error exponent
-    include_lm_head: bool = False
-    vocab_bits: int | None = None  # the embedding table and lm_head: RTN, symmetric, groups of 32 (passes.vocab)
+    include_lm_head: bool = False  # the lm_head quantized by ``method`` with the other linears (untied first)
+    vocab_bits: int | None = None  # the embedding table (and the lm_head unless included): RTN, sym, g32 (passes.vocab)
 
     def __post_init__(self):
         if self.vocab_bits not in (None, 4, 8):
             raise RecipeError(f"weights.vocab_bits must be 4, 8 or null (float), got {self.vocab_bits!r}")
-        if self.vocab_bits is not None and self.include_lm_head:
-            raise RecipeError("weights.vocab_bits and include_lm_head both quantize the lm_head; choose one")
         if self.method not in WEIGHT_METHODS:
             raise RecipeError(f"weights.method {self.method!r} is not one of {WEIGHT_METHODS}")
         if self.method == "leanquant-nu" and self.group_size:
@@ -167,9 +165,10 @@ class Recipe:
         return next((dict(p) for n, p in self.passes if n == pass_name), None)
 
     def with_bits(self, w: int | None = None, a: int | None = None, kv: int | None = None,
-                  group: int | None = None, symmetric: bool | None = None, vocab: int | None = None) -> "Recipe":
+                  group: int | None = None, symmetric: bool | None = None, vocab: int | None = None,
+                  lm_head: bool | None = None) -> "Recipe":
         """The recipe with bit widths from the command line (16 or more turns that part off; ``vocab``: the
-        embedding table and lm_head, ``weights.vocab_bits``)."""
+        embedding table and lm_head, ``weights.vocab_bits``; ``lm_head``: ``weights.include_lm_head``)."""
         changes = {}
         if w is not None and w >= 16:
             changes["weights"] = None
@@ -185,6 +184,12 @@ class Recipe:
                 raise RecipeError("vocabulary tables are quantized with the weights: this recipe quantizes none")
             if weights is not None:
                 changes["weights"] = dataclasses.replace(weights, vocab_bits=None if vocab >= 16 else vocab)
+        if lm_head is not None:
+            weights = changes.get("weights", self.weights)
+            if weights is None and lm_head:
+                raise RecipeError("the lm_head is quantized with the weights: this recipe quantizes none")
+            if weights is not None:
+                changes["weights"] = dataclasses.replace(weights, include_lm_head=lm_head)
         if a is not None:
             changes["activations"] = None if a >= 16 else dataclasses.replace(self.activations or ActQuant(), bits=a)
         if kv is not None:

@@ -39,7 +39,6 @@ def test_an_earlier_migration_stands_in_for_a_later_recipes():
         ({"weights": {"bits": 4, "grup_size": 64}}, r"unknown key\(s\) \['grup_size'\]"),
         ({"weights": {"bits": 11}}, "bits"),
         ({"weights": {"vocab_bits": 6}}, "vocab_bits must be 4, 8"),
-        ({"weights": {"vocab_bits": 8, "include_lm_head": True}}, "choose one"),
         ({"activations": {"bits": 4, "clip_ratio": 1.5}}, "clip"),
         ({"calibration": {"samples": 0}}, "samples"),
         ({"wieghts": {}}, "wieghts"),
@@ -59,6 +58,10 @@ def test_bits_from_the_command_line():
     r = load_recipe("quarot").with_bits(w=4, a=16, kv=16, group=64)
     assert r.weights.group_size == 64 and r.activations is None and r.kv is None
     assert load_recipe("rtn").with_bits(w=16).weights is None
+    both = load_recipe("quarot").with_bits(vocab=8, lm_head=True).weights
+    assert both.vocab_bits == 8 and both.include_lm_head  # the embedding by RTN, the lm_head by the method
+    with pytest.raises(RecipeError, match="lm_head is quantized with the weights"):
+        load_recipe("rotate").with_bits(lm_head=True)
 
 
 # --- pass options and the ordering rules (qcompile.passes.options) ---------------------------------------------

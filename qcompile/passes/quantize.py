@@ -31,6 +31,7 @@ from qcompile.errors import RecipeError
 from qcompile.graph.edit import FakeQuant
 from qcompile.passes import experts as moe
 from qcompile.passes.blockwise import quantize_blockwise, shared_input
+from qcompile.passes.fold_norms import untie_embeddings
 from qcompile.passes.vocab import quantize_vocab
 from qcompile.program import PassReport, Program
 from qcompile.quant.gptq import HessianAccumulator, gptq_quantize
@@ -213,6 +214,8 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
     p = program.clone()
     report = PassReport("quantize")
     mm = p.model_map
+    if recipe.weights and recipe.weights.include_lm_head:
+        untie_embeddings(p, report)  # the lm_head gets codes of its own; the embedding keeps its table
     targets = quantized_linears(mm, recipe)
     if recipe.activations:
         a = recipe.activations
@@ -277,6 +280,6 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
                                                         f"{tokens[-1]} over {len(tokens)} experts")
         report.notes["weights"] = f"{wq.method} {wq.spec.bits}-bit {'g' + str(wq.group_size) if wq.group_size else 'per-channel'}"
         if wq.vocab_bits:
-            quantize_vocab(p, wq.vocab_bits, report)
+            quantize_vocab(p, wq.vocab_bits, report, lm_head=not wq.include_lm_head)
     p.rematch()
     return p.done(report)

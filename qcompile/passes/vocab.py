@@ -29,11 +29,12 @@ def vocab_rtn(table: torch.Tensor, bits: int):
     return rtn_quantize(table.detach().float(), vocab_spec(bits), clip_search=False)
 
 
-def quantize_vocab(p: Program, bits: int, report: PassReport) -> None:
-    """Fake-quantize, in place, the embedding table and the lm_head weight of ``p`` (rows [V, H])."""
+def quantize_vocab(p: Program, bits: int, report: PassReport, lm_head: bool = True) -> None:
+    """Fake-quantize, in place, the embedding table and (``lm_head``) the lm_head weight of ``p`` (rows [V, H]).
+    ``lm_head=False``: the recipe quantized the lm_head with the other linears (``include_lm_head``)."""
     mm = p.model_map
     sites = {mm.embedding.weight: (0, 1)} if mm.embedding is not None else {}
-    if mm.lm_head is not None:
+    if mm.lm_head is not None and lm_head:
         head = mm.linears[mm.lm_head]
         sites.setdefault(head.weight, (head.out_axis, head.in_axis))
     for name, axes in sites.items():

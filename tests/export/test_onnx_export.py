@@ -177,6 +177,31 @@ def test_quantized_vocabulary_tables(bits, tmp_path, ids):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.97
 
 
+def test_lm_head_by_the_method_embedding_by_vocab_bits(tmp_path, ids):
+    """include_lm_head + vocab_bits on a tied model: the lm_head gets GPTQ codes of its own (a MatMulNBits with
+    the recipe's group), the embedding the 8-bit RTN table (GatherBlockQuantized), the tie broken first; the
+    folder computes the program's logits."""
+    model = tiny("llama")
+    assert model.config.tie_word_embeddings
+    recipe = load_recipe("gptq").with_bits(w=4, a=16, kv=16, group=32, vocab=8, lm_head=True)
+    calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    program = qc.compile(qc.capture(model), recipe, progress=False, calibration=calib)
+    mm = program.model_map
+    emb, head = program.weight(mm.embedding.weight), program.weight(mm.linears[mm.lm_head].weight)
+    table = model.get_input_embeddings().weight.detach()
+    assert not torch.equal(emb, head) and (emb - table).abs().max() <= table.abs().max() / 127  # RTN 8-bit
+    program = lower(program)
+    out = export_onnx(program, tmp_path / "h", recipe=recipe, model="tiny:llama", hf_config=model.config)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    gathers = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert [a.i for a in gathers[0].attribute if a.name == "bits"] == [8]
+    head_op = [n for n in m.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"]
+    attrs = {a.name: a.i for a in head_op[0].attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == 32
+    ref, got = program.logits(ids), OrtModel(out, threads=2).logits(ids)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
 def test_accuracy_level_is_the_users_choice(tmp_path, ids):
     """accuracy_level=4 on a W4A16 model: every INT4 MatMulNBits computes with onnxruntime's int8 activations
     (close to, not equal to, the float-activation program); a level other than 0 or 4 is refused."""
