@@ -69,13 +69,19 @@ def warm_up(dev: torch.device) -> None:
     torch.cuda.synchronize()
 
 
-def column_loops(shape: str, dev: torch.device, group: int = 128, shrink: int = 1) -> dict:
+def column_loops(shape: str, dev: torch.device, group: int = 128, shrink: int = 1, eager: bool = True) -> dict:
     """GPTQ alone on one block's linears of ``shape`` (random W, H of random inputs): seconds per block for
     each linear on its own with the eager column loop (the previous path), the stages' stacked rows eager, and
-    stacked with the CUDA-graph loop (the first call of each shape captures; a second, timed, replays); and
-    whether the graphed result equals the eager one bit for bit."""
+    stacked with the CUDA-graph loop (the first call of each shape captures; a second, timed, replays), and
+    stacked with the fused Triton loop (``quant.gptq_fused``) in both roundings of ``W − e·U`` (``fma``: one
+    rounding; ``mul``: the product rounded first); whether each result equals the graphed one bit for bit, and
+    the share of equal codes. ``eager=False`` skips the two eager rows (minutes at the 70B shape)."""
+    from unittest import mock
+
+    import qcompile.quant.gptq as gptq_mod
     from qcompile.quant.formats import QuantSpec
     from qcompile.quant.gptq import gptq_quantize
+    from qcompile.quant.gptq_fused import fused_block_columns
 
     s = SHAPES[shape]
     d, f = s["hidden_size"] // shrink, s["intermediate_size"] // shrink
@@ -84,8 +90,10 @@ def column_loops(shape: str, dev: torch.device, group: int = 128, shrink: int = 
     spec = QuantSpec(4, False, "group", group)
     g = torch.Generator(device=dev).manual_seed(0)
     times = {"per_linear_eager_s": 0.0, "stacked_eager_s": 0.0, "stacked_graph_first_s": 0.0,
-             "stacked_graph_s": 0.0}
+             "stacked_graph_s": 0.0, "fused_fma_first_s": 0.0, "fused_fma_s": 0.0, "fused_mul_s": 0.0}
     equal = True
+    same = {"fma": [0, True], "mul": [0, True]}
+    codes_total = 0
 
     def clock(fn):
         torch.cuda.synchronize()
@@ -94,24 +102,76 @@ def column_loops(shape: str, dev: torch.device, group: int = 128, shrink: int = 
         torch.cuda.synchronize()
         return out, time.time() - t
 
+    def fused(fma: bool):
+        with mock.patch.object(gptq_mod, "_use_fused", lambda *a: True), \
+                mock.patch("qcompile.quant.gptq_fused.fused_block_columns",
+                           lambda *a, **k: fused_block_columns(*a, **{**k, "fma": fma})):
+            return gptq_quantize(W, H, spec)
+
     for k, outs in stages:
         x = torch.randn(2 * k, k, device=dev, generator=g)
         H = x.T @ x / x.shape[0]
         del x
         ws = [torch.randn(n, k, device=dev, generator=g) * 0.02 for n in outs]
-        for w in ws:
-            times["per_linear_eager_s"] += clock(lambda: gptq_quantize(w, H, spec, cuda_graph=False))[1]
         W = torch.cat(ws)
-        eager, t = clock(lambda: gptq_quantize(W, H, spec, cuda_graph=False))
-        times["stacked_eager_s"] += t
+        if eager:
+            for w in ws:
+                times["per_linear_eager_s"] += clock(lambda: gptq_quantize(w, H, spec, cuda_graph=False,
+                                                                           fused=False))[1]
+            eager_q, t = clock(lambda: gptq_quantize(W, H, spec, cuda_graph=False, fused=False))
+            times["stacked_eager_s"] += t
         if dev.type == "cuda":
-            times["stacked_graph_first_s"] += clock(lambda: gptq_quantize(W, H, spec, cuda_graph=True))[1]
-            graphed, t = clock(lambda: gptq_quantize(W, H, spec, cuda_graph=True))
+            times["stacked_graph_first_s"] += clock(lambda: gptq_quantize(W, H, spec, cuda_graph=True,
+                                                                          fused=False))[1]
+            graphed, t = clock(lambda: gptq_quantize(W, H, spec, cuda_graph=True, fused=False))
             times["stacked_graph_s"] += t
-            equal &= torch.equal(eager.codes, graphed.codes) and torch.equal(eager.weight, graphed.weight)
-        del ws, W, H, eager
-    return {**{k: round(v, 2) for k, v in times.items()}, "graph_equals_eager": bool(equal),
+            if eager:
+                equal &= torch.equal(eager_q.codes, graphed.codes) and torch.equal(eager_q.weight, graphed.weight)
+            times["fused_fma_first_s"] += clock(lambda: fused(True))[1]
+            for name, fma in (("fma", True), ("mul", False)):
+                q, t = clock(lambda: fused(fma))
+                times[f"fused_{name}_s"] += t
+                same[name][0] += int((q.codes == graphed.codes).sum())
+                same[name][1] &= torch.equal(q.codes, graphed.codes) and torch.equal(q.weight, graphed.weight)
+            codes_total += graphed.codes.numel()
+        del ws, W, H
+    sweep = fused_sweep(dev, f, d) if dev.type == "cuda" else {}
+    return {**{k: round(v, 3) for k, v in times.items()}, "graph_equals_eager": bool(equal) if eager else None,
+            "fused_block_us_by_rows_x_warps": sweep,
+            **{f"fused_{n}_bit_equal_graph": v[1] for n, v in same.items()},
+            **{f"fused_{n}_codes_equal": round(v[0] / max(codes_total, 1), 6) for n, v in same.items()},
             "columns": sum(k for k, _ in stages), "rows_x_columns": sum(k * sum(o) for k, o in stages)}
+
+
+def fused_sweep(dev: torch.device, n: int, k: int, b: int = 128) -> dict:
+    """Microseconds of one fused 128-column block (``fused_block_columns``) on ``n`` rows, per (rows per
+    program, warps): CUDA events over 20 calls after a warm-up."""
+    from qcompile.quant.gptq import damped_inverse_cholesky
+    from qcompile.quant.gptq_fused import fused_block_columns
+
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(2 * b, b, device=dev, generator=g)
+    U = damped_inverse_cholesky(x.T @ x / x.shape[0])
+    W = torch.randn(n, b, device=dev, generator=g) * 0.02
+    s = (W.abs().amax(1, keepdim=True) / 7).expand(n, b).contiguous()
+    z = torch.full_like(s, 8.0)
+    out = {}
+    for rows in (8, 16, 32, 64):
+        for warps in (2, 4, 8):
+            call = lambda: fused_block_columns(W, U, (s, z), 15, rows=rows, num_warps=warps)  # noqa: E731
+            try:
+                call()
+                torch.cuda.synchronize()
+                a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(20):
+                    call()
+                e.record()
+                torch.cuda.synchronize()
+                out[f"{rows}x{warps}"] = round(a.elapsed_time(e) * 1000 / 20, 1)
+            except Exception as ex:  # noqa: BLE001 - a configuration that does not compile is reported, not fatal
+                out[f"{rows}x{warps}"] = f"failed: {type(ex).__name__}"
+    return out
 
 
 def peak_rss_gib() -> float:
@@ -138,6 +198,7 @@ def main(argv=None) -> dict:
                     help="SpinQuant's Cayley steps (default: the recipe's 100); the time per step extrapolates")
     ap.add_argument("--column-loops", action="store_true",
                     help="only time GPTQ's column loops on one block's linears (per linear / stacked / CUDA graph)")
+    ap.add_argument("--no-eager", action="store_true", help="--column-loops without the (slow) eager rows")
     ap.add_argument("--compare-single", action="store_true",
                     help="under torchrun: also time the one-process path on rank 0 and compare the codes")
     args = ap.parse_args(argv)
@@ -163,7 +224,7 @@ def main(argv=None) -> dict:
     if args.column_loops:
         out = {"shape": args.shape, "group": args.group, "gpu": torch.cuda.get_device_name(0),
                "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-               **column_loops(args.shape, dev, args.group, args.shrink)}
+               **column_loops(args.shape, dev, args.group, args.shrink, eager=not args.no_eager)}
         print(json.dumps(out))
         if args.json:
             with open(args.json, "w") as f:

@@ -186,6 +186,51 @@ def follow_input_device(gm: fx.GraphModule) -> int:
     return count
 
 
+def is_causal_mask(mask, q_len: int, k_len: int) -> bool:
+    """Whether ``mask`` (an SDPA ``attn_mask``) is exactly the causal mask: boolean, ``[..., L, L]`` with
+    ``L = q_len = k_len``, true on and below the diagonal and false above it in every batch and head."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or q_len != k_len or mask.dim() < 2 \
+            or tuple(mask.shape[-2:]) != (q_len, k_len):
+        return False
+    tril = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril_()
+    return torch.equal(mask, tril.expand_as(mask))
+
+
+class CausalAttention:
+    """An ``fx.Interpreter`` mixin: an attention whose mask is the causal mask runs as ``is_causal=True``
+    without it, so the fused kernel skips the masked half of the scores instead of computing and discarding
+    it (SmolLM2's captured graph builds the mask from positions, so the graph itself cannot say it is causal).
+
+    Exact: with ``M = tril(1)``, ``softmax(QKᵀ·s + log M)`` and the causal softmax are the same function, and
+    the check runs on the mask's values (once per mask tensor: every block of a batch reads the same one). Any
+    other mask (padding, packed documents, a cache offset) runs as captured."""
+
+    _causal_seen: dict | None = None
+
+    def call_function(self, target, args, kwargs):
+        if target is aten.scaled_dot_product_attention.default:
+            args, kwargs = self._causal_form(args, kwargs)
+        return super().call_function(target, args, kwargs)
+
+    def _causal_form(self, args, kwargs):
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+        bound = {**dict(zip(names, args)), **kwargs}
+        mask = bound.get("attn_mask")
+        if mask is None or bound.get("is_causal", False) or len(args) > 4:
+            return args, kwargs
+        if self._causal_seen is None:
+            self._causal_seen = {}
+        seen = self._causal_seen.get(id(mask))
+        if seen is None or seen[0] is not mask:
+            if len(self._causal_seen) >= 8:  # a few batches' masks alive at once; keep the cache small
+                self._causal_seen.clear()
+            seen = self._causal_seen[id(mask)] = (mask, is_causal_mask(mask, args[0].shape[-2], args[1].shape[-2]))
+        if not seen[1]:
+            return args, kwargs
+        rest = {k: v for k, v in kwargs.items() if k != "attn_mask"}
+        return tuple(args[:3]), {**rest, "is_causal": True}
+
+
 def capture(model: torch.nn.Module, example_ids: torch.Tensor | None = None, max_seq: int = 8192) -> fx.GraphModule:
     """``torch.export`` the model (input_ids → logits, no KV cache) with dynamic batch and sequence length,
     on the model's device, into a graph that runs on any device (see the module docstring)."""

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.fake_quant)
 from qcompile.errors import QCompileError
+from qcompile.graph.fx import CausalAttention
 from qcompile.passes.distributed import SINGLE, Ranks, SummedHessian
 from qcompile.program import Program, move_quantized
 from qcompile.quant.rows import cat_rows, row_runs, split_rows
@@ -135,7 +136,7 @@ class Segments:
         return len(self.nodes)
 
 
-class BlockRunner(fx.Interpreter):
+class BlockRunner(CausalAttention, fx.Interpreter):
     """Runs the segments of ``program``'s graph over batches of windows on ``device``."""
 
     def __init__(self, program: Program, device: torch.device | str | None = None, segments: Segments | None = None):
@@ -152,15 +153,25 @@ class BlockRunner(fx.Interpreter):
         ids = self.segments.inputs[0]
         return [{ids: windows[s : s + batch].to(self.device)} for s in range(0, windows.shape[0], batch)]
 
-    def load(self, k: int) -> dict:
-        """Move segment ``k``'s weights to the device; returns the tensors they leave behind (for ``unload``)."""
+    def load(self, k: int, ranks: Ranks = SINGLE) -> dict:
+        """Move segment ``k``'s weights to the device; returns the tensors they leave behind (for ``unload``).
+
+        With several ranks on GPUs (NCCL), each rank copies only its share of the weights from its host (dealt
+        by bytes) and receives the others' from their owners over NCCL: every rank ends with the same tensors,
+        the host-to-device copies split among ranks (the link between GPUs is the faster one)."""
         gm = self.module
         home = {}
-        for t in self.segments.attrs[k]:
-            value = _tensor_of(gm, t)
-            if value is not None and value.device != self.device:
-                home[t] = value
-                put_attr(gm, t, value.to(self.device))
+        moving = [(t, v) for t in self.segments.attrs[k]
+                  if (v := _tensor_of(gm, t)) is not None and v.device != self.device]
+        shared = ranks.distributed and self.device.type == "cuda" and len(moving) > 1
+        owners = ranks.deal([_bytes(v) for _, v in moving]) if shared else [ranks.rank] * len(moving)
+        for (t, value), owner in zip(moving, owners):
+            home[t] = value
+            put_attr(gm, t, value.to(self.device) if owner == ranks.rank
+                     else torch.empty(value.shape, dtype=value.dtype, device=self.device))
+        if shared:
+            for (t, _), owner in zip(moving, owners):
+                ranks.broadcast_(_tensor_of(gm, t), owner)
         return home
 
     def unload(self, home: dict, changed: set[str] | None = None) -> None:
@@ -386,7 +397,7 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
             if n.name in targets:
                 stages.setdefault(shared_input(n.args[0]), []).append(n)
         with clock("weights in"):
-            home = runner.load(k)
+            home = runner.load(k, ranks)
         try:
             for readers in stages.values():
                 x_node = readers[0].args[0]  # the first reader's input (the others' are equal to it)

@@ -18,6 +18,7 @@ from torch import fx
 from tqdm import tqdm
 
 from qcompile.errors import CalibrationError, QCompileError
+from qcompile.graph.fx import CausalAttention
 from qcompile.passes.blockwise import Segments, collect_blockwise
 from qcompile.program import Program
 
@@ -54,7 +55,7 @@ class ChannelStats:
         return torch.cat(self.samples) if self.samples else torch.empty(0)
 
 
-class _Watcher(fx.Interpreter):
+class _Watcher(CausalAttention, fx.Interpreter):
     def __init__(self, module: fx.GraphModule, watch: dict[str, int], stats: dict, keep: int, make):
         super().__init__(module, garbage_collect_values=True)
         self.watch, self.stats, self.keep, self.make = watch, stats, keep, make

@@ -121,6 +121,10 @@ class Ranks:
             raise cls(text) from error
         raise RankError(f"rank {rank} of {self.world} failed, {what}: {name}: {message}") from error
 
+    def broadcast_(self, t: torch.Tensor, src: int) -> None:
+        """Rank ``src``'s values of ``t`` into ``t`` on every rank (in place; ``t`` on the collectives' device)."""
+        dist.broadcast(t, src=src, group=self.group)
+
     def broadcast_quantized(self, qw, src: int):
         """The ``QuantizedWeight`` (or any dataclass of tensors) of rank ``src``, on every rank, on the device."""
         comm = self._comm()

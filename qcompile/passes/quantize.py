@@ -29,6 +29,7 @@ import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.analysis.modelmap import Linear
 from qcompile.errors import RecipeError
 from qcompile.graph.edit import FakeQuant
+from qcompile.graph.fx import CausalAttention
 from qcompile.passes import experts as moe
 from qcompile.passes.blockwise import quantize_blockwise, shared_input
 from qcompile.passes.fold_norms import untie_embeddings
@@ -120,7 +121,7 @@ class _AllQuantized(Exception):
     logits, a third of SmolLM2's forward) feed no Hessian."""
 
 
-class _SequentialQuantizer(fx.Interpreter):
+class _SequentialQuantizer(CausalAttention, fx.Interpreter):
     """Runs the graph node by node over all calibration windows, quantizing linears as it meets them, and stops
     once the last is quantized (``quantize_all``)."""
 
@@ -213,9 +214,9 @@ def quantize(program: Program, recipe: Recipe, calibration: torch.Tensor | None 
     """
     p = program.clone()
     report = PassReport("quantize")
-    mm = p.model_map
     if recipe.weights and recipe.weights.include_lm_head:
         untie_embeddings(p, report)  # the lm_head gets codes of its own; the embedding keeps its table
+    mm = p.model_map
     targets = quantized_linears(mm, recipe)
     if recipe.activations:
         a = recipe.activations

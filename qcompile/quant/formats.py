@@ -273,8 +273,10 @@ def straight_through(x: Tensor, xq: Tensor) -> Tensor:
 def fake_quantize(w: Tensor, spec: QuantSpec) -> Tensor:
     """Quantize then dequantize in ``w``'s dtype (min/max params; STE gradient)."""
     scale, zero = compute_qparams(w, spec)
-    x = w.detach()
-    xq = dequantize(quantize(x, scale, zero, spec), scale, zero, spec, w.dtype)
+    s, z = _expanded(scale, w, spec), _expanded(zero, w, spec)
+    # quantize and dequantize in one buffer: the clamped codes are integers in [0, qmax], exact in float32, so
+    # leaving out the uint8 round trip of ``dequantize(quantize(...))`` changes no value
+    xq = torch.round(w.detach().float() / s).add_(z).clamp_(0, spec.qmax).sub_(z).mul_(s).to(w.dtype)
     return straight_through(w, xq)
 
 
