@@ -174,6 +174,69 @@ def fused_sweep(dev: torch.device, n: int, k: int, b: int = 128) -> dict:
     return out
 
 
+def gptq_parts(dev: torch.device, rows=(57344, 28672, 8192, 4096)) -> dict:
+    """Seconds of the parts of GPTQ whose time does not follow the rows a rank gets: the damped inverse
+    Cholesky (``damped_inverse_cholesky``: Cholesky of H, its inverse through ``cholesky_inverse``, Cholesky of
+    that) at the 70B widths, each step alone, and the same factor through the reversed matrix
+    (``U = J·L⁻¹·J`` with ``L = chol(J·H·J)``: one Cholesky and one triangular solve, the inverse never formed),
+    with its relative difference; and the clip search of one 128-column group (``mse_qparams``) per row count."""
+    from qcompile.quant.formats import QuantSpec
+    from qcompile.quant.gptq import damped_inverse_cholesky, gptq_quantize
+    from qcompile.quant.rtn import mse_qparams
+
+    def clock(fn, reps=1, warm=False):
+        if warm:  # compile and allocate off the clock
+            fn()
+        torch.cuda.synchronize()
+        t = time.time()
+        for _ in range(reps):
+            out = fn()
+        torch.cuda.synchronize()
+        return out, (time.time() - t) / reps
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    out = {}
+    for n in (8192, 28672):
+        x = torch.randn(2 * n, n, device=dev, generator=g)
+        H = x.T @ x / x.shape[0]
+        del x
+        U, out[f"inverse_cholesky_{n}_s"] = clock(lambda: damped_inverse_cholesky(H), warm=n == 8192)
+        Hd = H.clone()
+        Hd.diagonal().add_(0.01 * Hd.diagonal().mean())
+        L, out[f"cholesky_{n}_s"] = clock(lambda: torch.linalg.cholesky_ex(Hd)[0])
+        Hi, out[f"cholesky_inverse_{n}_s"] = clock(lambda: torch.cholesky_inverse(L))
+        out[f"cholesky_upper_of_inverse_{n}_s"] = clock(lambda: torch.linalg.cholesky_ex(Hi, upper=True)[0])[1]
+        del Hi
+        eye = torch.eye(n, device=dev)
+
+        def flipped():
+            Lr = torch.linalg.cholesky_ex(Hd.flip(0, 1))[0]
+            return torch.linalg.solve_triangular(Lr, eye, upper=False).flip(0, 1)
+
+        Uf, out[f"flipped_{n}_s"] = clock(flipped)
+        out[f"flipped_rel_diff_{n}"] = float((Uf - U).norm() / U.norm())
+        del U, Uf, L, Hd, H, eye
+        torch.cuda.empty_cache()
+    spec = QuantSpec(4, True)
+    for k, outs in ((28672, (8192, 4096)), (8192, (57344, 28672))):  # down, gate|up: all rows and half
+        x = torch.randn(2 * k, k, device=dev, generator=g)
+        H = x.T @ x / x.shape[0]
+        del x
+        for r in outs:
+            W = torch.randn(r, k, device=dev, generator=g) * 0.02
+            gs = QuantSpec(4, True, "group", 128)
+            out[f"gptq_mse_g128_{r}x{k}_s"] = clock(lambda: gptq_quantize(W, H, gs, mse=True), warm=r == 8192 and k == 28672)[1]
+            out[f"gptq_minmax_g128_{r}x{k}_s"] = clock(lambda: gptq_quantize(W, H, gs))[1]
+            del W
+        del H
+        torch.cuda.empty_cache()
+    for r in rows:
+        W = torch.randn(r, 128, device=dev, generator=g) * 0.02
+        out[f"clip_search_group_{r}_rows_ms"] = round(1000 * clock(
+            lambda: mse_qparams(W, spec, scale_dtype=torch.float16), reps=5, warm=True)[1], 2)
+    return {k: round(v, 4) if isinstance(v, float) and "rel_diff" not in k else v for k, v in out.items()}
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -198,6 +261,8 @@ def main(argv=None) -> dict:
                     help="SpinQuant's Cayley steps (default: the recipe's 100); the time per step extrapolates")
     ap.add_argument("--column-loops", action="store_true",
                     help="only time GPTQ's column loops on one block's linears (per linear / stacked / CUDA graph)")
+    ap.add_argument("--gptq-parts", action="store_true",
+                    help="only time GPTQ's row-independent parts (inverse Cholesky, one group's clip search)")
     ap.add_argument("--no-eager", action="store_true", help="--column-loops without the (slow) eager rows")
     ap.add_argument("--compare-single", action="store_true",
                     help="under torchrun: also time the one-process path on rank 0 and compare the codes")
@@ -221,6 +286,14 @@ def main(argv=None) -> dict:
         torch.cuda.synchronize = torch.cuda.reset_peak_memory_stats = torch.cuda.empty_cache = lambda *a: None
         torch.cuda.max_memory_allocated = lambda *a: 0
         torch.cuda.get_device_name = lambda *a: "cpu"
+    if args.gptq_parts:
+        out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "tf32": args.tf32,
+               **gptq_parts(dev)}
+        print(json.dumps(out))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return out
     if args.column_loops:
         out = {"shape": args.shape, "group": args.group, "gpu": torch.cuda.get_device_name(0),
                "torch": torch.__version__, "date": datetime.date.today().isoformat(),
@@ -239,7 +312,7 @@ def main(argv=None) -> dict:
            "seq": args.seq, "group": args.group, "w": args.w, "a": args.a, "kv": args.kv, "batch": args.batch,
            "tf32": args.tf32, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "date": datetime.date.today().isoformat(), "gpus": ranks.world if ranks else 1,
-           "spin_steps": args.spin_steps}
+           "spin_steps": args.spin_steps, "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0")}
     t = time.time()
     model, real_layers = build(args.shape, args.layers, shrink=args.shrink)
     out["build_s"] = round(time.time() - t, 1)

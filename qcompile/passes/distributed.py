@@ -10,6 +10,8 @@ size W and rank r, ``passes.blockwise.quantize_blockwise`` splits the work three
 - **Hessians**: ``H = 2/n Σ_t x_t x_tᵀ`` is a sum over tokens, so each rank sums ``Σ x xᵀ`` and ``n`` over its
   own tokens and one all-reduce (SUM) of both gives every rank the one-process Hessian, up to the order in
   which the partial sums are added;
+- **weights in**: on GPUs each rank copies its share of a block's weights from the host (dealt by bytes) and
+  receives the others' over NCCL (``BlockRunner.load``), so the host-to-device copies are split too;
 - **linears**: the linears of a stage (GPTQ's sequential group: they share the input, hence H) are dealt to
   ranks by cost (longest first, to the least loaded); each rank quantizes its share, then each owner
   broadcasts its ``QuantizedWeight`` and every rank stores every weight, so the next stage's forward is the
