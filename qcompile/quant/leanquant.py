@@ -154,12 +154,13 @@ def leanquant_quantize(
     scale_dtype: torch.dtype | None = torch.float16,
     name: str = "",
     cuda_graph: bool | None = None,
+    fused: bool | None = None,
 ) -> QuantizedWeight:
     """LeanQuant of ``W [N, K]``: GPTQ (act-order by default, as recommended) on a loss-error-aware grid.
 
     ``nonuniform`` uses per-row k-means codebooks (``spec`` must be per-channel; ``symmetric`` and
     ``clip_ratio`` do not apply); otherwise the affine grid of ``spec``, searched over ``grid_steps``
-    shrink factors per end of the range. ``cuda_graph`` as in ``gptq_quantize``.
+    shrink factors per end of the range. ``cuda_graph`` and ``fused`` as in ``gptq_quantize``.
     """
     if nonuniform:
         if spec.granularity is not Granularity.CHANNEL:
@@ -172,5 +173,5 @@ def leanquant_quantize(
         fit = affine_grid(spec, p=p, steps=grid_steps, scale_dtype=scale_dtype)
     return gptq_quantize(
         W, H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order, grid=fit,
-        scale_dtype=scale_dtype, name=name, cuda_graph=cuda_graph,
+        scale_dtype=scale_dtype, name=name, cuda_graph=cuda_graph, fused=fused,
     )

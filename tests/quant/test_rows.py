@@ -74,14 +74,15 @@ def test_cuda_graph_loop_needs_a_cuda_weight(shared_input):
         gptq_quantize(ws[0], h, QuantSpec(4, True), cuda_graph=True)
 
 
-GRAPHED = {
-    "gptq g128": lambda w, h, graph: gptq_quantize(w, h, QuantSpec(4, False, "group", 128), cuda_graph=graph),
-    "gptq per-channel act-order mse": lambda w, h, graph: gptq_quantize(w, h, QuantSpec(4, True), act_order=True,
-                                                                        mse=True, cuda_graph=graph),
-    "leanquant affine g64": lambda w, h, graph: leanquant_quantize(w, h, QuantSpec(4, False, "group", 64),
-                                                                   cuda_graph=graph),
-    "leanquant codebook": lambda w, h, graph: leanquant_quantize(w, h, QuantSpec(4, False), nonuniform=True,
-                                                                 cuda_graph=graph),
+GRAPHED = {  # (w, h, graph, fused): the torch loop eager or as CUDA graphs, or the fused Triton loop
+    "gptq g128": lambda w, h, graph, fused: gptq_quantize(w, h, QuantSpec(4, False, "group", 128), cuda_graph=graph,
+                                                          fused=fused),
+    "gptq per-channel act-order mse": lambda w, h, graph, fused: gptq_quantize(
+        w, h, QuantSpec(4, True), act_order=True, mse=True, cuda_graph=graph, fused=fused),
+    "leanquant affine g64": lambda w, h, graph, fused: leanquant_quantize(w, h, QuantSpec(4, False, "group", 64),
+                                                                          cuda_graph=graph, fused=fused),
+    "leanquant codebook": lambda w, h, graph, fused: leanquant_quantize(w, h, QuantSpec(4, False), nonuniform=True,
+                                                                        cuda_graph=graph, fused=False),
 }
 
 
@@ -89,10 +90,14 @@ GRAPHED = {
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("how", GRAPHED)
 def test_cuda_graph_loop_equals_the_eager_loop(shared_input, how):
-    """The captured column loop launches the eager loop's kernels on the same values: the same result."""
+    """The captured column loop launches the eager loop's kernels on the same values: the same result; so does
+    the fused Triton loop (``quant.gptq_fused``: the same operations per element) on affine grids."""
     h, ws = shared_input
     w, h = torch.cat(ws).cuda(), h.cuda()
-    eager = GRAPHED[how](w, h, False)
+    eager = GRAPHED[how](w, h, False, False)
     for _ in range(2):  # the second call replays the graphs the first one captured
-        graphed = GRAPHED[how](w, h, True)
+        graphed = GRAPHED[how](w, h, True, False)
         assert torch.equal(eager.codes, graphed.codes) and torch.equal(eager.weight, graphed.weight)
+    if "codebook" not in how:
+        fused = GRAPHED[how](w, h, False, True)
+        assert torch.equal(eager.codes, fused.codes) and torch.equal(eager.weight, fused.weight)
