@@ -48,6 +48,11 @@ class ChannelStats:
             self.samples.append(x[: keep - have].clone())
 
     @property
+    def finite(self) -> bool:
+        """Whether every value seen was finite: min and max propagate NaN, and an infinity is a min or a max."""
+        return bool(torch.isfinite(self.min).all()) and bool(torch.isfinite(self.max).all())
+
+    @property
     def rms(self) -> torch.Tensor:
         return (self.sumsq / max(self.tokens, 1)).sqrt()
 
@@ -68,9 +73,10 @@ class _Watcher(CausalAttention, fx.Interpreter):
 
 
 def _observe(name: str, value: torch.Tensor, stats: dict, keep: int, make) -> None:
-    if not bool(torch.isfinite(value).all()):
+    s = stats.setdefault(name, make())
+    s.update(value, keep)
+    if not s.finite:  # read off the running min/max: no pass of its own over the value
         raise CalibrationError(f"calibration: NaN/inf in the input of node {name}")
-    stats.setdefault(name, make()).update(value, keep)
 
 
 @torch.no_grad()

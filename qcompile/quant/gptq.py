@@ -27,6 +27,7 @@ a ``Grid`` whose ``round(column, k)`` gives codes and values for original column
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -93,12 +94,14 @@ class HessianAccumulator:
             raise ShapeError(
                 f"{_layer(self.name)}: calibration input has {x.shape[-1]} features, expected {self.in_features}"
             )
-        if not bool(torch.isfinite(x).all()):
-            raise CalibrationError(
-                f"{_layer(self.name)}: calibration input contains NaN/inf; check the model in float32 "
-                "or the calibration data before quantizing"
-            )
         rows = x.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=self._sum.dtype)
+        # one reduction instead of isfinite's passes: a NaN/inf makes the sum NaN/inf; a finite sum past the
+        # dtype's range needs inputs whose Σ x² overflows too, which H could not hold either
+        if not bool(torch.isfinite(rows.sum())):
+            raise CalibrationError(
+                f"{_layer(self.name)}: calibration input contains NaN/inf (or values too large for Σ x²); check "
+                "the model in float32 or the calibration data before quantizing"
+            )
         if self._sum.is_cuda or self.in_features < 2 * _TILE:
             self._sum.addmm_(rows.T, rows)
         else:  # Σ x xᵀ is symmetric: on the CPU only its lower block triangle is summed (hessian() mirrors it)
@@ -333,6 +336,33 @@ def gptq_quantize(
             "format stores contiguous groups, so group params must not follow the permuted order)"
         )
 
+    with _one_thread_on_cpu(W):
+        return _gptq(W, H, spec, g, grouped, block_size, percdamp, act_order, static_groups, grid, mse, scale_dtype,
+                     name, cuda_graph, fused)
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(W: Tensor):
+    """GPTQ of a CPU weight on one intra-op thread. Its column loop is thousands of small ops, for which OpenMP's
+    fork and join per op cost more than a second thread gains, and on a loaded machine every join waits for a
+    descheduled partner (a 3072 × 576 weight: 4.0–7.3 s on two threads beside other jobs, 0.9–1.2 s on one).
+    Elementwise ops and row reductions give the same bits on any thread count; LAPACK's Cholesky factors do not
+    (its blocking follows the threads), so U may differ from a two-thread run in the last bits."""
+    if W.is_cuda:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _gptq(W, H, spec, g, grouped, block_size, percdamp, act_order, static_groups, grid, mse, scale_dtype, name,
+          cuda_graph, fused) -> QuantizedWeight:
+    """``gptq_quantize``'s work after its checks."""
+    N, K = W.shape
     W = W.detach().to(torch.float32).clone()
     H = H.detach().to(torch.float64 if H.dtype == torch.float64 else torch.float32).clone()
     dead = H.diagonal() == 0
