@@ -1,5 +1,6 @@
 """Decode-kernel sweep on the GPU: every W4A16 GEMV configuration (word GEMV, tensor-core GEMV) at the decode
-shapes for M = 1 (and M = 16 at a few), the one-launch W4A8/W4A4 codes GEMV at M = 1, tinygemm alongside;
+shapes for M = 1 (and M = 16 at a few), the one-launch W4A8/W4A4 codes GEMV at M = 1 (from int8 codes, and with
+``--dynamic`` from the bf16 activation it quantizes itself), tinygemm alongside;
 each configuration is checked against the float32 reference on fresh inputs before it is timed. Times are
 CUDA-graph replays cycling through weight copies of ≥ 4× L2 (``kernels.time_calls``). Exits non-zero if
 any configuration the tuner is offered (``w4a16.candidates`` / ``w4ax.candidates``) computes a wrong result.
@@ -123,6 +124,48 @@ def sweep_codes(N: int, K: int, rows: list, bad: list) -> None:
     torch.cuda.empty_cache()
 
 
+def sweep_dynamic(N: int, K: int, rows: list, bad: list) -> None:
+    """W4A8 / W4A4 at one token from the bf16 activation (``linear_w4ax_dynamic``): every candidate (the GEMV
+    that quantizes x itself, and quantize-then-codes-GEMV, two launches) checked against the reference
+    quantize-then-linear and timed as graph replay, beside the tuned W4A16 linear on the same weights."""
+    ws = [rand_weight(N, K, 128) for _ in range(n_copies(w4_bytes(N, K)))]
+    floor = w4_bytes(N, K) / (COPY_TBS * 1e12) * 1e6
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    w4a16.linear(x, *ws[0][:2], None, 128, None)  # tuned once (do_bench), then timed as the others
+    us16 = time_calls([lambda w=w: w4a16.linear(x, w[0], w[1], None, 128, None) for w in ws], graph=True,
+                      budget_s=0.08)
+    rows.append(dict(op="w4a16-tuned", N=N, K=K, M=1, cand="w4a16.linear", us=us16, floor_us=floor))
+    print(f"a16 {N}x{K} {'w4a16.linear (tuned)':36s} {us16:7.1f} us", flush=True)
+    for bits, sym in ((8, True), (4, True), (4, False)):
+        for cand in [*w4a16.act_candidates(), *w4ax.dynamic_candidates()]:
+            p, s, z = rand_weight(N, K, 128, asym=True)
+            bias = torch.randn(N, device="cuda").bfloat16()
+            xc = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            a, sa, za = reference.quantize_per_token(xc, bits, sym, 0.9)
+            ref = reference.linear_w4a8(a, sa, None if sym else za, p, s, z, 128, bias, torch.float32)
+            try:  # the same codes give ~1e-6 (float32 sums in another order); one code off by one ~1e-2
+                out = w4ax.run_dynamic(cand, xc, bits, sym, 0.9, p, s, z, 128, bias, torch.float32)
+                err = rel(out, ref)
+                ok = bool(torch.isfinite(out).all()) and err < 1e-4
+            except Exception as exc:  # noqa: BLE001
+                ok, err = False, float("nan")
+                print(f"dyn a{bits} {N}x{K} {cand.name} FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            if not ok:
+                print(f"dyn a{bits}{'' if sym else ' asym'} {N}x{K} {cand.name:36s} WRONG rel {err:.2e}", flush=True)
+                bad.append(f"{cand.name} {N}x{K} a{bits}: rel {err:.2e}")
+                continue
+            if not sym:
+                continue
+            us = time_calls([lambda w=w, c=cand: w4ax.run_dynamic(c, x, bits, sym, 1.0, w[0], w[1], None, 128, None,
+                                                                  torch.bfloat16) for w in ws], graph=True,
+                            budget_s=0.08)
+            rows.append(dict(op=f"dyn-w4a{bits}", N=N, K=K, M=1, cand=cand.name, us=us, floor_us=floor, rel=err))
+            print(f"dyn a{bits} {N}x{K} {cand.name:36s} {us:7.1f} us  vs w4a16 {us16:5.1f}  rel {err:.1e}",
+                  flush=True)
+    del ws
+    torch.cuda.empty_cache()
+
+
 def best(rows: list, op: str, N: int, K: int, M: int, offered_only: bool = True) -> dict | None:
     pick = [r for r in rows if r["op"] == op and r["N"] == N and r["K"] == K and r["M"] == M
             and (r.get("offered", True) or not offered_only)]
@@ -137,7 +180,15 @@ def summary(rows: list) -> str:
         tg, b, a = best(rows, "tinygemm", N, K, M), best(rows, "w4a16", N, K, M), best(rows, "w4a16", N, K, M, False)
         lines.append(f"| {N}×{K} | {M} | {tg['us']:.1f} | {b['cand']} | {b['us']:.1f} | {tg['us'] / b['us']:.2f} | "
                      f"{a['cand']} | {a['us']:.1f} | {b['floor_us']:.1f} |")
-    for N, K in sorted({(r["N"], r["K"]) for r in rows if r["op"].startswith("w4a") and r["op"] != "w4a16"}):
+    for N, K in sorted({(r["N"], r["K"]) for r in rows if r["op"] == "w4a16-tuned"}):
+        w16 = best(rows, "w4a16-tuned", N, K, 1)
+        for op in ("dyn-w4a8", "dyn-w4a4"):
+            b = best(rows, op, N, K, 1)
+            two = best([r for r in rows if r["cand"] == "quantize_then_linear"], op, N, K, 1)
+            if b:
+                lines.append(f"| {N}×{K} | 1 | {op} | {b['cand']} | {b['us']:.1f} | vs w4a16 {w16['us']:.1f} | "
+                             f"two launches | {two['us'] if two else float('nan'):.1f} | {b['floor_us']:.1f} |")
+    for N, K in sorted({(r["N"], r["K"]) for r in rows if r["op"] in ("w4a8", "w4a4")}):
         w16 = best(rows, "w4a16", N, K, 1)
         for op in ("w4a8", "w4a4"):
             b = best(rows, op, N, K, 1)
@@ -151,6 +202,8 @@ def main() -> int:
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--m16", default=",".join(f"{n}x{k}" for n, k in M16_SHAPES), help="shapes swept at M = 16")
     ap.add_argument("--codes", default="4096x4096,11008x4096,4096x11008", help="shapes of the W4A8/W4A4 rows")
+    ap.add_argument("--dynamic", default="", help="shapes of the W4A8/W4A4 rows from the bf16 activation "
+                    "(linear_w4ax_dynamic), e.g. 4096x4096,12288x4096,22016x4096,4096x11008")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="launch the offered M = 1 candidates once each (ncu)")
     args = ap.parse_args()
@@ -172,6 +225,8 @@ def main() -> int:
         sweep_w4a16(N, K, 16, rows, bad)
     for N, K in parse(args.codes):
         sweep_codes(N, K, rows, bad)
+    for N, K in parse(args.dynamic):
+        sweep_dynamic(N, K, rows, bad)
     text = summary(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows=rows, bad=bad, device=torch.cuda.get_device_name(),

@@ -23,6 +23,9 @@ Schemas::
                           Tensor w_scales, Tensor? w_zeros, int group_size, Tensor? bias,
                           ScalarType out_dtype) -> Tensor
     qcompile::linear_w4a4(...same as linear_w4a8...) -> Tensor
+    qcompile::linear_w4ax_dynamic(Tensor x, int bits, bool symmetric, float clip_ratio, Tensor packed_weight,
+                                  Tensor w_scales, Tensor? w_zeros, int group_size, Tensor? bias,
+                                  ScalarType out_dtype) -> Tensor
     qcompile::grouped_linear_w4a16(Tensor x, Tensor offs, Tensor packed_weight, Tensor scales, Tensor? zeros,
                                    int group_size) -> Tensor
     qcompile::grouped_linear_w4a8(Tensor x_codes, Tensor x_scales, Tensor? x_zeros, Tensor offs,
@@ -47,8 +50,8 @@ from torch import Tensor
 
 from qcompile.kernels import reference, shapes
 
-__all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "grouped_linear_w4a16",
-           "grouped_linear_w4a8", "grouped_linear_w4a4"]
+__all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "linear_w4ax_dynamic",
+           "grouped_linear_w4a16", "grouped_linear_w4a8", "grouped_linear_w4a4"]
 
 
 _triton: list = []  # [dispatch, plans], imported on the first CUDA call
@@ -274,6 +277,59 @@ def linear_w4a4(
     """As ``linear_w4a8`` for 4-bit per-token codes (``quantize_per_token(x, 4, ...)``)."""
     return _w4ax("linear_w4a4", x_codes, x_scales, x_zeros, packed_weight, w_scales, w_zeros, group_size, bias,
                  out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_w4ax_dynamic: quantize_per_token (no rotation) and linear_w4a8/w4a4 of its codes as one op, so that at
+# one token the CUDA kernel quantizes the 16-bit activation itself (one launch, no codes in memory). Built by
+# ``fold.fold_activation_quant`` from the lowered graph; by definition the two ops it replaces.
+
+
+def _dynamic_parts(x, bits, symmetric, clip_ratio):
+    codes, scales, zeros = reference.quantize_per_token(x, bits, symmetric, clip_ratio)
+    return codes, scales, None if symmetric else zeros
+
+
+def _linear_w4ax_dynamic(x, bits, symmetric, clip_ratio, packed_weight, w_scales, w_zeros, group_size, bias,
+                         out_dtype):
+    shapes.check_linear_w4ax_dynamic(x, bits, symmetric, clip_ratio, packed_weight, w_scales, w_zeros, group_size,
+                                     bias, out_dtype)
+    return reference.linear_w4a8(*_dynamic_parts(x, bits, symmetric, clip_ratio), packed_weight, w_scales, w_zeros,
+                                 group_size, bias, out_dtype)
+
+
+def _linear_w4ax_dynamic_cuda(x, bits, symmetric, clip_ratio, packed_weight, w_scales, w_zeros, group_size, bias,
+                              out_dtype):
+    y = _plans().call_dynamic(x, bits, symmetric, clip_ratio, packed_weight, w_scales, w_zeros, group_size, bias,
+                              out_dtype)  # the decode fast path
+    if y is not None:
+        return y
+    shapes.check_linear_w4ax_dynamic(x, bits, symmetric, clip_ratio, packed_weight, w_scales, w_zeros, group_size,
+                                     bias, out_dtype)
+    return _cuda().linear_w4ax_dynamic(x, bits, symmetric, clip_ratio, packed_weight, w_scales, w_zeros, group_size,
+                                       bias, out_dtype)
+
+
+def _linear_w4ax_dynamic_fake(x, bits, symmetric, clip_ratio, packed_weight, w_scales, w_zeros, group_size, bias,
+                              out_dtype):
+    shapes.check_linear_w4ax_dynamic(x, bits, symmetric, clip_ratio, packed_weight, w_scales, w_zeros, group_size,
+                                     bias, out_dtype)
+    return x.new_empty((*x.shape[:-1], packed_weight.shape[0]), dtype=out_dtype)
+
+
+_op("linear_w4ax_dynamic(Tensor x, int bits, bool symmetric, float clip_ratio, Tensor packed_weight, "
+    "Tensor w_scales, Tensor? w_zeros, int group_size, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    _linear_w4ax_dynamic, _linear_w4ax_dynamic_cuda, _linear_w4ax_dynamic_fake)
+
+
+def linear_w4ax_dynamic(x: Tensor, bits: int, symmetric: bool, clip_ratio: float, packed_weight: Tensor,
+                        w_scales: Tensor, w_zeros: Tensor | None, group_size: int | None, bias: Tensor | None = None,
+                        out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """``linear_w4a8`` (or ``linear_w4a4`` for ``bits`` ≤ 4) of ``quantize_per_token(x, bits, symmetric,
+    clip_ratio)``'s codes (zeros dropped when symmetric: they are 0), as one op."""
+    g = x.shape[-1] if group_size is None else group_size
+    return torch.ops.qcompile.linear_w4ax_dynamic(x, bits, symmetric, float(clip_ratio), packed_weight, w_scales,
+                                                  w_zeros, g, bias, out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -110,3 +110,13 @@ def check_linear_w4ax(
     if out_dtype not in FLOAT_DTYPES:
         raise ShapeError(f"{op}: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     check_int4_weight(op, x_codes.shape[-1], packed, w_scales, w_zeros, group_size, bias)
+
+
+def check_linear_w4ax_dynamic(x: Tensor, bits: int, symmetric: bool, clip_ratio: float, packed: Tensor,
+                              w_scales: Tensor, w_zeros: Tensor | None, group_size: int, bias: Tensor | None,
+                              out_dtype: torch.dtype) -> None:
+    op = "linear_w4ax_dynamic"
+    check_quantize_per_token(x, bits, symmetric, clip_ratio, False, 0)
+    if out_dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"{op}: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    check_int4_weight(op, x.shape[-1], packed, w_scales, w_zeros, group_size, bias)

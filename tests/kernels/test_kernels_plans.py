@@ -193,3 +193,21 @@ def test_bound_takes_the_public_call_otherwise(monkeypatch):
     k = _kernel(scratch)
     assert not launch_mod._direct(scratch) and launch_mod._direct(Launcher36())
     assert launch_mod.Bound(k, (5,), ()).c_launch is None  # its __call__ allocates the scratch memory
+
+
+def test_dynamic_plan_launches_what_the_generic_path_launches(recorder):
+    """``linear_w4ax_dynamic`` at one token: the plan launches the GEMV that quantizes x itself, with the
+    generic path's arguments (x, weight…, y, ints…, clip) but the output."""
+    gen = torch.Generator().manual_seed(3)
+    packed, scales, zeros = _weight(40, 256, 128, True, gen)
+    x = torch.randn(1, 1, 256, generator=gen).bfloat16()
+    cand = w4a16.act_candidates()[1]
+    w4a16.gemv_act(cand.meta, x.reshape(1, -1), 4, False, 0.9, packed, scales, zeros, 128, None, torch.bfloat16)
+    key = plans.dynamic_key(x, 4, False, 0.9, packed, 128, torch.bfloat16)
+    plans.build_dynamic(key, cand, x, 4, False, 0.9, packed, scales, zeros, 128, None, torch.bfloat16)
+    y = plans.call_dynamic(x, 4, False, 0.9, packed, scales, zeros, 128, None, torch.bfloat16)
+    assert y is not None and y.shape == (1, 1, 40) and y.dtype == torch.bfloat16
+    _same_launches(recorder, [{5}])  # one launch
+    assert plans.call_dynamic(x, 4, True, 0.9, packed, scales, zeros, 128, None, torch.bfloat16) is None
+    assert plans.call_dynamic(x, 4, False, 1.0, packed, scales, zeros, 128, None, torch.bfloat16) is None
+    assert plans.call_dynamic(x, 4, False, 0.9, packed, scales, None, 128, None, torch.bfloat16) is None

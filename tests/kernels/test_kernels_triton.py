@@ -256,3 +256,31 @@ def test_w4ax_codes_gemv_at_one_token(seed):
                          g, bias, out_dtype)
             assert y.dtype == out_dtype and y.shape == (1, n)
             assert _rel(y, ref) < TOL[out_dtype], cand.name
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dynamic_gemv_quantizes_the_token_itself(seed):
+    """``linear_w4ax_dynamic``'s one-token GEMV (it quantizes the 16-bit x in its prologue) and the two-launch
+    way it replaces give the reference quantize-then-linear: symmetric and asymmetric 8/4-bit activations,
+    clip, grouped and per-channel weights, K a multiple of the step or not, the row's absmax in any chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    n, k = 24 + seed, [256, 576, 1536, 64, 2048 + 512][seed]
+    g = [k, 32, 128, 64, 128][seed]
+    packed, scales, zeros = _weight(n, k, g, seed % 2 == 1, gen)
+    bits, sym = [(8, True), (4, False), (4, True), (8, False), (4, True)][seed]
+    dt = torch.float16 if seed == 3 else torch.bfloat16
+    x = torch.randn(1, k, generator=gen)
+    x[0, (97 * seed) % k] = 9.0 * (-1) ** seed  # the peak in some chunk of the prologue's loop
+    x = x.to(dt)
+    clip = 0.9 if seed % 2 else 1.0
+    codes, sa, za = reference.quantize_per_token(x, bits, sym, clip)
+    bias = torch.randn(n, generator=gen) if seed % 2 == 0 else None
+    ref = reference.linear_w4a8(codes, sa, None if sym else za, packed, scales, zeros, g, bias, torch.float32)
+    assert w4ax.dynamic_applies(x, g, scales.shape[1])
+    assert [c.name for c in w4ax.dynamic_candidates()] == ["quantize_then_linear"]  # QCOMPILE_ACT_GEMV unset
+    for cand in [*w4a16.act_candidates(), *w4ax.dynamic_candidates()]:
+        y = w4ax.run_dynamic(cand, x, bits, sym, clip, packed, scales, zeros, g, bias, torch.float32)
+        assert y.shape == (1, n) and y.dtype == torch.float32
+        assert _rel(y, ref) < 1e-5, cand.name
+    assert not w4ax.dynamic_applies(torch.randn(2, k).bfloat16(), g, scales.shape[1])
+    assert not w4ax.dynamic_applies(torch.randn(1, k), g, scales.shape[1])

@@ -121,3 +121,27 @@ def linear_w4ax(x_codes: Tensor, x_scales: Tensor, x_zeros: Tensor | None, packe
                 plans.build_w4ax(key, cand, x_codes, x_scales, x_zeros, packed, w_scales, w_zeros, group_size,
                                  bias, out_dtype)
     return y.reshape(out_shape)
+
+
+def linear_w4ax_dynamic(x: Tensor, bits: int, symmetric: bool, clip_ratio: float, packed: Tensor, w_scales: Tensor,
+                        w_zeros: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype
+                        ) -> Tensor:
+    """One token of 16-bit x: the tuned one-launch GEMV that quantizes x itself (or the two ops, where the
+    tuner keeps them); more rows, or float32 x: ``quantize_per_token`` then ``linear_w4ax``, as the graph
+    held them before the fold."""
+    N = packed.shape[0]
+    out_shape = (*x.shape[:-1], N)
+    x2 = _rows(x)
+    if x.numel() == 0 or not w4ax.dynamic_applies(x2, group_size, w_scales.shape[1]):
+        codes, scales, zeros = quantize_per_token(x, bits, symmetric, clip_ratio, False, 0)
+        return linear_w4ax(codes, scales, None if symmetric else zeros, packed, w_scales, w_zeros, group_size, bias,
+                           out_dtype, bits)
+    y = w4ax.dynamic_linear(x2, bits, symmetric, clip_ratio, _weight(packed), _weight(w_scales), _weight(w_zeros),
+                            group_size, _weight(bias), out_dtype)
+    key = plans.dynamic_key(x, bits, symmetric, clip_ratio, packed, group_size, out_dtype)
+    if key not in plans._linear and _may_plan(x):
+        cand = w4ax.chosen_dynamic(x2, bits, symmetric, packed, w_zeros, group_size, bias, out_dtype)
+        if cand is not None:
+            plans.build_dynamic(key, cand, x, bits, symmetric, clip_ratio, packed, w_scales, w_zeros, group_size,
+                                bias, out_dtype)
+    return y.reshape(out_shape)

@@ -16,8 +16,9 @@ checks the arguments and raises the op's own errors). The activation's values ar
 plans are used inside CUDA-graph capture as well.
 
 Plans exist for the decode candidates only: W4A16 word GEMV (fused or with its prep launch) and
-tensor-core GEMV (M ≤ 16), W4A8/W4A4 ``codes_gemv`` (M = 1, one launch), and per-token quantization (any rows) when
-it is one launch. The prefill strategies keep the generic path: their kernels run hundreds of µs.
+tensor-core GEMV (M ≤ 16), W4A8/W4A4 ``codes_gemv`` (M = 1, one launch), ``linear_w4ax_dynamic``'s GEMV that
+quantizes the 16-bit token itself (M = 1, one launch), and per-token quantization (any rows) when it is one
+launch. The prefill strategies keep the generic path: their kernels run hundreds of µs.
 """
 
 from __future__ import annotations
@@ -238,6 +239,60 @@ def call_w4ax(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tens
     if plan is None or plan is _NONE or not plan.matches(sw, zw, bias, packed):
         return None
     return plan(a, sa, za)
+
+
+class DynamicPlan(LinearPlan):
+    """One token of 16-bit x quantized inside the word GEMV (``w4a16._gemv_act_kernel``): one launch."""
+
+    __slots__ = ("gemv", "mid")
+
+    def __call__(self, x: Tensor) -> Tensor | None:
+        px = x.data_ptr()
+        if px & 15 or not x.is_contiguous():
+            return None
+        y = x.new_empty(self.out_shape, dtype=self.out_dtype)
+        self.gemv(px, *self.mid, y.data_ptr(), *self.steps)
+        return y
+
+
+def dynamic_key(x: Tensor, bits: int, symmetric: bool, clip: float, packed: Tensor, group_size: int, out_dtype
+                ) -> tuple:
+    return (id(packed), x.shape, x.dtype, "dynamic", bits, symmetric, clip, group_size, out_dtype)
+
+
+def build_dynamic(key, cand, x: Tensor, bits: int, symmetric: bool, clip: float, packed: Tensor, sw: Tensor,
+                  zw: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> None:
+    _remember(key, lambda: _make_dynamic(cand, x, bits, symmetric, clip, packed, sw, zw, group_size, bias, out_dtype),
+              packed, sw, zw, bias)
+
+
+def _make_dynamic(cand, x, bits, symmetric, clip, packed, sw, zw, group_size, bias, out_dtype) -> DynamicPlan | None:
+    if cand.meta.get("kind") != "act_gemv" or x.numel() != x.shape[-1] or not x.is_contiguous() or x.data_ptr() & 15:
+        return None
+    if not (packed.is_contiguous() and sw.is_contiguous() and (zw is None or zw.is_contiguous())
+            and (bias is None or bias.is_contiguous())) or packed.data_ptr() % 4:
+        return None
+    N = packed.shape[0]
+    y = torch.empty((1, N), dtype=out_dtype, device=x.device)
+    args = w4a16.act_launch(cand.meta, x.reshape(1, -1), bits, symmetric, clip, packed, sw, zw, group_size, bias, y)
+    plan = DynamicPlan()
+    plan.gemv = _bound(args)
+    if plan.gemv is None:
+        return None
+    plan.out_shape = (*x.shape[:-1], N)
+    plan.out_dtype = out_dtype
+    kernel_args = args[2]  # (x, weight…, y, ints…, clip)
+    plan.mid = _weight_values(kernel_args, 1, 4)
+    plan.steps = tuple(kernel_args[6:])
+    return plan
+
+
+def call_dynamic(x: Tensor, bits: int, symmetric: bool, clip: float, packed: Tensor, sw: Tensor, zw: Tensor | None,
+                 group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor | None:
+    plan = _linear.get((id(packed), x.shape, x.dtype, "dynamic", bits, symmetric, clip, group_size, out_dtype))
+    if plan is None or plan is _NONE or not plan.matches(sw, zw, bias, packed):
+        return None
+    return plan(x)
 
 
 class QuantPlan:

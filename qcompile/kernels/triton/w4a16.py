@@ -134,14 +134,25 @@ def _code_value(word, SHIFT: tl.constexpr, base):
 
 
 @triton.jit
+def _act_code(v, qs, qz, QMAX: tl.constexpr):
+    """``clamp(rint(v / qs) + qz, 0, QMAX) − qz``: a value's per-token code less its zero, as
+    ``rotate_quant`` computes it (IEEE division, round half to even), an exact integer in float32."""
+    t = tl.minimum(tl.maximum(tl.math.div_rn(v, qs), -4194304.0), 4194304.0)
+    q = ((t + 12582912.0) - 12582912.0) + qz
+    return tl.minimum(tl.maximum(q, 0.0), QMAX) - qz
+
+
+@triton.jit
 def _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, base, offs_n, n_mask, KW, GW, stride_wn, stride_sn, stride_sg,
                HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr, CHUNK: tl.constexpr,
-               EVEN: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr):
+               EVEN: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr,
+               qs=1.0, qz=0.0, QMAX: tl.constexpr = 0):
     """``Σ_k x[k]·(q[n, k] − z)·s`` for the program's rows, float32 ``[BLOCK_N]``. The activation by MODE:
     0 its float32 planes (``_gemv_prep_kernel``), 1 the 16-bit x itself, 2 int8 codes ``a`` read as
     ``a − za`` (``base = 2^23 + 128 + za``; exact integers in float32, the caller applies the token's
-    scale to the sum). AHEAD: the next step's scales (and zeros) are requested with its words, so no
-    step waits on a dependent scale load."""
+    scale to the sum), 3 the 16-bit x quantized here with the token's scale ``qs`` and zero ``qz``
+    (``_act_code``; the caller applies ``qs`` to the sum). AHEAD: the next step's scales (and zeros) are
+    requested with its words, so no step waits on a dependent scale load."""
     col = tl.arange(0, BW)[None, :]  # [1, BW] int32 words (8 codes each) of a step
     steps = tl.cdiv(KW, BW)
     wp = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * stride_wn + col
@@ -164,12 +175,22 @@ def _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, base, offs_n, n_mask, KW, GW, stride_
                                            HAS_ZEROS)
         word = step * BW + col
         km = word < KW
-        if MODE == 1:  # the planes made here from x itself, as the prep kernel makes them
+        if MODE == 1 or (MODE == 3 and ASM):  # the planes made here from x itself, as the prep kernel makes them
             if EVEN:
                 x0, x1, x2, x3, x4, x5, x6, x7 = word_activations(x_ptr + 8 * word, x_ptr.dtype.element_ty)
             else:  # words past K read word 0 and count as zeros
                 x0, x1, x2, x3, x4, x5, x6, x7 = word_activations(x_ptr + 8 * tl.where(km, word, 0),
                                                                   x_ptr.dtype.element_ty)
+        elif MODE == 3:  # (without PTX) eight loads per word, for the interpreter
+            xw = x_ptr + 8 * word
+            x0 = tl.load(xw, mask=km, other=0.0).to(tl.float32)
+            x1 = tl.load(xw + 1, mask=km, other=0.0).to(tl.float32)
+            x2 = tl.load(xw + 2, mask=km, other=0.0).to(tl.float32)
+            x3 = tl.load(xw + 3, mask=km, other=0.0).to(tl.float32)
+            x4 = tl.load(xw + 4, mask=km, other=0.0).to(tl.float32)
+            x5 = tl.load(xw + 5, mask=km, other=0.0).to(tl.float32)
+            x6 = tl.load(xw + 6, mask=km, other=0.0).to(tl.float32)
+            x7 = tl.load(xw + 7, mask=km, other=0.0).to(tl.float32)
         elif MODE == 2:
             if ASM:  # one 8-byte load per word (words past K read word 0, zeroed below)
                 x0, x1, x2, x3, x4, x5, x6, x7 = word_codes8(x_ptr + 8 * tl.where(km, word, 0))
@@ -183,6 +204,11 @@ def _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, base, offs_n, n_mask, KW, GW, stride_
                 x2, x3 = _code_value(lo, 16, base), _code_value(lo, 24, base)
                 x4, x5 = _code_value(hi, 0, base), _code_value(hi, 8, base)
                 x6, x7 = _code_value(hi, 16, base), _code_value(hi, 24, base)
+        if MODE == 3:
+            x0, x1 = _act_code(x0, qs, qz, QMAX), _act_code(x1, qs, qz, QMAX)
+            x2, x3 = _act_code(x2, qs, qz, QMAX), _act_code(x3, qs, qz, QMAX)
+            x4, x5 = _act_code(x4, qs, qz, QMAX), _act_code(x5, qs, qz, QMAX)
+            x6, x7 = _act_code(x6, qs, qz, QMAX), _act_code(x7, qs, qz, QMAX)
         if MODE != 0:
             if not EVEN:
                 x0, x1, x2, x3 = tl.where(km, x0, 0.0), tl.where(km, x1, 0.0), tl.where(km, x2, 0.0), \
@@ -240,7 +266,7 @@ def _gemv_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     out = _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, 0.0, offs_n, n_mask, KW, GW, stride_wn, stride_sn, stride_sg,
-                     HAS_ZEROS, BLOCK_N, BW, CHUNK, EVEN, 1 if FUSED else 0, ASM, AHEAD)
+                     HAS_ZEROS, BLOCK_N, BW, CHUNK, EVEN, 1 if FUSED else 0, ASM, AHEAD, 1.0, 0.0, 0)
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -261,8 +287,51 @@ def _gemv_codes_kernel(
     if HAS_AZ:
         base += tl.load(za_ptr).to(tl.float32)
     out = _gemv_rows(a_ptr, w_ptr, s_ptr, z_ptr, base, offs_n, n_mask, KW, GW, stride_wn, stride_sn, stride_sg,
-                     HAS_ZEROS, BLOCK_N, BW, CHUNK, EVEN, 2, ASM, AHEAD)
+                     HAS_ZEROS, BLOCK_N, BW, CHUNK, EVEN, 2, ASM, AHEAD, 1.0, 0.0, 0)
     out *= tl.load(sa_ptr).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gemv_act_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    N, K, KW, GW, stride_wn, stride_sn, stride_sg, clip,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, XB: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BW: tl.constexpr, CHUNK: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr,
+):
+    """W4A8/W4A4 at one token from the 16-bit activation, in one launch: each program reads the whole row
+    x (K values, from L2 after the first programs), takes its range as ``rotate_quant`` does (``hi = max(x,
+    0)``, ``lo = min(x, 0)``; symmetric ``sa = clip·max(−lo, hi)/(2^(b−1)−1)``, ``za = 2^(b−1)``;
+    asymmetric ``full = (hi − lo)/(2^b − 1)``, ``za = rint(−lo/full)``, ``sa = clip·full``), then runs the
+    word GEMV on the codes it makes in registers (``_gemv_rows`` MODE 3):
+    ``y = sa·Σ_k (clamp(rint(x/sa) + za, 0, 2^b − 1) − za)·ŵ[n, k] (+ bias)``, the same codes and the same
+    sum as ``quantize_per_token`` followed by ``_gemv_codes_kernel``, without the codes' round trip and
+    its launch."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    SHIFT: tl.constexpr = 1 << (BITS - 1)
+    xs = tl.arange(0, XB)
+    hi = tl.max(tl.zeros([XB], dtype=tl.float32), axis=0)
+    lo = hi
+    for k0 in range(0, K, XB):
+        v = tl.load(x_ptr + k0 + xs, mask=k0 + xs < K, other=0.0).to(tl.float32)
+        hi = tl.maximum(hi, tl.max(v, axis=0))
+        lo = tl.minimum(lo, tl.min(v, axis=0))
+    if SYMMETRIC:
+        qs = tl.maximum(tl.math.div_rn(tl.maximum(-lo, hi) * clip, SHIFT - 1.0), 1.1754943508222875e-38)
+        qz = hi * 0.0 + SHIFT
+    else:
+        full = tl.maximum(tl.math.div_rn(hi - lo, QMAX * 1.0), 1.1754943508222875e-38)
+        t = tl.minimum(tl.maximum(tl.math.div_rn(-lo, full), -4194304.0), 4194304.0)
+        qz = tl.minimum(tl.maximum((t + 12582912.0) - 12582912.0, 0.0), QMAX * 1.0)
+        qs = tl.maximum(full * clip, 1.1754943508222875e-38)
+    out = _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, 0.0, offs_n, n_mask, KW, GW, stride_wn, stride_sn, stride_sg,
+                     HAS_ZEROS, BLOCK_N, BW, CHUNK, EVEN, 3, ASM, AHEAD, qs, qz, QMAX)
+    out *= qs
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -657,6 +726,51 @@ def gemv_codes(meta: dict, a: Tensor, sa: Tensor, za: Tensor | None, packed: Ten
         a = a.clone(memory_format=torch.contiguous_format)
     y = torch.empty((1, N), dtype=out_dtype, device=a.device)
     launch(*codes_launch(meta, a, sa, za, packed, scales, zeros, group_size, bias, y))
+    return y
+
+
+# The one-token GEMV that quantizes the 16-bit activation itself: (BLOCK_N, num_warps, AHEAD). More rows per
+# program than the codes GEMV's configurations: each program also reads the whole activation row once.
+ACT_CONFIGS = ((8, 1, False), (8, 2, True), (16, 2, True), (16, 4, True), (32, 4, True))
+
+
+def act_candidates() -> list[Candidate]:
+    return [Candidate(f"act_gemv_n{bn}_w{warps}{'_ahead' if ahead else ''}",
+                      dict(kind="act_gemv", BLOCK_N=bn, BW=128 * warps, AHEAD=ahead, num_warps=warps))
+            for bn, warps, ahead in ACT_CONFIGS]
+
+
+def act_launch(meta: dict, x: Tensor, bits: int, symmetric: bool, clip: float, packed: Tensor, scales: Tensor,
+               zeros: Tensor | None, group_size: int, bias: Tensor | None, y: Tensor) -> tuple:
+    """``launch`` arguments of ``_gemv_act_kernel`` (one token of 16-bit x, 16-byte aligned, into ``y``);
+    ``packed`` word-aligned."""
+    N, KH = packed.shape
+    G = scales.shape[1]
+    KW = KH // 4
+    K = x.shape[-1]
+    asm = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    consts = dict(BITS=bits, SYMMETRIC=symmetric, XB=min(triton.next_power_of_2(K), 2048),
+                  HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"],
+                  CHUNK=_chunk_words(group_size, G), EVEN=KW % meta["BW"] == 0, ASM=asm,
+                  AHEAD=meta.get("AHEAD", False))
+    n, kw, gw, swn, ssn, ssg = _gemv_ints(packed, scales, group_size)
+    args = (x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+            n, K, kw, gw, swn, ssn, ssg, float(clip))
+    return _gemv_act_kernel, (cdiv(N, meta["BLOCK_N"]),), args, consts, meta["num_warps"]
+
+
+def gemv_act(meta: dict, x: Tensor, bits: int, symmetric: bool, clip: float, packed: Tensor, scales: Tensor,
+             zeros: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``quantize_per_token(x, bits, symmetric, clip)`` then ``linear_w4a8`` of its codes, for one token ``x
+    [1, K]`` in one launch (``_gemv_act_kernel``; the same codes, so the same sum). Needs
+    ``_word_gemv(K, group_size, G)``."""
+    N = packed.shape[0]
+    if packed.data_ptr() % 4 or packed.stride(0) % 4:  # a view off word alignment: copy it
+        packed = packed.clone(memory_format=torch.contiguous_format)
+    if x.data_ptr() % 16 or not x.is_contiguous():  # 16-byte loads of eight activations
+        x = x.clone(memory_format=torch.contiguous_format)
+    y = torch.empty((1, N), dtype=out_dtype, device=x.device)
+    launch(*act_launch(meta, x, bits, symmetric, clip, packed, scales, zeros, group_size, bias, y))
     return y
 
 

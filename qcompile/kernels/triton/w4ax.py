@@ -350,3 +350,58 @@ def linear(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, sw: Tensor,
         "w4ax", key, lambda: candidates(M, N, K, group_size, fp8),
         lambda c: run(c, a, sa, za, packed, sw, zw, group_size, bias, out_dtype), device)
     return run(cand, a, sa, za, packed, sw, zw, group_size, bias, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# One token of 16-bit activation: quantize and multiply in one launch (``linear_w4ax_dynamic``)
+
+
+def dynamic_candidates() -> list[Candidate]:
+    """The two-launch way (per-token quantization, then the codes GEMV), and with ``QCOMPILE_ACT_GEMV=1``
+    (``fold.enabled``: off by default, see ``kernels/fold.py`` for the H200 measurements) the one-launch GEMV
+    that quantizes x itself (``w4a16.act_candidates``)."""
+    from qcompile.kernels.fold import enabled
+
+    two = [Candidate("quantize_then_linear", dict(kind="quantize_then_linear"))]
+    return [*two, *w4a16.act_candidates()] if enabled() else two
+
+
+def run_dynamic(cand: Candidate, x: Tensor, bits: int, symmetric: bool, clip: float, packed: Tensor, sw: Tensor,
+                zw: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``x [1, K]`` (16-bit) → ``[1, N]`` in ``out_dtype``, with one candidate."""
+    if cand.meta["kind"] == "act_gemv":
+        return w4a16.gemv_act(cand.meta, x, bits, symmetric, clip, packed, sw, zw, group_size, bias, out_dtype)
+    from qcompile.kernels.triton import rotate_quant
+
+    a, sa, za = rotate_quant.quantize_per_token(x, bits, symmetric, clip, None)
+    return linear(a, sa.reshape(-1), None if symmetric else za.reshape(-1), packed, sw, zw, group_size, bias,
+                  out_dtype, bits)
+
+
+def dynamic_applies(x: Tensor, group_size: int, G: int) -> bool:
+    """Whether the one-token GEMV that quantizes x itself takes this call: one row of 16-bit x, K and g
+    multiples of 8."""
+    return (x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+            and w4a16._word_gemv(x.shape[1], group_size, G))
+
+
+def _dynamic_key(x: Tensor, bits: int, symmetric: bool, packed: Tensor, zw: Tensor | None, group_size: int,
+                 bias: Tensor | None, out_dtype: torch.dtype) -> tuple:
+    return (packed.shape[0], x.shape[1], group_size, bits, symmetric, zw is not None, bias is not None, x.dtype,
+            out_dtype)
+
+
+def chosen_dynamic(x: Tensor, bits: int, symmetric: bool, packed: Tensor, zw: Tensor | None, group_size: int,
+                   bias: Tensor | None, out_dtype: torch.dtype) -> Candidate | None:
+    return chosen("w4ax_dynamic", _dynamic_key(x, bits, symmetric, packed, zw, group_size, bias, out_dtype),
+                  x.device)
+
+
+def dynamic_linear(x: Tensor, bits: int, symmetric: bool, clip: float, packed: Tensor, sw: Tensor, zw: Tensor | None,
+                   group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """The tuned one-token ``linear_w4ax_dynamic`` (``dynamic_applies`` must hold)."""
+    key = _dynamic_key(x, bits, symmetric, packed, zw, group_size, bias, out_dtype)
+    cand = chosen("w4ax_dynamic", key, x.device) or choose(
+        "w4ax_dynamic", key, dynamic_candidates,
+        lambda c: run_dynamic(c, x, bits, symmetric, clip, packed, sw, zw, group_size, bias, out_dtype), x.device)
+    return run_dynamic(cand, x, bits, symmetric, clip, packed, sw, zw, group_size, bias, out_dtype)
