@@ -19,7 +19,8 @@ input (q/k/v, o, gate/up, down, in graph order: GPTQ's sequential groups) are a 
 the block runs from its input up to the stage's input over all batches (earlier stages already
 quantized), the Hessian is summed, the stage's weights are quantized on the device, and after the last
 stage the whole block runs once more to carry its output forward. With several processes
-(``passes.distributed.Ranks``) each carries its share of the batches, the Hessian sums are all-reduced and
+(``passes.distributed.Ranks``) each carries its share of the batches, copies its share of each block's weights to
+its GPU (the rest arrives over NCCL), the Hessian sums are all-reduced and
 a stage's linears are dealt out and broadcast; every local step is agreed on, so one rank's error stops all.
 """
 
