@@ -23,6 +23,9 @@ The edits, and what each keeps true:
   reading its input as the graph gives it (float: W4A16; a fake quantization, possibly of an online
   Hadamard: W4A8/W4A4 with the Hadamard fused); returns the label of the op.
 
+``torch_forward()`` gives a forward differentiable in weights passed by name (SpinQuant learns through it):
+``functional_call`` on fx, the graph evaluated by torch ops on ONNX (``graph/onnx_torch``).
+
 The online ops (``Online``) are a Hadamard over the last axis, a per-token fake quantization and DuQuant's
 block rotations around a permutation (``Transform``); fx inserts ``torch.ops.qcompile.*`` calls (the
 transform as plain aten ops marked ``online``), ONNX calls to model-local functions of the ``qcompile``
@@ -133,6 +136,8 @@ class GraphEdit(Protocol):
     def device(self) -> torch.device: ...
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def torch_forward(self): ...  # (input_ids, params by weight name) -> logits, differentiable in params
 
 
 def bias_name(weight: str) -> str:

@@ -266,6 +266,20 @@ class FxGraph:
         out = self.module(input_ids=input_ids.to(self.device))
         return out.logits if hasattr(out, "logits") else out[0]
 
+    def torch_forward(self):
+        """``forward(input_ids, params) → logits``, differentiable in ``params`` (weights by source name, used
+        in place of the module's: ``functional_call``); the module's own weights are frozen (no gradient)."""
+        from torch.func import functional_call
+
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+
+        def forward(input_ids: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = functional_call(self.module, params, args=(), kwargs={"input_ids": input_ids})
+            return out.logits if hasattr(out, "logits") else out[0]
+
+        return forward
+
 
 def _is(node, op) -> bool:
     return getattr(node, "op", None) == "call_function" and node.target == op

@@ -523,6 +523,14 @@ class OnnxGraph:
         return torch.from_numpy(out)
 
 
+    def torch_forward(self):
+        """``forward(input_ids, params) → logits``, differentiable in ``params``: the graph evaluated by torch ops
+        (``graph.onnx_torch``; onnxruntime has no gradients), weights by source name, ``params`` first."""
+        from qcompile.graph.onnx_torch import TorchForward
+
+        return TorchForward(self)
+
+
 def _ids(input_ids, session) -> np.ndarray:
     dtype = np.int32 if "int32" in session.get_inputs()[0].type else np.int64
     return np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=dtype)

@@ -17,7 +17,10 @@ and moves every R by a Cayley step on the Stiefel manifold (``quant/cayley.py``:
 α = min(lr, 1/(‖A‖ + ε)), R ← (I + α/2·A)⁻¹(I − α/2·A)·R), lr cosine-decayed from ``lr`` to 0, no momentum.
 R3/R4 are in the training forward (a training copy gets ``online_hadamard``'s ops, which the recipe adds to
 the result afterwards; the recipe checks that the two agree). The learned R1/R2 are then fused exactly as
-``rotate`` fuses its Hadamards: with quantization off the result computes the same logits.
+``rotate`` fuses its Hadamards: with quantization off the result computes the same logits. The training
+forward is ``GraphEdit.torch_forward``: ``functional_call`` on a torch.fx capture; on an ONNX Program the
+graph itself evaluated by torch ops (``graph/onnx_torch``; onnxruntime computes no gradients), so both IRs
+learn the same rotations up to float rounding and fuse them through the same edits.
 
 Departures from the official code (``facebookresearch/SpinQuant``): the Cayley transform is solved exactly
 (the official SGDG takes 2 fixed-point iterations and re-orthonormalizes by QR at random steps), so
@@ -34,7 +37,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 from tqdm import tqdm
 
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
@@ -62,10 +64,12 @@ def _fake_quant_weight(w: torch.Tensor, lin, spec: QuantSpec) -> torch.Tensor:
     return q.movedim((-2, -1), (lin.out_axis, lin.in_axis))
 
 
-def _training_program(p: Program, a_bits: int, kv_bits: int, r3: bool, r4: bool) -> tuple[Program, list[str]]:
+def _training_program(p: Program, a_bits: int, kv_bits: int, r3: bool, r4: bool):
     """A copy of ``p`` whose graph computes the quantized forward: R3/R4 online Hadamards (as the recipe's
     online_hadamard adds them later, with R4's inverse in the down weights) and the activation and K/V
-    fake-quant ops the quantize pass inserts. Returns it with the linears whose weights are quantized."""
+    fake-quant ops the quantize pass inserts. Returns it, the linears whose weights are quantized, and its
+    differentiable forward (``GraphEdit.torch_forward``: fx through ``functional_call``, ONNX evaluated by
+    torch ops; the graph's own weights frozen, gradients only through the rotated ones passed in)."""
     t = online_hadamard(p, r3=r3, r4=r4)
     mm = t.model_map
     targets = [n for n in mm.linears if n != mm.lm_head]  # SpinQuant keeps the lm_head in 16 bits
@@ -76,13 +80,11 @@ def _training_program(p: Program, a_bits: int, kv_bits: int, r3: bool, r4: bool)
         for b in mm.blocks:
             for pos in (1, 2):
                 _insert_fake_quant(t, b.attention.node, pos, kv_bits, False, ACT_CLIP)
-    t.module.recompile()
-    for param in t.module.parameters():
-        param.requires_grad_(False)  # frozen: only R1/R2 get gradients
-    return t, targets
+    t.graph.finish()
+    return t, targets, t.graph.torch_forward()
 
 
-def _loss(t: Program, q1, q2, ids: torch.Tensor, spec: QuantSpec | None, targets: list[str]) -> torch.Tensor:
+def _loss(t: Program, forward, q1, q2, ids: torch.Tensor, spec: QuantSpec | None, targets: list[str]) -> torch.Tensor:
     """Cross-entropy of the next token under the fake-quantized forward with the weights rotated by q1/q2."""
     params = {name: v.to(t.weight(name).dtype) for name, v in rotated_weights(t, q1, q2).items()}
     if spec is not None:
@@ -90,8 +92,7 @@ def _loss(t: Program, q1, q2, ids: torch.Tensor, spec: QuantSpec | None, targets
             lin = t.model_map.linears[n]
             w = params[lin.weight] if lin.weight in params else t.weight(lin.weight)
             params[lin.weight] = _fake_quant_weight(w, lin, spec)
-    out = functional_call(t.module, params, args=(), kwargs={"input_ids": ids})
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = forward(ids, params)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
@@ -123,7 +124,7 @@ def learn_rotations(p: Program, q1: torch.Tensor, q2: list[torch.Tensor], calibr
     spec = _weight_spec(w_bits)
     if learn_weights_16bit:
         spec = None
-    t, targets = _training_program(p, a_bits, kv_bits, r3, r4)
+    t, targets, forward = _training_program(p, a_bits, kv_bits, r3, r4)
     device = t.weight(t.model_map.embedding.weight).device
     ids = calibration[:, :seq].to(device)
     order = _order(ids.shape[0], max(steps, 1) * batch, seed)
@@ -132,13 +133,13 @@ def learn_rotations(p: Program, q1: torch.Tensor, q2: list[torch.Tensor], calibr
     optimizer = CayleySGD(rs, lr=lr)
 
     with torch.no_grad():
-        before = _loss(t, rs[0], rs[1:], first, spec, targets).item()
+        before = _loss(t, forward, rs[0], rs[1:], first, spec, targets).item()
     losses = []
     bar = tqdm(range(steps), desc="spinquant", unit="step", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:  # cosine from lr to 0 (HF's "cosine" schedule, no warm-up)
             group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
-        loss = _loss(t, rs[0], rs[1:], ids[order[step * batch:(step + 1) * batch]], spec, targets)
+        loss = _loss(t, forward, rs[0], rs[1:], ids[order[step * batch:(step + 1) * batch]], spec, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -146,7 +147,7 @@ def learn_rotations(p: Program, q1: torch.Tensor, q2: list[torch.Tensor], calibr
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
     with torch.no_grad():
-        after = _loss(t, rs[0], rs[1:], first, spec, targets).item()
+        after = _loss(t, forward, rs[0], rs[1:], first, spec, targets).item()
     learned = [r.detach() for r in rs]
     return Learned(learned[0], learned[1:], before, after, losses)
 

@@ -5,7 +5,8 @@ also optimized at opset 18: decomposed attention, pre-transposed ``val_*`` weigh
 on its fx capture and on the ONNX file: with quantization off the rewritten graph keeps the original logits
 (float32, max|Δ| ≤ 1e-4·max|logits|) on both IRs, with the same report counts and the same ModelMap summary;
 quantized, both IRs give the same logits (GPTQ's Hessians come from onnxruntime on the ONNX side), lowered
-too, and the ONNX folder written from the ONNX Program scores as the Program does.
+too, and the ONNX folder written from the ONNX Program scores as the Program does. KV4 quantizes K after RoPE/R3
+and V on both alike; SpinQuant learns the same rotations on both (the ONNX graph evaluated by torch ops).
 """
 
 import dataclasses
@@ -32,6 +33,8 @@ from qcompile.passes.quantize import role
 from qcompile.passes.rotate import rotate
 from qcompile.passes.shift_scale import shift_scale
 from qcompile.passes.smooth import smooth
+from qcompile.passes.registry import PASSES
+from qcompile.passes.spinquant import spinquant
 from qcompile.pipeline import plan
 from qcompile.program import PassReport, Program
 from qcompile.recipe import load_recipe
@@ -215,10 +218,10 @@ def test_unknown_op_on_the_residual_stream_is_named(onnx_file, tmp_path):
     assert any("W4" in line or "weights" in line for line in plan(mm, load_recipe("rtn")))
 
 
-def test_passes_not_ported_are_refused_at_plan(onnx_file):
+def test_every_pass_plans_on_onnx(onnx_file):
     p = Program.from_onnx(onnx_file("llama"))
-    with pytest.raises(QCompileError, match="spinquant trains its rotations by autograd .*does not run on onnx graphs"):
-        plan(p.model_map, load_recipe("spinquant"), p.ir)
+    assert all(ps.onnx for ps in PASSES.values())  # every registered pass is written against GraphEdit only
+    assert any(line.startswith("spinquant: learns R1") for line in plan(p.model_map, load_recipe("spinquant"), p.ir))
     assert any(line.startswith("smooth: ") for line in plan(p.model_map, load_recipe("smoothquant"), p.ir))
     assert any(line.startswith("shift_scale: ") for line in plan(p.model_map, load_recipe("osplus"), p.ir))
 
@@ -368,3 +371,69 @@ def test_duquant_quantized_and_lowered_alike_on_fx_and_onnx(tiny_programs, onnx_
     assert max_rel_error(out["onnx"][0], out["fx"][0]) <= FQ_TOL
     assert max_rel_error(out["onnx"][1], out["fx"][1]) <= FQ_TOL
     assert out["onnx"][2] == out["fx"][2]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_kv_quantization_alike_on_fx_and_onnx(arch, tiny_programs, tiny_ids, onnx_file):
+    """KV4 (quarot's K/V fake quantization, weights and activations in float) on both IRs: K is quantized after
+    RoPE and R3, V as it enters attention, through ``insert_on_operand``; the same logits (the fake
+    quantization of the same float32 values) and the same counts."""
+    recipe = load_recipe("quarot").with_bits(w=16, a=16, kv=4)
+    _, fx_program = tiny_programs[arch]
+    out = {ir_: compile(p, recipe, progress=False)
+           for ir_, p in (("fx", fx_program), ("onnx", Program.from_onnx(onnx_file(arch))))}
+    assert max_rel_error(out["onnx"].logits(tiny_ids), out["fx"].logits(tiny_ids)) <= TOL
+    assert _counts(out["fx"]) == _counts(out["onnx"])
+    layers = len(fx_program.model_map.blocks)
+    assert out["onnx"].reports[-1].counts == {"KV4 per (token, head)": 2 * layers}
+    attention = [n for n in out["onnx"].graph.model.graph if n.op_type == "Attention"]
+    assert len(attention) == layers
+    for node in attention:
+        k, v = node.inputs[1].producer(), node.inputs[2].producer()
+        assert k.op_type.startswith("fake_quant_n") and v.op_type.startswith("fake_quant_n")
+        assert k.inputs[0].producer().op_type.startswith("hadamard_n")  # R3 on K after RoPE, then quantized
+
+
+# --- SpinQuant: learned through a torch evaluation of the ONNX graph --------------------------------------
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_torch_forward_of_onnx_matches_onnxruntime(arch, onnx_file, tiny_ids):
+    """``graph.onnx_torch`` evaluates the exported graph (and the online ops a pass inserts) as onnxruntime
+    does, to float32 rounding; gradients reach a weight passed by name."""
+    p = _quarot(Program.from_onnx(onnx_file(arch)))
+    forward = p.graph.torch_forward()
+    assert max_rel_error(forward(tiny_ids, {}), p.logits(tiny_ids)) <= 1e-5
+    emb = p.model_map.embedding.weight
+    w = p.weight(emb).clone().requires_grad_()
+    forward(tiny_ids, {emb: w}).sum().backward()
+    assert w.grad is not None and w.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_spinquant_alike_on_fx_and_onnx(arch, tiny_programs, tiny_ids, onnx_file):
+    """SpinQuant (W4A4KV4 training forward, 3 Cayley steps) on the fx capture and on the ONNX file: the fused
+    result is exact on both (quantization off), with the same counts, and both IRs learn the same R1/R2 (the
+    fused weights agree to float rounding carried through 3 steps)."""
+    model, fx_program = tiny_programs[arch]
+    with torch.no_grad():
+        ref = model(input_ids=tiny_ids).logits
+    calibration = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for ir_, p in (("fx", fx_program), ("onnx", Program.from_onnx(onnx_file(arch)))):
+        out[ir_] = online_hadamard(spinquant(fold_norms(p), calibration=calibration, steps=3, batch=2, seq=32,
+                                             progress=False))
+        assert max_rel_error(out[ir_].logits(tiny_ids), ref) <= TOL
+    assert _counts(out["fx"]) == _counts(out["onnx"])
+    notes = [o.reports[-2].notes["loss"] for o in (out["fx"], out["onnx"])]
+    assert notes[0] == notes[1]  # the same fake-quant losses before and after (4 decimals)
+    mm = fx_program.model_map
+    for b in (mm.blocks[0], mm.blocks[-1]):
+        for name in (b.attention.q.linear, b.attention.o):
+            w = mm.linears[name].weight
+            a, o = out["fx"].weight(w), out["onnx"].weight(w)
+            if o.shape != a.shape:
+                o = o.T
+            assert (a - o).abs().max() <= 1e-4 * a.abs().max(), (w, notes)
+    rot = rotate(fold_norms(fx_program)).weight(mm.linears[mm.blocks[0].attention.q.linear].weight)
+    assert (out["onnx"].weight(mm.linears[mm.blocks[0].attention.q.linear].weight).reshape(rot.shape) - rot).abs().max() > 1e-4

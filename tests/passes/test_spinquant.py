@@ -65,9 +65,9 @@ def test_loss_depends_on_r_only_through_quantization(tiny_programs):
     q1, q2 = prepare_rotations(p, "hadamard", 0, True, True, PassReport("test"))
     ids = _calib()[:2]
     for bits, spec in ((16, None), (4, QuantSpec(4, True, Granularity.CHANNEL))):
-        t, targets = _training_program(p, bits, bits, True, True)
+        t, targets, forward = _training_program(p, bits, bits, True, True)
         r1 = q1.clone().requires_grad_()
-        loss = _loss(t, r1, q2, ids, spec, targets)
+        loss = _loss(t, forward, r1, q2, ids, spec, targets)
         loss.backward()
         a = skew_direction(r1.detach(), r1.grad).abs().max().item()
         if bits == 16:
