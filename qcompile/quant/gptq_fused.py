@@ -18,10 +18,12 @@ codes differed on the H200, through near-ties).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-import torch
+
+from qcompile.errors import ShapeError
 
 __all__ = ["fused_block_columns"]
 
@@ -75,7 +77,7 @@ def fused_block_columns(W1: Tensor, U1: Tensor, params: tuple[Tensor, Tensor], q
     N, B = W1.shape
     s, z = (p.float() for p in params)
     if U1.shape != (B, B) or s.shape != (N, B) or z.shape != (N, B):
-        raise ValueError(f"fused_block_columns: W1 {tuple(W1.shape)}, U1 {tuple(U1.shape)}, params "
+        raise ShapeError(f"fused_block_columns: W1 {tuple(W1.shape)}, U1 {tuple(U1.shape)}, params "
                          f"{tuple(s.shape)}/{tuple(z.shape)} do not fit one block")
     W1 = W1.float().contiguous()
     U1, s, z = U1.float().contiguous(), s.contiguous(), z.contiguous()
