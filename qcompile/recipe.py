@@ -178,18 +178,17 @@ class Recipe:
                 base, bits=w if w is not None else base.bits,
                 group_size=group if group is not None else base.group_size,
                 symmetric=symmetric if symmetric is not None else base.symmetric)
+        flags = {}  # weights-section settings that only make sense on a recipe that quantizes weights
         if vocab is not None:
-            weights = changes.get("weights", self.weights)
-            if weights is None and vocab < 16:
-                raise RecipeError("vocabulary tables are quantized with the weights: this recipe quantizes none")
-            if weights is not None:
-                changes["weights"] = dataclasses.replace(weights, vocab_bits=None if vocab >= 16 else vocab)
+            flags["vocab_bits"] = (None if vocab >= 16 else vocab, vocab < 16, "vocabulary tables are")
         if lm_head is not None:
+            flags["include_lm_head"] = (lm_head, lm_head, "the lm_head is")
+        for key, (value, needs_weights, what) in flags.items():
             weights = changes.get("weights", self.weights)
-            if weights is None and lm_head:
-                raise RecipeError("the lm_head is quantized with the weights: this recipe quantizes none")
+            if weights is None and needs_weights:
+                raise RecipeError(f"{what} quantized with the weights: this recipe quantizes none")
             if weights is not None:
-                changes["weights"] = dataclasses.replace(weights, include_lm_head=lm_head)
+                changes["weights"] = dataclasses.replace(weights, **{key: value})
         if a is not None:
             changes["activations"] = None if a >= 16 else dataclasses.replace(self.activations or ActQuant(), bits=a)
         if kv is not None:

@@ -274,10 +274,13 @@ def fake_quantize(w: Tensor, spec: QuantSpec) -> Tensor:
     """Quantize then dequantize in ``w``'s dtype (min/max params; STE gradient)."""
     scale, zero = compute_qparams(w, spec)
     s, z = _expanded(scale, w, spec), _expanded(zero, w, spec)
-    # quantize and dequantize in one buffer: the clamped codes are integers in [0, qmax], exact in float32, so
-    # leaving out the uint8 round trip of ``dequantize(quantize(...))`` changes no value
-    xq = torch.round(w.detach().float() / s).add_(z).clamp_(0, spec.qmax).sub_(z).mul_(s).to(w.dtype)
-    return straight_through(w, xq)
+    return straight_through(w, round_trip(w.detach().float(), s, z, spec.qmax).to(w.dtype))
+
+
+def round_trip(x: Tensor, scale: Tensor, zero: Tensor, qmax: int) -> Tensor:
+    """``dequantize(quantize(x))`` = (clamp(round(x/s) + z, 0, qmax) − z)·s in one new buffer: the clamped codes
+    are integers in [0, qmax], exact in float32, so leaving out the uint8 codes changes no value."""
+    return torch.div(x, scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale)
 
 
 def fake_quantize_per_token(x: Tensor, bits: int, symmetric: bool = True, clip_ratio: float = 1.0) -> Tensor:

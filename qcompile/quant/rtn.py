@@ -31,6 +31,7 @@ from qcompile.quant.formats import (
     group_reduce,
     qparams_from_range,
     quantize,
+    round_trip,
     straight_through,
 )
 
@@ -114,7 +115,7 @@ def _search_rows(xg: Tensor, lo: Tensor, hi: Tensor, wg: Tensor | None, a_all: T
         a, b = a_all[c0 : c0 + chunk], b_all[c0 : c0 + chunk]
         s, z = qparams_from_range(a * lo, b * hi, spec, 1.0, scale_dtype)  # [C, n, G]
         s4, z4 = s.unsqueeze(-1), z.unsqueeze(-1)
-        e = torch.div(xg, s4).round_().add_(z4).clamp_(0, spec.qmax).sub_(z4).mul_(s4).sub_(xg).abs_()
+        e = round_trip(xg, s4, z4, spec.qmax).sub_(xg).abs_()
         e = e.square_() if norm == 2 else e.pow_(norm)
         if wg is not None:
             e = e.mul_(wg)
