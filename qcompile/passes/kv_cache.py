@@ -124,11 +124,17 @@ def _check_heads(node: fx.Node, pos: int, heads: int, head_dim: int) -> None:
 
 
 def add_kv_cache(program: Program) -> Program:
-    """The decoder-step form of ``program`` (see the module docstring); refuses what it cannot prove."""
+    """The decoder-step form of ``program`` (see the module docstring); refuses what it cannot prove. An ONNX
+    Program gets the same three edits from ``graph/onnx_cache`` (onnxruntime-genai's input and output names)."""
     p = program.clone()
     layout = CacheLayout.of(p.model_map)
     report = PassReport("kv_cache")
-    with_kv_cache(p.module, layout, report)
+    if p.ir == "onnx":  # the same edits on ONNX, under onnxruntime-genai's names (graph/onnx_cache)
+        from qcompile.graph.onnx_cache import with_kv_cache as onnx_with_kv_cache
+
+        onnx_with_kv_cache(p.graph, layout, [b.attention.node for b in p.model_map.blocks], report)
+    else:
+        with_kv_cache(p.module, layout, report)
     return p.done(report)
 
 
