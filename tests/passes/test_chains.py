@@ -17,7 +17,8 @@ from qcompile.recipe import load_recipe
 
 TOL = 1e-4  # max |Δlogits| / max |logits|, float32
 
-CHAINS = ["duquant+gptq", "duquant-fused+leanquant", "osplus+duquant+gptq", "spinquant-w16+gptq", "smoothquant+gptq"]
+CHAINS = ["duquant+gptq", "duquant-fused+leanquant", "osplus+duquant+gptq", "spinquant-w16+gptq", "smoothquant+gptq",
+          "rotate-fused+gptq"]
 
 
 def _small(recipe):
@@ -50,3 +51,13 @@ def test_chain_is_exact_then_quantizes_on_grid_and_beats_rtn(chain, tiny_program
             assert qw.codes.max() < 2 ** weights.bits
     assert err[recipe.weights.method] < err["rtn"], err
 
+
+
+def test_rotate_fused_leaves_no_online_op(tiny_programs):
+    """rotate-fused keeps the source's operators: R1/R2 live in the weights, nothing runs online."""
+    _, p = tiny_programs["llama"]
+    transformed = run_passes(p, load_recipe("rotate-fused"), _calib())
+    targets = {str(n.target) for n in transformed.module.graph.nodes if n.op == "call_function"}
+    assert not any("qcompile" in t for t in targets), sorted(t for t in targets if "qcompile" in t)
+    full = run_passes(p, load_recipe("rotate"), _calib())
+    assert any("qcompile" in str(n.target) for n in full.module.graph.nodes)  # the check can fail: rotate has R3/R4
