@@ -38,11 +38,13 @@ def run(recipe: str, samples: int, evaluate: bool, workdir: Path, limit: float) 
     shutil.rmtree(out, ignore_errors=True)
     cmd = [_qcompile(), "quantize", "smollm2-135m", "--recipe", recipe, "--calib-samples", str(samples),
            "--out", str(out), "--no-progress"]
-    timed = ("import subprocess, sys, time, os, json; l0 = os.getloadavg()[0]; t = time.time(); "
+    timed = ("import subprocess, sys, time, os, json; la = lambda: open('/proc/loadavg').read().strip(); "
+             "l0 = la(); t = time.time(); "
              f"r = subprocess.run(['timeout', '{limit:.0f}', *sys.argv[1:]], capture_output=True, text=True); "
-             "print(json.dumps({'rc': r.returncode, 'seconds': round(time.time() - t, 1), 'load_before': l0, "
-             "'started': time.strftime('%Y-%m-%d %H:%M', time.gmtime(t)), "
-             "'load_after': os.getloadavg()[0], 'tail': (r.stdout + r.stderr)[-600:]}))")
+             "l1 = la(); print(json.dumps({'rc': r.returncode, 'seconds': round(time.time() - t, 1), "
+             "'load_before': float(l0.split()[0]), 'load_after': float(l1.split()[0]), "
+             "'loadavg_before': l0, 'loadavg_after': l1, "
+             "'started': time.strftime('%Y-%m-%d %H:%M', time.gmtime(t)), 'tail': (r.stdout + r.stderr)[-600:]}))")
     res = subprocess.run(["flock", LOCK, sys.executable, "-c", timed, *cmd], capture_output=True, text=True)
     row = {"recipe": recipe, "calib_samples": samples, **json.loads(res.stdout.strip().splitlines()[-1])}
     if row["rc"] == 0:

@@ -21,6 +21,7 @@ rank builds the same random model. ``--compare-single`` then also runs the one-p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -63,10 +64,129 @@ def build(shape: str, layers: int, seed: int = 0, shrink: int = 1):
 
 
 def warm_up(dev: torch.device) -> None:
-    """cuBLAS, cuSOLVER and the allocator started before anything is timed."""
+    """cuBLAS, cuSOLVER, the allocator and GPTQ's fused column loop (Triton compiles it at its first call in a
+    process: ≈ 1 s, which a first timed run would otherwise carry and a second not) started before anything is
+    timed."""
     a = torch.randn(512, 512, device=dev)
     torch.linalg.cholesky(a @ a.T + 512 * torch.eye(512, device=dev))
+    if dev.type == "cuda":
+        from qcompile.quant.gptq import damped_inverse_cholesky
+        from qcompile.quant.gptq_fused import fused_block_columns
+
+        U = damped_inverse_cholesky(a.T @ a / 512)[:128, :128].contiguous()
+        w = torch.randn(64, 128, device=dev) * 0.02
+        s = (w.abs().amax(1, keepdim=True) / 7).expand(64, 128).contiguous()
+        fused_block_columns(w, U, (s, torch.full_like(s, 8.0)), 15)
     torch.cuda.synchronize()
+
+
+def factor_check(dev: torch.device, n: int = 28672, rows: int = 4096) -> dict:
+    """GPTQ's factor U of ``(H + 0.01·mean(diag H)·I)⁻¹`` by its two methods (``gptq.damped_inverse_cholesky``:
+    ``inverse``, the reference's; ``reversed``, one Cholesky and one triangular inverse), each under TF32 (the
+    last stop's benchmark setting, which reached the factor) and in IEEE float32 (as shipped), against the float64
+    factor of the same float32 H: ``‖U − U64‖/‖U64‖``, seconds. H = XᵀX/m for X [2n, n] random normal ("plain")
+    and with columns scaled by e^(1.5·N(0,1)) ("outliers": an ill-conditioned H). Then GPTQ (W [rows, n] ~
+    N(0, 0.02²), W4 g128 min/max) with each factor in the same loop, and with the last stop's whole path (inverse,
+    TF32 in the factor and in the updates): the share of codes equal to float64's and the GPTQ objective
+    tr(ΔW·H·ΔWᵀ) relative to float64's."""
+    from unittest import mock
+
+    import qcompile.quant.gptq as gptq_mod
+    from qcompile.quant.formats import QuantSpec
+
+    def clock(fn):
+        torch.cuda.synchronize()
+        t = time.time()
+        r = fn()
+        torch.cuda.synchronize()
+        return r, round(time.time() - t, 4)
+
+    def no_ieee(t):  # the caller's TF32 setting reaches cuBLAS (the code before this stop)
+        return contextlib.nullcontext()
+
+    spec = QuantSpec(4, False, "group", 128)
+    out = {}
+    g = torch.Generator(device=dev).manual_seed(0)
+    for kind in ("plain", "outliers"):
+        x = torch.randn(2 * n, n, device=dev, generator=g)
+        if kind == "outliers":
+            x *= (1.5 * torch.randn(n, device=dev, generator=g)).exp()
+        torch.backends.cuda.matmul.allow_tf32 = False
+        H = x.T @ x / x.shape[0]
+        del x
+        torch.cuda.empty_cache()
+        H64 = H.double()
+        U64, out[f"{kind}_float64_s"] = clock(lambda: gptq_mod.damped_inverse_cholesky(H64, method="inverse"))
+        ref = U64.norm()
+        U = {}
+        for m in ("inverse", "reversed"):
+            for tf32 in (True, False):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                with mock.patch.object(gptq_mod, "_ieee_float32", no_ieee):
+                    gptq_mod.damped_inverse_cholesky(H[:1024, :1024], method=m)  # warm
+                    u, t = clock(lambda: gptq_mod.damped_inverse_cholesky(H, method=m))
+                key = f"{m}_{'tf32' if tf32 else 'ieee'}"
+                out[f"{kind}_{key}_s"] = t
+                out[f"{kind}_{key}_rel_diff_to_float64"] = float((u.double() - U64).norm() / ref)
+                U[key] = u
+        torch.backends.cuda.matmul.allow_tf32 = False
+        whole = gptq_mod._reversed_lower_inverse  # reversed with L⁻¹ from one solve against I (n³, not n³/3)
+        with mock.patch.object(gptq_mod, "_reversed_lower_inverse", lambda L: whole(L, block=L.shape[0])):
+            u, out[f"{kind}_reversed_one_solve_ieee_s"] = clock(lambda: gptq_mod.damped_inverse_cholesky(H, method="reversed"))
+        out[f"{kind}_reversed_one_solve_ieee_rel_diff_to_float64"] = float((u.double() - U64).norm() / ref)
+        del u
+        W = torch.randn(rows, n, device=dev, generator=g) * 0.02
+
+        def run(u, tf32=False):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            with mock.patch.object(gptq_mod, "damped_inverse_cholesky", lambda *a, **k: u), \
+                    mock.patch.object(gptq_mod, "_ieee_float32", no_ieee if tf32 else gptq_mod._ieee_float32):
+                q = gptq_mod.gptq_quantize(W, H, spec)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            d = (W - q.weight).double()
+            return q.codes, float(((d @ H64) * d).sum())
+
+        codes64, loss64 = run(U64.float())
+        for key, (u, tf32) in {"inverse_ieee": (U["inverse_ieee"], False), "reversed_ieee": (U["reversed_ieee"], False),
+                               "reversed_tf32": (U["reversed_tf32"], False),
+                               "last_stop_inverse_tf32_updates_tf32": (U["inverse_tf32"], True)}.items():
+            c, loss = run(u, tf32)
+            out[f"{kind}_codes_{key}_equal_to_float64"] = round(float((c == codes64).float().mean()), 6)
+            out[f"{kind}_objective_{key}_over_float64"] = round(loss / loss64, 7)
+        del H, H64, U64, U, W
+        torch.cuda.empty_cache()
+    return out
+
+
+def split_gptq(parts: dict):
+    """Seconds inside GPTQ's quantize phase by part, the device synchronized around each call: the factor
+    (``damped_inverse_cholesky``), the clip search (``mse_qparams``), the fused column loops, and each
+    ``Ranks.agree`` (a rank's wait for the others at the end of a step), by the step's kind."""
+    from unittest import mock
+
+    import qcompile.quant.gptq as gptq_mod
+    import qcompile.quant.gptq_fused as fused_mod
+    from qcompile.passes.distributed import Ranks
+
+    def timed(fn, key):
+        def call(*a, **k):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            r = fn(*a, **k)
+            torch.cuda.synchronize()
+            name = key(a) if callable(key) else key
+            parts[name] = parts.get(name, 0.0) + time.perf_counter() - t
+            return r
+        return call
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(gptq_mod, "damped_inverse_cholesky",
+                                          timed(gptq_mod.damped_inverse_cholesky, "factor")))
+    stack.enter_context(mock.patch.object(gptq_mod, "mse_qparams", timed(gptq_mod.mse_qparams, "clip search")))
+    stack.enter_context(mock.patch.object(fused_mod, "fused_block_columns",
+                                          timed(fused_mod.fused_block_columns, "column loops")))
+    stack.enter_context(mock.patch.object(Ranks, "agree", timed(Ranks.agree, lambda a: "agree: " + a[2].split()[0])))
+    return stack
 
 
 def column_loops(shape: str, dev: torch.device, group: int = 128, shrink: int = 1, eager: bool = True) -> dict:
@@ -264,6 +384,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--gptq-parts", action="store_true",
                     help="only time GPTQ's row-independent parts (inverse Cholesky, one group's clip search)")
     ap.add_argument("--no-eager", action="store_true", help="--column-loops without the (slow) eager rows")
+    ap.add_argument("--factor-check", action="store_true",
+                    help="only compare GPTQ's two factor methods with float64 at the 28,672 width (time, codes)")
+    ap.add_argument("--split-gptq", action="store_true",
+                    help="also time GPTQ's factor, clip search, column loops and each rank's waits (synchronized)")
     ap.add_argument("--compare-single", action="store_true",
                     help="under torchrun: also time the one-process path on rank 0 and compare the codes")
     args = ap.parse_args(argv)
@@ -289,6 +413,14 @@ def main(argv=None) -> dict:
     if args.gptq_parts:
         out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "tf32": args.tf32,
                **gptq_parts(dev)}
+        print(json.dumps(out))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return out
+    if args.factor_check:
+        out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "date": datetime.date.today().isoformat(), **factor_check(dev)}
         print(json.dumps(out))
         if args.json:
             with open(args.json, "w") as f:
@@ -343,13 +475,22 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats()
         if ranks_ is not None:
             torch.distributed.barrier()
-        t, phases = time.time(), {}
-        q = quantize(program, recipe, calib if needs else None, progress=False, device=dev, batch=args.batch,
-                     ranks=ranks_, timings=phases)
+        t, phases, parts = time.time(), {}, {}
+        with split_gptq(parts) if args.split_gptq else contextlib.nullcontext():
+            q = quantize(program, recipe, calib if needs else None, progress=False, device=dev, batch=args.batch,
+                         ranks=ranks_, timings=phases)
         torch.cuda.synchronize()
         out[f"{prefix}quantize_s"] = round(time.time() - t, 1)
-        out[f"{prefix}phases_s"] = {k: round(v, 1) for k, v in phases.items()}
+        out[f"{prefix}phases_s"] = {k: round(v, 2) for k, v in phases.items()}
+        if args.split_gptq:
+            out[f"{prefix}gptq_parts_s"] = {k: round(v, 3) for k, v in parts.items()}
+        if ranks_ is not None:  # every rank's phases (the lead's are the ones above)
+            every = [None] * ranks_.world
+            torch.distributed.all_gather_object(every, (phases, parts))
+            out[f"{prefix}rank_phases_s"] = [{**{k: round(v, 2) for k, v in p.items()},
+                                              **{f"gptq {k}": round(v, 3) for k, v in s.items()}} for p, s in every]
         out[f"{prefix}quantize_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out[f"{prefix}per_block_phases_s"] = round(sum(phases.values()) / args.layers, 2)
         per_block = (out["passes_s"] + out[f"{prefix}quantize_s"]) / args.layers
         out[f"{prefix}per_block_s"] = round(per_block, 1)
         out[f"{prefix}extrapolated_min"] = round((out["capture_s"] + per_block * real_layers) / 60, 1)

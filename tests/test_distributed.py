@@ -28,8 +28,12 @@ def _rotated(model, recipe, calib) -> Program:
     return run_passes(Program.capture(model), recipe, calib)
 
 
-def _worker(rank, init, model, recipe, calib, out, runs, fail_rank=None):
+def _worker(rank, init, model, recipe, calib, out, runs, fail_rank=None, solve_block=None):
     torch.set_num_threads(1)
+    if solve_block:  # the reversed factor's solves in several column blocks, so that both ranks solve some
+        import qcompile.quant.gptq as gptq
+
+        gptq._SOLVE_BLOCK = solve_block
     if rank == fail_rank:  # this rank's GPTQ breaks (not a qcompile error)
         import qcompile.passes.quantize as qz
 
@@ -52,22 +56,26 @@ def _worker(rank, init, model, recipe, calib, out, runs, fail_rank=None):
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, model, recipe, calib, runs=1, fail_rank=None) -> list[dict]:
+def _spawn(tmp_path, model, recipe, calib, runs=1, fail_rank=None, solve_block=None) -> list[dict]:
     # the ranks meet through a file of the test's own, not a TCP port: a port picked free here could be taken by
     # another process before rank 0 listens on it (seen once under load)
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(init, model, recipe, calib, str(tmp_path), runs, fail_rank), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(init, model, recipe, calib, str(tmp_path), runs, fail_rank, solve_block), nprocs=WORLD,
+             join=True)
     return [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 RECIPE = load_recipe("quarot+gptq").with_bits(group=32)
 
 
-def test_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("factor", ["inverse", "reversed"])
+def test_two_ranks_match_one_process(tmp_path, monkeypatch, factor):
+    """``reversed`` (the CUDA default) shares each factor's triangular solves between the ranks."""
+    monkeypatch.setenv("QCOMPILE_GPTQ_FACTOR", factor)  # the spawned ranks inherit it
     model, recipe = tiny("llama"), RECIPE
     calib = _calib()  # 7 windows in batches of 2: rank 0 carries 2 batches (4 windows), rank 1 two (3)
     one = quantize(_rotated(model, recipe, calib), recipe, calib, progress=False, device="cpu", batch=2)
-    ranks = _spawn(tmp_path, model, recipe, calib, runs=2)
+    ranks = _spawn(tmp_path, model, recipe, calib, runs=2, solve_block=16)
     assert all("ok" in r for r in ranks), [r.get("error") for r in ranks]
     assert "shared out among 2 ranks" in ranks[0]["report"]
     first = ranks[0]["ok"][0]
@@ -101,7 +109,10 @@ def test_nan_in_one_ranks_windows_stops_every_rank_naming_the_layer(tmp_path):
         assert "rank 1 of 2" in message and "NaN/inf" in message and "layer 'model.layers.0." in message, message
 
 
-def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path):
+@pytest.mark.parametrize("factor", ["inverse", "reversed"])
+def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path, monkeypatch, factor):
+    """With ``reversed`` rank 0 is inside the shared factor (a collective) when rank 1 fails: it stops there."""
+    monkeypatch.setenv("QCOMPILE_GPTQ_FACTOR", factor)
     ranks = _spawn(tmp_path, tiny("llama"), load_recipe("gptq").with_bits(group=32), _calib(), fail_rank=1)
     for r in ranks:  # rank 0 does not wait forever for rank 1's weights: both raise rank 1's error
         name, message = r["error"]

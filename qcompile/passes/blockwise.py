@@ -40,6 +40,7 @@ from qcompile.errors import QCompileError
 from qcompile.graph.fx import CausalAttention
 from qcompile.passes.distributed import SINGLE, Ranks, SummedHessian
 from qcompile.program import Program, move_quantized
+from qcompile.quant.gptq import factor_shared_by
 from qcompile.quant.rows import cat_rows, row_runs, split_rows
 
 
@@ -332,7 +333,8 @@ def _quantize_stacked(lins, acc, rows_of, quantize_rows, store, ranks, clock, ba
         del parts
     runs = row_runs(W.shape[0], ranks.world)
     name = "+".join(lin.weight for lin in lins)
-    with clock("quantize"), ranks.step(what):
+    share = ranks if all(hi > lo for lo, hi in runs) else None  # every rank then computes the stage's factor
+    with clock("quantize"), ranks.step(what), factor_shared_by(share):
         lo, hi = runs[ranks.rank]
         mine = quantize_rows(W[lo:hi], acc.hessian(), name) if hi > lo else None
     del W

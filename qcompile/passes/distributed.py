@@ -100,7 +100,7 @@ class Ranks:
         try:
             yield
         except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
-            if not self.distributed:
+            if not self.distributed or getattr(e, "_agreed", False):  # agreed on already, at a checkpoint
                 raise
             error = e
         if self.distributed:
@@ -111,17 +111,34 @@ class Ranks:
         dist.all_reduce(flag, group=self.group)
         if int(flag) == 0:
             return
-        mine = None if error is None else (type(error).__name__, str(error), isinstance(error, QCompileError))
+        mine = None if error is None else (type(error).__name__, str(error), isinstance(error, QCompileError), what)
         every = [None] * self.world
         dist.all_gather_object(every, mine, group=self.group)
-        rank, (name, message, ours) = next((r, e) for r, e in enumerate(every) if e is not None)
+        rank, (name, message, ours, what) = next((r, e) for r, e in enumerate(every) if e is not None)  # its step
         text = f"rank {rank} of {self.world}, {what}: {message}"
         if error is not None and rank == self.rank and ours:
-            raise type(error)(text) from error
-        cls = next((c for c in _qcompile_errors() if c.__name__ == name), None) if ours else None
-        if cls is not None:
-            raise cls(text) from error
-        raise RankError(f"rank {rank} of {self.world} failed, {what}: {name}: {message}") from error
+            agreed = type(error)(text)
+        else:
+            cls = next((c for c in _qcompile_errors() if c.__name__ == name), None) if ours else None
+            agreed = cls(text) if cls is not None else RankError(
+                f"rank {rank} of {self.world} failed, {what}: {name}: {message}")
+        agreed._agreed = True  # every rank raises it now: the enclosing step must not agree on it again
+        raise agreed from error
+
+    def checkpoint(self, what: str) -> None:
+        """Inside a step, before a collective: agree that no rank has failed so far. A rank whose step raised
+        earlier agrees at its step's end, which meets this one, so every rank raises its error (here, or at the
+        step's end) instead of the others waiting in the collective."""
+        if self.distributed:
+            self.agree(None, what)
+
+    def all_reduce_(self, t: torch.Tensor) -> None:
+        """The sum over ranks of ``t``, in place (``t`` on this rank's device)."""
+        comm = self._comm()
+        s = t if t.device == comm else t.to(comm)
+        dist.all_reduce(s, group=self.group)
+        if s is not t:
+            t.copy_(s)
 
     def broadcast_(self, t: torch.Tensor, src: int) -> None:
         """Rank ``src``'s values of ``t`` into ``t`` on every rank (in place; ``t`` on the collectives' device)."""

@@ -28,6 +28,7 @@ a ``Grid`` whose ``round(column, k)`` gives codes and values for original column
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -195,19 +196,112 @@ def _channel(spec: QuantSpec) -> QuantSpec:
     return replace(spec, granularity=Granularity.CHANNEL, group_size=None)
 
 
-def damped_inverse_cholesky(H: Tensor, percdamp: float = 0.01, name: str = "") -> Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + percdamp·mean(diag H)·I)⁻¹`` (``H⁻¹ = Uᵀ U``)."""
-    H = H.clone()
-    H.diagonal().add_(percdamp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) == 0:
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+_FACTORS = ("inverse", "reversed")
+
+
+def _factor_method(H: Tensor, method: str | None) -> str:
+    """``method``, else ``QCOMPILE_GPTQ_FACTOR``, else ``reversed`` on CUDA and ``inverse`` on the CPU."""
+    method = method or os.environ.get("QCOMPILE_GPTQ_FACTOR") or ("reversed" if H.is_cuda else "inverse")
+    if method not in _FACTORS:
+        raise RecipeError(f"GPTQ's inverse Cholesky factor is computed by one of {_FACTORS}, not {method!r}")
+    return method
+
+
+def damped_inverse_cholesky(H: Tensor, percdamp: float = 0.01, name: str = "", method: str | None = None) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``H_d⁻¹``, ``H_d = H + percdamp·mean(diag H)·I`` (``H_d⁻¹ = Uᵀ U``).
+
+    Two ways to the same (unique, positive-diagonal) factor:
+
+    * ``inverse`` (the reference's): ``L = chol(H_d)``, ``H_d⁻¹ = (L Lᵀ)⁻¹`` formed (``cholesky_inverse``), then
+      ``U = chol(H_d⁻¹)`` (upper): two Cholesky factorizations and an inverse;
+    * ``reversed``: with ``J`` the order reversal, ``J·H_d·J = L_r L_rᵀ``, so ``H_d⁻¹ = (J·L_r⁻¹·J)ᵀ (J·L_r⁻¹·J)``
+      and ``U = J·L_r⁻¹·J`` (upper, as ``L_r⁻¹`` is lower): one Cholesky and one triangular inverse, ``H_d⁻¹``
+      never formed (70B's 28,672-wide down-projection Hessian on an H200: about a quarter of the time).
+
+    ``method`` (or ``QCOMPILE_GPTQ_FACTOR``) picks one; by default ``reversed`` on CUDA, ``inverse`` on the CPU
+    (milliseconds at CPU widths, and every CPU result stays as it was). cuBLAS runs in IEEE float32 within (TF32
+    off, whatever the caller allows): TF32's 10-bit mantissa in the triangular solve moved U by 2e-4. Under
+    ``factor_shared_by(ranks)`` the reversed factor's solves are shared among the ranks.
+    """
+    method = _factor_method(H, method)
+    with _ieee_float32(H):
+        if method == "reversed":
+            Hd = H.flip(0, 1)  # J·H·J: the diagonal stays on the diagonal, reversed
+            Hd.diagonal().add_(percdamp * Hd.diagonal().mean())
+            L, info = torch.linalg.cholesky_ex(Hd)
+            del Hd
+            if int(info) == 0:
+                U = _reversed_lower_inverse(L, ranks=_SHARE.get())
+            minor = f"trailing minor of order {int(info)}"
+        else:
+            Hd = H.clone()
+            Hd.diagonal().add_(percdamp * Hd.diagonal().mean())
+            L, info = torch.linalg.cholesky_ex(Hd)
+            del Hd
+            if int(info) == 0:
+                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            minor = f"leading minor {int(info)}"
     if int(info) != 0:
         raise CalibrationError(
-            f"{_layer(name)}: Hessian is not positive definite after damping {percdamp} (leading minor "
-            f"{int(info)} fails); raise percdamp, use more calibration data, or check the inputs"
+            f"{_layer(name)}: Hessian is not positive definite after damping {percdamp} ({minor} fails); raise "
+            "percdamp, use more calibration data, or check the inputs"
         )
     return U
+
+
+_SOLVE_BLOCK = 2048  # columns of L⁻¹ per triangular solve
+_SHARE: contextvars.ContextVar = contextvars.ContextVar("gptq_factor_share", default=None)
+
+
+@contextlib.contextmanager
+def factor_shared_by(ranks):
+    """Within: the ``reversed`` factor's triangular solves dealt out among ``ranks`` (``passes.distributed.Ranks``:
+    ``deal``, ``checkpoint``, ``all_reduce_``) and summed, so each rank solves about 1/world of them and every
+    rank gets the same factor, equal bit for bit to one process's (each column block is the same solve on the same
+    L, and the sum adds zeros to it). Every rank must then compute each factor with the same H, in the same order
+    (the ranks of a stage dealt its rows, all of them non-empty). ``None`` or one rank: nothing shared."""
+    token = _SHARE.set(ranks if ranks is not None and ranks.world > 1 else None)
+    try:
+        yield
+    finally:
+        _SHARE.reset(token)
+
+
+def _reversed_lower_inverse(L: Tensor, block: int | None = None, ranks=None) -> Tensor:
+    """``J·L⁻¹·J`` of a lower-triangular ``L``, by column blocks of ``X = L⁻¹``: the columns ``[c0, c1)`` of X are
+    zero above row ``c0`` and solve ``L[c0:, c0:]·X[c0:, c0:c1] = I[c0:, c0:c1]``, so the solves cost
+    ``Σ (n − c0)²·b ≈ n³/3`` instead of ``n³`` for ``L·X = I`` in one; each block lands flipped in its place.
+    With ``ranks`` the blocks are dealt out by that cost and the disjoint results summed (``factor_shared_by``)."""
+    n, block = L.shape[0], block or _SOLVE_BLOCK
+    U = torch.zeros(L.shape, dtype=L.dtype, device=L.device)  # contiguous (L may be column-major on CUDA)
+    starts = list(range(0, n, block))
+    owners = ranks.deal([float((n - c0) ** 2 * (min(c0 + block, n) - c0)) for c0 in starts]) if ranks else None
+    if ranks:  # a rank that failed before this collective stops every rank here (see Ranks.checkpoint)
+        ranks.checkpoint("computing GPTQ's inverse Cholesky factor")
+    for c0, owner in zip(starts, owners or [None] * len(starts)):
+        if owners and owner != ranks.rank:
+            continue
+        c1 = min(c0 + block, n)
+        rhs = torch.zeros(n - c0, c1 - c0, dtype=L.dtype, device=L.device)
+        rhs.diagonal().fill_(1)
+        U[: n - c0, n - c1 : n - c0] = torch.linalg.solve_triangular(L[c0:, c0:], rhs, upper=False).flip(0, 1)
+    if ranks:
+        ranks.all_reduce_(U)
+    return U
+
+
+@contextlib.contextmanager
+def _ieee_float32(t: Tensor):
+    """cuBLAS float32 products without TF32 within (GPTQ's reference turns TF32 off for the whole run too)."""
+    if not t.is_cuda:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def block_columns(round_in, spec, W1: Tensor, U1: Tensor, params: tuple[Tensor, ...]):
@@ -336,7 +430,7 @@ def gptq_quantize(
             "format stores contiguous groups, so group params must not follow the permuted order)"
         )
 
-    with _one_thread_on_cpu(W):
+    with _one_thread_on_cpu(W), _ieee_float32(W):
         return _gptq(W, H, spec, g, grouped, block_size, percdamp, act_order, static_groups, grid, mse, scale_dtype,
                      name, cuda_graph, fused)
 
@@ -370,7 +464,8 @@ def _gptq(W, H, spec, g, grouped, block_size, percdamp, act_order, static_groups
     W[:, dead] = 0
 
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(K, device=W.device)
-    U = damped_inverse_cholesky(H[perm][:, perm], percdamp, name).to(torch.float32)
+    U = damped_inverse_cholesky(H[perm][:, perm] if act_order else H, percdamp, name).to(torch.float32)
+    del H
     invperm = torch.argsort(perm)
 
     params = (lambda w, s: mse_qparams(w, s, scale_dtype=scale_dtype)) if mse else (

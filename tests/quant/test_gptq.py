@@ -125,3 +125,53 @@ def test_refusals_name_the_layer():
         gptq_quantize(w, torch.eye(8), QuantSpec(4, True))
     with pytest.raises(CalibrationError, match="not positive definite"):
         damped_inverse_cholesky(torch.zeros(4, 4), percdamp=0.0)
+
+
+@pytest.mark.parametrize("n", [48, 300])
+def test_factor_methods_give_the_same_factor(n):
+    """``reversed`` (U = J·chol(J·H_d·J)⁻¹·J) and ``inverse`` (U = chol((L Lᵀ)⁻¹)) are one factor: equal in float64
+    to rounding, upper with UᵀU = H_d⁻¹; in float32 each is as close to the float64 factor as the other."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64) * torch.randn(n, generator=g, dtype=torch.float64).exp()
+    h = x.T @ x / x.shape[0]
+    ref = damped_inverse_cholesky(h, method="inverse")
+    rev = damped_inverse_cholesky(h, method="reversed")
+    assert float((rev - ref).norm() / ref.norm()) < 1e-12
+    assert bool((rev.tril(-1) == 0).all()) and bool((rev.diagonal() > 0).all())
+    hd = h.clone()
+    hd.diagonal().add_(0.01 * hd.diagonal().mean())
+    torch.testing.assert_close(rev.T @ rev @ hd, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-10)
+    err = {m: float((damped_inverse_cholesky(h.float(), method=m).double() - ref).norm() / ref.norm())
+           for m in ("inverse", "reversed")}
+    assert max(err.values()) < 1e-5 and err["reversed"] < 2 * err["inverse"], err
+
+
+@pytest.mark.parametrize("n, block", [(257, 64), (128, 128), (40, 2048)])
+def test_reversed_lower_inverse_by_column_blocks(n, block):
+    """The column-block solves (each block only below its first row, the last block ragged) give J·L⁻¹·J."""
+    from qcompile.quant.gptq import _reversed_lower_inverse
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    low = torch.linalg.cholesky(x.T @ x / n)
+    got = _reversed_lower_inverse(low, block)
+    torch.testing.assert_close(got, torch.linalg.inv(low).flip(0, 1), rtol=0, atol=1e-12)
+    assert bool((got.tril(-1) == 0).all())
+
+
+def test_factor_method_choice_and_refusals(monkeypatch):
+    with pytest.raises(CalibrationError, match="layers.3.down.*trailing minor"):
+        damped_inverse_cholesky(-torch.eye(6), name="layers.3.down", method="reversed")
+    with pytest.raises(RecipeError, match="'lu'"):
+        damped_inverse_cholesky(torch.eye(6), method="lu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g, dtype=torch.float64)
+    w = torch.randn(16, 64, generator=g) * 0.02
+    by = {}
+    for m in ("inverse", "reversed"):  # the env picks the factor; from a float64 H both round to one float32 U
+        monkeypatch.setenv("QCOMPILE_GPTQ_FACTOR", m)
+        by[m] = gptq_quantize(w, x.T @ x, QuantSpec(4, True, "group", 32))
+    assert torch.equal(by["inverse"].codes, by["reversed"].codes)
+    monkeypatch.setenv("QCOMPILE_GPTQ_FACTOR", "nope")
+    with pytest.raises(RecipeError, match="'nope'"):
+        gptq_quantize(w, x.T @ x, QuantSpec(4, True))
