@@ -11,11 +11,16 @@ Variants (per shape):
 - ``w4a16`` / ``w4a8`` / ``w4a4``: RTN int4 weights (g128, symmetric; per-token symmetric activations for
   A8/A4) lowered to the ``qcompile`` ops, compiled through the ``qcompile`` backend with
   ``mode="reduce-overhead"``; ``-fused`` (``w4a16-fused``, ...): the same after ``fuse_linears`` (one INT4
-  op for q|k|v and one for gate|up, sharing one activation quantization);
+  op for q|k|v and one for gate|up, sharing one activation quantization); ``-head``: the lm_head quantized
+  too (``weights.include_lm_head``, same bits and groups: changes accuracy, so its own row); ``-sdpa``: the
+  backend's attention fold off (``QCOMPILE_DECODE_ATTENTION=0``: Inductor's attention over the repeated cache);
 - ``torchao-int4wo``: torchao's int4 weight-only (``Int4WeightOnlyConfig(group_size=128,
   int4_packing_format="tile_packed_to_4d")``, i.e. torch's tinygemm ``_weight_int4pack_mm``) on the same
   linears as ours (the lm_head stays bf16 in both), compiled by Inductor with ``reduce-overhead`` and the
   Inductor options torchao sets (restored afterwards); last by default.
+
+``--profile N`` adds, per variant, the GPU kernels of N decode steps (CUDA-graph replays) under
+``torch.profiler``: name, launches per step, µs per step, grouped.
 
 Only the decode step is compiled (``dynamic=False``): the prompt runs through the same step eagerly and its
 time is reported as such; compiling a second graph per variant would double the setup time, not change
@@ -33,6 +38,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -98,6 +104,69 @@ def time_decode(decoder, prompt, new_tokens: int, runs: int) -> tuple[float, flo
             rates.append((new_tokens - 1) / (t2 - t1))
             prefills.append(1e3 * (t1 - t0))
     return statistics.median(rates), statistics.median(prefills), rates
+
+
+_GROUPS = (  # kernel-name pattern → group, first match wins
+    ("int4 GEMV (qcompile)", ("_gemv", "_mma_gemv", "_skinny", "_w4ax", "_gemm_kernel", "_dequant_kernel")),
+    ("activation quantize (qcompile)", ("_rotate_quant", "_codes_to_fp8", "_unpack")),
+    ("attention (qcompile split-key)", ("_split_kernel", "_combine_kernel")),
+    ("attention (flash/efficient)", ("fmha", "flash", "attention", "cutlassF", "efficient")),
+    ("int4 GEMV (tinygemm)", ("int4", "tinygemm")),
+    ("bf16 GEMM/GEMV (cuBLAS)", ("gemv", "gemm", "sm90_", "cutlass", "nvjet", "splitK", "xmma")),
+    ("Inductor fused (triton_)", ("triton_",)),
+)
+
+
+def _group(name: str) -> str:
+    for group, keys in _GROUPS:
+        if any(k in name for k in keys):
+            return group
+    return "other"
+
+
+def profile_decode(decoder, prompt, steps: int) -> dict:
+    """GPU kernels of ``steps`` decode steps after the prompt (and a few warm steps): per kernel name its
+    launches and µs per step, and the totals per group, with the wall time per step around them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = decoder.empty_cache(1)
+    logits, cache = decoder.step(prompt, cache)
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(8):
+        logits, cache = decoder.step(token, cache)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = decoder.step(token, cache)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps * 1e6
+    kernels: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name, [0, 0.0])
+            k[0] += 1
+            k[1] += e.time_range.elapsed_us()
+    rows = sorted(((n, c / steps, t / steps) for n, (c, t) in kernels.items()), key=lambda r: -r[2])
+    groups: dict[str, list] = {}
+    for n, c, t in rows:
+        g = groups.setdefault(_group(n), [0.0, 0.0])
+        g[0] += c
+        g[1] += t
+    return {"steps": steps, "wall_us_per_step": round(wall, 1), "kernel_us_per_step": round(sum(r[2] for r in rows), 1),
+            "groups": {g: [round(c, 2), round(t, 1)] for g, (c, t) in sorted(groups.items(), key=lambda x: -x[1][1])},
+            "kernels": [[n[:110], round(c, 2), round(t, 1)] for n, c, t in rows[:40]]}
+
+
+def profile_table(name: str, p: dict) -> str:
+    lines = [f"\n### {name}: {p['steps']} decode steps profiled; wall {p['wall_us_per_step']} µs a step, "
+             f"kernels {p['kernel_us_per_step']} µs a step\n", "| group | launches a step | µs a step |", "|---|---|---|"]
+    lines += [f"| {g} | {c:g} | {t} |" for g, (c, t) in p["groups"].items()]
+    lines += ["", "| kernel | launches a step | µs a step | µs each |", "|---|---|---|---|"]
+    lines += [f"| `{n}` | {c:g} | {t} | {t / c:.2f} |" for n, c, t in p["kernels"][:25]]
+    return "\n".join(lines) + "\n"
 
 
 def _machine(device: str) -> str:
@@ -203,13 +272,14 @@ def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
             elif name == "bf16-compile":
                 dec = decoder_of(copy.deepcopy(program.module), "inductor")
             elif name.startswith("w4a"):
-                bits, _, suffix = name[3:].partition("-")
-                if suffix not in ("", "fused"):
+                bits, *suffix = name[3:].split("-")
+                if not set(suffix) <= {"fused", "head", "sdpa"}:
                     raise ValueError(f"unknown variant {name}")
                 a = int(bits)
-                recipe = rtn.with_bits(group=128, a=None if a == 16 else a)
+                recipe = rtn.with_bits(group=128, a=None if a == 16 else a, lm_head=True if "head" in suffix else None)
+                os.environ["QCOMPILE_DECODE_ATTENTION"] = "0" if "sdpa" in suffix else "1"
                 lowered = lower(qc.compile(program, recipe, progress=False))
-                if suffix == "fused":  # q|k|v and gate|up as one INT4 op each
+                if "fused" in suffix:  # q|k|v and gate|up as one INT4 op each
                     from qcompile.passes.fuse_linears import fuse_linears
 
                     lowered = fuse_linears(lowered)
@@ -222,6 +292,10 @@ def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
             else:
                 raise ValueError(f"unknown variant {name}")
             rate, prefill, all_rates = time_decode(dec, prompt, args.new, args.runs)
+            if args.profile:
+                prof = profile_decode(dec, prompt, args.profile)
+                info.setdefault("profiles", {})[name] = prof
+                print(profile_table(f"{shape} {name}", prof), flush=True)
         except Exception as e:  # a variant that fails is reported, the others still run
             msg = " ".join(str(e).split())
             rows.append({"variant": name, "error": f"{type(e).__name__}: {msg[:240]}"})
@@ -229,6 +303,8 @@ def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
         else:
             rows.append({"variant": name, "tok_s": round(rate, 1), "runs_tok_s": [round(r, 1) for r in all_rates],
                          "prefill_ms": round(prefill, 2), "setup_s": round(time.time() - t1, 1)})
+            if args.profile:
+                rows[-1]["profile"] = info["profiles"][name]
             print(f"{name}: {rate:.1f} tok/s (runs {', '.join(f'{r:.1f}' for r in all_rates)}), prefill "
                   f"{prefill:.1f} ms eager, setup+timing {time.time() - t1:.0f} s", flush=True)
         del dec
@@ -240,7 +316,7 @@ def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
             torch.cuda.empty_cache()
         if args.json:
             with open(args.json, "a") as f:
-                f.write(json.dumps({**info, **rows[-1]}) + "\n")
+                f.write(json.dumps({**{k: v for k, v in info.items() if k != "profiles"}, **rows[-1]}) + "\n")
     return rows, info
 
 
@@ -254,6 +330,7 @@ def table(rows: list[dict], info: dict, args, argv: list[str], device: str) -> s
             f"| variant | tokens/s | × bf16 compiled | × bf16 eager | prefill {args.prompt} eager (ms) | setup (s) |\n"
             "|---|---|---|---|---|---|\n")
     lines = []
+    profiles = "".join(profile_table(f"{info['shape']} {name}", p) for name, p in info.get("profiles", {}).items())
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | {r['error']} | | | | |")
@@ -261,7 +338,7 @@ def table(rows: list[dict], info: dict, args, argv: list[str], device: str) -> s
             xc = f"{r['tok_s'] / compiled:.2f}" if compiled else "-"
             xe = f"{r['tok_s'] / eager:.2f}" if eager else "-"
             lines.append(f"| {r['variant']} | {r['tok_s']} | {xc} | {xe} | {r['prefill_ms']} | {r['setup_s']} |")
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + profiles
 
 
 def main(argv=None) -> None:
@@ -275,6 +352,7 @@ def main(argv=None) -> None:
     ap.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the compiled variants")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--budget-s", type=float, default=0, help="start no variant after this many seconds")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many decode steps per variant (CUDA)")
     ap.add_argument("--no-inductor", action="store_true", help="CPU check: Dynamo without Inductor")
     ap.add_argument("--out", help="append the tables to this markdown file")
     ap.add_argument("--json", help="append one JSON line per variant to this file")

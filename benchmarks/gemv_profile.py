@@ -6,6 +6,7 @@ CUDA-graph replays cycling through weight copies of ≥ 4× L2 (``kernels.time_c
 any configuration the tuner is offered (``w4a16.candidates`` / ``w4ax.candidates``) computes a wrong result.
 
     python benchmarks/gemv_profile.py --json $OUT/gemv.json
+    python benchmarks/gemv_profile.py --attention-only   # decode attention over a 768-slot cache: split-key vs SDPA
     ncu --clock-control none -k regex:gemv python benchmarks/gemv_profile.py --shapes 28672x8192 --profile
 """
 
@@ -194,7 +195,46 @@ def summary(rows: list) -> str:
             b = best(rows, op, N, K, 1)
             if b:
                 lines.append(f"| {N}×{K} | 1 | {op} | {b['cand']} | {b['us']:.1f} | vs w4a16 {w16['us']:.1f} | | | |")
+    for r in rows:
+        if r["op"] == "attention":
+            lines.append(f"| attention {r['hq']}/{r['hk']}×{r['t']} ({r['seen']} kept) | 1 | {r['variant']} | | "
+                         f"{r['us']:.1f} | {r['tbs']} TB/s | rel {r['rel']:.1e} | | |")
     return "\n".join(lines)
+
+
+ATTENTION = [(32, 32, 768, 128), (32, 8, 768, 128)]  # q heads, kv heads, cache slots, head dim (7B, 8B)
+
+
+def sweep_attention(hq: int, hk: int, t: int, d: int, rows: list, bad: list, seen: int = 640) -> None:
+    """One query over a static cache of ``t`` slots with ``seen`` kept: ``decode_attention`` (split-key, unrepeated
+    cache) against SDPA on the repeated cache (what the captured graph runs), both checked against float64."""
+    import torch.nn.functional as F
+
+    from qcompile.kernels.triton import decode_attention as tda
+
+    caches = max(2, n_copies(2 * hk * t * d * 2))
+    qs = [torch.randn(1, hq, 1, d, device="cuda", dtype=torch.bfloat16) for _ in range(caches)]
+    ks = [torch.randn(1, hk, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(caches)]
+    vs = [torch.randn(1, hk, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(caches)]
+    mask = (torch.arange(t, device="cuda") < seen)[None, None, None]
+    g = hq // hk
+    rep = lambda x: x[:, :, None].expand(-1, -1, g, -1, -1).flatten(1, 2)  # noqa: E731
+    ref = reference.decode_attention(qs[0].double(), ks[0].double(), vs[0].double(), mask.cpu().cuda(), d ** -0.5)
+    variants = {
+        "split-key decode_attention": lambda i: tda.decode_attention(qs[i], ks[i], vs[i], mask, d ** -0.5),
+        "SDPA, repeated cache, bool mask": lambda i: F.scaled_dot_product_attention(
+            qs[i], rep(ks[i]), rep(vs[i]), attn_mask=mask, scale=d ** -0.5),
+    }
+    moved = 2 * hk * seen * d * 2
+    for name, fn in variants.items():
+        err = rel(fn(0).double(), ref)
+        if not err < 1e-2:
+            bad.append(f"attention {name} {hq}/{hk}x{t}: rel {err:.2e}")
+        us = time_calls([lambda i=i: fn(i) for i in range(caches)], graph=True)
+        rows.append(dict(op="attention", variant=name, hq=hq, hk=hk, t=t, seen=seen, us=round(us, 2),
+                         rel=float(err), tbs=round(moved / us / 1e6, 2)))
+        print(f"attention {hq}/{hk} heads x {t} slots ({seen} kept) {name}: {us:.2f} us, {moved / us / 1e6:.2f} TB/s "
+              f"of kept K/V, rel {err:.1e}", flush=True)
 
 
 def main() -> int:
@@ -204,6 +244,8 @@ def main() -> int:
     ap.add_argument("--codes", default="4096x4096,11008x4096,4096x11008", help="shapes of the W4A8/W4A4 rows")
     ap.add_argument("--dynamic", default="", help="shapes of the W4A8/W4A4 rows from the bf16 activation "
                     "(linear_w4ax_dynamic), e.g. 4096x4096,12288x4096,22016x4096,4096x11008")
+    ap.add_argument("--attention", default="", help="attention shapes HQxHKVxTxD (e.g. 32x32x768x128)")
+    ap.add_argument("--attention-only", action="store_true", help="only the attention rows (the default shapes)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="launch the offered M = 1 candidates once each (ncu)")
     args = ap.parse_args()
@@ -219,11 +261,13 @@ def main() -> int:
     t0 = time.time()
     rows: list = []
     bad: list = []
-    for N, K in parse(args.shapes):
+    for shape in ATTENTION if args.attention_only and not args.attention else parse(args.attention):
+        sweep_attention(*shape, rows, bad)
+    for N, K in parse("" if args.attention_only else args.shapes):
         sweep_w4a16(N, K, 1, rows, bad)
-    for N, K in parse(args.m16):
+    for N, K in parse("" if args.attention_only else args.m16):
         sweep_w4a16(N, K, 16, rows, bad)
-    for N, K in parse(args.codes):
+    for N, K in parse("" if args.attention_only else args.codes):
         sweep_codes(N, K, rows, bad)
     for N, K in parse(args.dynamic):
         sweep_dynamic(N, K, rows, bad)

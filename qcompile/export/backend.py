@@ -7,7 +7,8 @@ graph inputs, together with the real tensors. Two kinds of graph reach it:
   ``qcompile.artifact.load``, or its KV-cache decoder step): nothing is quantized again; the graph goes
   to Inductor with the INT4 ops staying calls of their kernels (Triton on CUDA, reference on CPU); with
   ``QCOMPILE_ACT_GEMV=1`` each unrotated per-token quantization is first folded into the A8/A4 linear
-  reading it (``kernels/fold.py``: the same computation as one op);
+  reading it (``kernels/fold.py``: the same computation as one op); attention with a bool mask (the KV-cache
+  step's) becomes ``decode_attention`` over the unrepeated cache (``kernels/attention_fold.py``);
 - **a float causal LM** with ``options={"recipe": ...}``: the ``nn.Module`` the graph's weights belong to
   is found from Dynamo's sources for them, and at the first call it is captured by ``torch.export`` like
   any model, the recipe is planned and run (calibration from ``options["calibration"]`` ids or windows
@@ -147,10 +148,12 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         if opts.recipe is not None:
             raise QCompileError("torch.compile backend qcompile: this graph is already quantized (it calls "
                                 "qcompile ops); compile it without a recipe")
-        from qcompile.kernels import fold
+        from qcompile.kernels import attention_fold, fold
 
         if fold.enabled():  # A8/A4 linears quantize their own activation (one launch at one token)
             fold.fold_activation_quant(gm)
+        if attention_fold.enabled():  # attention over the unrepeated cache, split along the keys
+            attention_fold.fold_decode_attention(gm)
         if not opts.inductor:
             return gm.forward
         _warm_up(gm, example_inputs)

@@ -32,6 +32,7 @@ Schemas::
                                   Tensor packed_weight, Tensor w_scales, Tensor? w_zeros, int group_size,
                                   ScalarType out_dtype) -> Tensor
     qcompile::grouped_linear_w4a4(...same as grouped_linear_w4a8...) -> Tensor
+    qcompile::decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor
 
 Conventions (see ``reference.py``): weights are the canonical int4 format of
 ``qcompile.quant.formats`` (``packed uint8 [N, ceil(K/2)]``, scales ``[N, ceil(K/g)]``, zeros uint8 or
@@ -51,7 +52,7 @@ from torch import Tensor
 from qcompile.kernels import reference, shapes
 
 __all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "linear_w4ax_dynamic",
-           "grouped_linear_w4a16", "grouped_linear_w4a8", "grouped_linear_w4a4"]
+           "grouped_linear_w4a16", "grouped_linear_w4a8", "grouped_linear_w4a4", "decode_attention"]
 
 
 _triton: list = []  # [dispatch, plans], imported on the first CUDA call
@@ -415,6 +416,47 @@ def grouped_linear_w4a8(x_codes: Tensor, x_scales: Tensor, x_zeros: Tensor | Non
     g = x_codes.shape[-1] if group_size is None else group_size
     op = torch.ops.qcompile.grouped_linear_w4a4 if act_bits == 4 else torch.ops.qcompile.grouped_linear_w4a8
     return op(x_codes, x_scales, x_zeros, offs, packed_weight, w_scales, w_zeros, g, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# decode_attention: attention over a KV cache, key/value heads unrepeated (``attention_fold`` builds it from a
+# decode graph's ``scaled_dot_product_attention`` of the repeated cache); on CUDA, at a few queries, the
+# split-key kernel of ``triton/decode_attention.py``, else the reference.
+
+
+_attention: list = []  # the Triton module, imported on the first CUDA call
+
+
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    shapes.check_decode_attention(q, k, v, mask)
+    return reference.decode_attention(q, k, v, mask, scale)
+
+
+def _decode_attention_cuda(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    shapes.check_decode_attention(q, k, v, mask)
+    if not _attention:
+        from qcompile.kernels.triton import decode_attention as module
+
+        _attention.append(module)
+    if _attention[0].supported(q, k, mask):
+        return _attention[0].decode_attention(q, k, v, mask, scale)
+    return reference.decode_attention(q, k, v, mask, scale)
+
+
+def _decode_attention_fake(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    shapes.check_decode_attention(q, k, v, mask)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+_op("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor", _decode_attention,
+    _decode_attention_cuda, _decode_attention_fake)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """Attention of ``q [B, H_q, S, D]`` over ``k, v [B, H_kv, T, D]`` (``H_q`` a multiple of ``H_kv``; query head
+    h reads head ``h // (H_q / H_kv)``) where the bool ``mask`` (broadcast to ``[B, H_q, S, T]``) is true; ``scale``
+    defaults to ``D^-1/2``."""
+    return torch.ops.qcompile.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else float(scale))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from qcompile.quant.formats import Granularity, PackedWeight, QuantSpec, compute
 from qcompile.quant.hadamard import hadamard_transform
 
 __all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "dequantize_weight",
-           "grouped_linear_w4a16", "grouped_linear_w4a8", "grouped_linear_w4a4"]
+           "grouped_linear_w4a16", "grouped_linear_w4a8", "grouped_linear_w4a4", "decode_attention"]
 
 
 def hadamard(x: Tensor, block_size: int = 0) -> Tensor:
@@ -133,3 +133,13 @@ def grouped_linear_w4a8(
 
 
 grouped_linear_w4a4 = grouped_linear_w4a8
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """``softmax(scale · q kᵀ + (0 where mask else −∞)) v`` with query head h reading key/value head
+    ``h // (H_q / H_kv)``: exactly ``scaled_dot_product_attention`` of q and the repeated k, v (what a
+    captured grouped-query attention computes)."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

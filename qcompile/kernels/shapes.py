@@ -120,3 +120,23 @@ def check_linear_w4ax_dynamic(x: Tensor, bits: int, symmetric: bool, clip_ratio:
     if out_dtype not in FLOAT_DTYPES:
         raise ShapeError(f"{op}: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     check_int4_weight(op, x.shape[-1], packed, w_scales, w_zeros, group_size, bias)
+
+
+def check_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> None:
+    op = "decode_attention"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ShapeError(f"{op}: q, k, v must be [batch, heads, seq, head_dim], got {_desc(q)}, {_desc(k)}, {_desc(v)}")
+    if k.shape != v.shape:
+        raise ShapeError(f"{op}: k and v must have one shape, got {_desc(k)} and {_desc(v)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ShapeError(f"{op}: q {_desc(q)} and k {_desc(k)} must share batch and head_dim, with query heads a "
+                         "multiple of key/value heads")
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ShapeError(f"{op}: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask.dtype != torch.bool or mask.dim() > 4:
+        raise ShapeError(f"{op}: mask must be bool with at most 4 dims, got {_desc(mask)}")
+    try:
+        torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    except RuntimeError:
+        raise ShapeError(f"{op}: mask {_desc(mask)} does not broadcast to [batch, q heads, queries, keys] = "
+                         f"{[q.shape[0], q.shape[1], q.shape[2], k.shape[2]]}") from None
