@@ -106,14 +106,14 @@ def time_decode(decoder, prompt, new_tokens: int, runs: int) -> tuple[float, flo
     return statistics.median(rates), statistics.median(prefills), rates
 
 
-_GROUPS = (  # kernel-name pattern → group, first match wins
+_GROUPS = (  # kernel-name pattern → group, first match wins (Inductor's names carry the ops they fuse)
+    ("Inductor fused (triton_)", ("triton_",)),
     ("int4 GEMV (qcompile)", ("_gemv", "_mma_gemv", "_skinny", "_w4ax", "_gemm_kernel", "_dequant_kernel")),
     ("activation quantize (qcompile)", ("_rotate_quant", "_codes_to_fp8", "_unpack")),
     ("attention (qcompile split-key)", ("_split_kernel", "_combine_kernel")),
     ("attention (flash/efficient)", ("fmha", "flash", "attention", "cutlassF", "efficient")),
     ("int4 GEMV (tinygemm)", ("int4", "tinygemm")),
     ("bf16 GEMM/GEMV (cuBLAS)", ("gemv", "gemm", "sm90_", "cutlass", "nvjet", "splitK", "xmma")),
-    ("Inductor fused (triton_)", ("triton_",)),
 )
 
 
