@@ -65,7 +65,7 @@ def run(recipe: str, samples: int, evaluate: bool, workdir: Path, limit: float) 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table (the last row of each recipe), slowest first."""
     last = {r["recipe"]: r for r in rows}
-    lines = ["| recipe | wall time | ≤ 10 min | ppl 4×2048 | load (1 min) before → after | started (UTC) |",
+    lines = ["| recipe | wall time | ≤ 10 min | ppl 4×2048 | /proc/loadavg (1, 5, 15 min) at start → end | started (UTC) |",
              "|---|---|---|---|---|---|"]
     for r in sorted(last.values(), key=lambda r: -r["seconds"]):
         if r["rc"] == 0:
@@ -75,7 +75,9 @@ def table(rows: list[dict]) -> str:
         else:
             wall, ok = f"failed (rc {r['rc']}) after {r['seconds']:.0f} s", "–"
         ppl = f"{r['ppl4']:.3f}" if "ppl4" in r else "–"
-        lines.append(f"| {r['recipe']} | {wall} | {ok} | {ppl} | {r['load_before']:.2f} → {r['load_after']:.2f} | "
+        load = (f"{' '.join(r['loadavg_before'].split()[:3])} → {' '.join(r['loadavg_after'].split()[:3])}"
+                if "loadavg_before" in r else f"{r['load_before']:.2f} → {r['load_after']:.2f}")
+        lines.append(f"| {r['recipe']} | {wall} | {ok} | {ppl} | {load} | "
                      f"{r.get('started', r['date'][:10])} |")
     return "\n".join(lines)
 
