@@ -131,8 +131,9 @@ def factor_check(dev: torch.device, n: int = 28672, rows: int = 4096) -> dict:
                 U[key] = u
         torch.backends.cuda.matmul.allow_tf32 = False
         whole = gptq_mod._reversed_lower_inverse  # reversed with L⁻¹ from one solve against I (n³, not n³/3)
-        with mock.patch.object(gptq_mod, "_reversed_lower_inverse", lambda L: whole(L, block=L.shape[0])):
-            u, out[f"{kind}_reversed_one_solve_ieee_s"] = clock(lambda: gptq_mod.damped_inverse_cholesky(H, method="reversed"))
+        with mock.patch.object(gptq_mod, "_reversed_lower_inverse", lambda L, **k: whole(L, block=L.shape[0], **k)):
+            u, out[f"{kind}_reversed_one_solve_ieee_s"] = clock(
+                lambda: gptq_mod.damped_inverse_cholesky(H, method="reversed"))
         out[f"{kind}_reversed_one_solve_ieee_rel_diff_to_float64"] = float((u.double() - U64).norm() / ref)
         del u
         W = torch.randn(rows, n, device=dev, generator=g) * 0.02
