@@ -8,7 +8,8 @@ head. ``decode_attention(q, cache_k, cache_v, mask, scale)`` is the same functio
 reads cache head ``h // g``, exactly what the repeat gives it) and reads the cache in place, split along the
 keys (``triton/decode_attention.py``).
 
-Rewritten: an SDPA call with a bool mask, no dropout, not ``is_causal``, and 4-d q/k/v; its k and v are
+Rewritten: an SDPA call with a bool mask, no dropout, not ``is_causal``, and 4-d q/k/v of static shapes (a
+static-cache step; a ``dynamic=True`` graph is left to Inductor); its k and v are
 unwrapped from the repeat pattern above when they have it. Run on the graph the backend compiles
 (``export/backend.py``); exported artifacts keep plain attention. ``QCOMPILE_DECODE_ATTENTION=0`` turns it
 off (``enabled``), for A/B timings.
@@ -80,6 +81,8 @@ def fold_decode_attention(gm: fx.GraphModule) -> int:
             continue
         metas = [_meta(x) for x in (q, k, v, mask)]
         if any(m is None for m in metas) or metas[3].dtype != torch.bool or any(m.dim() != 4 for m in metas[:3]):
+            continue
+        if not all(isinstance(n, int) for m in metas for n in m.shape):  # symbolic shapes: a dynamic graph
             continue
         kc, vc = _unrepeat(k), _unrepeat(v)
         if (kc is k) != (vc is v):  # one repeated and not the other: leave it
