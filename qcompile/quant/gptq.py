@@ -225,19 +225,16 @@ def damped_inverse_cholesky(H: Tensor, percdamp: float = 0.01, name: str = "", m
     """
     method = _factor_method(H, method)
     with _ieee_float32(H):
+        # reversed: J·H·J (the diagonal stays on the diagonal, reversed); inverse: H itself
+        Hd = H.flip(0, 1) if method == "reversed" else H.clone()
+        Hd.diagonal().add_(percdamp * Hd.diagonal().mean())
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if method == "reversed":
-            Hd = H.flip(0, 1)  # J·H·J: the diagonal stays on the diagonal, reversed
-            Hd.diagonal().add_(percdamp * Hd.diagonal().mean())
-            L, info = torch.linalg.cholesky_ex(Hd)
-            del Hd
             if int(info) == 0:
                 U = _reversed_lower_inverse(L, ranks=_SHARE.get())
             minor = f"trailing minor of order {int(info)}"
         else:
-            Hd = H.clone()
-            Hd.diagonal().add_(percdamp * Hd.diagonal().mean())
-            L, info = torch.linalg.cholesky_ex(Hd)
-            del Hd
             if int(info) == 0:
                 U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             minor = f"leading minor {int(info)}"
