@@ -38,6 +38,7 @@ from qcompile.errors import ExportError
 from qcompile.export.gqa import (attention_as_gqa, lengths_from_mask, simplify_attention, to_token_major,
                                  token_attention, token_attention_onnx)
 from qcompile.export.onnx_rewrites import fold, fuse_for_ort, quantize_vocab_tables, tie_lm_head
+from qcompile.graph.onnx_genai import NAMES as GENAI_NAMES, cache_names
 from qcompile.passes.fuse_linears import fuse_shared_input_linears
 from qcompile.passes.kv_cache import CacheLayout, with_kv_cache
 
@@ -115,11 +116,8 @@ def _source(source, model: str | None, recipe, tokenizer, hf_config):
 
 
 def _names(layout: CacheLayout) -> tuple[list[str], list[str]]:
-    ins, outs = ["input_ids"], ["logits"]
-    for i in range(layout.layers):
-        ins += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outs += [f"present.{i}.key", f"present.{i}.value"]
-    return ins, outs
+    past, present = cache_names(layout.layers)
+    return ["input_ids", *(n for kv in past for n in kv)], ["logits", *(n for kv in present for n in kv)]
 
 
 def _int4_linears(gm: torch.fx.GraphModule) -> int:
@@ -201,11 +199,10 @@ def _genai_config(layout: CacheLayout, hf_config, tokenizer, filename: str) -> d
                 "filename": filename,
                 "head_size": layout.head_dim,
                 "hidden_size": int(getattr(hf_config, "hidden_size", layout.head_dim * layout.n_heads[0])),
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "inputs": dict(zip(("input_ids", "attention_mask", "past_key_names", "past_value_names"),
+                                   GENAI_NAMES[:4])),
+                "outputs": {"logits": "logits", "present_key_names": GENAI_NAMES[4],
+                            "present_value_names": GENAI_NAMES[5]},
                 "num_attention_heads": layout.n_heads[0],
                 "num_hidden_layers": layout.layers,
                 "num_key_value_heads": layout.n_kv_heads[0],

@@ -30,19 +30,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import UnsafeRewriteError
-from qcompile.graph.onnx_genai import Signature
+from qcompile.graph.onnx_genai import Signature, cache_names
 
 _ATTENTION_OPS = ("Attention", "GroupQueryAttention", "MultiHeadAttention")
 _THROUGH = ("Cast", "CastLike", "Identity", "Squeeze", "Unsqueeze", "Reshape")
 _MASK_CHECK_MAX = 8192  # the longest sequence the model's mask is evaluated at (bool S×S in memory)
-
-
-def past_names(layers: int) -> tuple[tuple[str, str], ...]:
-    return tuple((f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(layers))
-
-
-def present_names(layers: int) -> tuple[tuple[str, str], ...]:
-    return tuple((f"present.{i}.key", f"present.{i}.value") for i in range(layers))
 
 
 class _Builder:
@@ -264,7 +256,7 @@ def with_kv_cache(graph, layout, attention: list[str], report=None):
     heads = layout.n_kv_heads
     dtype = roots[0].inputs[1].dtype or ir.DataType.FLOAT
     past = []
-    for i, (k, v) in enumerate(past_names(layout.layers)):
+    for i, (k, v) in enumerate(cache_names(layout.layers)[0]):
         pair = tuple(ir.Value(name=n, shape=ir.Shape(["batch", heads[i], "past_sequence_length", layout.head_dim]),
                               type=ir.TensorType(dtype)) for n in (k, v))
         past.append(pair)
@@ -327,7 +319,7 @@ def with_kv_cache(graph, layout, attention: list[str], report=None):
     logits = model.graph.outputs[0]
     for o in list(model.graph.outputs[1:]):
         model.graph.outputs.remove(o)
-    for v, name in zip(present, (n for pair in present_names(layout.layers) for n in pair)):
+    for v, name in zip(present, (n for pair in cache_names(layout.layers)[1] for n in pair)):
         v.name = name
         model.graph.outputs.append(v)
     if ids.name != "input_ids":
@@ -336,7 +328,7 @@ def with_kv_cache(graph, layout, attention: list[str], report=None):
         logits.name = "logits"
     graph._changed()
     graph.eliminate_dead_code()
-    graph.cache = Signature("input_ids", "attention_mask", past_names(layout.layers), present_names(layout.layers),
+    graph.cache = Signature("input_ids", "attention_mask", *cache_names(layout.layers),
                             tuple(layout.n_kv_heads), layout.head_dim)
     if report is not None:
         report.notes["cache"] = (f"{layout.layers} layers × (K, V) [B, n_kv_heads, P, {layout.head_dim}]; mask: "

@@ -39,8 +39,15 @@ from qcompile.errors import CaptureError, RecipeError
 
 GENAI_CONFIG = "genai_config.json"
 MS_DOMAIN = "com.microsoft"
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
+# genai's default names (its model builder's, and those of the steps qcompile writes); %d is the layer
+NAMES = ("input_ids", "attention_mask", "past_key_values.%d.key", "past_key_values.%d.value", "present.%d.key",
+         "present.%d.value")
+
+
+def cache_names(layers: int) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """The default names of a ``layers``-layer step's cache: (past, present), each (key, value) per layer."""
+    pk, pv, ok, ov = NAMES[2:]
+    return tuple((pk % i, pv % i) for i in range(layers)), tuple((ok % i, ov % i) for i in range(layers))
 
 
 @dataclass(frozen=True)
@@ -96,8 +103,7 @@ def signature(model: ir.Model, where: str, path: Path | None = None) -> Signatur
     ins = [v for v in model.graph.inputs if not v.is_initializer()]
     if len(ins) <= 1:
         return None
-    names = _config_names(path) or ("input_ids", "attention_mask", "past_key_values.%d.key",
-                                     "past_key_values.%d.value", "present.%d.key", "present.%d.value")
+    names = _config_names(path) or NAMES
     ids_name, mask_name = names[:2]
     pk, pv, ok, ov = (_pattern(f) for f in names[2:])
     past, present, heads, dims = {}, {}, {}, set()
