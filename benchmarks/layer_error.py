@@ -63,7 +63,7 @@ def main() -> None:
     text = "\n".join([
         "# Layer output error on SmolLM2-135M activations",
         "",
-        f"- command: `python benchmarks/layer_error.py`",
+        "- command: `python benchmarks/layer_error.py`",
         f"- machine: {platform.machine()} {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}",
         f"- date: {datetime.date.today().isoformat()}",
         "- inputs: 2048 tokens recorded from 4 × 512-token wikitext2_valid windows (seed 0); error = mean of",

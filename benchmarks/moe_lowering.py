@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from qcompile.kernels import ops, reference
+from qcompile.kernels import ops
 from qcompile.quant.formats import Granularity, QuantSpec
 from qcompile.quant.rtn import rtn_quantize
 

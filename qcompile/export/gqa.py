@@ -253,7 +253,7 @@ def rope_into_attention(gm: fx.GraphModule, attentions: list[fx.Node], example, 
     half-width cos/sin tables read off the graph's own cos/sin at positions 0 … max_positions − 1 (``example(P,
     S)`` gives the step's inputs). Proved before use: the graph's tables must have equal halves (rotate-half
     over the whole head) and must equal the tables' rows P … P + S − 1 at a probe with a past (P = 3, S = 5)."""
-    graph, sites = gm.graph, []
+    sites = []
     for att in attentions:
         q, k = _rope_parts(att.args[0]), _rope_parts(att.args[1])
         if q is None or k is None or q[1:] != k[1:] or len(att.args) > 6:

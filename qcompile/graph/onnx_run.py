@@ -63,7 +63,7 @@ class Segment:
         import onnxruntime as ort
 
         g = self.graph
-        need, stack, nodes = set(), list(outputs), set()
+        stack, nodes = list(outputs), set()
         while stack:  # only the nodes the outputs need
             v = stack.pop()
             p = v.producer()

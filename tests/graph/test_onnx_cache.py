@@ -149,7 +149,7 @@ def test_attention_not_matched_is_refused_by_name(onnx_file):
     p = Program.from_onnx(onnx_file("llama"))
     names = [b.attention.node for b in p.model_map.blocks]
     layout = CacheLayout.of(p.model_map)
-    with pytest.raises(UnsafeRewriteError, match=f"attention op .* is not one the matcher found"):
+    with pytest.raises(UnsafeRewriteError, match="attention op .* is not one the matcher found"):
         with_kv_cache(p.graph.clone(), layout, names[:1])
 
 
