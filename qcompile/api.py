@@ -36,10 +36,31 @@ def load_model(spec: str, tokenizer: str | None = None):
     return models.load(spec)
 
 
-def program_of(spec: str, tokenizer: str | None = None) -> tuple[Program, object]:
-    """(Program, tokenizer) of a model spec: captured from PyTorch, or read from an ONNX decoder file."""
+def program_of(spec: str, tokenizer: str | None = None, lazy: bool | None = False) -> tuple[Program, object]:
+    """(Program, tokenizer) of a model spec: captured from PyTorch, or read from an ONNX decoder file. ``lazy``
+    (a safetensors checkpoint folder only): build the model on the meta device and leave the blocks' weights in
+    the shards until their block runs (``qcompile.lazy``); None: lazy when the float32 model would take more
+    than half the available host memory (``lazy.should_be_lazy``)."""
+    from qcompile import lazy as lazy_loading
+
+    if lazy is None:
+        lazy = lazy_loading.should_be_lazy(spec)
+    if lazy:
+        return lazy_loading.load_program(spec)
     model, tok = load_model(spec, tokenizer)
     return (model if isinstance(model, Program) else capture(model)), tok
+
+
+def tokenizer_of_spec(spec: str):
+    """The tokenizer of a model spec: a checkpoint folder's own files when it has them (without loading its
+    weights: the model may be larger than host memory), else the model's (``load_model``)."""
+    if Path(str(spec)).is_dir():
+        from qcompile.export.runtime import tokenizer_of
+
+        tok = tokenizer_of(spec)
+        if tok is not None:
+            return tok
+    return load_model(spec)[1]
 
 
 def is_onnx_source(spec) -> bool:
@@ -91,9 +112,17 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
     """Plan the recipe (refusing early), run its passes, then quantize as it says. Calibration windows are
     ``calibration`` (token ids ``[n, seq]``) when given, else drawn as the recipe says with ``tokenizer``.
     The passes run where the Program's weights are (``program.to(...)`` first to run them elsewhere); with
-    ``device``, GPTQ/LeanQuant run block by block there while the weights stay where they are."""
+    ``device``, GPTQ/LeanQuant run block by block there while the weights stay where they are.
+
+    A Program with lazy weights (``qcompile.lazy``) runs GPTQ/LeanQuant block by block (on ``device``, else the
+    host); a recipe with passes before quantization is refused on it, naming the pass: they rewrite every weight,
+    which would bring the whole float32 model into host memory (copy on write, 4 bytes a parameter), what lazy
+    loading is there to avoid."""
     recipe = as_recipe(recipe)
     plan(program.model_map, recipe, program.ir)
+    if program.lazy:
+        check_lazy(recipe)
+        device = device if device is not None else program.device
     calib = None
     if needs_calibration(recipe):
         if calibration is not None:
@@ -107,15 +136,38 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
         return program
     if not (recipe.weights and recipe.weights.method != "rtn"):
         calib = None
-    return _quantize(program, recipe, calib, progress=progress, device=device)
+    quantized = _quantize(program, recipe, calib, progress=progress, device=device)
+    if program.lazy:  # what RTN stored in host memory, kept as codes (block by block did so per block)
+        from qcompile.lazy import keep_codes
+
+        keep_codes(quantized, [w for w in program.lazy if w in quantized.quantized])
+    return quantized
+
+
+def check_lazy(recipe: Recipe) -> None:
+    """Refuse a recipe whose passes rewrite the weights before quantization, on a Program with lazy weights."""
+    if recipe.passes:
+        name = recipe.passes[0][0]
+        raise QCompileError(
+            f"recipe {recipe.name}: pass {name} rewrites every weight of the model before quantization; with the "
+            "weights left in the checkpoint's shards (lazy loading) that would copy the whole float32 model into "
+            "host memory (4 bytes a parameter). Lazy loading runs weight quantization alone (gptq, leanquant, rtn); "
+            "load the model eagerly (--no-lazy) for this recipe")
 
 
 def quantize_to(spec: str, recipe: str | Recipe, out: str, progress: bool = True, tokenizer: str | None = None,
-                force: bool = False) -> Path:
+                force: bool = False, lazy: bool | None = False) -> Path:
     """Compile a model with a recipe, lower it to INT4 ops and save it (see ``qcompile.artifact``); an ONNX
-    source is written as an ONNX folder (``export.onnx_program``)."""
+    source is written as an ONNX folder (``export.onnx_program``). ``lazy``: see ``program_of`` (the recipe is
+    checked before the model is read)."""
     recipe = as_recipe(recipe)
-    program, tok = program_of(spec, tokenizer)
+    if lazy or (lazy is None and not is_onnx_source(spec)):
+        from qcompile.lazy import should_be_lazy
+
+        lazy = lazy or should_be_lazy(spec)
+        if lazy:
+            check_lazy(recipe)
+    program, tok = program_of(spec, tokenizer, lazy=bool(lazy))
     lines = plan(program.model_map, recipe, program.ir)
     if program.ir == "onnx":
         from qcompile.export.onnx_program import save_onnx_program
@@ -128,20 +180,20 @@ def quantize_to(spec: str, recipe: str | Recipe, out: str, progress: bool = True
 
 
 def evaluate(spec: str, recipe: str | Recipe | None = None, fp: bool = False, windows: int | None = 4,
-             seq: int = 2048, progress: bool = True, tokenizer: str | None = None) -> dict:
+             seq: int = 2048, progress: bool = True, tokenizer: str | None = None, lazy: bool | None = False) -> dict:
     """WikiText-2 test perplexity of a model (a spec or a saved directory), optionally compiled with a
-    recipe (``fp``: the recipe's passes with quantization off)."""
+    recipe (``fp``: the recipe's passes with quantization off); ``lazy``: see ``program_of``."""
     start = time.time()
     t0 = time.time()
     if artifact.is_artifact(spec):
         loaded = artifact.load(spec)
         r, logits_fn = loaded.recipe, loaded.logits
-        _, tokenizer = load_model(loaded.manifest["model"])
+        tokenizer = tokenizer_of_spec(loaded.manifest["model"])
     elif _is_onnx(spec) and not is_onnx_source(spec):
         om, tokenizer = _onnx_model(spec)
         r, logits_fn = om.recipe(), om.logits
     else:
-        program, tokenizer = program_of(spec, tokenizer)
+        program, tokenizer = program_of(spec, tokenizer, lazy=lazy)
         r = as_recipe(recipe) if recipe else Recipe(name="fp")
         if fp:
             r = r.without_quantization()
@@ -172,7 +224,7 @@ def decoder(spec: str, recipe: str | Recipe | None = None, use_cache: bool = Tru
     directory; ``use_cache=False`` recomputes the whole sequence at every step (the reference)."""
     if artifact.is_artifact(spec):
         loaded = artifact.load(spec)
-        _, tokenizer = load_model(loaded.manifest["model"])
+        tokenizer = tokenizer_of_spec(loaded.manifest["model"])
         return (loaded.decoder() if use_cache else Recompute(loaded.logits)), tokenizer
     if _is_onnx(spec) and not is_onnx_source(spec):
         om, tokenizer = _onnx_model(spec)

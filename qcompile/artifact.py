@@ -63,11 +63,16 @@ def _cache_layout(program: Program) -> dict | None:
 
 
 def save(program: Program, out_dir: str | Path, recipe: Recipe, model: str, plan: list[str] | None = None) -> Path:
-    """Write the compiled program to ``out_dir`` (which must not exist yet), atomically."""
+    """Write the compiled program to ``out_dir`` (which must not exist yet), atomically. A Program with lazy
+    weights has those the lowered graph still reads (linears left in float) read into host memory first."""
     out = Path(out_dir)
     if out.exists():
         raise ArtifactError(f"{out} already exists; choose a new directory or remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if program.lazy:  # weights still in a checkpoint's shards (qcompile.lazy): the export traces real tensors
+        from qcompile.lazy import read_all
+
+        read_all(program)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         torch.export.save(_export(program), tmp / "model.pt2")

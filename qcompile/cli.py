@@ -96,7 +96,7 @@ def cmd_eval(args) -> None:
     from qcompile.api import evaluate
 
     result = evaluate(args.model, _recipe_with_bits(args), fp=args.fp, windows=args.windows, seq=args.seq,
-                      progress=not args.no_progress, tokenizer=args.tokenizer)
+                      progress=not args.no_progress, tokenizer=args.tokenizer, lazy=args.lazy)
     if args.json:
         print(json.dumps(result))
     else:
@@ -108,7 +108,7 @@ def cmd_quantize(args) -> None:
     from qcompile.api import quantize_to
 
     out = quantize_to(args.model, _recipe_with_bits(args), args.out, progress=not args.no_progress,
-                      tokenizer=args.tokenizer, force=args.force)
+                      tokenizer=args.tokenizer, force=args.force, lazy=args.lazy)
     print(f"saved {out}")
 
 
@@ -150,6 +150,13 @@ def _bits(parser):
                              "tokenizer files next to the file, else its qcompile.model metadata)")
 
 
+_LAZY_HELP = ("a safetensors checkpoint folder: build the model on the meta device and read each block's weights from "
+              "the memory-mapped shards only while the block runs, so host memory holds the codes, one block and "
+              "the calibration activations, not the float32 model; weight quantization only (gptq, leanquant, rtn: "
+              "recipes with passes are refused). Default: lazy when the float32 model would take more than half "
+              "of the available memory (MemAvailable); --no-lazy: always load the whole model")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="a new directory for model.pt2, weights, recipe, manifest (an ONNX "
                                                 "folder, model.onnx + external data, for a MODEL.onnx)")
     p.add_argument("--force", action="store_true", help="MODEL.onnx: replace OUT if it exists")
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None, help=_LAZY_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_quantize)
     p = sub.add_parser("eval", help="WikiText-2 test perplexity")
@@ -187,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--json", action="store_true", help="end with one JSON line of the result")
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=False,
+                   help="as quantize's --lazy (default here: off; the perplexity then runs block by block)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("generate", help="continue a prompt, one token per step with a KV cache")

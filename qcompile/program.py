@@ -20,6 +20,7 @@ from qcompile.errors import CaptureError, MatchError, QCompileError
 from qcompile.graph import fx as fx_ir
 from qcompile.graph.edit import GraphEdit, Online
 from qcompile.graph.fx_edit import FxGraph
+from qcompile.graph.lazy_weights import put_param
 
 
 @dataclass
@@ -65,6 +66,9 @@ class Program:
     aliases: dict = field(default_factory=dict)  # param name -> every name the source model gives it
     reports: list = field(default_factory=list)
     quantized: dict = field(default_factory=dict)  # weight name -> QuantizedWeight (codes and grid)
+    # weight name -> where its values are while its parameter is on the meta device (``graph.lazy_weights``;
+    # ``qcompile.lazy`` builds such Programs from a checkpoint's shards)
+    lazy: dict = field(default_factory=dict)
 
     # --- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -107,8 +111,9 @@ class Program:
         return self.graph.module
 
     def clone(self) -> "Program":
+        """A copy to edit; lazy weights are shared (their parameters are meta tensors, copied for nothing)."""
         return Program(self.graph.clone(), self.model_map, dict(self.aliases), list(self.reports),
-                       dict(self.quantized))
+                       dict(self.quantized), dict(self.lazy))
 
     def with_map(self, **changes) -> "Program":
         self.model_map = dataclasses.replace(self.model_map, **changes)
@@ -137,6 +142,10 @@ class Program:
         ``device`` (in place; returns self). The graph itself holds no device (``graph.fx.follow_input_device``),
         so it then runs on ``device``'s inputs."""
         device = torch.device(device)
+        if self.lazy:
+            raise QCompileError(f"this Program reads {len(self.lazy)} weights from its checkpoint's shards when a "
+                                "block runs (lazy loading); it cannot be moved whole: give the block-by-block step "
+                                "a device instead (compile(..., device=...))")
         self.graph.to(device)
         self.quantized = {k: move_quantized(q, device) for k, q in self.quantized.items()}
         return self
@@ -144,15 +153,36 @@ class Program:
     # --- running -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits for ``input_ids`` [batch, seq], computed on the Program's device (the ids are moved there)."""
+        """Logits for ``input_ids`` [batch, seq], computed on the Program's device (the ids are moved there); with
+        lazy weights, block by block (``passes.blockwise.logits_blockwise``): each block's weights read when it runs."""
+        if self.lazy:
+            from qcompile.passes.blockwise import logits_blockwise
+
+            return logits_blockwise(self, input_ids)
         return self.graph.logits(input_ids)
 
     # --- weights and edits (see ``graph.edit``) -----------------------------------------------------------
+    def is_lazy(self, name: str) -> bool:
+        """Whether weight ``name`` is in ``lazy`` and not read in yet (a block that runs holds it on its device)."""
+        return name in self.lazy and self.graph.has_weight(name) and self.graph.weight(name).is_meta
+
     def weight(self, name: str) -> torch.Tensor:
+        """The weight's tensor; a lazy weight's is a fresh float32 copy on the host (writes to it reach nothing:
+        ``set_weight`` does)."""
+        if self.is_lazy(name):
+            return self.lazy[name].materialize("cpu")
         return self.graph.weight(name)
 
     def set_weight(self, name: str, value: torch.Tensor) -> None:
-        """Replace a weight in place of its source name, keeping its dtype."""
+        """Replace a weight in place of its source name, keeping its dtype. A lazy weight is copied on write: it
+        then holds ``value`` in host memory (float32, 4 bytes a parameter) and is no longer read from its source."""
+        if self.is_lazy(name):
+            old = self.graph.weight(name)
+            if old.shape != value.shape:
+                raise QCompileError(f"new value for {name} has shape {tuple(value.shape)}, expected {tuple(old.shape)}")
+            put_param(self.module, name, value.detach().to("cpu", old.dtype))  # shared when already host float32
+            del self.lazy[name]
+            return
         self.graph.set_weight(name, value)
 
     def add_weight(self, name: str, value: torch.Tensor, replace: bool = False):

@@ -9,10 +9,13 @@ the rotary tables, the mask): the activations are carried block to block.
 ``BlockRunner`` runs one segment over every batch with the segment's weights moved to the compute
 device and back afterwards, into the very tensors they left (changed weights copied in place, the others
 only pointed at again: no fresh host memory), so the device holds one block's weights, the
-carried activations and one batch's working values. Running segment by segment computes exactly what
-the whole graph computes (the same ops on the same values); only the order in which batches and
-blocks interleave changes, so reductions over batches (Hessians, statistics) are summed in the same
-order as in a whole-graph run per batch.
+carried activations and one batch's working values. A lazy weight (``Program.lazy``: still in the checkpoint's
+shards) is read into a float32 tensor on the device when its block loads and left as it was when the block is
+done; one the block changed goes to host memory, and a quantized one is kept as its codes alone
+(``lazy_weights.keep_as_codes``), so host memory holds the codes and one block, whatever the number of
+blocks. Running segment by segment computes exactly what the whole graph computes (the same ops on the
+same values); only the order in which batches and blocks interleave changes, so reductions over batches
+(Hessians, statistics) are summed in the same order as in a whole-graph run per batch.
 
 ``quantize_blockwise`` is GPTQ/LeanQuant layer by layer: within a block, the linears that share an
 input (q/k/v, o, gate/up, down, in graph order: GPTQ's sequential groups) are a *stage*; for each stage
@@ -38,6 +41,7 @@ from tqdm import tqdm
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.fake_quant)
 from qcompile.errors import QCompileError
 from qcompile.graph.fx import CausalAttention
+from qcompile.graph.lazy_weights import keep_as_codes, put_param
 from qcompile.passes.distributed import SINGLE, Ranks, SummedHessian
 from qcompile.program import Program, move_quantized
 from qcompile.quant.gptq import factor_shared_by
@@ -68,7 +72,7 @@ def put_attr(gm: torch.nn.Module, target: str, tensor: torch.Tensor) -> None:
     """Make one parameter (keeping the Parameter object), buffer or tensor constant hold ``tensor``."""
     owner, leaf = _owner(gm, target)
     if leaf in owner._parameters and owner._parameters[leaf] is not None:
-        owner._parameters[leaf].data = tensor
+        put_param(gm, target, tensor)
     elif leaf in owner._buffers and owner._buffers[leaf] is not None:
         owner._buffers[leaf] = tensor
     else:
@@ -163,8 +167,13 @@ class BlockRunner(CausalAttention, fx.Interpreter):
         the host-to-device copies split among ranks (the link between GPUs is the faster one)."""
         gm = self.module
         home = {}
+        lazy = self.program.lazy
+        for t in self.segments.attrs[k]:
+            if t in lazy:  # every rank reads its own copy from the shards (no dealing)
+                home[t] = _tensor_of(gm, t)
+                put_attr(gm, t, lazy[t].materialize(self.device))
         moving = [(t, v) for t in self.segments.attrs[k]
-                  if (v := _tensor_of(gm, t)) is not None and v.device != self.device]
+                  if t not in lazy and (v := _tensor_of(gm, t)) is not None and v.device != self.device]
         shared = ranks.distributed and self.device.type == "cuda" and len(moving) > 1
         owners = ranks.deal([_bytes(v) for _, v in moving]) if shared else [ranks.rank] * len(moving)
         for (t, value), owner in zip(moving, owners):
@@ -178,8 +187,16 @@ class BlockRunner(CausalAttention, fx.Interpreter):
 
     def unload(self, home: dict, changed: set[str] | None = None) -> None:
         """The weights back on the tensors they left, in place (no new host memory): those in ``changed`` (all
-        by default) copied into them, the others, unchanged, just pointed at them again."""
+        by default) copied into them, the others, unchanged, just pointed at them again. A lazy weight is left
+        lazy when unchanged; a changed one is copied to host memory and is no longer lazy."""
         for t, host in home.items():
+            if t in self.program.lazy:
+                if changed is None or t in changed:
+                    put_attr(self.module, t, _tensor_of(self.module, t).to("cpu"))
+                    del self.program.lazy[t]
+                else:
+                    put_attr(self.module, t, host)
+                continue
             if changed is None or t in changed:
                 host.copy_(_tensor_of(self.module, t))
             put_attr(self.module, t, host)
@@ -241,7 +258,7 @@ def check_memory(program: Program, segments: Segments, device: torch.device, cal
     gm = program.module
     weights = max(sum(_bytes(_attr(gm, t)) for t in attrs) for attrs in segments.attrs)
     mm = program.model_map
-    itemsize = program.weight(mm.linears[next(iter(mm.linears))].weight).element_size()
+    itemsize = _tensor_of(gm, mm.linears[next(iter(mm.linears))].weight).element_size()
     n, seq = calibration.shape
     widest = max(lin.out_features for lin in mm.linears.values() if lin.node != mm.lm_head)
     carried = n * seq * mm.hidden * itemsize
@@ -400,6 +417,7 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
             if n.name in targets:
                 stages.setdefault(shared_input(n.args[0]), []).append(n)
         with clock("weights in"):
+            lazy = {t for t in segs.attrs[k] if t in program.lazy}
             home = runner.load(k, ranks)
         try:
             for readers in stages.values():
@@ -435,6 +453,10 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
         with clock("codes home"):
             for lin in lins:  # the codes leave the device with their block
                 qw = program.quantized[lin.weight]
+                if lin.weight in lazy:  # read from the shards: keep the codes alone, dequantized when read
+                    program.quantized[lin.weight] = keep_as_codes(program.lazy, program.module, lin.weight, qw)
+                    if lin.weight in program.lazy:
+                        continue
                 if lin.weight in shared:  # its dequantized weight is the Program's, now home: not copied twice
                     qw = dataclasses.replace(qw, weight=_weight_view(program, lin))
                 program.quantized[lin.weight] = move_quantized(qw, attr_device(program.module, lin.weight))
@@ -453,3 +475,25 @@ def _weight_view(program: Program, lin):
     if view.device == qw.weight.device and not torch.equal(view, qw.weight):
         return None
     return view
+
+
+@torch.no_grad()
+def logits_blockwise(program: Program, input_ids: torch.Tensor, device=None, batch: int = 4) -> torch.Tensor:
+    """The graph's logits for ``input_ids`` run one block at a time on ``device`` (default: the Program's), each
+    block's weights there only while it runs: how a Program with lazy weights runs. The same ops on the same
+    values as the whole graph."""
+    runner = BlockRunner(program, device)
+    segs = runner.segments
+    output = next(n for n in program.module.graph.nodes if n.op == "output")
+    flat = []
+    fx.node.map_arg(output.args, flat.append)
+    logits = flat[0]  # the first tensor the graph returns (a causal LM's output starts with its logits)
+    envs = runner.start(input_ids, batch)
+    out = []
+    for k in range(len(segs)):
+        with runner.weights_on_device(k, changed=set()):
+            if k < len(segs) - 1:
+                envs = runner.run_segment(k, envs)
+            else:
+                runner.run_segment(k, envs, until=logits, consume=out.append)
+    return torch.cat(out)
