@@ -42,7 +42,7 @@ def untie_embeddings(p: Program, report: PassReport) -> None:
 def _centre_stream(p: Program, report: PassReport) -> None:
     mm = p.model_map
     for emb in filter(None, (mm.embedding, mm.positional)):
-        e = p.weight(emb.weight).detach().double()
+        e = weights.read(p, emb.weight)
         p.set_weight(emb.weight, e - e.mean(dim=-1, keepdim=True))
         report.count("centred embedding", emb.weight)
     for w in mm.writers:
@@ -81,15 +81,15 @@ def fold_norms(program: Program, options: FoldNormsOptions | None = None) -> Pro
     for norm in mm.norms:
         if norm.kind == "none":
             continue
-        gamma = p.weight(norm.weight).detach().double() + norm.offset if norm.weight else None
-        beta = p.weight(norm.bias).detach().double() if norm.bias else None
+        gamma = weights.read(p, norm.weight) + norm.offset if norm.weight else None
+        beta = weights.read(p, norm.bias) if norm.bias else None
         for r in norm.readers:
             lin = p.model_map.linears[r]
             if beta is not None and bool(beta.any()):
                 if lin.experts:
                     raise UnsafeRewriteError(f"norm {norm.node} has a bias and its reader {r} is a stacked expert weight")
-                w = p.weight(lin.weight).detach().double().movedim((lin.out_axis, lin.in_axis), (-2, -1))
-                weights.add_to_bias(p, lin, w @ beta)
+                w = weights.read(p, lin.weight).movedim((lin.out_axis, lin.in_axis), (-2, -1))
+                weights.add_to_bias(p, lin, w @ beta.to(w.device))
                 lin = p.model_map.linears[r]
             if gamma is not None:
                 weights.scale_inputs(p, lin, gamma)

@@ -68,6 +68,7 @@ def online_hadamard(program: Program, options: OnlineHadamardOptions | None = No
     p = program.clone()
     report = PassReport("online_hadamard")
     mm = p.model_map
+    matrices: dict[RotationChoice, torch.Tensor] = {}  # built once per size, on the compute device
     for block in mm.blocks:
         if r3 and (why := _r3_refusal(block)):
             report.skip(f"R3 block {block.index}", why)
@@ -85,7 +86,9 @@ def online_hadamard(program: Program, options: OnlineHadamardOptions | None = No
                 down = mm.linears[name]
                 choice = online_choice(down.in_features)
                 _insert(p, down.node, 0, choice)
-                weights.transform_inputs(p, down, _matrix(choice))
+                if choice not in matrices:
+                    matrices[choice] = _matrix(choice).to(weights.compute_device(p, down.weight))
+                weights.transform_inputs(p, down, matrices[choice])
                 report.count("R4 down input", down.node)
                 report.notes["R4"] = choice.describe()
     p.rematch()

@@ -16,11 +16,14 @@ R2 is per block: a block whose attention or v→o path was not proved is skipped
 
 Which orthogonal matrix is used per size is decided by ``choose_rotation`` and shown by the plan. The weight
 updates for given matrices are one pure function, ``rotated_weights`` (float64, differentiable in the
-matrices), which ``fuse_rotations`` writes and ``spinquant`` differentiates through to learn R1/R2.
+matrices; ``rotation_ops`` says which maps each weight gets), which ``fuse_rotations`` writes one weight at a
+time (on ``weights.computed_on``'s device when set: the Program may stay on the host) and ``spinquant``
+differentiates through to learn R1/R2.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +112,7 @@ def _through_post_norms(p: Program, choice: "RotationChoice", q1: torch.Tensor, 
     mm = p.model_map
     for b in mm.blocks:
         for norm, _ in b.post_norms:
-            gamma = p.weight(norm.weight).detach().double() + norm.offset
+            gamma = weights.read(p, norm.weight) + norm.offset
             p.set_weight(norm.weight, gamma * d.to(gamma.device) - norm.offset)
             p.graph.insert_after(norm.node, Hadamard(choice.block or 0))
             report.count("R1 post-norm (signs into γ, online H)", norm.node)
@@ -176,31 +179,29 @@ def check_v_to_o(mm) -> None:
             raise UnsafeRewriteError(why if why.startswith("R2") else f"R2 in block {block.index}: {why}")
 
 
-def rotated_weights(p: Program, q1: torch.Tensor | None, q2: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """Every weight (and bias) that R1 = ``q1`` and R2 = ``q2[block]`` change, by source name: float64 tensors
-    computed from ``p``'s current weights, differentiable in q1/q2 (SpinQuant learns through this function;
-    ``fuse_rotations`` writes its result). Weights touched by both (v, o) get both, R1 first."""
-    mm = p.model_map
-    new: dict[str, torch.Tensor] = {}
+def rotation_ops(mm, q1: torch.Tensor | None, q2: list[torch.Tensor | None] | None
+                 ) -> dict[str, list[Callable[[torch.Tensor], torch.Tensor]]]:
+    """What R1 = ``q1`` and R2 = ``q2[block]`` do to each weight (and bias) they change, by source name: the
+    float64 maps to apply in order (R1 first, then R2, for v and o), each a pure function of the tensor,
+    differentiable in q1/q2 (given on the device the weights are computed on). R2's block-diagonal matrices
+    are built when applied, so a caller that applies the maps of a few weights builds only theirs."""
+    ops: dict[str, list[Callable]] = {}
 
-    def get(name):
-        return new[name] if name in new else p.weight(name).detach().double()
+    def add(name, op):
+        ops.setdefault(name, []).append(op)
 
-    def outputs(lin, m, start=0, stop=None):
-        new[lin.weight], b = weights.outputs_transformed(get(lin.weight), get(lin.bias) if lin.bias else None,
-                                                          lin, m, start, stop)
+    def outputs(lin, m, start=0, stop=None):  # m: a matrix, or a function making one
+        mat = m if callable(m) else (lambda: m)
+        add(lin.weight, lambda w: weights.outputs_transformed(w, None, lin, mat(), start, stop)[0])
         if lin.bias:
-            new[lin.bias] = b
+            add(lin.bias, lambda b: weights.bias_outputs_transformed(b, lin, mat(), start, stop))
 
-    device = p.weight(mm.linears[next(iter(mm.linears))].weight).device
-    q1 = q1.to(device) if q1 is not None else None
-    q2 = [q.to(device) if q is not None else None for q in q2] if q2 is not None else None
     if q1 is not None:
         for emb in filter(None, (mm.embedding, mm.positional)):
-            new[emb.weight] = get(emb.weight) @ q1
+            add(emb.weight, lambda e: e @ q1)
         for r in mm.readers:
             lin = mm.linears[r]
-            new[lin.weight] = weights.inputs_transformed(get(lin.weight), lin, q1)
+            add(lin.weight, lambda w, lin=lin: weights.inputs_transformed(w, lin, q1))
         skip = post_normed(mm)
         for w in mm.writers:
             if w not in skip:
@@ -210,19 +211,43 @@ def rotated_weights(p: Program, q1: torch.Tensor | None, q2: list[torch.Tensor] 
             if q is None:
                 continue
             a = block.attention
-            outputs(mm.linears[a.v.linear], torch.block_diag(*[q] * a.n_kv_heads), a.v.start,
+            outputs(mm.linears[a.v.linear], lambda q=q, n=a.n_kv_heads: torch.block_diag(*[q] * n), a.v.start,
                     a.v.start + a.n_kv_heads * a.head_dim)
             o = mm.linears[a.o]
-            new[o.weight] = weights.inputs_transformed(get(o.weight), o, torch.block_diag(*[q] * a.n_heads))
-    return new
+            add(o.weight, lambda w, o=o, q=q, n=a.n_heads: weights.inputs_transformed(w, o, torch.block_diag(*[q] * n)))
+    return ops
+
+
+def _on(device, q1, q2):
+    q1 = q1.to(device) if q1 is not None else None
+    q2 = [q.to(device) if q is not None else None for q in q2] if q2 is not None else None
+    return q1, q2
+
+
+def _apply(ops, x: torch.Tensor) -> torch.Tensor:
+    for op in ops:
+        x = op(x)
+    return x
+
+
+def rotated_weights(p: Program, q1: torch.Tensor | None, q2: list[torch.Tensor] | None,
+                    names=None) -> dict[str, torch.Tensor]:
+    """Every weight (and bias) that R1 = ``q1`` and R2 = ``q2[block]`` change (only those in ``names`` when
+    given), by source name: float64 tensors on the compute device (``weights.read``) computed from ``p``'s
+    current weights, differentiable in q1/q2 (SpinQuant learns through this function; ``fuse_rotations``
+    writes the same maps one weight at a time). Weights touched by both (v, o) get both, R1 first."""
+    q1, q2 = _on(weights.compute_device(p, p.model_map.linears[next(iter(p.model_map.linears))].weight), q1, q2)
+    return {name: _apply(ops, weights.read(p, name)) for name, ops in rotation_ops(p.model_map, q1, q2).items()
+            if names is None or name in names}
 
 
 def fuse_rotations(p: Program, q1: torch.Tensor | None, q2: list[torch.Tensor] | None, report: PassReport) -> None:
     """Write R1/R2 into ``p``'s weights (``prepare_rotations`` has untied and checked) and count the sites."""
-    with torch.no_grad():
-        for name, value in rotated_weights(p, q1, q2).items():
-            p.set_weight(name, value)
     mm = p.model_map
+    q1_, q2_ = _on(weights.compute_device(p, mm.linears[next(iter(mm.linears))].weight), q1, q2)
+    with torch.no_grad():  # one weight at a time: read to the compute device, rotated, written back
+        for name, ops in rotation_ops(mm, q1_, q2_).items():
+            p.set_weight(name, _apply(ops, weights.read(p, name)))
     if q1 is not None:
         for emb in filter(None, (mm.embedding, mm.positional)):
             report.count("R1 embedding", emb.weight)

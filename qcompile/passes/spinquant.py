@@ -22,6 +22,18 @@ forward is ``GraphEdit.torch_forward``: ``functional_call`` on a torch.fx captur
 graph itself evaluated by torch ops (``graph/onnx_torch``; onnxruntime computes no gradients), so both IRs
 learn the same rotations up to float rounding and fuse them through the same edits.
 
+Memory: the backward needs every block's activations (≈ 11.6 GiB a block at 8 × 2048 tokens on the
+Llama-2-7B shape, ≈ 360 GiB for 32 blocks). On CUDA the loss is therefore computed block by block
+(``passes.blockwise.Segments``), each block — its rotated, fake-quantized weights included — under
+``torch.utils.checkpoint``: only the stream between blocks is kept and a block's forward is run again in the
+backward, one block's activations alive at a time (the official code sets ``--gradient_checkpointing True``
+too). The block-by-block forward runs the graph's own ops on the same values (no causal-attention rewrite),
+so loss and gradients equal the whole-graph forward's (``checkpoint=False``, the default on the CPU, where
+host memory is ample and the recomputation would cost ≈ a third more time). The frozen weights stay in
+their own dtype (float32 here; the official code loads the model in bfloat16 with ``--bf16 True`` and
+rotates each weight in float64 before casting back), and the training copy lives on the compute device
+(``weights.computed_on``) while the Program it came from may stay on the host.
+
 Departures from the official code (``facebookresearch/SpinQuant``): the Cayley transform is solved exactly
 (the official SGDG takes 2 fixed-point iterations and re-orthonormalizes by QR at random steps), so
 ‖RᵀR − I‖ stays at rounding level; o_proj's input is quantized per token over all heads, like the rest of
@@ -33,13 +45,18 @@ rather than the train split.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import fx
+from torch.utils.checkpoint import checkpoint as checkpointed
 from tqdm import tqdm
 
 import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.qcompile.*)
+from qcompile.passes import weights
+from qcompile.passes.blockwise import BlockRunner
 from qcompile.passes.online_hadamard import online_choice, online_hadamard
 from qcompile.passes.options import SpinQuantOptions, check_can_run, history
 from qcompile.passes.quantize import _insert_fake_quant
@@ -84,16 +101,84 @@ def _training_program(p: Program, a_bits: int, kv_bits: int, r3: bool, r4: bool)
     return t, targets, t.graph.torch_forward()
 
 
-def _loss(t: Program, forward, q1, q2, ids: torch.Tensor, spec: QuantSpec | None, targets: list[str]) -> torch.Tensor:
-    """Cross-entropy of the next token under the fake-quantized forward with the weights rotated by q1/q2."""
-    params = {name: v.to(t.weight(name).dtype) for name, v in rotated_weights(t, q1, q2).items()}
+def _params(t: Program, q1, q2, spec: QuantSpec | None, targets: list[str], names=None) -> dict:
+    """The training forward's weights (those in ``names``, default all): rotated by q1/q2 in float64, cast to the
+    weights' dtype, and the targets' fake-quantized (differentiable in q1/q2)."""
+    params = {name: v.to(t.weight(name).dtype) for name, v in rotated_weights(t, q1, q2, names).items()}
     if spec is not None:
         for n in targets:
             lin = t.model_map.linears[n]
+            if names is not None and lin.weight not in names:
+                continue
             w = params[lin.weight] if lin.weight in params else t.weight(lin.weight)
             params[lin.weight] = _fake_quant_weight(w, lin, spec)
-    logits = forward(ids, params)
+    return params
+
+
+def _cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def _loss(t: Program, forward, q1, q2, ids: torch.Tensor, spec: QuantSpec | None, targets: list[str]) -> torch.Tensor:
+    """Cross-entropy of the next token under the fake-quantized forward with the weights rotated by q1/q2."""
+    if isinstance(forward, BlockwiseForward):
+        return _cross_entropy(forward(ids, lambda names: _params(t, q1, q2, spec, targets, names)), ids)
+    return _cross_entropy(forward(ids, _params(t, q1, q2, spec, targets)), ids)
+
+
+class _ParamsRunner(BlockRunner):
+    """A ``BlockRunner`` that reads the weights in ``params`` instead of the module's, and runs every op as
+    captured (no causal-attention rewrite: the same ops as the whole graph's forward)."""
+
+    call_function = fx.Interpreter.call_function
+
+    def __init__(self, program: Program):
+        super().__init__(program, program.device)
+        self.params: dict = {}
+
+    def fetch_attr(self, target: str):
+        value = self.params.get(target)
+        return value if value is not None else super().fetch_attr(target)
+
+
+@dataclass
+class BlockwiseForward:
+    """``forward(ids, params_of) → logits`` block by block: segment k's weights are ``params_of(its weight
+    names)``, computed inside the segment so that, under ``torch.utils.checkpoint`` (when gradients are on),
+    neither they nor the segment's activations are kept for the backward: only the values passed between
+    segments (the stream, the rotary tables, the mask). The same ops on the same values as the whole graph."""
+
+    program: Program
+    checkpoint: bool = True
+    runner: _ParamsRunner = field(init=False)
+
+    def __post_init__(self):
+        self.runner = _ParamsRunner(self.program)
+        output = next(n for n in self.program.module.graph.nodes if n.op == "output")
+        flat = []
+        fx.node.map_arg(output.args, flat.append)
+        self.logits_node = flat[0]  # a causal LM's output starts with its logits
+
+    def _segment(self, k: int, params_of, envs: list[dict]):
+        segs, runner = self.runner.segments, self.runner
+        runner.params = params_of(set(segs.attrs[k]))
+        try:
+            if k < len(segs) - 1:
+                return runner.run_segment(k, envs)
+            out = []
+            runner.run_segment(k, envs, until=self.logits_node, consume=out.append)
+            return out[0]
+        finally:  # a recomputation stopped early (checkpoint's early stop) leaves no values behind
+            runner.params, runner.env = {}, {}
+
+    def __call__(self, ids: torch.Tensor, params_of) -> torch.Tensor:
+        envs = self.runner.start(ids, ids.shape[0])
+        for k in range(len(self.runner.segments)):
+            if self.checkpoint and torch.is_grad_enabled():
+                envs = checkpointed(self._segment, k, params_of, envs, use_reentrant=False)
+            else:
+                envs = self._segment(k, params_of, envs)
+        return envs
 
 
 def _order(n: int, draws: int, seed: int) -> torch.Tensor:
@@ -111,21 +196,32 @@ class Learned:
     loss_before: float  # on the first batch, initial rotations
     loss_after: float  # on the same batch, learned rotations
     losses: list[float]  # each step's batch loss (before its update)
+    seconds: list[float] = field(default_factory=list)  # each step's wall time (the loss read back ends it)
 
 
 def learn_rotations(p: Program, q1: torch.Tensor, q2: list[torch.Tensor], calibration: torch.Tensor, *,
                     steps: int = 100, lr: float = 1.5, batch: int = 8, seq: int = 2048, w_bits: int = 4,
                     a_bits: int = 4, kv_bits: int = 4, learn_weights_16bit: bool = False, r3: bool = True,
-                    r4: bool = True, seed: int = 0, progress: bool = True) -> Learned:
+                    r4: bool = True, seed: int = 0, progress: bool = True, checkpoint: bool | None = None) -> Learned:
     """Learn R1 (from ``q1``) and one R2 per block (from ``q2``) on ``p`` as ``prepare_rotations`` left it
-    (norms folded, embeddings untied); ``p`` is not changed. Deterministic under ``seed`` (window order)."""
+    (norms folded, embeddings untied); ``p`` is not changed. Deterministic under ``seed`` (window order).
+
+    The training copy of ``p`` is put on the compute device (``weights.computed_on``, default where ``p`` is).
+    ``checkpoint`` (default: on CUDA, for fx graphs) computes the loss block by block with each block
+    recomputed in the backward (``BlockwiseForward``): the same loss and gradients in a fraction of the memory."""
     SpinQuantOptions(steps=steps, lr=lr, batch=batch, seq=seq, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
                      learn_weights_16bit=learn_weights_16bit, r3=r3, r4=r4, seed=seed)  # validates
     spec = _weight_spec(w_bits)
     if learn_weights_16bit:
         spec = None
     t, targets, forward = _training_program(p, a_bits, kv_bits, r3, r4)
-    device = t.weight(t.model_map.embedding.weight).device
+    device = weights.compute_device(t, t.model_map.embedding.weight)
+    if t.device != device:
+        t.to(device)  # the training copy only: ``p`` stays where it is
+    if checkpoint is None:
+        checkpoint = device.type == "cuda" and t.ir == "fx"
+    if checkpoint:
+        forward = BlockwiseForward(t)
     ids = calibration[:, :seq].to(device)
     order = _order(ids.shape[0], max(steps, 1) * batch, seed)
     first = ids[order[:batch]]
@@ -134,9 +230,10 @@ def learn_rotations(p: Program, q1: torch.Tensor, q2: list[torch.Tensor], calibr
 
     with torch.no_grad():
         before = _loss(t, forward, rs[0], rs[1:], first, spec, targets).item()
-    losses = []
+    losses, seconds = [], []
     bar = tqdm(range(steps), desc="spinquant", unit="step", disable=not progress)
     for step in bar:
+        start = time.perf_counter()
         for group in optimizer.param_groups:  # cosine from lr to 0 (HF's "cosine" schedule, no warm-up)
             group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
         loss = _loss(t, forward, rs[0], rs[1:], ids[order[step * batch:(step + 1) * batch]], spec, targets)
@@ -144,12 +241,13 @@ def learn_rotations(p: Program, q1: torch.Tensor, q2: list[torch.Tensor], calibr
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        seconds.append(time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
     with torch.no_grad():
         after = _loss(t, forward, rs[0], rs[1:], first, spec, targets).item()
     learned = [r.detach() for r in rs]
-    return Learned(learned[0], learned[1:], before, after, losses)
+    return Learned(learned[0], learned[1:], before, after, losses, seconds)
 
 
 def spinquant(program: Program, options: SpinQuantOptions | None = None, *, calibration: torch.Tensor,
