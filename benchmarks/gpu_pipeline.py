@@ -362,6 +362,117 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def host_pipeline(args, recipe, dev: torch.device) -> dict:
+    """The whole model's Program on the host from capture to GPTQ, the GPU holding one weight or one block:
+
+    - each pass of the recipe (fold_norms, rotate, online_hadamard) with every weight computed on ``dev``
+      (``weights.computed_on``: read there, updated in float64, written back), timed and its peak GPU memory
+      taken; only the latest Program is kept (each pass works on a copy);
+    - with ``--spin-steps``, SpinQuant's learning on the folded Program before the other passes (its training
+      copy on the GPU, the loss block by block under activation checkpointing; the time per Cayley step is each
+      step's wall time, the first step apart), then the learned R1/R2 fused on the host: the SpinQuant recipe's
+      stage on the same capture;
+    - GPTQ block by block (``quantize(..., device=)``) on the linears of the first ``--gptq-blocks`` blocks only
+      (a benchmark-only restriction of ``quantized_linears``; its time is linear in blocks).
+    The whole model's time is capture + passes + the Program clone ``quantize`` starts with + GPTQ per block ×
+    blocks."""
+    import qcompile.passes.quantize as quantize_mod
+    import qcompile.passes.spinquant as spin_mod
+    from qcompile.passes import weights
+    from qcompile.passes.registry import PASSES
+    from qcompile.pipeline import plan
+    from qcompile.program import Program
+    from qcompile.recipe import load_recipe
+
+    out = {}
+
+    def stage(name, fn):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.time()
+        r = fn()
+        torch.cuda.synchronize()
+        out[f"{name}_s"] = round(time.time() - t, 1)
+        out[f"{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out[f"{name}_host_peak_gib"] = round(peak_rss_gib(), 1)
+        print(name, out[f"{name}_s"], "s", out[f"{name}_peak_gib"], "GiB", flush=True)
+        return r
+
+    t = time.time()
+    model, real_layers = build(args.shape, args.layers, shrink=args.shrink)
+    out["build_s"] = round(time.time() - t, 1)
+    state = {"p": stage("capture", lambda: Program.capture(model))}
+    del model
+    warm_up(dev)
+    plan(state["p"].model_map, recipe)
+    calib = torch.randint(0, 32000, (args.samples, args.seq), generator=torch.Generator().manual_seed(0))
+    with weights.computed_on(dev):
+        for name, options in recipe.pass_options():
+            spec = PASSES[name]
+            kw = {**({"calibration": calib} if spec.calibration else {}), **({"progress": False} if spec.progress else {})}
+            state["p"] = stage(name, lambda: spec.run(state["p"], options, **kw))
+            if name == "fold_norms" and args.spin_steps:
+                spin = dict(load_recipe("spinquant").pass_options())["spinquant"]
+                spin = type(spin).of(spin, {"steps": args.spin_steps})
+                ids = torch.randint(0, 32000, (spin.batch * args.spin_steps, spin.seq),
+                                    generator=torch.Generator().manual_seed(1))
+                learned = {}
+                real_learn = spin_mod.learn_rotations
+
+                def keep(*a, **k):
+                    learned["r"] = real_learn(*a, **k)
+                    return learned["r"]
+
+                spin_mod.learn_rotations = keep
+                try:
+                    stage("spinquant", lambda: PASSES["spinquant"].run(state["p"], spin, calibration=ids,
+                                                                          progress=False))
+                except torch.cuda.OutOfMemoryError as e:  # reported, and the recipe's own passes still run
+                    out["spinquant_error"] = str(e).splitlines()[0]
+                    out["spinquant_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                    print("spinquant:", out["spinquant_error"], flush=True)
+                    continue
+                finally:
+                    spin_mod.learn_rotations = real_learn
+                steps = learned["r"].seconds
+                later = sorted(steps[1:]) or steps
+                out["spin_step_s"] = [round(x, 2) for x in steps]
+                out["spin_s_per_step"] = round(later[len(later) // 2], 2)
+                out["spin_losses"] = [round(x, 4) for x in learned["r"].losses]
+                out["spin_100_steps_min"] = round(100 * out["spin_s_per_step"] / 60, 1)
+    out["passes_s"] = round(sum(out[f"{n}_s"] for n, _ in recipe.pass_options()), 1)
+    out["passes_peak_gib"] = max(out[f"{n}_peak_gib"] for n, _ in recipe.pass_options())
+    keep_nodes = _block_linears(state["p"], args.gptq_blocks)
+    real_targets = quantize_mod.quantized_linears
+    quantize_mod.quantized_linears = lambda mm, r: [n for n in real_targets(mm, r) if n in keep_nodes]
+    try:
+        t = time.time()
+        state["p"].clone()
+        out["program_clone_s"] = round(time.time() - t, 1)
+        phases = {}
+        stage("gptq", lambda: quantize_mod.quantize(state["p"], recipe, calib, progress=False, device=dev,
+                                                     batch=args.batch, timings=phases))
+    finally:
+        quantize_mod.quantized_linears = real_targets
+    out["gptq_phases_s"] = {k: round(v, 2) for k, v in phases.items()}
+    per_block = (out["gptq_s"] - out["program_clone_s"]) / args.gptq_blocks
+    out["gptq_per_block_s"] = round(per_block, 1)
+    out["real_layers"] = real_layers
+    out["whole_model_min"] = round((out["capture_s"] + out["passes_s"] + out["program_clone_s"]
+                                    + per_block * real_layers) / 60, 1)
+    out["host_peak_gib"] = round(peak_rss_gib(), 1)
+    return out
+
+
+def _block_linears(p, n: int) -> set[str]:
+    """The linear nodes of the graph's first ``n`` blocks (the segments ``blockwise`` cuts)."""
+    from qcompile.passes.blockwise import Segments
+
+    segs = Segments(p.module, p.model_map)
+    return {node.name for seg in segs.nodes[:n] for node in seg if node.name in p.model_map.linears}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=SHAPES, default="7b")
@@ -389,6 +500,10 @@ def main(argv=None) -> dict:
                     help="only compare GPTQ's two factor methods with float64 at the 28,672 width (time, codes)")
     ap.add_argument("--split-gptq", action="store_true",
                     help="also time GPTQ's factor, clip search, column loops and each rank's waits (synchronized)")
+    ap.add_argument("--host-passes", action="store_true",
+                    help="the Program on the host throughout: each pass's weights computed on the GPU, GPTQ on "
+                         "--gptq-blocks blocks, SpinQuant's learning on the folded Program with --spin-steps")
+    ap.add_argument("--gptq-blocks", type=int, default=2, help="--host-passes: GPTQ on this many first blocks")
     ap.add_argument("--compare-single", action="store_true",
                     help="under torchrun: also time the one-process path on rank 0 and compare the codes")
     args = ap.parse_args(argv)
@@ -438,6 +553,16 @@ def main(argv=None) -> dict:
         return out
     recipe = load_recipe(args.recipe).with_bits(w=args.w, a=args.a, kv=args.kv, group=args.group)
     recipe = recipe.with_calibration(samples=args.samples, seq=args.seq)
+    if args.host_passes:
+        out = {"shape": args.shape, "recipe": recipe.name, "layers": args.layers, "samples": args.samples,
+               "seq": args.seq, "tf32": args.tf32, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "date": datetime.date.today().isoformat(), "gptq_blocks": args.gptq_blocks,
+               "spin_steps": args.spin_steps, **host_pipeline(args, recipe, dev)}
+        print(json.dumps(out))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return out
     if args.spin_steps is not None:
         recipe = dataclasses.replace(recipe, passes=tuple((n, {**o, "steps": args.spin_steps}) if n == "spinquant"
                                                           else (n, o) for n, o in recipe.passes))

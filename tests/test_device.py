@@ -5,6 +5,7 @@ graph or every weight left behind would show up as a device mismatch). Tests mar
 run on the lent GPU (``pytest -m gpu``); elsewhere they are skipped.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -256,3 +257,32 @@ def test_blockwise_weights_return_into_their_host_memory(llama):
     for name, qw in blocks.quantized.items():
         assert qw.weight.untyped_storage().data_ptr() == blocks.weight(name).untyped_storage().data_ptr(), name
         assert torch.equal(qw.weight, blocks.weight(name).reshape(qw.weight.shape))
+
+
+@pytest.mark.gpu
+@gpu
+def test_passes_computed_on_cuda_leave_the_program_on_the_host(llama):
+    """QuaRot's and SpinQuant's weight passes on a host Program with each weight computed on the GPU
+    (``weights.computed_on``) give the weights of the same passes run with the whole Program on the GPU: QuaRot's
+    bit for bit; SpinQuant's (learned on the GPU block by block under checkpointing, in both runs: attention's
+    backward may add in any order) to float rounding. The Program never leaves the host."""
+    from qcompile.passes import weights
+    from qcompile.passes.fold_norms import fold_norms
+    from qcompile.passes.spinquant import spinquant
+
+    _, p = llama
+    calib = _calib(n=4, seq=64)
+    runs = {}
+    for where in ("gpu", "host"):
+        src = p.clone().to("cuda") if where == "gpu" else p.clone()
+        with weights.computed_on("cuda") if where == "host" else contextlib.nullcontext():
+            quarot = run_passes(src, load_recipe("quarot"), None, progress=False)
+            spin = spinquant(fold_norms(src), calibration=calib, steps=2, batch=2, seq=64, progress=False)
+        runs[where] = (quarot, spin)
+    for exact, gpu_run, host_run in zip((True, False), runs["gpu"], runs["host"]):
+        assert host_run.device.type == "cpu"
+        for name, w in gpu_run.module.named_parameters():
+            if exact:
+                assert torch.equal(w.cpu(), host_run.weight(name)), name
+            else:
+                assert ((w.cpu() - host_run.weight(name)).abs().max() <= 1e-5 * w.abs().max() + 1e-7), name
