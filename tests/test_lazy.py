@@ -62,6 +62,7 @@ def test_lazy_program_computes_the_eager_logits(llama):
     assert set(lazy.lazy) == block_linears and all(isinstance(s, Stored) for s in lazy.lazy.values())
     assert all(lazy.module.get_parameter(w).is_meta for w in block_linears)
     assert not lazy.module.get_parameter("lm_head.weight").is_meta  # tied to the embedding: read at load
+    assert lazy.module.get_parameter("lm_head.weight") is lazy.module.get_parameter("model.embed_tokens.weight")
     assert torch.equal(lazy.logits(IDS), _eager(llama).logits(IDS))
 
 
@@ -106,6 +107,24 @@ def test_cli_quantize_lazy_writes_the_eager_model(llama, tmp_path, capsys):
     assert torch.equal(lazy.logits(IDS), eager.logits(IDS))
     assert main(["quantize", str(llama), "--out", str(tmp_path / "q"), "--lazy", "--recipe", "quarot+gptq"]) == 2
     assert "pass fold_norms rewrites every weight" in capsys.readouterr().err
+
+
+def test_set_weight_copies_a_lazy_weight_on_write(llama):
+    lazy, _ = load_program(llama)
+    clone = lazy.clone()
+    w = "model.layers.0.self_attn.q_proj.weight"
+    new = torch.randn(lazy.weight(w).shape)
+    clone.set_weight(w, new)
+    assert torch.equal(clone.weight(w), new) and w not in clone.lazy and not clone.module.get_parameter(w).is_meta
+    assert lazy.is_lazy(w) and not torch.equal(lazy.weight(w), new)  # the source Program still reads the shard
+
+
+def test_auto_lazy_only_for_a_checkpoint_over_half_the_available_memory(llama, monkeypatch):
+    from qcompile import lazy
+
+    assert not lazy.should_be_lazy(str(llama)) and not lazy.should_be_lazy("tiny:llama")
+    monkeypatch.setattr(lazy, "available_bytes", lambda: 2 * lazy.Checkpoint(llama).float32_bytes() - 1)
+    assert lazy.should_be_lazy(str(llama))
 
 
 def test_lazy_refuses_moving_the_whole_program(llama):
