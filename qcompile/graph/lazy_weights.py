@@ -88,7 +88,8 @@ class Checkpoint:
         return _DTYPES.get(name, name)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """The stored tensor, a view of the shard's mapping (no copy; do not write to it)."""
+        """The stored tensor, a view of the shard's mapping (no copy; the mapping is private: a write would copy
+        the page into the process's memory, never change the file)."""
         return self.handles[self.shard_of[key]].get_tensor(key)
 
     def float32_bytes(self) -> int:
@@ -111,7 +112,12 @@ class Stored:
     key: str
 
     def materialize(self, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.checkpoint.tensor(self.key).to(device=device, dtype=dtype, copy=True)
+        """A copy on ``device`` in ``dtype``; to an accelerator the tensor travels as stored (bf16: half the bytes
+        of float32) and is converted there."""
+        t = self.checkpoint.tensor(self.key)
+        if torch.device(device).type != "cpu":
+            t = t.to(device)
+        return t.to(dtype=dtype, copy=True)
 
 
 @dataclass(frozen=True)
