@@ -27,7 +27,8 @@ Llama-2-7B shape, ≈ 360 GiB for 32 blocks). On CUDA the loss is therefore comp
 (``passes.blockwise.Segments``), each block — its rotated, fake-quantized weights included — under
 ``torch.utils.checkpoint``: only the stream between blocks is kept and a block's forward is run again in the
 backward, one block's activations alive at a time (the official code sets ``--gradient_checkpointing True``
-too). The block-by-block forward runs the graph's own ops on the same values (no causal-attention rewrite),
+too); the recomputation reuses each weight's clip-search grid from the step's forward (the same weight, so
+the same grid) instead of searching again. The block-by-block forward runs the graph's own ops on the same values (no causal-attention rewrite),
 so loss and gradients equal the whole-graph forward's (``checkpoint=False``, the default on the CPU, where
 host memory is ample and the recomputation would cost ≈ a third more time). The frozen weights stay in
 their own dtype (float32 here; the official code loads the model in bfloat16 with ``--bf16 True`` and
@@ -44,6 +45,7 @@ rather than the train split.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -64,7 +66,7 @@ from qcompile.passes.rotate import check_v_to_o, choose_rotation, fuse_rotations
 from qcompile.program import PassReport, Program
 from qcompile.quant.cayley import CayleySGD
 from qcompile.quant.formats import Granularity, QuantSpec
-from qcompile.quant.rtn import fake_quantize_mse
+from qcompile.quant.rtn import coarse_to_fine_mse_qparams, fake_quantize_mse, fake_quantize_on_grid
 
 ACT_CLIP = 1.0  # SpinQuant's a_clip_ratio, k_clip_ratio and v_clip_ratio defaults
 
@@ -74,11 +76,20 @@ def _weight_spec(w_bits: int) -> QuantSpec | None:
     return QuantSpec(w_bits, True, Granularity.CHANNEL) if w_bits < 16 else None
 
 
-def _fake_quant_weight(w: torch.Tensor, lin, spec: QuantSpec) -> torch.Tensor:
-    """RTN per output channel with the clip search, in ``lin``'s layout (stacked experts: every row)."""
+def _fake_quant_weight(w: torch.Tensor, lin, spec: QuantSpec, grids: dict | None = None) -> torch.Tensor:
+    """RTN per output channel with the clip search, in ``lin``'s layout (stacked experts: every row). With
+    ``grids``, the grid found for ``lin`` is kept there and reused when the same weight comes again (a block's
+    recomputation in the backward under checkpointing: the same rotated weight, so the same grid, without the
+    search)."""
     c = w.movedim((lin.out_axis, lin.in_axis), (-2, -1))
-    q = fake_quantize_mse(c.reshape(-1, lin.in_features), spec).reshape(c.shape)
-    return q.movedim((-2, -1), (lin.out_axis, lin.in_axis))
+    rows = c.reshape(-1, lin.in_features)
+    if grids is None:
+        q = fake_quantize_mse(rows, spec)
+    else:
+        if lin.weight not in grids:
+            grids[lin.weight] = coarse_to_fine_mse_qparams(rows, spec)
+        q = fake_quantize_on_grid(rows, spec, *grids[lin.weight])
+    return q.reshape(c.shape).movedim((-2, -1), (lin.out_axis, lin.in_axis))
 
 
 def _training_program(p: Program, a_bits: int, kv_bits: int, r3: bool, r4: bool):
@@ -101,9 +112,11 @@ def _training_program(p: Program, a_bits: int, kv_bits: int, r3: bool, r4: bool)
     return t, targets, t.graph.torch_forward()
 
 
-def _params(t: Program, q1, q2, spec: QuantSpec | None, targets: list[str], names=None) -> dict:
+def _params(t: Program, q1, q2, spec: QuantSpec | None, targets: list[str], names=None,
+            grids: dict | None = None) -> dict:
     """The training forward's weights (those in ``names``, default all): rotated by q1/q2 in float64, cast to the
-    weights' dtype, and the targets' fake-quantized (differentiable in q1/q2)."""
+    weights' dtype, and the targets' fake-quantized (differentiable in q1/q2; ``grids``: see
+    ``_fake_quant_weight``)."""
     params = {name: v.to(t.weight(name).dtype) for name, v in rotated_weights(t, q1, q2, names).items()}
     if spec is not None:
         for n in targets:
@@ -111,7 +124,7 @@ def _params(t: Program, q1, q2, spec: QuantSpec | None, targets: list[str], name
             if names is not None and lin.weight not in names:
                 continue
             w = params[lin.weight] if lin.weight in params else t.weight(lin.weight)
-            params[lin.weight] = _fake_quant_weight(w, lin, spec)
+            params[lin.weight] = _fake_quant_weight(w, lin, spec, grids)
     return params
 
 
@@ -121,8 +134,9 @@ def _cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def _loss(t: Program, forward, q1, q2, ids: torch.Tensor, spec: QuantSpec | None, targets: list[str]) -> torch.Tensor:
     """Cross-entropy of the next token under the fake-quantized forward with the weights rotated by q1/q2."""
-    if isinstance(forward, BlockwiseForward):
-        return _cross_entropy(forward(ids, lambda names: _params(t, q1, q2, spec, targets, names)), ids)
+    if isinstance(forward, BlockwiseForward):  # each weight's grid searched once a step, not again in the backward
+        grids = {}
+        return _cross_entropy(forward(ids, lambda names: _params(t, q1, q2, spec, targets, names, grids)), ids)
     return _cross_entropy(forward(ids, _params(t, q1, q2, spec, targets)), ids)
 
 
@@ -247,6 +261,9 @@ def learn_rotations(p: Program, q1: torch.Tensor, q2: list[torch.Tensor], calibr
     with torch.no_grad():
         after = _loss(t, forward, rs[0], rs[1:], first, spec, targets).item()
     learned = [r.detach() for r in rs]
+    del t, forward, optimizer, rs
+    gc.collect()  # the training copy (a whole model on the device) leaves now, not at the next collection:
+    # a captured graph holds reference cycles, and the fusion that follows needs the room
     return Learned(learned[0], learned[1:], before, after, losses, seconds)
 
 

@@ -188,6 +188,11 @@ def fake_quantize_mse(w: Tensor, spec: QuantSpec, **search) -> Tensor:
     every training step over every linear, hence the coarse-to-fine search); straight-through gradient,
     output in ``w``'s dtype."""
     s, z = coarse_to_fine_mse_qparams(w, spec, **search)
+    return fake_quantize_on_grid(w, spec, s, z)
+
+
+def fake_quantize_on_grid(w: Tensor, spec: QuantSpec, s: Tensor, z: Tensor) -> Tensor:
+    """RTN fake-quant of ``w`` on a given grid (scale, zero): straight-through gradient, ``w``'s dtype."""
     wq = dequantize(quantize(w.detach(), s, z, spec), s, z, spec, w.dtype)
     return straight_through(w, wq)
 
