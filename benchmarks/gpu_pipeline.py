@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import resource
@@ -39,7 +40,7 @@ SHAPES = {  # hidden, ffn, heads, kv heads, layers of the real model, vocab
 }
 
 
-def build(shape: str, layers: int, seed: int = 0, shrink: int = 1):
+def build(shape: str, layers: int, seed: int = 0, shrink: int = 1, init_on=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     s = dict(SHAPES[shape])
@@ -52,11 +53,13 @@ def build(shape: str, layers: int, seed: int = 0, shrink: int = 1):
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu").eval()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=init_on or "cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device=g.device))
+            elif init_on is not None:  # drawn on the GPU (other values than the CPU's draws), copied home
+                p.copy_(torch.empty(p.shape, device=init_on).normal_(0, 0.02, generator=g))
             else:
                 p.normal_(0, 0.02, generator=g)
         model.model.rotary_emb.__init__(config)  # inv_freq, left empty by to_empty
@@ -387,6 +390,7 @@ def host_pipeline(args, recipe, dev: torch.device) -> dict:
     out = {}
 
     def stage(name, fn):
+        gc.collect()  # a captured graph holds reference cycles: the Programs passes left behind go now
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -396,14 +400,16 @@ def host_pipeline(args, recipe, dev: torch.device) -> dict:
         out[f"{name}_s"] = round(time.time() - t, 1)
         out[f"{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         out[f"{name}_host_peak_gib"] = round(peak_rss_gib(), 1)
-        print(name, out[f"{name}_s"], "s", out[f"{name}_peak_gib"], "GiB", flush=True)
+        print(name, out[f"{name}_s"], "s", out[f"{name}_peak_gib"], "GiB, host", out[f"{name}_host_peak_gib"], "GiB",
+              flush=True)
         return r
 
     t = time.time()
-    model, real_layers = build(args.shape, args.layers, shrink=args.shrink)
+    model, real_layers = build(args.shape, args.layers, shrink=args.shrink, init_on=dev if args.fast_init else None)
     out["build_s"] = round(time.time() - t, 1)
     state = {"p": stage("capture", lambda: Program.capture(model))}
     del model
+    gc.collect()
     warm_up(dev)
     plan(state["p"].model_map, recipe)
     calib = torch.randint(0, 32000, (args.samples, args.seq), generator=torch.Generator().manual_seed(0))
@@ -427,7 +433,7 @@ def host_pipeline(args, recipe, dev: torch.device) -> dict:
                 spin_mod.learn_rotations = keep
                 try:
                     stage("spinquant", lambda: PASSES["spinquant"].run(state["p"], spin, calibration=ids,
-                                                                          progress=False))
+                                                                          progress=True))
                 except torch.cuda.OutOfMemoryError as e:  # reported, and the recipe's own passes still run
                     out["spinquant_error"] = str(e).splitlines()[0]
                     out["spinquant_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -441,6 +447,10 @@ def host_pipeline(args, recipe, dev: torch.device) -> dict:
                 out["spin_s_per_step"] = round(later[len(later) // 2], 2)
                 out["spin_losses"] = [round(x, 4) for x in learned["r"].losses]
                 out["spin_100_steps_min"] = round(100 * out["spin_s_per_step"] / 60, 1)
+                print("spinquant steps", out["spin_step_s"], "losses", out["spin_losses"], flush=True)
+                if args.spin_only:
+                    out["host_peak_gib"] = round(peak_rss_gib(), 1)
+                    return out
     out["passes_s"] = round(sum(out[f"{n}_s"] for n, _ in recipe.pass_options()), 1)
     out["passes_peak_gib"] = max(out[f"{n}_peak_gib"] for n, _ in recipe.pass_options())
     keep_nodes = _block_linears(state["p"], args.gptq_blocks)
@@ -504,6 +514,9 @@ def main(argv=None) -> dict:
                     help="the Program on the host throughout: each pass's weights computed on the GPU, GPTQ on "
                          "--gptq-blocks blocks, SpinQuant's learning on the folded Program with --spin-steps")
     ap.add_argument("--gptq-blocks", type=int, default=2, help="--host-passes: GPTQ on this many first blocks")
+    ap.add_argument("--spin-only", action="store_true", help="--host-passes: stop after SpinQuant's stage")
+    ap.add_argument("--fast-init", action="store_true",
+                    help="draw the random weights on the GPU (seconds instead of a minute; other values)")
     ap.add_argument("--compare-single", action="store_true",
                     help="under torchrun: also time the one-process path on rank 0 and compare the codes")
     args = ap.parse_args(argv)
