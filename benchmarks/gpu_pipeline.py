@@ -416,7 +416,8 @@ def host_pipeline(args, recipe, dev: torch.device) -> dict:
     with weights.computed_on(dev):
         for name, options in recipe.pass_options():
             spec = PASSES[name]
-            kw = {**({"calibration": calib} if spec.calibration else {}), **({"progress": False} if spec.progress else {})}
+            kw = {**({"calibration": calib} if spec.calibration else {}),
+                  **({"progress": False} if spec.progress else {})}
             state["p"] = stage(name, lambda: spec.run(state["p"], options, **kw))
             if name == "fold_norms" and args.spin_steps:
                 spin = dict(load_recipe("spinquant").pass_options())["spinquant"]

@@ -8,7 +8,8 @@ from qcompile.models import tiny
 from qcompile.passes import weights
 from qcompile.passes.fold_norms import fold_norms
 from qcompile.passes.rotate import fuse_rotations, prepare_rotations
-from qcompile.passes.spinquant import BlockwiseForward, _loss, _training_program, _weight_spec, learn_rotations, spinquant
+from qcompile.passes.spinquant import (BlockwiseForward, _loss, _training_program, _weight_spec, learn_rotations,
+                                       spinquant)
 from qcompile.pipeline import run_passes
 from qcompile.program import PassReport, Program
 from qcompile.recipe import load_recipe
