@@ -7,6 +7,7 @@ any configuration the tuner is offered (``w4a16.candidates`` / ``w4ax.candidates
 
     python benchmarks/gemv_profile.py --json $OUT/gemv.json
     python benchmarks/gemv_profile.py --attention-only   # decode attention over a 768-slot cache: split-key vs SDPA
+    python benchmarks/gemv_profile.py --inline-quant     # the inlined per-token quantization = the op, on the GPU
     ncu --clock-control none -k regex:gemv python benchmarks/gemv_profile.py --shapes 28672x8192 --profile
 """
 
@@ -237,6 +238,109 @@ def sweep_attention(hq: int, hk: int, t: int, d: int, rows: list, bad: list, see
               f"of kept K/V, rel {err:.1e}", flush=True)
 
 
+INLINE_CONFIGS = ((8, True, 1.0), (4, True, 1.0), (4, True, 0.9), (8, False, 1.0), (4, False, 0.9))  # bits, sym, clip
+
+
+def check_inline_quant(dev: str = "cuda") -> int:
+    """``quant_inline``: Inductor's code for the inlined quantization (GPU, with the backend's patches) against the
+    op (Triton ``rotate_quant``) bit for bit, standalone at decode widths (a row of exact .5 ties, random rows),
+    fused after an RMSNorm through the backend (inlined vs the op), and a 2-layer 7B-shaped W4A8 model's logits
+    through the backend against the eager lowered model's. Prints a table; non-zero exit on any mismatch."""
+    import os
+
+    import torch._dynamo
+
+    from qcompile.export.backend import qcompile_backend
+    from qcompile.kernels.quant_inline import INDUCTOR_PATCHES, quantize_per_token_inline
+
+    op = torch.ops.qcompile.quantize_per_token.default
+    lines, bad = [], []
+
+    def run_all(x):
+        return [t for b, s, c in INLINE_CONFIGS for t in quantize_per_token_inline(x, b, s, c)]
+
+    def want_all(x):
+        return [t for b, s, c in INLINE_CONFIGS for t in op(x, b, s, c, False, 0)]
+
+    def diff(got, want):
+        return sum(int((g.view(torch.int32) != w.view(torch.int32)).sum()) if g.dtype == torch.float32
+                   else int((g != w).sum()) for g, w in zip(got, want))
+
+    for K in (4096, 11008, 14336):
+        gen = torch.Generator(device=dev).manual_seed(K)
+        x = torch.randn(64, K, device=dev, generator=gen) * 3
+        x[0] = (torch.arange(K, device=dev) % 200 - 99.5)  # exact ties at scale 1 (8-bit, max|x| = 127)
+        x[0, 0] = 127.0
+        x = x.bfloat16()
+        torch._dynamo.reset()
+        fn = torch.compile(run_all, fullgraph=True, dynamic=False, options=dict(INDUCTOR_PATCHES))
+        n = diff(fn(x), want_all(x))
+        n_ref = diff(want_all(x), [t.to(dev) for b, s, c in INLINE_CONFIGS
+                                   for t in reference.quantize_per_token(x.cpu(), b, s, c)])
+        lines.append(f"| standalone 64x{K} bf16, 5 configs | {n} | op vs CPU reference: {n_ref} |")
+        print(lines[-1], flush=True)
+        bad += [f"standalone K={K}: {n} differ"] if n else []
+
+    class NormQuant(torch.nn.Module):
+        def forward(self, h, w):
+            hf = h.float()
+            x = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16) * w
+            a = op(x, 8, True, 1.0, False, 0)
+            b = op(x, 4, True, 0.9, False, 0)
+            return a[0], a[1], a[2], b[0], b[1], b[2]
+
+    for K in (4096, 14336):
+        gen = torch.Generator(device=dev).manual_seed(7 + K)
+        h = torch.randn(1, K, device=dev, generator=gen) * 4
+        w = (torch.rand(K, device=dev, generator=gen) + 0.5).bfloat16()
+        outs = {}
+        for on in ("1", "0"):
+            os.environ["QCOMPILE_INLINE_QUANT"] = on
+            torch._dynamo.reset()
+            outs[on] = torch.compile(NormQuant(), backend=qcompile_backend, fullgraph=True, dynamic=False)(h, w)
+        n = diff(outs["1"], outs["0"])
+        lines.append(f"| RMSNorm + 2 quantizations 1x{K}, backend inlined vs op | {n} | |")
+        bad += [f"fused K={K}: {n} differ"] if n else []
+    os.environ["QCOMPILE_INLINE_QUANT"] = "1"
+
+    import dataclasses
+
+    import qcompile.api as qc
+    from decode import build
+    from qcompile.decoding import CachedDecoder
+    from qcompile.passes.kv_cache import CacheLayout, add_kv_cache
+    from qcompile.passes.lower import lower
+    from qcompile.recipe import load_recipe
+
+    rtn = load_recipe("rtn")
+    rtn = dataclasses.replace(rtn, weights=dataclasses.replace(rtn.weights, clip_search=False))
+    lowered = lower(qc.compile(qc.capture(build("llama2-7b", 2, dev)), rtn.with_bits(group=128, a=8),
+                               progress=False))
+    layout = CacheLayout.of(lowered.model_map)
+    step = add_kv_cache(lowered).module
+    eager = CachedDecoder(step, layout, torch.bfloat16, dev)
+    ids = torch.randint(0, 32000, (1, 17), device=dev, generator=torch.Generator(device=dev).manual_seed(3))
+    _, cache = eager.step(ids[:, :16], eager.empty_cache(1))
+    want, _ = eager.step(ids[:, 16:], cache)  # one decode step, the eager lowered model (the ops)
+    got = {}
+    for name, inline, route in (("inlined", "1", "0"), ("op", "0", "0"), ("inlined + W4A16 GEMV route", "1", "1")):
+        os.environ["QCOMPILE_INLINE_QUANT"], os.environ["QCOMPILE_CODES_W4A16"] = inline, route
+        torch._dynamo.reset()
+        fast = CachedDecoder(torch.compile(step, backend=qcompile_backend, fullgraph=True, dynamic=False), layout,
+                             torch.bfloat16, dev)
+        got[name] = fast.step(ids[:, 16:], cache)[0].float()
+        err = rel(got[name], want.float())
+        lines.append(f"| 2-layer 7B W4A8 decode-step logits, backend ({name}) vs eager lowered | rel {err:.2e} | |")
+        bad += [f"logits ({name}) rel {err:.2e}"] if not err < 1e-2 else []
+    os.environ["QCOMPILE_INLINE_QUANT"], os.environ["QCOMPILE_CODES_W4A16"] = "1", "0"
+    lines.append(f"| same: inlined vs op | rel {rel(got['inlined'], got['op']):.2e} | "
+                 f"equal: {torch.equal(got['inlined'], got['op'])} |")
+    print("\n| check | elements differing (bit for bit) | note |\n|---|---|---|\n" + "\n".join(lines), flush=True)
+    if bad:
+        print("INLINE QUANT MISMATCH: " + "; ".join(bad), flush=True)
+    return 1 if bad else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
@@ -246,10 +350,13 @@ def main() -> int:
                     "(linear_w4ax_dynamic), e.g. 4096x4096,12288x4096,22016x4096,4096x11008")
     ap.add_argument("--attention", default="", help="attention shapes HQxHKVxTxD (e.g. 32x32x768x128)")
     ap.add_argument("--attention-only", action="store_true", help="only the attention rows (the default shapes)")
+    ap.add_argument("--inline-quant", action="store_true", help="only the inlined-quantization checks (quant_inline)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="launch the offered M = 1 candidates once each (ncu)")
     args = ap.parse_args()
     parse = lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",") if t]  # noqa: E731
+    if args.inline_quant:
+        return check_inline_quant()
     if args.profile:
         for N, K in parse(args.shapes):
             p, s, _ = rand_weight(N, K, 128)

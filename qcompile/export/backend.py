@@ -7,8 +7,11 @@ graph inputs, together with the real tensors. Two kinds of graph reach it:
   ``qcompile.artifact.load``, or its KV-cache decoder step): nothing is quantized again; the graph goes
   to Inductor with the INT4 ops staying calls of their kernels (Triton on CUDA, reference on CPU); with
   ``QCOMPILE_ACT_GEMV=1`` each unrotated per-token quantization is first folded into the A8/A4 linear
-  reading it (``kernels/fold.py``: the same computation as one op); attention with a bool mask (the KV-cache
-  step's) becomes ``decode_attention`` over the unrepeated cache (``kernels/attention_fold.py``);
+  reading it (``kernels/fold.py``: the same computation as one op); every other unrotated per-token
+  quantization is written in torch ops with the op's exact arithmetic, so that Inductor fuses it into the
+  kernel producing its input (``kernels/quant_inline.py``; compiled with IEEE float32 divisions); attention
+  with a bool mask (the KV-cache step's) becomes ``decode_attention`` over the unrepeated cache
+  (``kernels/attention_fold.py``);
 - **a float causal LM** with ``options={"recipe": ...}``: the ``nn.Module`` the graph's weights belong to
   is found from Dynamo's sources for them, and at the first call it is captured by ``torch.export`` like
   any model, the recipe is planned and run (calibration from ``options["calibration"]`` ids or windows
@@ -95,10 +98,10 @@ def _warm_up(gm: fx.GraphModule, example_inputs) -> None:
         torch.cuda.synchronize()
 
 
-def _inductor(gm: fx.GraphModule, example_inputs, mode: str | None):
+def _inductor(gm: fx.GraphModule, example_inputs, mode: str | None, patches: dict | None = None):
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=_MODES[mode])
+    return compile_fx(gm, example_inputs, config_patches={**_MODES[mode], **(patches or {})})
 
 
 def _source_root(tx, source: str):
@@ -148,16 +151,21 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         if opts.recipe is not None:
             raise QCompileError("torch.compile backend qcompile: this graph is already quantized (it calls "
                                 "qcompile ops); compile it without a recipe")
-        from qcompile.kernels import attention_fold, fold
+        from qcompile.kernels import attention_fold, codes_route, fold, quant_inline
 
         if fold.enabled():  # A8/A4 linears quantize their own activation (one launch at one token)
             fold.fold_activation_quant(gm)
+        patches = {}
+        if quant_inline.enabled() and opts.inductor and quant_inline.inline_activation_quant(gm):
+            patches = quant_inline.INDUCTOR_PATCHES  # fused into the kernel making x, bit for bit the op's codes
+            if codes_route.enabled():  # one-token A8/A4 linears: the W4A16 GEMV on bf16(codes − zeros)
+                codes_route.route_codes_to_w4a16(gm)
         if attention_fold.enabled():  # attention over the unrepeated cache, split along the keys
             attention_fold.fold_decode_attention(gm)
         if not opts.inductor:
             return gm.forward
         _warm_up(gm, example_inputs)
-        return _inductor(gm, example_inputs, mode)
+        return _inductor(gm, example_inputs, mode, patches)
     if opts.recipe is None:
         raise QCompileError("torch.compile backend qcompile: a float model needs options={'recipe': NAME, ...} "
                             "(or compile a model loaded from a qcompile quantize directory)")
