@@ -14,6 +14,7 @@ from qcompile.eval.perplexity import perplexity
 from qcompile.decoding import CachedDecoder, Decoder, Recompute, Sampling, generate
 from qcompile.passes.kv_cache import CacheLayout, add_kv_cache
 from qcompile.passes.lower import lower
+from qcompile.passes.weights import computed_on
 from qcompile.passes.quantize import quantize as _quantize
 from qcompile.pipeline import needs_calibration, plan, run_passes
 from qcompile.program import Program
@@ -112,7 +113,8 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
     """Plan the recipe (refusing early), run its passes, then quantize as it says. Calibration windows are
     ``calibration`` (token ids ``[n, seq]``) when given, else drawn as the recipe says with ``tokenizer``.
     The passes run where the Program's weights are (``program.to(...)`` first to run them elsewhere); with
-    ``device``, GPTQ/LeanQuant run block by block there while the weights stay where they are.
+    ``device``, the passes' weight updates are computed there one weight at a time (``weights.computed_on``) and
+    GPTQ/LeanQuant run block by block there, while the weights stay where they are.
 
     A Program with lazy weights (``qcompile.lazy``) runs GPTQ/LeanQuant block by block (on ``device``, else the
     host); a recipe with passes before quantization is refused on it, naming the pass: they rewrite every weight,
@@ -131,7 +133,8 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
             raise QCompileError(f"recipe {recipe.name} needs calibration windows: give a tokenizer or token ids")
         else:
             calib = calibration_windows(tokenizer, recipe)
-    program = run_passes(program, recipe, calib, progress)
+    with computed_on(device):  # the passes' weight algebra one weight at a time there, the Program staying put
+        program = run_passes(program, recipe, calib, progress)
     if not recipe.quantizes:
         return program
     if not (recipe.weights and recipe.weights.method != "rtn"):

@@ -114,6 +114,10 @@ def _rtn_all(p: Program, targets: list[str], wq: WeightQuant, report: PassReport
     for n in tqdm(targets, desc="rtn", unit="linear", disable=not progress):
         lin = p.model_map.linears[n]
         _store(p, lin, _quantize_weight(_rows(p, lin), None, wq, lin.weight), report)
+        if p.lazy:  # kept as its codes at once, so host memory grows by codes, not by float32 weights
+            from qcompile.lazy import keep_codes
+
+            keep_codes(p, [lin.weight])
 
 
 class _AllQuantized(Exception):

@@ -15,12 +15,7 @@ from qcompile.program import PassReport, Program
 from qcompile.recipe import load_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "opt"])  # biases (qwen2), LayerNorm centring (opt)
