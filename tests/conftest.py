@@ -50,3 +50,12 @@ def tiny_ids():
 def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a − b| / max|b|: the exactness measure (≤ 1e-4 in float32)."""
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is many times faster than several fighting over busy cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
