@@ -102,3 +102,17 @@ def test_import_qcompile_is_cheap():
     code = "import sys, qcompile; print(sorted(m for m in ('torch', 'transformers', 'onnx') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_name_in_a_modules_all_exists():
+    """``from m import *`` fails on a name ``__all__`` lists but the module does not define."""
+    import importlib
+    missing = {}
+    for m, f in _modules().items():
+        if "__all__" not in f.read_text():
+            continue
+        mod = importlib.import_module(m)
+        absent = [n for n in getattr(mod, "__all__", ()) if not hasattr(mod, n)]
+        if absent:
+            missing[m] = absent
+    assert not missing, f"names in __all__ the module does not define: {missing}"

@@ -52,7 +52,7 @@ from torch import Tensor
 from qcompile.kernels import reference, shapes
 
 __all__ = ["hadamard", "quantize_per_token", "linear_w4a16", "linear_w4a8", "linear_w4a4", "linear_w4ax_dynamic",
-           "grouped_linear_w4a16", "grouped_linear_w4a8", "grouped_linear_w4a4", "decode_attention"]
+           "grouped_linear_w4a16", "grouped_linear_w4a8", "decode_attention"]
 
 
 _triton: list = []  # [dispatch, plans], imported on the first CUDA call
