@@ -121,7 +121,7 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
     which would bring the whole float32 model into host memory (copy on write, 4 bytes a parameter), what lazy
     loading is there to avoid."""
     recipe = as_recipe(recipe)
-    plan(program.model_map, recipe, program.ir)
+    plan(program.model_map, recipe)
     if program.lazy:
         check_lazy(recipe)
         device = device if device is not None else program.device
@@ -139,12 +139,7 @@ def compile(program: Program, recipe: str | Recipe, tokenizer=None, progress: bo
         return program
     if not (recipe.weights and recipe.weights.method != "rtn"):
         calib = None
-    quantized = _quantize(program, recipe, calib, progress=progress, device=device)
-    if program.lazy:  # what RTN stored in host memory, kept as codes (block by block did so per block)
-        from qcompile.lazy import keep_codes
-
-        keep_codes(quantized, [w for w in program.lazy if w in quantized.quantized])
-    return quantized
+    return _quantize(program, recipe, calib, progress=progress, device=device)
 
 
 def check_lazy(recipe: Recipe) -> None:
@@ -171,7 +166,7 @@ def quantize_to(spec: str, recipe: str | Recipe, out: str, progress: bool = True
         if lazy:
             check_lazy(recipe)
     program, tok = program_of(spec, tokenizer, lazy=bool(lazy))
-    lines = plan(program.model_map, recipe, program.ir)
+    lines = plan(program.model_map, recipe)
     if program.ir == "onnx":
         from qcompile.export.onnx_program import save_onnx_program
 

@@ -86,7 +86,7 @@ def cmd_plan(args) -> None:
 
     recipe = _recipe_with_bits(args)
     program, _ = program_of(args.model, args.tokenizer)
-    for line in plan(program.model_map, recipe, program.ir):
+    for line in plan(program.model_map, recipe):
         print(line)
     print("recipe, every flag:")
     print("  " + recipe.to_yaml().rstrip().replace("\n", "\n  "))

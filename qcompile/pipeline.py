@@ -7,6 +7,7 @@ on a recipe that cannot finish.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 
 from qcompile.analysis.modelmap import ModelMap
@@ -16,6 +17,7 @@ from qcompile.passes.registry import PASSES
 from qcompile.program import Program
 from qcompile.quant.formats import num_groups
 from qcompile.recipe import Recipe, quantized_linears
+
 
 def describe_model(mm: ModelMap) -> str:
     if not mm.blocks or mm.blocks[0].attention is None or mm.blocks[0].ffn is None:
@@ -56,16 +58,11 @@ def _plan_quantization(mm: ModelMap, recipe: Recipe) -> list[str]:
     return lines
 
 
-def plan(mm: ModelMap, recipe: Recipe, ir: str = "fx") -> list[str]:
-    """The plan, one line per decision; raises the refusal that running the recipe would raise (on a graph
-    of IR ``ir``: a pass not yet written against ``graph.edit`` runs on fx graphs only)."""
+def plan(mm: ModelMap, recipe: Recipe) -> list[str]:
+    """The plan, one line per decision; raises the refusal that running the recipe would raise."""
     lines = [f"model: {describe_model(mm)}", f"recipe: {recipe.name}"]
     lines += [f"not matched: {site}: {reason}" for site, reason in mm.gaps()]
     for name, options in recipe.pass_options():
-        if ir != "fx" and not PASSES[name].onnx:
-            raise RecipeError(f"pass {name} {PASSES[name].fx_only} and does not run on {ir} graphs yet "
-                              f"(on ONNX: {', '.join(n for n, p in PASSES.items() if p.onnx)}, then any weight "
-                              "quantizer); quantize the PyTorch model instead")
         check_layout(mm, name)
         lines += [f"{name}: {line}" for line in PASSES[name].plan(mm, options)]
     check_recipe(mm, recipe)
@@ -106,7 +103,7 @@ def run_passes(program: Program, recipe: Recipe, calibration=None, progress: boo
     ``[n, seq]`` token windows, and those with a progress bar get ``progress``: the pipeline supplies
     both, a recipe cannot set them.
     """
-    plan(program.model_map, recipe, program.ir)
+    plan(program.model_map, recipe)
     for name, options in recipe.pass_options():
         spec, run = PASSES[name], {}
         if spec.calibration:
@@ -116,4 +113,5 @@ def run_passes(program: Program, recipe: Recipe, calibration=None, progress: boo
         if spec.progress:
             run["progress"] = progress
         program = spec.run(program, options, **run)
+        gc.collect()  # the Program the pass replaced (a 7B's is 26 GB) sits in reference cycles until collected
     return program

@@ -24,8 +24,6 @@ class Pass:
     calibration: bool = False  # reads calibration windows [n, seq]
     progress: bool = False  # shows a progress bar (the pipeline passes ``progress``)
     per_site: bool = False  # plans every site of any matched layout (else: sequential pre-norm blocks only)
-    onnx: bool = False  # written against ``graph.edit.GraphEdit`` only, so it runs on ONNX Programs too
-    fx_only: str = "edits torch.fx nodes itself"  # why it does not (where ``onnx`` is False)
 
     @property
     def name(self) -> str:
@@ -33,15 +31,13 @@ class Pass:
 
 
 _BOUND = {
-    "fold_norms": dict(run=fold_norms.fold_norms, plan=fold_norms.plan, per_site=True, onnx=True),
-    "smooth": dict(run=smooth.smooth, plan=smooth.plan, calibration=True, onnx=True),
-    "shift_scale": dict(run=shift_scale.shift_scale, plan=shift_scale.plan, calibration=True, progress=True,
-                        onnx=True),
-    "rotate": dict(run=rotate.rotate, plan=rotate.plan, per_site=True, onnx=True),
-    "spinquant": dict(run=spinquant.spinquant, plan=spinquant.plan, calibration=True, progress=True, onnx=True),
-    "duquant": dict(run=duquant.duquant, plan=duquant.plan, calibration=True, progress=True, onnx=True),
-    "online_hadamard": dict(run=online_hadamard.online_hadamard, plan=online_hadamard.plan, per_site=True,
-                            onnx=True),
+    "fold_norms": dict(run=fold_norms.fold_norms, plan=fold_norms.plan, per_site=True),
+    "smooth": dict(run=smooth.smooth, plan=smooth.plan, calibration=True),
+    "shift_scale": dict(run=shift_scale.shift_scale, plan=shift_scale.plan, calibration=True, progress=True),
+    "rotate": dict(run=rotate.rotate, plan=rotate.plan, per_site=True),
+    "spinquant": dict(run=spinquant.spinquant, plan=spinquant.plan, calibration=True, progress=True),
+    "duquant": dict(run=duquant.duquant, plan=duquant.plan, calibration=True, progress=True),
+    "online_hadamard": dict(run=online_hadamard.online_hadamard, plan=online_hadamard.plan, per_site=True),
 }
 assert tuple(_BOUND) == ORDER, "every pass in options.OPTIONS is bound here, in the same order"
 

@@ -116,8 +116,8 @@ def test_r3_changes_nothing_while_k_is_not_quantized(genai, ids):
 def test_kv_quantization_refused_where_rope_is_inside(genai):
     p = Program.from_onnx(genai[1] / "model.onnx")
     with pytest.raises(RecipeError, match=r"KV4: attention .*GroupQueryAttention.* inside the op"):
-        plan(p.model_map, load_recipe("quarot"), p.ir)
-    plan(p.model_map, load_recipe("quarot+gptq").with_bits(a=8, kv=16), p.ir)
+        plan(p.model_map, load_recipe("quarot"))
+    plan(p.model_map, load_recipe("quarot+gptq").with_bits(a=8, kv=16))
 
 
 @pytest.mark.parametrize("a, vocab", [(8, 8), (16, 16)])
