@@ -63,23 +63,29 @@ class FakeQuant:
 
 @dataclass(frozen=True, eq=False)
 class Transform:
-    """x ↦ x·T over the last axis (DuQuant's T = R₁·P·R₂): with ``dense`` None, ``r1`` and ``r2`` are b×b
-    blocks applied block-diagonally (x as [..., C/b, b]) around the column gather ``perm``; else x·dense.
-    Its tensors become new weights ``{weight}.R1``, ``.perm``, ``.R2`` (or ``.T``)."""
+    """x ↦ x·T over the last axis, T = R₁·P·R₂ (DuQuant) block-diagonal around a column gather: the first
+    F = K·b channels as [..., K, b] · ``r1`` (one b×b matrix for every full block) → flatten → gather ``perm``
+    (over F) → [..., K, b] · ``r2`` → flatten; a partial last block (C − F channels, which P leaves in place)
+    times ``tail`` = its own R₁·R₂ block, concatenated after. Its tensors become new weights ``{weight}.R1``,
+    ``.perm``, ``.R2`` (and ``.tail``)."""
 
     weight: str
     block: int
-    r1: torch.Tensor | None = None
-    perm: torch.Tensor | None = None
-    r2: torch.Tensor | None = None
-    dense: torch.Tensor | None = None
+    r1: torch.Tensor
+    perm: torch.Tensor
+    r2: torch.Tensor
+    tail: torch.Tensor | None = None
     name = "transform"
+
+    @property
+    def full(self) -> int:
+        """F: the channels in full blocks."""
+        return self.perm.numel()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """{weight name: tensor} in operand order after x."""
-        if self.dense is not None:
-            return {f"{self.weight}.T": self.dense}
-        return {f"{self.weight}.R1": self.r1, f"{self.weight}.perm": self.perm, f"{self.weight}.R2": self.r2}
+        out = {f"{self.weight}.R1": self.r1, f"{self.weight}.perm": self.perm, f"{self.weight}.R2": self.r2}
+        return out if self.tail is None else out | {f"{self.weight}.tail": self.tail}
 
 
 Online = Hadamard | FakeQuant | Transform

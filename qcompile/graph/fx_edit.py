@@ -114,8 +114,9 @@ class FxGraph:
 
     def _transform(self, src: fx.Node, op: Transform, anchor: fx.Node) -> fx.Node:
         """x·T as aten ops before ``anchor``, each marked ``online`` (the OpGraph's kind ``transform``):
-        ``unflatten(-1, (C/b, b)) → matmul R₁ → flatten → index_select(perm) → unflatten → matmul R₂ →
-        flatten``, or one ``matmul T``."""
+        ``unflatten(-1, (K, b)) → matmul R₁ → flatten → index_select(perm) → unflatten → matmul R₂ →
+        flatten`` on the full blocks; with a partial last block, x is sliced into the two parts first, the tail
+        is ``matmul tail`` and the parts are concatenated."""
         g = self.module.graph
         w = [self.add_weight(name, t) for name, t in op.tensors().items()]
 
@@ -124,17 +125,20 @@ class FxGraph:
             n.meta["val"] = src.meta.get("val")
             return n
 
+        def call(target, *args):
+            return mark(g.call_function(target, args))
+
         with g.inserting_before(anchor):
-            if op.dense is not None:
-                return mark(g.call_function(aten.matmul.default, (src, w[0])))
-            k = op.perm.numel() // op.block
-            x = mark(g.call_function(aten.unflatten.int, (src, -1, [k, op.block])))
-            x = mark(g.call_function(aten.matmul.default, (x, w[0])))
-            x = mark(g.call_function(aten.flatten.using_ints, (x, -2, -1)))
-            x = mark(g.call_function(aten.index_select.default, (x, -1, w[1])))
-            x = mark(g.call_function(aten.unflatten.int, (x, -1, [k, op.block])))
-            x = mark(g.call_function(aten.matmul.default, (x, w[2])))
-            return mark(g.call_function(aten.flatten.using_ints, (x, -2, -1)))
+            f, k = op.full, op.full // op.block
+            x = src if op.tail is None else call(aten.slice.Tensor, src, -1, 0, f)
+            x = call(aten.unflatten.int, x, -1, [k, op.block])
+            x = call(aten.flatten.using_ints, call(aten.matmul.default, x, w[0]), -2, -1)
+            x = call(aten.unflatten.int, call(aten.index_select.default, x, -1, w[1]), -1, [k, op.block])
+            x = call(aten.flatten.using_ints, call(aten.matmul.default, x, w[2]), -2, -1)
+            if op.tail is None:
+                return x
+            tail = call(aten.matmul.default, call(aten.slice.Tensor, src, -1, f, op.full + op.tail.shape[0]), w[3])
+            return call(aten.cat.default, [x, tail], -1)
 
     def insert_on_operand(self, consumer: str, pos: int, op: Online) -> str:
         node = self.node(consumer)

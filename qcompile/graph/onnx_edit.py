@@ -63,7 +63,7 @@ def _function_name(op: Online, n: int, dtype: ir.DataType) -> str:
     if isinstance(op, Hadamard):
         return f"hadamard_n{n}_b{op.block}{suffix}"
     if isinstance(op, Transform):
-        return f"duquant_n{n}_{'dense' if op.dense is not None else f'b{op.block}'}{suffix}"
+        return f"duquant_n{n}_b{op.block}{suffix}"
     return f"fake_quant_n{n}_b{op.bits}_{'s' if op.symmetric else 'a'}_c{round(op.clip * 1e6)}{suffix}"
 
 
@@ -81,26 +81,36 @@ def record(opset: int, fn, *args):
 
 
 def _transform_body(x: ir.Value, w: list[ir.Value], c: int, op: Transform) -> tuple[list[ir.Node], ir.Value]:
-    """The nodes of x·T (``graph.edit.Transform``): ``MatMul(x, T)``, or x as [N, C/b, b] · R₁ → [N, C] →
-    ``Gather(perm, axis 1)`` → [N, C/b, b] · R₂ → x's shape; the same steps as fx's aten ops."""
-    if op.dense is not None:
-        node = ir.Node("", "MatMul", [x, w[0]], num_outputs=1)
-        return [node], node.outputs[0]
+    """The nodes of x·T (``graph.edit.Transform``), the same steps as fx's aten ops: x's full blocks as
+    [N, K, b] · R₁ → [N, F] → ``Gather(perm, axis 1)`` → [N, K, b] · R₂ → their shape; a partial last block
+    sliced off, ``MatMul(tail)`` and concatenated after."""
 
     def const(values):
         return ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array(values, np.int64)))])
 
-    nodes = [shape := ir.Node("", "Shape", [x]), blocks := const([-1, c // op.block, op.block]), rows := const([-1, c])]
-    nodes.append(a := ir.Node("", "Reshape", [x, blocks.outputs[0]]))
-    nodes.append(b := ir.Node("", "MatMul", [a.outputs[0], w[0]]))
-    nodes.append(f := ir.Node("", "Reshape", [b.outputs[0], rows.outputs[0]]))
-    nodes.append(g := ir.Node("", "Gather", [f.outputs[0], w[1]], attributes=[ir.AttrInt64("axis", 1)]))
-    nodes.append(u := ir.Node("", "Reshape", [g.outputs[0], blocks.outputs[0]]))
-    nodes.append(m := ir.Node("", "MatMul", [u.outputs[0], w[2]]))
-    nodes.append(y := ir.Node("", "Reshape", [m.outputs[0], shape.outputs[0]]))
+    def add(node):
+        nodes.append(node)
+        return node.outputs[0]
+
+    f = op.full
+    nodes: list[ir.Node] = []
+    blocks, rows = add(const([-1, f // op.block, op.block])), add(const([-1, f]))
+    head = x
+    if op.tail is not None:
+        lo, mid, hi, axis = add(const([0])), add(const([f])), add(const([c])), add(const([-1]))
+        head = add(ir.Node("", "Slice", [x, lo, mid, axis]))
+        tail = add(ir.Node("", "MatMul", [add(ir.Node("", "Slice", [x, mid, hi, axis])), w[3]]))
+    shape = add(ir.Node("", "Shape", [head]))
+    y = add(ir.Node("", "Reshape", [add(ir.Node("", "MatMul", [add(ir.Node("", "Reshape", [head, blocks])), w[0]])),
+                                    rows]))
+    y = add(ir.Node("", "Gather", [y, w[1]], attributes=[ir.AttrInt64("axis", 1)]))
+    y = add(ir.Node("", "MatMul", [add(ir.Node("", "Reshape", [y, blocks])), w[2]]))
+    y = add(ir.Node("", "Reshape", [y, shape]))
+    if op.tail is not None:
+        y = add(ir.Node("", "Concat", [y, tail], attributes=[ir.AttrInt64("axis", -1)]))
     for i, n in enumerate(nodes):
         n.outputs[0].name = f"t{i}"
-    return nodes, y.outputs[0]
+    return nodes, y
 
 
 class OnnxGraph:

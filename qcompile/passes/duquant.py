@@ -6,8 +6,9 @@ For a linear input X and its readers W, X ↦ X·T with W ↦ W·T is exact (T o
   gate (up, and a router, share it) and down_proj. The weights are stored pre-transformed; the activation
   side runs *online* as plain aten ops in the graph, before per-token quantization:
   ``unflatten(-1, (K, b)) → matmul R₁ → flatten → index_select(perm) → unflatten → matmul R₂ → flatten``
-  with R₁, R₂ (b×b) and perm registered as parameters; a width that is not a multiple of the block (its
-  last block is partial) gets one dense ``matmul T`` instead. 4 online ops per layer.
+  with R₁, R₂ (b×b) and perm registered as parameters; where the width is not a multiple of the block, its
+  partial last block (which P leaves in place) is sliced off, multiplied by its own R₁·R₂ block and
+  concatenated after. 4 online ops per layer.
 - ``duquant-fused``: one residual-stream transform in place of R1, fused like R1 (norms folded first:
   x/rms(x) commutes with an orthogonal T): embeddings E·T, readers W·T, writers Tᵀ·W; per head within
   v→o a head_dim transform (R₁ only: one block, no permutation) like R2, shared by the heads of a layer;
@@ -40,16 +41,20 @@ from qcompile.program import PassReport, Program
 from qcompile.quant.duquant import DuQuantTransform, duquant_transform
 
 def online_transform(t: DuQuantTransform, name: str) -> Transform:
-    """x ↦ x·T as the graph interface's online op: R₁, perm, R₂ blocks, or one dense T where the width is not a
-    multiple of the block (its last block is partial)."""
-    if t.perm.numel() % t.block:
-        return Transform(name, t.block, dense=t.matrix().float())
+    """x ↦ x·T as the graph interface's online op: R₁, perm, R₂ on the full blocks, and a partial last block's
+    own (C mod b)² matrix (its R₁·R₂ block; P leaves its channels in place) where the width is not a multiple of
+    the block: C·b + (C mod b)² multiply-adds a row, not C²."""
+    c = t.perm.numel()
+    b = min(t.block, c)  # a width under the block is one full block (``quant.duquant.blocks_of``)
+    full = c // b * b
+    assert torch.equal(t.perm[full:].cpu(), torch.arange(full, c)), "DuQuant's permutation keeps the partial block"
     r1, r2 = (x.float() for x in t.blocks())
-    return Transform(name, t.block, r1=r1, perm=t.perm.clone(), r2=r2)
+    tail = (t.r1[full:, full:] @ t.r2[full:, full:]).float() if full < c else None
+    return Transform(name, b, r1=r1, perm=t.perm[:full].clone(), r2=r2, tail=tail)
 
 
 def _ops(op: Transform) -> int:
-    return 1 if op.dense is not None else 7
+    return 7 if op.tail is None else 11
 
 
 def _rows(stats, node: str) -> torch.Tensor:
@@ -209,7 +214,7 @@ def plan(mm, options: DuQuantOptions | None = None) -> list[str]:
     dense_moe = [b for b in mm.blocks if b.ffn.kind != "moe"]
     widths = {"hidden": mm.hidden, "o": mm.linears[mm.blocks[0].attention.o].in_features,
               "down": mm.linears[mm.blocks[0].ffn.down].in_features}
-    shape = ", ".join(f"{k} {c} = {c // block}×{block}" + (f" + {c % block} (dense op)" if c % block else "")
+    shape = ", ".join(f"{k} {c} = {c // block}×{block}" + (f" + {c % block} (a block of its own)" if c % block else "")
                       if c >= block else f"{k} {c} (one block of {c})" for k, c in widths.items())
     greedy = f"greedy {steps} steps, block {block}, {'R·P·R' if permute else 'R'}, {index}-indexed; {shape}"
     if placement == "duquant":

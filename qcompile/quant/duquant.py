@@ -289,8 +289,8 @@ class DuQuantTransform:
         return block_matmul(self.r1[:, self.perm], self.r2, self.block)
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The b×b matrices of R₁ and R₂ when every block is full (the online op's weights)."""
-        b = self.block
+        """The b×b matrices of R₁ and R₂ that every full block shares (the online op's weights)."""
+        b = min(self.block, self.perm.numel())
         return self.r1[:b, :b], self.r2[:b, :b]
 
 

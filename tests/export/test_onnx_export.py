@@ -219,6 +219,26 @@ def test_accuracy_level_is_the_users_choice(tmp_path, ids):
     assert not (tmp_path / "l2").exists()
 
 
+def test_duquant_transforms_export_in_block_form(tmp_path, ids):
+    """DuQuant's online transforms with a partial last block (blocks of 40 over widths 64 and 96) export as their
+    blocks and the tail's own matrix, not as dense C×C initializers; onnxruntime gives the program's logits,
+    the cached decode included."""
+    from qcompile.passes.duquant import duquant
+
+    model = tiny("llama")
+    calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
+    program = duquant(qc.capture(model), calibration=calib, block=40, steps=8, progress=False)
+    out = export_onnx(program, tmp_path / "duquant", model="tiny:llama", hf_config=model.config)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    squares = {init.dims[0] for init in m.graph.initializer if len(init.dims) == 2 and init.dims[0] == init.dims[1]}
+    assert {40, 24, 16} <= squares and not squares & {96}, squares
+    om = OrtModel(out, threads=2)
+    ref = program.logits(ids)
+    assert ((om.logits(ids) - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    out = generate(om, ids[:1, :8], 8)  # onnxruntime's cached decode: the program's greedy tokens
+    assert torch.equal(program.logits(out)[0, 7:-1].argmax(-1), out[0, 8:])
+
+
 # ------------------------------------------------------------------------------------------------
 # refusals
 

@@ -51,13 +51,18 @@ def test_duquant_fused_is_exact(arch, tiny_programs, tiny_ids):
     assert out.reports[-2].counts.get("online transform", 0) == (0 if arch == "mixtral" else layers)
 
 
-def test_partial_blocks_use_a_dense_online_op(tiny_programs, tiny_ids):
+def test_partial_blocks_keep_the_block_form(tiny_programs, tiny_ids):
+    """64 = 40 + 24 and 96 = 2·40 + 16: the full blocks as R₁·P·R₂, the partial one by its own small matrix,
+    never a dense C×C one; exact."""
     model, program = tiny_programs["llama"]
     with torch.no_grad():
         ref = model(input_ids=tiny_ids).logits
     out = duquant(smooth(fold_norms(program), calibration=_calib()), calibration=_calib(), block=40, steps=8)
     assert max_rel_error(out.logits(tiny_ids), ref) <= TOL
-    assert _online(out) == 8  # 64 = 40 + 24 and 96 = 2·40 + 16: one dense matmul per site
+    assert _online(out) == 8 * 11  # slice ×2, the 7 block ops, the tail's matmul, cat: per site
+    shapes = {tuple(t.shape) for n, t in [*out.module.named_parameters(), *out.module.named_buffers()]
+              if "duquant" in n and t.dim() == 2}
+    assert shapes == {(40, 40), (24, 24), (16, 16)}  # R₁/R₂ blocks and the two widths' tails
 
 
 def test_refusals(tiny_programs):
