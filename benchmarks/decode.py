@@ -17,7 +17,13 @@ Variants (per shape):
   ``-op``: per-token quantizations kept as the custom op (``QCOMPILE_INLINE_QUANT=0``; by default the backend
   inlines the unrotated ones so that Inductor fuses them into the kernel making x, ``kernels/quant_inline.py``);
   ``-w16gemv``: one-token A8/A4 linears through the W4A16 GEMV on the exact codes (``QCOMPILE_CODES_W4A16=1``,
-  ``kernels/codes_route.py``);
+  ``kernels/codes_route.py``); ``-fp32mid``: the backend without ``emulate_precision_casts``
+  (``QCOMPILE_EAGER_NUMERICS=0``: Inductor's float32 intermediates, not eager's bf16 roundings: the backend
+  before ``export/backend.INDUCTOR_SETTINGS``); ``-nosplit``: Inductor's split reductions off
+  (``QCOMPILE_SPLIT_REDUCTIONS=0``: one kernel for SiLU·mul + quantization, slower); ``-coop``: Inductor's
+  cooperative reductions forced (``QCOMPILE_COOPERATIVE_REDUCTIONS=1``); ``-combo``: Inductor's
+  ``combo_kernels`` on (independent kernels, such as a layer's RoPE of q and k and its cache writes,
+  horizontally fused into one launch);
 - ``torchao-int4wo``: torchao's int4 weight-only (``Int4WeightOnlyConfig(group_size=128,
   int4_packing_format="tile_packed_to_4d")``, i.e. torch's tinygemm ``_weight_int4pack_mm``) on the same
   linears as ours (the lm_head stays bf16 in both), compiled by Inductor with ``reduce-overhead`` and the
@@ -277,13 +283,18 @@ def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
                 dec = decoder_of(copy.deepcopy(program.module), "inductor")
             elif name.startswith("w4a"):
                 bits, *suffix = name[3:].split("-")
-                if not set(suffix) <= {"fused", "head", "sdpa", "op", "w16gemv"}:
+                if not set(suffix) <= {"fused", "head", "sdpa", "op", "w16gemv", "fp32mid", "nosplit", "coop",
+                                       "combo"}:
                     raise ValueError(f"unknown variant {name}")
                 a = int(bits)
                 recipe = rtn.with_bits(group=128, a=None if a == 16 else a, lm_head=True if "head" in suffix else None)
                 os.environ["QCOMPILE_DECODE_ATTENTION"] = "0" if "sdpa" in suffix else "1"
                 os.environ["QCOMPILE_INLINE_QUANT"] = "0" if "op" in suffix else "1"
                 os.environ["QCOMPILE_CODES_W4A16"] = "1" if "w16gemv" in suffix else "0"
+                os.environ["QCOMPILE_EAGER_NUMERICS"] = "0" if "fp32mid" in suffix else "1"
+                os.environ["QCOMPILE_SPLIT_REDUCTIONS"] = "0" if "nosplit" in suffix else "1"
+                os.environ["QCOMPILE_COOPERATIVE_REDUCTIONS"] = "1" if "coop" in suffix else "0"
+                torch._inductor.config.combo_kernels = "combo" in suffix  # restored after the variant
                 lowered = lower(qc.compile(program, recipe, progress=False))
                 if "fused" in suffix:  # q|k|v and gate|up as one INT4 op each
                     from qcompile.passes.fuse_linears import fuse_linears

@@ -11,12 +11,12 @@ graph inputs, together with the real tensors. Two kinds of graph reach it:
   quantization is written in torch ops with the op's exact arithmetic, so that Inductor fuses it into the
   kernel producing its input (``kernels/quant_inline.py``; compiled with IEEE float32 divisions); attention
   with a bool mask (the KV-cache step's) becomes ``decode_attention`` over the unrepeated cache
-  (``kernels/attention_fold.py``);
+  (``kernels/attention_fold.py``); Inductor compiles it with ``INDUCTOR_SETTINGS`` (below);
 - **a float causal LM** with ``options={"recipe": ...}``: the ``nn.Module`` the graph's weights belong to
   is found from Dynamo's sources for them, and at the first call it is captured by ``torch.export`` like
   any model, the recipe is planned and run (calibration from ``options["calibration"]`` ids or windows
   drawn with ``options["tokenizer"]``), its linears are lowered to the INT4 ops, and the result is
-  compiled by Inductor; once per model and options.
+  compiled as an already-quantized graph (the rewrites and settings above); once per model and options.
 
 What cannot be honoured is refused by name, never run in float: an unknown option, a recipe given for
 a graph that is already quantized, a float graph with no recipe, graph inputs other than the token
@@ -27,6 +27,7 @@ partial graphs from graph breaks (the matcher cannot find a whole model in them:
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import weakref
 from dataclasses import dataclass
@@ -132,6 +133,35 @@ def _source_model(gm: fx.GraphModule) -> torch.nn.Module:
     return model
 
 
+# Inductor settings for graphs of the qcompile ops. emulate_precision_casts keeps every bfloat16/float16 rounding
+# eager makes inside a fused kernel (Inductor otherwise carries float32 between fused ops). An activation code is
+# round(x / scale) of a bf16 x, so an x left unrounded flips codes eager does not: a random 2-layer
+# Llama-2-7B-shaped decode step (CPU) was 1.22e-2 / 4.58e-2 / 5.92e-1 relative from the eager lowered step's logits
+# at W4A16 / W4A8 / W4A4 without it, 0 with it (bit for bit, A8/A4 through the codes GEMV); on the H200, W4A16
+# 1.29e-2 -> 9.92e-3 (the rest: GPU kernels' other summation orders and functions, not measured apart), and no cost
+# measured (decode step's Inductor kernels 294 µs, 417.5 tok/s). QCOMPILE_EAGER_NUMERICS=0 drops it (A/B).
+# QCOMPILE_SPLIT_REDUCTIONS=0 turns Inductor's split reductions off: the decode step's SiLU·mul + per-token
+# quantization of down's input (a one-row reduction over 11008 > 8192 columns, split into partial, combine and
+# pointwise kernels) becomes one kernel, but one block's two passes over the row are slower (H200: 9.98 µs against
+# 6.29 for the split kernels, 1×11008 a8; the W4A8 7B step's Inductor kernels 698 µs in 227 launches against 590 in
+# 291 in an earlier run, 340.2 tok/s against 352.2), so the split stays. QCOMPILE_COOPERATIVE_REDUCTIONS=1 forces
+# Inductor's cooperative reductions (one launch whose programs split the row and meet at a grid barrier; its own
+# heuristic takes them only from 32768 columns): not yet measured, for an A/B (decode.py's ``-coop``).
+INDUCTOR_SETTINGS = {"emulate_precision_casts": True}
+
+
+def inductor_settings() -> dict:
+    """``INDUCTOR_SETTINGS`` and the environment's changes to them (see above)."""
+    settings = dict(INDUCTOR_SETTINGS)
+    if os.environ.get("QCOMPILE_EAGER_NUMERICS") == "0":
+        del settings["emulate_precision_casts"]
+    if os.environ.get("QCOMPILE_SPLIT_REDUCTIONS") == "0":
+        settings["split_reductions"] = False
+    if os.environ.get("QCOMPILE_COOPERATIVE_REDUCTIONS") == "1":
+        settings |= {"triton.cooperative_reductions": True, "triton.force_cooperative_reductions": True}
+    return settings
+
+
 _MODES = {  # torch.compile's mode → Inductor settings (what its own modes mean)
     None: {},
     "default": {},
@@ -151,25 +181,32 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         if opts.recipe is not None:
             raise QCompileError("torch.compile backend qcompile: this graph is already quantized (it calls "
                                 "qcompile ops); compile it without a recipe")
-        from qcompile.kernels import attention_fold, codes_route, fold, quant_inline
-
-        if fold.enabled():  # A8/A4 linears quantize their own activation (one launch at one token)
-            fold.fold_activation_quant(gm)
-        patches = {}
-        if quant_inline.enabled() and opts.inductor and quant_inline.inline_activation_quant(gm):
-            patches = quant_inline.INDUCTOR_PATCHES  # fused into the kernel making x, bit for bit the op's codes
-            if codes_route.enabled():  # one-token A8/A4 linears: the W4A16 GEMV on bf16(codes − zeros)
-                codes_route.route_codes_to_w4a16(gm)
-        if attention_fold.enabled():  # attention over the unrepeated cache, split along the keys
-            attention_fold.fold_decode_attention(gm)
-        if not opts.inductor:
-            return gm.forward
-        _warm_up(gm, example_inputs)
-        return _inductor(gm, example_inputs, mode, patches)
+        return _compile_quantized(gm, example_inputs, opts, mode)
     if opts.recipe is None:
         raise QCompileError("torch.compile backend qcompile: a float model needs options={'recipe': NAME, ...} "
                             "(or compile a model loaded from a qcompile quantize directory)")
     return _quantize_graph(gm, example_inputs, opts, mode)
+
+
+def _compile_quantized(gm: fx.GraphModule, example_inputs, opts: BackendOptions, mode: str | None,
+                       decode_attention: bool = True):
+    """A graph of the qcompile ops: its rewrites (module docstring), then Inductor with ``inductor_settings()``;
+    ``decode_attention=False`` keeps SDPA (the whole-sequence graph of a recipe, which has no KV cache)."""
+    from qcompile.kernels import attention_fold, codes_route, fold, quant_inline
+
+    if fold.enabled():  # A8/A4 linears quantize their own activation (one launch at one token)
+        fold.fold_activation_quant(gm)
+    patches = inductor_settings()
+    if quant_inline.enabled() and opts.inductor and quant_inline.inline_activation_quant(gm):
+        patches |= quant_inline.INDUCTOR_PATCHES  # fused into the kernel making x, bit for bit the op's codes
+        if codes_route.enabled():  # one-token A8/A4 linears: the W4A16 GEMV on bf16(codes − zeros)
+            codes_route.route_codes_to_w4a16(gm)
+    if decode_attention and attention_fold.enabled():  # attention over the unrepeated cache, split along the keys
+        attention_fold.fold_decode_attention(gm)
+    if not opts.inductor:
+        return gm.forward
+    _warm_up(gm, example_inputs)
+    return _inductor(gm, example_inputs, mode, patches)
 
 
 _QUANTIZED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {options: lowered Program}
@@ -205,8 +242,8 @@ def _quantize_graph(gm: fx.GraphModule, example_inputs, opts: BackendOptions, mo
             program = api.compile(api.capture(model), recipe, opts.tokenizer, opts.progress,
                                   calibration=opts.calibration)
             lowered = lower(program) if recipe.quantizes else program
-            run = (torch.compile(lowered.module, backend="inductor", fullgraph=True, mode=mode) if opts.inductor
-                   else lowered.module)
+            run = (torch.compile(lowered.module, fullgraph=True, backend=lambda g, inputs: _compile_quantized(
+                g, inputs, BackendOptions(), mode, decode_attention=False)) if opts.inductor else lowered.module)
             cache[key] = (lowered, run)
         return cache[key]
 

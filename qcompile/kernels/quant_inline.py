@@ -15,6 +15,8 @@ Bit-exactness with the op (the codes, scales and zeros are the op's, bit for bit
   fused kernel, so x is read through its bits: ``bits(x_bf16) << 16`` viewed as float32 is x's exact value,
   and the bitcast forces the rounding to bfloat16 that the op's input buffer had (the same single rounding
   Inductor applies when it stores x). float32 x is used as it is; float16 x keeps the op (no such trick).
+  The backend also compiles with ``emulate_precision_casts``, which keeps that rounding; the bit read keeps
+  this function exact under any Inductor settings.
 - **IEEE divisions.** ``x / scale`` and ``−lo / full`` are float32 divisions: the backend compiles with
   Inductor's ``eager_numerics.division_rounding`` (``INDUCTOR_PATCHES``; Triton's ``/`` is otherwise the
   approximate ``div.full``), so they are correctly rounded as in eager and in ``rotate_quant``.

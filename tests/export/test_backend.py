@@ -84,3 +84,38 @@ def test_hugging_face_cache_inputs_are_refused():
     compiled = torch.compile(model, backend="qcompile", fullgraph=True, options=RECIPE)
     with pytest.raises(Exception, match="only logits|only token ids"):
         compiled(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=True)
+
+
+@pytest.mark.parametrize("a", [16, 8, 4])
+def test_bf16_decode_step_equals_eager_bit_for_bit(a, monkeypatch):
+    """A bfloat16 model's compiled decode step gives the eager lowered step's logits bit for bit (CPU): the
+    backend keeps eager's bf16 roundings inside fused kernels (``emulate_precision_casts``). Without it the
+    float32 intermediates flip activation codes: this tiny Llama's logits were 5.6e-3 / 9.6e-3 / 1.3e-2
+    relative away at A16 / A8 / A4. The A8/A4 linears keep the codes GEMV (``codes_route`` sums in another
+    order: its own numerics)."""
+    monkeypatch.setenv("QCOMPILE_CODES_W4A16", "0")
+    torch._dynamo.reset()
+    recipe = qc.as_recipe("rtn").with_bits(group=16, a=None if a == 16 else a)
+    lowered = lower(qc.compile(qc.capture(tiny("llama").to(torch.bfloat16)), recipe, progress=False))
+    layout = CacheLayout.of(lowered.model_map)
+    step = add_kv_cache(lowered).module
+    eager = CachedDecoder(step, layout, torch.bfloat16)
+    fast = CachedDecoder(torch.compile(step, backend="qcompile", fullgraph=True, dynamic=False), layout,
+                         torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    _, cache = eager.step(ids[:, :8], eager.empty_cache(1))
+    want, _ = eager.step(ids[:, 8:], cache)
+    got, _ = fast.step(ids[:, 8:], cache)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_inductor_settings_follow_the_environment(monkeypatch):
+    from qcompile.export.backend import INDUCTOR_SETTINGS, inductor_settings
+
+    monkeypatch.delenv("QCOMPILE_EAGER_NUMERICS", raising=False)
+    monkeypatch.delenv("QCOMPILE_SPLIT_REDUCTIONS", raising=False)
+    monkeypatch.delenv("QCOMPILE_COOPERATIVE_REDUCTIONS", raising=False)
+    assert inductor_settings() == INDUCTOR_SETTINGS == {"emulate_precision_casts": True}
+    monkeypatch.setenv("QCOMPILE_EAGER_NUMERICS", "0")
+    monkeypatch.setenv("QCOMPILE_SPLIT_REDUCTIONS", "0")
+    assert inductor_settings() == {"split_reductions": False}

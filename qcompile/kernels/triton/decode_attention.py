@@ -97,9 +97,10 @@ def split_plan(rows: int, t: int, min_chunk: int = 32) -> tuple[int, int]:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, chunk: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """``softmax(scale · q kᵀ masked) v`` for ``q [B, H_q, S, D]``, ``k, v [B, H_kv, T, D]``, bool ``mask``
-    broadcastable to ``[B, H_q, S, T]`` (true = attend); see the module docstring."""
+    broadcastable to ``[B, H_q, S, T]`` (true = attend); see the module docstring. ``chunk`` (a power of two)
+    and ``num_warps`` override the split plan's (benchmarks of other plans)."""
     bsz, hq, s, d = q.shape
     t, g = k.shape[2], hq // k.shape[1]
     m4 = mask.view(torch.uint8)
@@ -107,7 +108,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         m4 = m4.unsqueeze(0)
     m4 = m4.expand(bsz, hq, s, t)
     rows = bsz * hq * s
-    chunk, ns = split_plan(rows, t)
+    chunk, ns = split_plan(rows, t) if chunk is None else (chunk, -(-t // chunk))
+    num_warps = num_warps or (4 if chunk * d > 4096 else 2)
     part_acc = torch.empty((rows * ns, d), dtype=torch.float32, device=q.device)
     part_m = torch.empty(rows * ns, dtype=torch.float32, device=q.device)
     part_l = torch.empty(rows * ns, dtype=torch.float32, device=q.device)
@@ -116,7 +118,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                               v.stride(0), v.stride(1), v.stride(2),
                               m4.stride(0), m4.stride(1), m4.stride(2), m4.stride(3), float(scale),
-                              D=d, CHUNK=chunk, num_warps=4 if chunk * d > 4096 else 2)
+                              D=d, CHUNK=chunk, num_warps=num_warps)
     _combine_kernel[(rows,)](part_acc, part_m, part_l, out, ns, hq, s, out.stride(0), out.stride(1),
                              out.stride(2), D=d, NS_P=triton.next_power_of_2(ns), num_warps=4)
     return out
