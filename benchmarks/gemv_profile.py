@@ -9,6 +9,13 @@ any configuration the tuner is offered (``w4a16.candidates`` / ``w4ax.candidates
     python benchmarks/gemv_profile.py --attention-only   # decode attention over a 768-slot cache: split-key vs SDPA
     python benchmarks/gemv_profile.py --inline-quant     # the inlined per-token quantization = the op, on the GPU
     ncu --clock-control none -k regex:gemv python benchmarks/gemv_profile.py --shapes 28672x8192 --profile
+    python benchmarks/gemv_profile.py --levers --json $OUT/levers.json   # the M = 1 levers at the 7B/8B shapes
+
+``--levers``: the M = 1 W4A16 GEMV at the 7B/8B decode shapes (``LEVER_SHAPES``): the earlier winners and the
+``MMA_M1_CONFIGS`` variants, each checked before timing; TB/s of weight + scale bytes; the three fastest also
+timed in a decode step's order (a CUDA graph of an elementwise kernel making x, then the GEMV of x); the
+fastest in that order checked with a row scale and written to the tuner's cache (``QCOMPILE_KERNEL_CACHE``) as
+``w4a16.linear`` keys it, so that a decode run in the same call uses it.
 """
 
 from __future__ import annotations
@@ -166,6 +173,145 @@ def sweep_dynamic(N: int, K: int, rows: list, bad: list) -> None:
                   flush=True)
     del ws
     torch.cuda.empty_cache()
+
+
+LEVER_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (11008, 4096), (6144, 4096),
+                (28672, 4096), (4096, 14336)]
+# the earlier sweep's winners among the configurations offered before these variants (kernels-h200.md, 14:38 run)
+LEVER_BASE = {"mma_gemv_w8_s2_k1_q4_ahead", "mma_gemv_w4_s2_k1_q4_ahead", "mma_gemv_w8_s2_k1_q8_ahead",
+              "mma_gemv_w16_s2_k1_q16_ahead", "gemv_n8_b256_w2_fused", "gemv_n8_b256_w2_fused_ahead",
+              "gemv_n8_b512_w4_fused_ahead"}
+
+
+def _lever_check(cand, N: int, K: int, row_scale: bool = False) -> float:
+    """Relative error of ``cand`` against the float32 reference on fresh asymmetric, biased inputs."""
+    p, s, z = rand_weight(N, K, 128, asym=True)
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    xc = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    r = torch.rand(1, device="cuda") + 0.5 if row_scale else None
+    ref = reference.linear_w4a16(xc.float(), p, s, z, 128, None)
+    ref = (ref if r is None else ref * r) + b.float()
+    out = w4a16.run(cand, xc, p, s, z, 128, b, r)
+    return rel(out, ref) if bool(torch.isfinite(out).all()) else float("inf")
+
+
+def sweep_levers(N: int, K: int, rows: list, bad: list) -> None:
+    """Every variant alone (graph replays of GEMVs back to back), then the three fastest in a decode step's
+    order: a CUDA graph of an elementwise kernel making x, then the GEMV of x. The tuner's cache gets the
+    fastest in that order."""
+    from qcompile.kernels import autotune
+
+    ws = [rand_weight(N, K, 128) for _ in range(n_copies(w4_bytes(N, K)))]
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    nbytes = w4_bytes(N, K)
+    floor = nbytes / (COPY_TBS * 1e12) * 1e6
+    tg = [tinygemm_weight(N, K, 128) for _ in range(n_copies(nbytes))]
+    us_tg = time_calls([lambda t=t: torch._weight_int4pack_mm(x, t[0], 128, t[1]) for t in tg], graph=True,
+                       budget_s=0.05)
+    del tg
+    rows.append(dict(op="tinygemm", N=N, K=K, M=1, cand="tinygemm", us=us_tg, floor_us=floor))
+    print(f"{N}x{K} {'tinygemm':40s} {us_tg:6.1f} us {nbytes / us_tg / 1e6:5.2f} TB/s", flush=True)
+    new = {w4a16.mma_candidate(*c).name for c in w4a16.MMA_M1_CONFIGS}
+    cands = [c for c in w4a16.candidates(1, N, K, 128, True, torch.bfloat16) if c.name in new | LEVER_BASE]
+    by_name = {c.name: c for c in cands}
+    alone, ordered = {}, {}
+    for cand in cands:
+        try:
+            err = _lever_check(cand, N, K)
+            if not err < 8e-3:
+                raise ValueError(f"rel {err:.2e}")
+            alone[cand.name] = time_calls([lambda w=w, c=cand: w4a16.run(c, x, w[0], w[1], None, 128, None)
+                                           for w in ws], graph=True, budget_s=0.05)
+        except Exception as exc:  # noqa: BLE001 - reported, never chosen
+            print(f"{N}x{K} {cand.name:40s} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            bad.append(f"{cand.name} {N}x{K}: {type(exc).__name__} {str(exc)[:80]}")
+            continue
+        us = alone[cand.name]
+        rows.append(dict(op="w4a16", N=N, K=K, M=1, cand=cand.name, us=us, floor_us=floor, rel=err,
+                         tbs=nbytes / us / 1e6, new=cand.name in new))
+        print(f"{N}x{K} {cand.name:40s} {us:6.1f} us {nbytes / us / 1e6:5.2f} TB/s  ×tinygemm {us_tg / us:4.2f}  "
+              f"rel {err:.1e}{'  (new)' if cand.name in new else ''}", flush=True)
+    x0 = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    xs = torch.empty_like(x0)
+    for name in sorted(alone, key=alone.get)[:3]:
+        cand = by_name[name]
+
+        def pair(w, c=cand):
+            torch.mul(x0, 1.0001, out=xs)
+            return w4a16.run(c, xs, w[0], w[1], None, 128, None)
+        try:
+            ordered[name] = time_calls([lambda w=w: pair(w) for w in ws], graph=True, budget_s=0.05)
+        except Exception as exc:  # noqa: BLE001
+            print(f"{N}x{K} in order {name} FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            bad.append(f"{name} {N}x{K} in order: {type(exc).__name__}")
+            continue
+        rows.append(dict(op="pair", N=N, K=K, M=1, cand=name, us=ordered[name], alone=alone[name], floor_us=floor))
+        print(f"{N}x{K} elementwise + {name:40s} {ordered[name]:6.1f} us (alone {alone[name]:.1f})", flush=True)
+    if not alone:
+        return
+    win = min(ordered, key=ordered.get) if ordered else min(alone, key=alone.get)
+    try:  # the winner serves the codes route too: its row-scale path checked here
+        err = _lever_check(by_name[win], N, K, row_scale=True)
+    except Exception as exc:  # noqa: BLE001
+        err = float("nan")
+        print(f"{N}x{K} {win} row scale FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    print(f"{N}x{K} winner {win} (in order {ordered.get(win, float('nan')):.1f}, alone {alone[win]:.1f} us); with a "
+          f"row scale: rel {err:.1e}", flush=True)
+    if not err < 8e-3:
+        bad.append(f"{win} {N}x{K} row scale: rel {err:.2e}")
+    else:  # what w4a16.linear will run for this shape (its tuning key), in the tuner's cache
+        key = w4a16._tune_key(x, ws[0][0], None, 128, None)
+        autotune._store.put(autotune._full_key("w4a16_decode", key, x.device), win)
+    rows.append(dict(op="winner", N=N, K=K, M=1, cand=win, us=alone[win], ordered=ordered.get(win), floor_us=floor))
+    del ws
+    torch.cuda.empty_cache()
+
+
+def lever_summary(rows: list) -> str:
+    lines = ["| N×K | tinygemm µs | before µs (earlier configs, alone) | best alone µs | TB/s | × tinygemm | "
+             "variant | floor µs | tuner's pick (elementwise + GEMV µs) |", "|---|---|---|---|---|---|---|---|---|"]
+    for N, K in LEVER_SHAPES:
+        tg = best(rows, "tinygemm", N, K, 1)
+        mine = [r for r in rows if r["op"] == "w4a16" and r["N"] == N and r["K"] == K]
+        win = next((r for r in rows if r["op"] == "winner" and r["N"] == N and r["K"] == K), None)
+        if not tg or not mine:
+            continue
+        old = min((r for r in mine if not r["new"]), key=lambda r: r["us"], default=None)
+        b = min(mine, key=lambda r: r["us"])
+        pick = f"{win['cand']} ({win['ordered']:.1f})" if win and win.get("ordered") else (win or {}).get("cand", "")
+        lines.append(f"| {N}×{K} | {tg['us']:.1f} | {old['us'] if old else float('nan'):.1f} | {b['us']:.1f} | "
+                     f"{b['tbs']:.2f} | {tg['us'] / b['us']:.2f} | {b['cand']} | {b['floor_us']:.1f} | {pick} |")
+    pairs = [r for r in rows if r["op"] == "pair"]
+    if pairs:
+        lines += ["", "| N×K | variant | elementwise + GEMV µs | GEMV alone µs |", "|---|---|---|---|"]
+        lines += [f"| {r['N']}×{r['K']} | {r['cand']} | {r['us']:.1f} | {r['alone']:.1f} |" for r in pairs]
+    return "\n".join(lines)
+
+
+def check_codes_route(bad: list) -> None:
+    """The exact codes route on the GPU (the tuned W4A16 GEMV with the token's scale as its row scale) against
+    ``reference.linear_w4a8`` in bfloat16: outputs that differ (float32 summation order can move a tie by one
+    ulp) and the largest difference, at two shapes, symmetric and asymmetric 8-bit codes."""
+    from qcompile.kernels.codes_route import linear_codes_w4a16
+
+    for N, K in ((4096, 4096), (11008, 4096)):
+        for sym in (True, False):
+            p, s, z = rand_weight(N, K, 128, asym=not sym)
+            b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16) * 2
+            a, sa, za = reference.quantize_per_token(x, 8, sym, 1.0)
+            za = None if sym else za
+            want = reference.linear_w4a8(a, sa, za, p, s, z, 128, b, torch.bfloat16)
+            got = linear_codes_w4a16(a, sa, za, p, s, z, 128, b, torch.bfloat16)
+            got = linear_codes_w4a16(a, sa, za, p, s, z, 128, b, torch.bfloat16)  # the planned call
+            diff = (got.float() - want.float()).abs()
+            n_diff = int((got != want).sum())
+            ok = float(diff.max()) <= 2 ** -7 * float(want.float().abs().max()) and n_diff <= N // 100
+            print(f"codes route {N}x{K} {'sym' if sym else 'asym'}: {n_diff} of {N} outputs differ from "
+                  f"linear_w4a8's, max |diff| {float(diff.max()):.2e} (max |y| {float(want.float().abs().max()):.2e})"
+                  f"{'' if ok else '  WRONG'}", flush=True)
+            if not ok:
+                bad.append(f"codes route {N}x{K} sym={sym}")
 
 
 def best(rows: list, op: str, N: int, K: int, M: int, offered_only: bool = True) -> dict | None:
@@ -353,10 +499,26 @@ def main() -> int:
     ap.add_argument("--inline-quant", action="store_true", help="only the inlined-quantization checks (quant_inline)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="launch the offered M = 1 candidates once each (ncu)")
+    ap.add_argument("--levers", default=None, nargs="?", const=",".join(f"{n}x{k}" for n, k in LEVER_SHAPES),
+                    help="only the M = 1 levers sweep (default: the 7B/8B decode shapes)")
     args = ap.parse_args()
     parse = lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",") if t]  # noqa: E731
     if args.inline_quant:
         return check_inline_quant()
+    if args.levers is not None:
+        t0 = time.time()
+        rows, bad = [], []
+        for N, K in parse(args.levers):
+            sweep_levers(N, K, rows, bad)
+        check_codes_route(bad)
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(rows=rows, bad=bad, device=torch.cuda.get_device_name(),
+                                                       torch=torch.__version__, seconds=round(time.time() - t0)),
+                                                  indent=1))
+        print(f"\nlevers sweep took {time.time() - t0:.0f} s\n" + lever_summary(rows), flush=True)
+        if bad:
+            print("WRONG OR FAILED: " + "; ".join(bad), flush=True)
+        return 1 if bad else 0
     if args.profile:
         for N, K in parse(args.shapes):
             p, s, _ = rand_weight(N, K, 128)

@@ -1,12 +1,13 @@
-"""One-token A8/A4 linears through the W4A16 GEMV on the exact codes (``QCOMPILE_CODES_W4A16=1``).
+"""One-token A8/A4 linears through the W4A16 GEMV on the exact codes (on by default; ``QCOMPILE_CODES_W4A16=0``
+turns it off).
 
-Algebra. ``linear_w4a8(a, sa, za, W) = sa·Σ_k (a_k − za)·Ŵ[n, k]``; ``a − za`` is an integer in [−255, 255],
-exact in bfloat16 (8 significant bits), so ``linear_w4a16(bf16(a − za), W)`` is the same sum, and the
-token's scale (and the bias) is applied to its output. Where the quantization is inlined
-(``quant_inline``), Inductor writes ``bf16(a − za)`` instead of the int8 codes in the kernel making x, the
-GEMV is the tuned W4A16 one (word or tensor-core GEMV, whichever the tuner picked for the shape), and
-``· sa + bias`` fuses into the next kernel. Numerics: the W4A16 op rounds the sum to bfloat16 before the
-scale, one more rounding than the codes GEMV (≤ 2^-9 relative per output; the codes are unchanged).
+Algebra. ``linear_w4a8(a, sa, za, W) = sa·Σ_k (a_k − za)·Ŵ[n, k] + bias``; ``a − za`` is an integer in
+[−255, 255], exact in bfloat16 (8 significant bits) and float16, so ``linear_w4a16(bf16(a − za), W,
+row_scale=sa, bias)`` is the same sum, scaled by the token's ``sa`` and biased in float32 inside the GEMV and
+rounded once to the output dtype: the codes GEMV's numerics (the float32 summation order aside). Where the
+quantization is inlined (``quant_inline``), Inductor writes ``bf16(a − za)`` instead of the int8 codes in the
+kernel making x, and the GEMV is the tuned W4A16 one (word or tensor-core GEMV, whichever the tuner picked for
+the shape), so the A8/A4 decode reads the weights at the W4A16 GEMV's speed.
 
 Rewritten: ``linear_w4a8/w4a4`` of one row (static shapes) whose codes come from an inlined quantization.
 """
@@ -26,22 +27,21 @@ __all__ = ["enabled", "linear_codes_w4a16", "route_codes_to_w4a16"]
 
 
 def enabled() -> bool:
-    """Whether the backend routes one-token A8/A4 linears through the W4A16 GEMV (``QCOMPILE_CODES_W4A16=1``)."""
-    return os.environ.get("QCOMPILE_CODES_W4A16", "0") == "1"
+    """Whether the backend routes one-token A8/A4 linears through the W4A16 GEMV (default; ``QCOMPILE_CODES_W4A16=0``
+    keeps the codes GEMV)."""
+    return os.environ.get("QCOMPILE_CODES_W4A16", "1") != "0"
 
 
 def linear_codes_w4a16(x_codes: Tensor, x_scales: Tensor, x_zeros: Tensor | None, packed_weight: Tensor,
                        w_scales: Tensor, w_zeros: Tensor | None, group_size: int, bias: Tensor | None = None,
                        out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """``linear_w4a8`` as ``linear_w4a16(bf16(a − za)) · sa + bias`` (see the module docstring)."""
+    """``linear_w4a8`` as ``linear_w4a16(a − za, row_scale=sa, bias)`` with x in ``out_dtype`` (see the module
+    docstring)."""
     a = x_codes.float()
     if x_zeros is not None:
         a = a - x_zeros.float()
-    y = torch.ops.qcompile.linear_w4a16(a.to(torch.bfloat16), packed_weight, w_scales, w_zeros, group_size, None)
-    y = y.float() * x_scales
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
+    return torch.ops.qcompile.linear_w4a16(a.to(out_dtype), packed_weight, w_scales, w_zeros, group_size, bias,
+                                           x_scales)
 
 
 def _rows(node) -> int | None:

@@ -167,32 +167,52 @@ def quantize_per_token(
 # linear_w4a16
 
 
+def _check_row_scale(x: Tensor, row_scale: Tensor | None) -> None:
+    if row_scale is None:
+        return
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if row_scale.dtype != torch.float32 or row_scale.numel() != rows or row_scale.device != x.device:
+        raise shapes.ShapeError(f"linear_w4a16: row_scale must be float32 with one value per row of x ({rows}, "
+                                f"e.g. [..., 1]) on x's device, got {row_scale.dtype} {list(row_scale.shape)} on "
+                                f"{row_scale.device}")
+
+
 def _linear_w4a16(
-    x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
+    x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     shapes.check_linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
-    return reference.linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
+    _check_row_scale(x, row_scale)
+    if row_scale is None:
+        return reference.linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
+    y = reference.linear_w4a16(x.float(), packed_weight, scales, zeros, group_size, None)
+    y = y * row_scale.reshape(*x.shape[:-1], 1)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
 def _linear_w4a16_cuda(
-    x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
+    x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
-    y = _plans().call_w4a16(x, packed_weight, scales, zeros, group_size, bias)  # the decode fast path
+    y = _plans().call_w4a16(x, packed_weight, scales, zeros, group_size, bias, row_scale)  # the decode fast path
     if y is not None:
         return y
     shapes.check_linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
-    return _cuda().linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
+    _check_row_scale(x, row_scale)
+    return _cuda().linear_w4a16(x, packed_weight, scales, zeros, group_size, bias, row_scale)
 
 
 def _linear_w4a16_fake(
-    x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None
+    x: Tensor, packed_weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     shapes.check_linear_w4a16(x, packed_weight, scales, zeros, group_size, bias)
+    _check_row_scale(x, row_scale)
     return x.new_empty((*x.shape[:-1], packed_weight.shape[0]))
 
 
-_op("linear_w4a16(Tensor x, Tensor packed_weight, Tensor scales, Tensor? zeros, int group_size, Tensor? bias) "
-    "-> Tensor", _linear_w4a16, _linear_w4a16_cuda, _linear_w4a16_fake)
+_op("linear_w4a16(Tensor x, Tensor packed_weight, Tensor scales, Tensor? zeros, int group_size, Tensor? bias, "
+    "Tensor? row_scale=None) -> Tensor", _linear_w4a16, _linear_w4a16_cuda, _linear_w4a16_fake)
 
 
 def linear_w4a16(
@@ -202,10 +222,13 @@ def linear_w4a16(
     zeros: Tensor | None,
     group_size: int | None,
     bias: Tensor | None = None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
-    """``x @ W.T + bias`` for a canonical int4 W; ``group_size`` None = per-channel (K)."""
+    """``x @ W.T + bias`` for a canonical int4 W; ``group_size`` None = per-channel (K). ``row_scale`` (float32,
+    one per row of x): ``(x @ W.T)·row_scale + bias`` computed in float32 and rounded once to x's dtype (the
+    exact route of one-token A8/A4 linears, ``codes_route``)."""
     g = x.shape[-1] if group_size is None else group_size
-    return torch.ops.qcompile.linear_w4a16(x, packed_weight, scales, zeros, g, bias)
+    return torch.ops.qcompile.linear_w4a16(x, packed_weight, scales, zeros, g, bias, row_scale)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -90,6 +90,31 @@ def test_w4a16_plan_launches_what_the_generic_path_launches(recorder, cand, asym
     assert plans.call_w4a16(x, packed, scales, zeros, 128, bias) is None
 
 
+@pytest.mark.parametrize("cand", [c for c in W4A16_CANDS if c.meta["kind"] == "mma_gemv" and c.meta["SLABS"] == 4][:1]
+                         + [c for c in W4A16_CANDS if c.meta["kind"] == "gemv" and c.meta["FUSED"]][:1],
+                         ids=lambda c: c.name)
+def test_w4a16_plan_with_a_row_scale(recorder, cand):
+    """A plan built with a row scale passes each call's row scale (its address is the only other argument that
+    changes) and refuses one it cannot pass as is; a plan without one never serves a call with one."""
+    gen = torch.Generator().manual_seed(3)
+    packed, scales, zeros = _weight(48, 256, 128, False, gen)
+    x = torch.randn(1, 256, generator=gen).bfloat16()
+    r = torch.rand(1, 1, generator=gen)
+    assert plans.call_w4a16(x, packed, scales, zeros, 128, None, r) is None
+    w4a16.run(cand, x, packed, scales, zeros, 128, None, r.reshape(-1))
+    plans.build_w4a16(plans.w4a16_key(x, packed, 128, r), cand, x, packed, scales, zeros, 128, None, r.reshape(-1))
+    r2 = torch.rand(1, 1, generator=gen)
+    assert plans.call_w4a16(x, packed, scales, zeros, 128, None, r2) is not None
+    generic, planned = [e for e in recorder if e[0] == "generic"], [e for e in recorder if e[0] == "plan"]
+    assert len(generic) == len(planned) == 1
+    v1, v2 = generic[0][2], planned[0][2]
+    assert v2[6] == r2.data_ptr() and v1[6] == r.data_ptr()
+    assert [a for i, a in enumerate(v1) if i not in (5, 6)] == [a for i, a in enumerate(v2) if i not in (5, 6)]
+    assert plans.call_w4a16(x, packed, scales, zeros, 128, None, r2.double()) is None
+    assert plans.call_w4a16(x, packed, scales, zeros, 128, None, torch.rand(2, 1)) is None
+    assert plans.call_w4a16(x, packed, scales, zeros, 128, None) is None  # no plan without a row scale yet
+
+
 def test_plans_are_dropped_with_their_weight(recorder):
     gen = torch.Generator().manual_seed(1)
     packed, scales, zeros = _weight(16, 128, 128, False, gen)

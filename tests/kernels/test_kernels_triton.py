@@ -234,6 +234,51 @@ def test_mma_gemv_offered_only_where_it_applies():
     assert again is not first and not torch.equal(again, first)
 
 
+@pytest.mark.parametrize("n, k, g, asym, has_bias, dt", [
+    (40, 576, 128, True, True, torch.bfloat16), (33, 256, 256, False, False, torch.float32),
+    (17, 320, 64, True, False, torch.float16)])
+def test_row_scale_before_the_one_rounding(n, k, g, asym, has_bias, dt):
+    """``run(..., row_scale)`` = ``(x @ Ŵᵀ)·r + bias`` rounded once: the word GEMV (scales a step
+    ahead or not) scales its float32 row sums; the other kinds (the M > 1 strategies) take the float32 detour."""
+    gen = torch.Generator().manual_seed(n + k)
+    packed, scales, zeros = _weight(n, k, g, asym, gen)
+    bias = torch.randn(n, generator=gen).to(dt) if has_bias else None
+    for m in (1, 3):
+        x = torch.randn(m, k, generator=gen).to(dt)
+        r = torch.rand(m, generator=gen) * 4 + 0.25
+        ref = reference.linear_w4a16(x.float(), packed, scales, zeros, g, None) * r[:, None]
+        ref = ref if bias is None else ref + bias.float()
+        cands = w4a16.candidates(m, n, k, g)
+        if m == 1:
+            cands.append(w4a16.gemv_candidate(4, 2, False, False, False))
+        for cand in cands:
+            y = w4a16.run(cand, x, packed, scales, zeros, g, bias, r)
+            assert y.dtype == dt and _rel(y, ref) < TOL[dt], (cand.name, _rel(y, ref))
+
+
+def test_four_slab_steps_offered_at_one_token_only():
+    """The 4-slab tensor-core GEMV is an M = 1 candidate of 16-bit x on CUDA (unmeasured at M > 1); its steps fall
+    back to fewer slabs where four would straddle K or more than two groups."""
+    from qcompile.kernels.triton import mma_gemv
+
+    def names(m, asm=True, dt=torch.bfloat16):
+        return {c.name for c in w4a16.candidates(m, 4096, 4096, 128, asm, dt)}
+    four = {w4a16.mma_candidate(*c).name for c in w4a16.MMA_M1_CONFIGS}
+    assert four and four <= names(1) and not four & names(2) and not four & names(1, asm=False)
+    x = torch.randn(1, 1024).bfloat16()
+    y = torch.empty(1, 64).bfloat16()
+    tiles = torch.zeros((4, 16, 32, 4), dtype=torch.int32)
+
+    def slabs(g, n, k=1024):
+        sc = torch.ones(64, max(1, k // g)).half()
+        meta = w4a16.mma_candidate(4, n, 1, 4, True).meta
+        fn, grid, args, c, warps = mma_gemv.launch_args(x, tiles[:, :k // 64], sc, None, g, None, y, meta, None)
+        assert len(args) + len(c) == len(fn.arg_names)
+        return c["SLABS"]
+    assert slabs(128, 4) == 4 and slabs(256, 4) == 4 and slabs(1024, 4) == 4  # two groups, one, per-channel
+    assert slabs(64, 4) == 1 and slabs(128, 4, k=960) == 1 and slabs(64, 2) == 1
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_w4ax_codes_gemv_at_one_token(seed):
     """The decode candidate where the word GEMV reads the int8 codes itself (one launch): offered at M = 1

@@ -85,19 +85,24 @@ def _weight(t: Tensor | None) -> Tensor | None:
 
 
 def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
-                 bias: Tensor | None) -> Tensor:
+                 bias: Tensor | None, row_scale: Tensor | None = None) -> Tensor:
     # the decode path runs in tens of µs of host time: a 2-D input takes no reshapes, and weights that
     # are already contiguous (all of them, from the lowering) are not re-checked by .contiguous()
     if x.shape[0] == 0 or x.shape[-1] == 0 or x.numel() == 0:
         return x.new_empty((*x.shape[:-1], packed.shape[0]))
     x2 = _rows(x)
-    y = w4a16.linear(x2, _weight(packed), _weight(scales), _weight(zeros), group_size, _weight(bias))
+    rs = None
+    if row_scale is not None:  # float32 [rows], contiguous and 16-byte aligned (as the plans assume)
+        rs = row_scale.reshape(-1)
+        if not rs.is_contiguous() or rs.data_ptr() & 15:
+            rs = rs.clone(memory_format=torch.contiguous_format)
+    y = w4a16.linear(x2, _weight(packed), _weight(scales), _weight(zeros), group_size, _weight(bias), rs)
     if x2.shape[0] <= 16:
-        key = plans.w4a16_key(x, packed, group_size)
+        key = plans.w4a16_key(x, packed, group_size, row_scale)
         if key not in plans._linear and _may_plan(x):
             cand = w4a16.chosen_candidate(x2, packed, zeros, group_size, bias)
             if cand is not None:
-                plans.build_w4a16(key, cand, x, packed, scales, zeros, group_size, bias)
+                plans.build_w4a16(key, cand, x, packed, scales, zeros, group_size, bias, rs)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], packed.shape[0])
 
 

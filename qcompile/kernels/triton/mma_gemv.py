@@ -24,6 +24,12 @@ Warps along K (KSPLIT): one warp per 16-row tile leaves an SM with a few warps a
 of a program share a tile, warp ``p`` taking steps ``p, p + KSPLIT, …``, and add their accumulators
 through shared memory at the end (``C = Σ_p C_p``: the sum is linear), with no atomics, zeroing or cast
 launch, unlike the grid's SPLIT_K. AHEAD: the next step's scales and zero pairs are loaded with its words.
+SLABS = 4: a step requests four slabs (64 bytes a lane) before any is used, so each warp has twice the bytes
+in flight of a 2-slab step; under g = 128 (two slabs a group) the step spans two groups and the first two
+slabs' sum takes its scale before the second two start (22016×4096 at M = 1: 20.1 → 18.2 µs on the H200).
+
+Row scale (HAS_RS): ``y = C·r[token] + bias`` in float32 before the one rounding to y's dtype, for one-token
+A8/A4 linears run on the exact integer codes (``codes_route``): the token's scale then costs no rounding.
 
 Every tensor here is 1-D over the program's ``32·num_warps`` threads (one element per thread, lane =
 index mod 32), so the warp-wide ``mma.sync`` in an elementwise asm runs converged, in every lane.
@@ -139,13 +145,26 @@ def _slab(w, xp, xq, xm, xmq, zg, zg8, c, n: tl.constexpr, BLOCKS: tl.constexpr,
 
 
 @triton.jit
-def _store(y_ptr, stride_ym, tok, rg, rg8, v0, v1, v2, v3, M, mg, mg8, SPLIT_K: tl.constexpr):
+def _scaled(acc, c, s_g, s_g8, BLOCKS: tl.constexpr):
+    """``acc += s·C`` (rows g take ``s_g``, rows g + 8 ``s_g8``)."""
+    if BLOCKS == 1:
+        out = (tl.fma(c[0], s_g, acc[0]), tl.fma(c[1], s_g, acc[1]), tl.fma(c[2], s_g8, acc[2]),
+               tl.fma(c[3], s_g8, acc[3]))
+    else:
+        out = (tl.fma(c[0], s_g, acc[0]), tl.fma(c[1], s_g, acc[1]), tl.fma(c[2], s_g8, acc[2]),
+               tl.fma(c[3], s_g8, acc[3]), tl.fma(c[4], s_g, acc[4]), tl.fma(c[5], s_g, acc[5]),
+               tl.fma(c[6], s_g8, acc[6]), tl.fma(c[7], s_g8, acc[7]))
+    return out
+
+
+@triton.jit
+def _store(y_ptr, stride_ym, tok, rg, rg8, v0, v1, v2, v3, M, mg, mg8, ATOMIC: tl.constexpr):
     """C fragment → y: ``v0, v1`` = row g for tokens tok, tok + 1; ``v2, v3`` = row g + 8."""
     m0 = tok < M
     m1 = tok + 1 < M
     p0 = y_ptr + tok * stride_ym
     p1 = p0 + stride_ym
-    if SPLIT_K == 1:
+    if not ATOMIC:
         dt = y_ptr.dtype.element_ty
         tl.store(p0 + rg, v0.to(dt), mask=mg & m0)
         tl.store(p1 + rg, v1.to(dt), mask=mg & m1)
@@ -156,6 +175,20 @@ def _store(y_ptr, stride_ym, tok, rg, rg8, v0, v1, v2, v3, M, mg, mg8, SPLIT_K: 
         tl.atomic_add(p1 + rg, v1, mask=mg & m1)
         tl.atomic_add(p0 + rg8, v2, mask=mg8 & m0)
         tl.atomic_add(p1 + rg8, v3, mask=mg8 & m1)
+
+
+@triton.jit
+def _finish(y_ptr, r_ptr, stride_ym, tok, rg, rg8, v, bias_g, bias_g8, M, mg, mg8, HAS_RS: tl.constexpr,
+            ATOMIC: tl.constexpr):
+    """``y = C·r + bias`` for tokens tok, tok + 1 (``r`` the per-token output scale, 1 without HAS_RS), one
+    rounding to y's dtype (or float32 atomics)."""
+    v0, v1, v2, v3 = v
+    if HAS_RS:
+        r0 = tl.load(r_ptr + tok, mask=tok < M, other=1.0)
+        r1 = tl.load(r_ptr + tok + 1, mask=tok + 1 < M, other=1.0)
+        v0, v2 = v0 * r0, v2 * r0
+        v1, v3 = v1 * r1, v3 * r1
+    _store(y_ptr, stride_ym, tok, rg, rg8, v0 + bias_g, v1 + bias_g, v2 + bias_g8, v3 + bias_g8, M, mg, mg8, ATOMIC)
 
 
 @triton.jit
@@ -180,16 +213,35 @@ def _warp_sum(v, TILES: tl.constexpr, KSPLIT: tl.constexpr):
 
 
 @triton.jit
+def _words(wp, step, SLABS: tl.constexpr, mask):
+    """A lane's fragment words of the step's SLABS slabs (16 bytes each), all requested at once."""
+    base = (step * SLABS * 128)[:, None]
+    m = mask[:, None]
+    wa = tl.load(wp + base, mask=m, other=0)
+    wb = wa
+    wc = wa
+    wd = wa
+    if SLABS >= 2:
+        wb = tl.load(wp + base + 128, mask=m, other=0)
+    if SLABS == 4:
+        wc = tl.load(wp + base + 256, mask=m, other=0)
+        wd = tl.load(wp + base + 384, mask=m, other=0)
+    return wa, wb, wc, wd
+
+
+@triton.jit
 def _mma_gemv_kernel(
-    x_ptr, t_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    x_ptr, t_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
     M, N, N_SLABS, NT, stride_xm, stride_ym, stride_sn,
-    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SLABS_PER_GROUP: tl.constexpr, SLABS: tl.constexpr,
-    BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr, NUM_WARPS: tl.constexpr, KSPLIT: tl.constexpr,
-    AHEAD: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RS: tl.constexpr, SLABS_PER_GROUP: tl.constexpr,
+    SLABS: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr, NUM_WARPS: tl.constexpr,
+    KSPLIT: tl.constexpr, AHEAD: tl.constexpr,
 ):
     dt = x_ptr.dtype.element_ty
     n: tl.constexpr = 32 * NUM_WARPS
     TILES: tl.constexpr = NUM_WARPS // KSPLIT  # tiles of 16 rows per program, KSPLIT warps each along K
+    # a step of 4 slabs under groups of 2 slabs (g = 128) spans two groups: two scales per step
+    TWO: tl.constexpr = SLABS == 4 and SLABS_PER_GROUP == 2
     i = tl.arange(0, n)
     lane = i % 32
     g = lane // 4
@@ -219,9 +271,7 @@ def _mma_gemv_kernel(
         acc = (zero, zero, zero, zero, zero, zero, zero, zero)
     step = first + part  # per warp
     ok = step < last
-    wa = tl.load(wp + (step * SLABS * 128)[:, None], mask=(live & ok)[:, None], other=0)
-    if SLABS == 2:
-        wb = tl.load(wp + ((step * 2 + 1) * 128)[:, None], mask=(live & ok)[:, None], other=0)
+    wa, wb, wc, wd = _words(wp, step, SLABS, live & ok)
     if AHEAD:
         s_g, s_g8, zg, zg8 = _step_params(s_ptr, z_ptr, rg, rg8, mg & ok, mg8 & ok, step * SLABS, stride_sn,
                                           SLABS_PER_GROUP, HAS_ZEROS, dt)
@@ -229,15 +279,16 @@ def _mma_gemv_kernel(
         # the next step's words (and scales) are requested before this step's arithmetic
         nxt = step + KSPLIT
         more = nxt < last
-        wa_next = tl.load(wp + (nxt * SLABS * 128)[:, None], mask=(live & more)[:, None], other=0)
-        if SLABS == 2:
-            wb_next = tl.load(wp + ((nxt * 2 + 1) * 128)[:, None], mask=(live & more)[:, None], other=0)
+        wa_n, wb_n, wc_n, wd_n = _words(wp, nxt, SLABS, live & more)
         if AHEAD:
             s_n, s_n8, zg_n, zg_n8 = _step_params(s_ptr, z_ptr, rg, rg8, mg & more, mg8 & more, nxt * SLABS,
                                                   stride_sn, SLABS_PER_GROUP, HAS_ZEROS, dt)
         else:
             s_g, s_g8, zg, zg8 = _step_params(s_ptr, z_ptr, rg, rg8, mg & ok, mg8 & ok, step * SLABS, stride_sn,
                                               SLABS_PER_GROUP, HAS_ZEROS, dt)
+        if TWO:  # the second group's (slabs 2, 3)
+            s2, s28, z2, z28 = _step_params(s_ptr, z_ptr, rg, rg8, mg & ok, mg8 & ok, step * SLABS + 2, stride_sn,
+                                            SLABS_PER_GROUP, HAS_ZEROS, dt)
         slab = (step * SLABS)[:, None]
         xm = ((g < M) & ok)[:, None]  # a warp past its last step reads no activations: its mmas add zeros
         xmq = ((g + 8 < M) & ok)[:, None]
@@ -245,17 +296,19 @@ def _mma_gemv_kernel(
         if BLOCKS == 2:
             c = (zero, zero, zero, zero, zero, zero, zero, zero)
         c = _slab(wa, xp + 32 * slab, xq + 32 * slab, xm, xmq, zg, zg8, c, n, BLOCKS, dt)
-        if SLABS == 2:
+        if SLABS >= 2:
             c = _slab(wb, xp + 32 * (slab + 1), xq + 32 * (slab + 1), xm, xmq, zg, zg8, c, n, BLOCKS, dt)
-            wb = wb_next
-        if BLOCKS == 1:
-            acc = (tl.fma(c[0], s_g, acc[0]), tl.fma(c[1], s_g, acc[1]), tl.fma(c[2], s_g8, acc[2]),
-                   tl.fma(c[3], s_g8, acc[3]))
-        else:
-            acc = (tl.fma(c[0], s_g, acc[0]), tl.fma(c[1], s_g, acc[1]), tl.fma(c[2], s_g8, acc[2]),
-                   tl.fma(c[3], s_g8, acc[3]), tl.fma(c[4], s_g, acc[4]), tl.fma(c[5], s_g, acc[5]),
-                   tl.fma(c[6], s_g8, acc[6]), tl.fma(c[7], s_g8, acc[7]))
-        wa = wa_next
+        if SLABS == 4:
+            if TWO:
+                acc = _scaled(acc, c, s_g, s_g8, BLOCKS)
+                c = (zero, zero, zero, zero)
+                if BLOCKS == 2:
+                    c = (zero, zero, zero, zero, zero, zero, zero, zero)
+                s_g, s_g8, zg, zg8 = s2, s28, z2, z28
+            c = _slab(wc, xp + 32 * (slab + 2), xq + 32 * (slab + 2), xm, xmq, zg, zg8, c, n, BLOCKS, dt)
+            c = _slab(wd, xp + 32 * (slab + 3), xq + 32 * (slab + 3), xm, xmq, zg, zg8, c, n, BLOCKS, dt)
+        acc = _scaled(acc, c, s_g, s_g8, BLOCKS)
+        wa, wb, wc, wd = wa_n, wb_n, wc_n, wd_n
         if AHEAD:
             s_g, s_g8, zg, zg8 = s_n, s_n8, zg_n, zg_n8
         step = nxt
@@ -275,17 +328,19 @@ def _mma_gemv_kernel(
     bias_g = zero
     bias_g8 = zero
     if HAS_BIAS:
-        if tl.program_id(1) == 0:
+        if tl.program_id(1) == 0:  # (split-K: added by the first split)
             bias_g = tl.load(b_ptr + rg, mask=mg, other=0.0).to(tl.float32)
             bias_g8 = tl.load(b_ptr + rg8, mask=mg8, other=0.0).to(tl.float32)
     # lane 4g + t holds rows g, g + 8 for tokens 2t, 2t + 1 (and 8 + 2t, 9 + 2t in the second block)
-    _store(y_ptr, stride_ym, 2 * t, rg, rg8, _warp_sum(acc[0], TILES, KSPLIT) + bias_g,
-           _warp_sum(acc[1], TILES, KSPLIT) + bias_g, _warp_sum(acc[2], TILES, KSPLIT) + bias_g8,
-           _warp_sum(acc[3], TILES, KSPLIT) + bias_g8, M, mg, mg8, SPLIT_K)
+    v = (_warp_sum(acc[0], TILES, KSPLIT), _warp_sum(acc[1], TILES, KSPLIT), _warp_sum(acc[2], TILES, KSPLIT),
+         _warp_sum(acc[3], TILES, KSPLIT))
+    v8 = v
     if BLOCKS == 2:
-        _store(y_ptr, stride_ym, 8 + 2 * t, rg, rg8, _warp_sum(acc[4], TILES, KSPLIT) + bias_g,
-               _warp_sum(acc[5], TILES, KSPLIT) + bias_g, _warp_sum(acc[6], TILES, KSPLIT) + bias_g8,
-               _warp_sum(acc[7], TILES, KSPLIT) + bias_g8, M, mg, mg8, SPLIT_K)
+        v8 = (_warp_sum(acc[4], TILES, KSPLIT), _warp_sum(acc[5], TILES, KSPLIT), _warp_sum(acc[6], TILES, KSPLIT),
+              _warp_sum(acc[7], TILES, KSPLIT))
+    _finish(y_ptr, r_ptr, stride_ym, 2 * t, rg, rg8, v, bias_g, bias_g8, M, mg, mg8, HAS_RS, SPLIT_K > 1)
+    if BLOCKS == 2:
+        _finish(y_ptr, r_ptr, stride_ym, 8 + 2 * t, rg, rg8, v8, bias_g, bias_g8, M, mg, mg8, HAS_RS, SPLIT_K > 1)
 
 
 _tiles: WeakIdKeyDictionary = WeakIdKeyDictionary()  # packed weight -> (its version, its mma tiles)
@@ -310,35 +365,45 @@ def tiles_of(packed: Tensor, K: int) -> Tensor:
 
 
 def run(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None,
-        warps: int, slabs: int, split: int, ksplit: int = 1, ahead: bool = False) -> Tensor:
-    """``x [M ≤ 16, K] @ Wᵀ (+ bias)`` (x with unit stride along K; scales and zeros with unit stride
-    along groups). ``slabs`` (1 or 2) 64-k slabs per loop step, taken as 1 where 2 would straddle
-    groups or K; ``warps`` per program, ``ksplit`` of them sharing one tile of 16 rows along K (summed
-    through shared memory), ``split`` programs along K (float32 partials added atomically)."""
+        meta: dict, row_scale: Tensor | None = None) -> Tensor:
+    """``(x [M ≤ 16, K] @ Wᵀ)·row_scale (+ bias)`` (x with unit stride along K; scales and zeros with unit
+    stride along groups; ``row_scale`` float32 ``[M]`` or None). ``meta``: ``WARPS`` per program, ``KSPLIT``
+    of them sharing one tile of 16 rows along K (summed through shared memory); ``SLABS`` (1, 2 or 4) 64-k
+    slabs per loop step, taken as fewer where they would straddle K or more than two groups; ``SPLIT_K``
+    programs along K, adding float32 partials atomically (zeroed output, cast after); ``AHEAD`` scales a step
+    ahead."""
     M, K = x.shape
     N = packed.shape[0]
     tiles = tiles_of(packed, K)
-    y = x.new_zeros((M, N), dtype=torch.float32) if split > 1 else x.new_empty((M, N))
+    atomic = meta["SPLIT_K"] > 1
+    y = x.new_zeros((M, N), dtype=torch.float32) if atomic else x.new_empty((M, N))
     if x.data_ptr() % 16 or x.stride(0) % 8:  # rows are read as 16-byte vectors
         x = x.clone(memory_format=torch.contiguous_format)
-    launch(*launch_args(x, tiles, scales, zeros, group_size, bias, y, warps, slabs, split, ksplit, ahead))
-    return y.to(x.dtype) if split > 1 else y
+    launch(*launch_args(x, tiles, scales, zeros, group_size, bias, y, meta, row_scale))
+    return y.to(x.dtype) if atomic else y
 
 
 def launch_args(x: Tensor, tiles: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None,
-                y: Tensor, warps: int, slabs: int, split: int, ksplit: int = 1, ahead: bool = False) -> tuple:
+                y: Tensor, meta: dict, row_scale: Tensor | None = None) -> tuple:
     """``launch`` arguments of the kernel for ``x [M, K]`` (16-byte aligned rows) into ``y [M, N]``."""
     M = x.shape[0]
     N = y.shape[1]
     nt, n_slabs = tiles.shape[:2]
     G = scales.shape[1]
     spg = group_size // MMA_STEP if G > 1 else 0
-    if n_slabs % slabs or (spg and spg % slabs):
+    warps, slabs, split, ksplit = meta["WARPS"], meta["SLABS"], meta["SPLIT_K"], meta.get("KSPLIT", 1)
+    if slabs == 4 and (n_slabs % 4 or spg not in (0, 2) and spg % 4):  # at most two groups a step
+        slabs = 2
+    if n_slabs % slabs or (spg and spg % slabs and not (slabs == 4 and spg == 2)):
         slabs = 1
     if warps % ksplit:
         raise ValueError(f"mma_gemv: {warps} warps cannot share tiles {ksplit} at a time")
-    return (_mma_gemv_kernel, (cdiv(nt, warps // ksplit), split),
+    programs = cdiv(nt, warps // ksplit)
+    consts = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, HAS_RS=row_scale is not None,
+                  SLABS_PER_GROUP=spg, SLABS=slabs, BLOCKS=1 if M <= 8 else 2, SPLIT_K=split, NUM_WARPS=warps,
+                  KSPLIT=ksplit, AHEAD=meta.get("AHEAD", False))
+    return (_mma_gemv_kernel, (programs, split),
             (x, tiles, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+             row_scale if row_scale is not None else scales,
              M, N, n_slabs, nt, x.stride(0), y.stride(0), scales.stride(0)),
-            dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SLABS_PER_GROUP=spg, SLABS=slabs,
-                 BLOCKS=1 if M <= 8 else 2, SPLIT_K=split, NUM_WARPS=warps, KSPLIT=ksplit, AHEAD=ahead), warps)
+            consts, warps)

@@ -7,18 +7,19 @@ launcher's specialization key. A plan is built once per ``(weight, activation si
 generic path has run (checked, tuned, compiled) and holds the result as a ``launch.Bound`` per kernel
 and the weights' addresses; a call allocates the output, reads the activation's address and launches.
 
-Validity. A plan is keyed on ``id`` of the packed weight (dropped by a finalizer when that tensor dies,
-so a live key always names the same tensor) and the activation's shape and dtype; a call also requires
-the very same scale/zero/bias tensor objects, the packed weight's version counter unchanged (an in-place
-write or ``set_`` bumps it: the addresses and derived layouts would be stale) and the activation
-contiguous and 16-byte aligned. Anything else returns None and the caller takes the generic path (which
-checks the arguments and raises the op's own errors). The activation's values are never looked at, so
-plans are used inside CUDA-graph capture as well.
+Validity. A plan is keyed on ``id`` of the packed weight (dropped by a finalizer when that tensor dies, so
+a live key always names the same tensor) and the activation's shape and dtype; a call also requires the
+very same scale/zero/bias tensor objects, the packed weight's version counter unchanged (an in-place write
+or ``set_`` bumps it: the addresses and derived layouts would be stale) and the activation contiguous and
+16-byte aligned (a W4A16 plan built with a row scale: the call's row scale float32, one per row,
+contiguous and aligned; its address is passed per call). Anything else returns None and the caller takes
+the generic path (which checks the arguments and raises the op's own errors). The activation's values are
+never looked at, so plans are used inside CUDA-graph capture as well.
 
 Plans exist for the decode candidates only: W4A16 word GEMV (fused or with its prep launch) and
 tensor-core GEMV (M ≤ 16), W4A8/W4A4 ``codes_gemv`` (M = 1, one launch), ``linear_w4ax_dynamic``'s GEMV that
-quantizes the 16-bit token itself (M = 1, one launch), and per-token quantization (any rows) when it is one
-launch. The prefill strategies keep the generic path: their kernels run hundreds of µs.
+quantizes the 16-bit token itself (M = 1, one launch), and per-token quantization (any rows) when it is
+one launch. The prefill strategies keep the generic path: their kernels run hundreds of µs.
 """
 
 from __future__ import annotations
@@ -62,12 +63,22 @@ class LinearPlan:
 
 
 class W4A16Plan(LinearPlan):
-    __slots__ = ("prep", "gemv", "mid")  # prep: Bound or None; mid: the gemv's values after x and before y
+    # prep: Bound or None; mid: the gemv's values after x and before y; rs: the row-scale stand-in's address
+    # (a plan built without a row scale) or None (the call's row scale, checked, goes there)
+    __slots__ = ("prep", "gemv", "mid", "rs")
 
-    def __call__(self, x: Tensor) -> Tensor | None:
+    def __call__(self, x: Tensor, row_scale: Tensor | None = None) -> Tensor | None:
         px = x.data_ptr()
         if px & 15 or not x.is_contiguous():
             return None
+        pr = self.rs
+        if pr is None:  # float32, one per row, 16-byte aligned (as the kernel was specialized)
+            if (row_scale.dtype != torch.float32 or not row_scale.is_contiguous()
+                    or row_scale.numel() * self.out_shape[-1] != _numel(self.out_shape)):
+                return None
+            pr = row_scale.data_ptr()
+            if pr & 15:
+                return None
         if self.cast:  # split-K: float32 partials, zeroed, cast after
             y = x.new_zeros(self.out_shape, dtype=torch.float32)
         else:
@@ -77,8 +88,15 @@ class W4A16Plan(LinearPlan):
             pp = xp.data_ptr()
             self.prep(px, pp, self.tmp_shape[1])
             px = pp
-        self.gemv(px, *self.mid, y.data_ptr(), *self.steps)
+        self.gemv(px, *self.mid, y.data_ptr(), pr, *self.steps)
         return y.to(x.dtype) if self.cast else y
+
+
+def _numel(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 class CodesPlan(LinearPlan):
@@ -124,19 +142,20 @@ def _remember(key, make, packed: Tensor, scales: Tensor, zeros: Tensor | None, b
             _finish(plan, key, packed, scales, zeros, bias)
 
 
-def w4a16_key(x: Tensor, packed: Tensor, group_size: int) -> tuple:
-    return (id(packed), x.shape, x.dtype, group_size)
+def w4a16_key(x: Tensor, packed: Tensor, group_size: int, row_scale: Tensor | None = None) -> tuple:
+    return (id(packed), x.shape, x.dtype, group_size) + (() if row_scale is None else ("row_scale",))
 
 
 def build_w4a16(key, cand, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
-                bias: Tensor | None) -> None:
+                bias: Tensor | None, row_scale: Tensor | None = None) -> None:
     """After the generic path ran ``cand`` on these arguments: remember a plan for ``key`` (or that there
-    is none). ``x`` is the caller's activation (any leading dims, K last)."""
-    _remember(key, lambda: _make_w4a16(cand, x, packed, scales, zeros, group_size, bias), packed, scales, zeros,
-              bias)
+    is none). ``x`` is the caller's activation (any leading dims, K last); ``row_scale`` the generic path's
+    float32 ``[rows]`` row scale (its address is the call's, not the plan's)."""
+    _remember(key, lambda: _make_w4a16(cand, x, packed, scales, zeros, group_size, bias, row_scale), packed, scales,
+              zeros, bias)
 
 
-def _make_w4a16(cand, x, packed, scales, zeros, group_size, bias) -> W4A16Plan | None:
+def _make_w4a16(cand, x, packed, scales, zeros, group_size, bias, row_scale=None) -> W4A16Plan | None:
     meta = cand.meta
     kind = meta["kind"]
     if kind not in ("gemv", "mma_gemv") or not x.is_contiguous() or x.data_ptr() & 15:
@@ -153,6 +172,9 @@ def _make_w4a16(cand, x, packed, scales, zeros, group_size, bias) -> W4A16Plan |
     plan.prep = None
     plan.tmp_shape = None
     y = x2.new_empty((M, N))
+    if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.data_ptr() & 15
+                                  or not row_scale.is_contiguous()):
+        return None
     if kind == "gemv":
         if packed.data_ptr() % 4 or packed.stride(0) % 4:
             return None
@@ -164,35 +186,37 @@ def _make_w4a16(cand, x, packed, scales, zeros, group_size, bias) -> W4A16Plan |
             plan.tmp_shape = tuple(xp.shape)
             if plan.prep is None:
                 return None
-        args = w4a16.gemv_launch(meta, xp, packed, scales, zeros, group_size, bias, y, fused, meta["ASM"])
+        args = w4a16.gemv_launch(meta, xp, packed, scales, zeros, group_size, bias, y, fused, meta["ASM"], row_scale)
     else:
-        split = meta["SPLIT_K"]
-        if split > 1:
+        if meta["SPLIT_K"] > 1:  # split-K: float32 partials, zeroed, cast after
             y = x2.new_zeros((M, N), dtype=torch.float32)
             plan.cast = True
         if x2.stride(0) % 8:
             return None
         tiles = mma_gemv.tiles_of(packed, K)
-        args = mma_gemv.launch_args(x2, tiles, scales, zeros, group_size, bias, y, meta["WARPS"], meta["SLABS"],
-                                    split, meta.get("KSPLIT", 1), meta.get("AHEAD", False))
+        args = mma_gemv.launch_args(x2, tiles, scales, zeros, group_size, bias, y, cand.meta, row_scale)
     plan.gemv = _bound(args)
     if plan.gemv is None:
         return None
-    kernel_args = args[2]  # (x, weight…, y, ints…): x at 0, y at 5 in both kernels
+    # (x, weight…, y, row scale, ints…): x at 0, y at 5, the row scale at 6 in both kernels
+    kernel_args = args[2]
     plan.mid = _weight_values(kernel_args, 1, 4)
-    plan.steps = tuple(kernel_args[6:])
+    plan.rs = None if row_scale is not None else kernel_args[6].data_ptr()
+    plan.steps = tuple(kernel_args[7:])
     # the tensor-core GEMV's tiles stay alive with the plan (never the packed weight: it would never die)
     plan.keep = kernel_args[1] if kind == "mma_gemv" else None
     return plan
 
 
 def call_w4a16(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
-          bias: Tensor | None) -> Tensor | None:
+               bias: Tensor | None, row_scale: Tensor | None = None) -> Tensor | None:
     """The planned call, or None (no plan, or one that does not fit: take the generic path)."""
-    plan = _linear.get((id(packed), x.shape, x.dtype, group_size))
+    key = (id(packed), x.shape, x.dtype, group_size) if row_scale is None else \
+        (id(packed), x.shape, x.dtype, group_size, "row_scale")
+    plan = _linear.get(key)
     if plan is None or plan is _NONE or not plan.matches(scales, zeros, bias, packed):
         return None
-    return plan(x)
+    return plan(x, row_scale)
 
 
 def w4ax_key(a: Tensor, sa: Tensor, za: Tensor | None, packed: Tensor, group_size: int, out_dtype, act_bits: int

@@ -49,6 +49,10 @@ Kernels:
 * ``_dequant_kernel``: the dense weight, for the dequantize-then-cuBLAS strategy at large M (the
   tuned choice on the H200 at M ≥ 128: cuBLAS's bf16 GEMM beats the fused Triton GEMM there).
 
+Row scale (``run``/``linear``'s ``row_scale``, float32 per row of x): ``y = (x @ Ŵᵀ)·r + bias`` rounded once; the
+two GEMVs scale their float32 row sums (the exact route of one-token A8/A4 linears, ``codes_route``), the other
+kinds take a float32 detour (dequantized weight, ``F.linear``), since no one-token route reaches them.
+
 Non-aligned groups (``g`` not a multiple of the tile) use a per-element gather of scale and zero
 (``GATHER``): correct for any ``g``, slower, never the tuned default for power-of-two groups.
 """
@@ -258,15 +262,19 @@ def _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, base, offs_n, n_mask, KW, GW, stride_
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
     N, KW, GW, stride_wn, stride_sn, stride_sg,
-    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RS: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr,
     CHUNK: tl.constexpr, EVEN: tl.constexpr, FUSED: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr,
 ):
+    """``y = (Σ_k x[k]·ŵ[n, k])·r (+ bias)``, one rounding; ``r`` the token's output scale (1 without
+    HAS_RS)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     out = _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, 0.0, offs_n, n_mask, KW, GW, stride_wn, stride_sn, stride_sg,
                      HAS_ZEROS, BLOCK_N, BW, CHUNK, EVEN, 1 if FUSED else 0, ASM, AHEAD, 1.0, 0.0, 0)
+    if HAS_RS:
+        out *= tl.load(r_ptr).to(tl.float32)
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -547,6 +555,11 @@ GEMV_CONFIGS = ((8, 2, True, False), (8, 2, True, True), (8, 1, True, False), (4
 MMA_CONFIGS = ((8, 2, 1, 4, True), (4, 2, 1, 4, True), (8, 2, 1, 8, True), (16, 2, 1, 16, True), (2, 2, 1, 2, True),
                (4, 1, 1, 4, True), (1, 2, 4, 1, False), (1, 2, 8, 1, False))
 
+# Offered at M = 1 as well: steps of four 64-k slabs (two g128 groups, 64 bytes of weights in flight per lane and
+# step), 4 warps on one tile: the fastest or tied at N ≥ 11008, K = 4096 in the 2026-12-01 sweep (22016×4096:
+# 20.1 → 18.2 µs); not offered at M > 1 (unmeasured there).
+MMA_M1_CONFIGS = ((4, 4, 1, 4, True),)
+
 
 def mma_candidate(warps: int, slabs: int, split: int, ksplit: int = 1, ahead: bool = False) -> Candidate:
     name = f"mma_gemv_w{warps}_s{slabs}_k{split}" + (f"_q{ksplit}" if ksplit > 1 else "") + ("_ahead" if ahead else "")
@@ -572,6 +585,8 @@ def candidates(M: int, N: int, K: int, group_size: int, asm: bool = False,
     if asm and mma_gemv.supports(M, K, group_size, G, x_dtype):
         for warps, slabs, split, ksplit, ahead in MMA_CONFIGS:
             out.append(mma_candidate(warps, slabs, split, ksplit, ahead))
+        if M == 1:
+            out += [mma_candidate(*c) for c in MMA_M1_CONFIGS]
     if M == 1 and _word_gemv(K, group_size, G):
         fuse = asm and x_dtype in (torch.bfloat16, torch.float16)
         for bn, warps, fused, ahead in GEMV_CONFIGS:
@@ -616,16 +631,21 @@ def dequantize(packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size:
 
 
 def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None,
-        group_size: int, bias: Tensor | None) -> Tensor:
-    """``x [M, K] @ Wᵀ (+ bias)`` with one candidate; x must have unit stride along K."""
+        group_size: int, bias: Tensor | None, row_scale: Tensor | None = None) -> Tensor:
+    """``(x [M, K] @ Wᵀ)·row_scale (+ bias)`` with one candidate, rounded once to x's dtype; x must have unit
+    stride along K; ``row_scale`` float32 ``[M]`` (contiguous) or None. The GEMVs apply the row scale to
+    their float32 sums; the other kinds (never a one-token route's) take a float32 detour for it."""
     meta = cand.meta
     kind = meta["kind"]
     M, K = x.shape
     N, KH = packed.shape
     G = scales.shape[1]
     if kind == "mma_gemv":
-        return mma_gemv.run(x, packed, scales, zeros, group_size, bias, meta["WARPS"], meta["SLABS"], meta["SPLIT_K"],
-                            meta.get("KSPLIT", 1), meta.get("AHEAD", False))
+        return mma_gemv.run(x, packed, scales, zeros, group_size, bias, meta, row_scale)
+    if row_scale is not None and kind != "gemv":
+        w = dequantize(packed, scales, zeros, group_size, K, torch.float32)
+        y = torch.nn.functional.linear(x.float(), w) * row_scale.reshape(M, 1)
+        return (y if bias is None else y + bias.float()).to(x.dtype)
     if kind == "dequant_cublas":
         w = dequantize(packed, scales, zeros, group_size, K, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -645,7 +665,8 @@ def run(cand: Candidate, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tenso
         if not meta["FUSED"]:
             xp = torch.empty((PLANES, KW), dtype=torch.float32, device=x.device)
             launch(*prep_launch(x, xp))
-        launch(*gemv_launch(meta, xp, packed, scales, zeros, group_size, bias, y, meta["FUSED"], meta["ASM"]))
+        launch(*gemv_launch(meta, xp, packed, scales, zeros, group_size, bias, y, meta["FUSED"], meta["ASM"],
+                            row_scale))
     elif kind == "skinny":
         h = meta["H"]
         offset = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
@@ -671,17 +692,18 @@ def prep_launch(x: Tensor, xp: Tensor) -> tuple:
 
 
 def gemv_launch(meta: dict, xp: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
-                bias: Tensor | None, y: Tensor, fused: bool, asm: bool) -> tuple:
+                bias: Tensor | None, y: Tensor, fused: bool, asm: bool, row_scale: Tensor | None = None) -> tuple:
     """``launch`` arguments of the word GEMV: ``xp`` is x itself (``fused``) or its planes; ``packed`` must
-    be word-aligned (``packed.stride(0) % 4 == 0``)."""
+    be word-aligned (``packed.stride(0) % 4 == 0``); ``row_scale`` the token's float32 output scale or None."""
     N, KH = packed.shape
     G = scales.shape[1]
     KW = KH // 4
     chunk = _chunk_words(group_size, G)
-    consts = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=meta["BLOCK_N"], BW=meta["BW"],
-                  CHUNK=chunk, EVEN=KW % meta["BW"] == 0, FUSED=fused, ASM=asm, AHEAD=meta.get("AHEAD", False))
+    consts = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, HAS_RS=row_scale is not None,
+                  BLOCK_N=meta["BLOCK_N"], BW=meta["BW"], CHUNK=chunk, EVEN=KW % meta["BW"] == 0, FUSED=fused, ASM=asm,
+                  AHEAD=meta.get("AHEAD", False))
     args = (xp, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
-            *_gemv_ints(packed, scales, group_size))
+            row_scale if row_scale is not None else scales, *_gemv_ints(packed, scales, group_size))
     return _gemv_kernel, (cdiv(N, meta["BLOCK_N"]),), args, consts, meta["num_warps"]
 
 
@@ -791,8 +813,9 @@ def chosen_candidate(x: Tensor, packed: Tensor, zeros: Tensor | None, group_size
 
 
 def linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
-           bias: Tensor | None) -> Tensor:
-    """The tuned W4A16 linear for ``x [M, K]``."""
+           bias: Tensor | None, row_scale: Tensor | None = None) -> Tensor:
+    """The tuned W4A16 linear for ``x [M, K]`` (times ``row_scale [M]`` float32 before the bias, if given; the
+    choice is tuned without it)."""
     M, K = x.shape
     N = packed.shape[0]
     key = _tune_key(x, packed, zeros, group_size, bias)
@@ -801,4 +824,4 @@ def linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, grou
     cand = chosen(family, key, device) or choose(
         family, key, lambda: candidates(M, N, K, group_size, x.is_cuda, x.dtype),
         lambda c: run(c, x, packed, scales, zeros, group_size, bias), device)
-    return run(cand, x, packed, scales, zeros, group_size, bias)
+    return run(cand, x, packed, scales, zeros, group_size, bias, row_scale)
