@@ -188,6 +188,10 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     return _quantize_graph(gm, example_inputs, opts, mode)
 
 
+def _on_cuda(example_inputs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
 def _compile_quantized(gm: fx.GraphModule, example_inputs, opts: BackendOptions, mode: str | None,
                        decode_attention: bool = True):
     """A graph of the qcompile ops: its rewrites (module docstring), then Inductor with ``inductor_settings()``;
@@ -199,8 +203,9 @@ def _compile_quantized(gm: fx.GraphModule, example_inputs, opts: BackendOptions,
     patches = inductor_settings()
     if quant_inline.enabled() and opts.inductor and quant_inline.inline_activation_quant(gm):
         patches |= quant_inline.INDUCTOR_PATCHES  # fused into the kernel making x, bit for bit the op's codes
-        if codes_route.enabled():  # one-token A8/A4 linears: the W4A16 GEMV on bf16(codes − zeros)
-            codes_route.route_codes_to_w4a16(gm)
+        if codes_route.enabled() and _on_cuda(example_inputs):  # one-token A8/A4 linears: the W4A16 GEMV on
+            codes_route.route_codes_to_w4a16(gm)  # bf16(codes − zeros); its speed is the GPU GEMV's (the CPU
+            # keeps the eager lowered model's sums, so that compiled = eager bit for bit there)
     if decode_attention and attention_fold.enabled():  # attention over the unrepeated cache, split along the keys
         attention_fold.fold_decode_attention(gm)
     if not opts.inductor:

@@ -91,9 +91,9 @@ def test_bf16_decode_step_equals_eager_bit_for_bit(a, monkeypatch):
     """A bfloat16 model's compiled decode step gives the eager lowered step's logits bit for bit (CPU): the
     backend keeps eager's bf16 roundings inside fused kernels (``emulate_precision_casts``). Without it the
     float32 intermediates flip activation codes: this tiny Llama's logits were 5.6e-3 / 9.6e-3 / 1.3e-2
-    relative away at A16 / A8 / A4. The A8/A4 linears keep the codes GEMV (``codes_route`` sums in another
-    order: its own numerics)."""
-    monkeypatch.setenv("QCOMPILE_CODES_W4A16", "0")
+    relative away at A16 / A8 / A4. The codes route (another summation order) is for CUDA graphs only: the
+    default settings here."""
+    monkeypatch.delenv("QCOMPILE_CODES_W4A16", raising=False)
     torch._dynamo.reset()
     recipe = qc.as_recipe("rtn").with_bits(group=16, a=None if a == 16 else a)
     lowered = lower(qc.compile(qc.capture(tiny("llama").to(torch.bfloat16)), recipe, progress=False))
