@@ -16,8 +16,8 @@ Variants (per shape):
   backend's attention fold off (``QCOMPILE_DECODE_ATTENTION=0``: Inductor's attention over the repeated cache);
   ``-op``: per-token quantizations kept as the custom op (``QCOMPILE_INLINE_QUANT=0``; by default the backend
   inlines the unrotated ones so that Inductor fuses them into the kernel making x, ``kernels/quant_inline.py``);
-  ``-w16gemv``: one-token A8/A4 linears through the W4A16 GEMV on the exact codes (``QCOMPILE_CODES_W4A16=1``,
-  ``kernels/codes_route.py``); ``-fp32mid``: the backend without ``emulate_precision_casts``
+  ``-codesgemv``: one-token A8/A4 linears through the codes GEMV (``QCOMPILE_CODES_W4A16=0``; by default, on
+  CUDA, they go through the W4A16 GEMV on the exact codes, ``kernels/codes_route.py``); ``-fp32mid``: the backend without ``emulate_precision_casts``
   (``QCOMPILE_EAGER_NUMERICS=0``: Inductor's float32 intermediates, not eager's bf16 roundings: the backend
   before ``export/backend.INDUCTOR_SETTINGS``); ``-nosplit``: Inductor's split reductions off
   (``QCOMPILE_SPLIT_REDUCTIONS=0``: one kernel for SiLU·mul + quantization, slower); ``-coop``: Inductor's
@@ -283,14 +283,14 @@ def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
                 dec = decoder_of(copy.deepcopy(program.module), "inductor")
             elif name.startswith("w4a"):
                 bits, *suffix = name[3:].split("-")
-                if not set(suffix) <= {"fused", "head", "sdpa", "op", "w16gemv", "fp32mid", "nosplit", "coop",
+                if not set(suffix) <= {"fused", "head", "sdpa", "op", "codesgemv", "fp32mid", "nosplit", "coop",
                                        "combo"}:
                     raise ValueError(f"unknown variant {name}")
                 a = int(bits)
                 recipe = rtn.with_bits(group=128, a=None if a == 16 else a, lm_head=True if "head" in suffix else None)
                 os.environ["QCOMPILE_DECODE_ATTENTION"] = "0" if "sdpa" in suffix else "1"
                 os.environ["QCOMPILE_INLINE_QUANT"] = "0" if "op" in suffix else "1"
-                os.environ["QCOMPILE_CODES_W4A16"] = "1" if "w16gemv" in suffix else "0"
+                os.environ["QCOMPILE_CODES_W4A16"] = "0" if "codesgemv" in suffix else "1"
                 os.environ["QCOMPILE_EAGER_NUMERICS"] = "0" if "fp32mid" in suffix else "1"
                 os.environ["QCOMPILE_SPLIT_REDUCTIONS"] = "0" if "nosplit" in suffix else "1"
                 os.environ["QCOMPILE_COOPERATIVE_REDUCTIONS"] = "1" if "coop" in suffix else "0"

@@ -192,10 +192,8 @@ def _on_cuda(example_inputs) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
-def _compile_quantized(gm: fx.GraphModule, example_inputs, opts: BackendOptions, mode: str | None,
-                       decode_attention: bool = True):
-    """A graph of the qcompile ops: its rewrites (module docstring), then Inductor with ``inductor_settings()``;
-    ``decode_attention=False`` keeps SDPA (the whole-sequence graph of a recipe, which has no KV cache)."""
+def _compile_quantized(gm: fx.GraphModule, example_inputs, opts: BackendOptions, mode: str | None):
+    """A graph of the qcompile ops: its rewrites (module docstring), then Inductor with ``inductor_settings()``."""
     from qcompile.kernels import attention_fold, codes_route, fold, quant_inline
 
     if fold.enabled():  # A8/A4 linears quantize their own activation (one launch at one token)
@@ -206,7 +204,7 @@ def _compile_quantized(gm: fx.GraphModule, example_inputs, opts: BackendOptions,
         if codes_route.enabled() and _on_cuda(example_inputs):  # one-token A8/A4 linears: the W4A16 GEMV on
             codes_route.route_codes_to_w4a16(gm)  # bf16(codes − zeros); its speed is the GPU GEMV's (the CPU
             # keeps the eager lowered model's sums, so that compiled = eager bit for bit there)
-    if decode_attention and attention_fold.enabled():  # attention over the unrepeated cache, split along the keys
+    if attention_fold.enabled():  # attention over the unrepeated cache, split along the keys
         attention_fold.fold_decode_attention(gm)
     if not opts.inductor:
         return gm.forward
@@ -248,7 +246,7 @@ def _quantize_graph(gm: fx.GraphModule, example_inputs, opts: BackendOptions, mo
                                   calibration=opts.calibration)
             lowered = lower(program) if recipe.quantizes else program
             run = (torch.compile(lowered.module, fullgraph=True, backend=lambda g, inputs: _compile_quantized(
-                g, inputs, BackendOptions(), mode, decode_attention=False)) if opts.inductor else lowered.module)
+                g, inputs, BackendOptions(), mode)) if opts.inductor else lowered.module)
             cache[key] = (lowered, run)
         return cache[key]
 

@@ -138,8 +138,9 @@ grouped_linear_w4a4 = grouped_linear_w4a8
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """``softmax(scale · q kᵀ + (0 where mask else −∞)) v`` with query head h reading key/value head
     ``h // (H_q / H_kv)``: exactly ``scaled_dot_product_attention`` of q and the repeated k, v (what a
-    captured grouped-query attention computes)."""
+    captured grouped-query attention computes), contiguous as the op's fake result says (SDPA keeps a
+    transposed q's layout)."""
     g = q.shape[1] // k.shape[1]
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
