@@ -134,19 +134,13 @@ def _source_model(gm: fx.GraphModule) -> torch.nn.Module:
 
 
 # Inductor settings for graphs of the qcompile ops. emulate_precision_casts keeps every bfloat16/float16 rounding
-# eager makes inside a fused kernel (Inductor otherwise carries float32 between fused ops). An activation code is
-# round(x / scale) of a bf16 x, so an x left unrounded flips codes eager does not: a random 2-layer
-# Llama-2-7B-shaped decode step (CPU) was 1.22e-2 / 4.58e-2 / 5.92e-1 relative from the eager lowered step's logits
-# at W4A16 / W4A8 / W4A4 without it, 0 with it (bit for bit, A8/A4 through the codes GEMV); on the H200, W4A16
-# 1.29e-2 -> 9.92e-3 (the rest: GPU kernels' other summation orders and functions, not measured apart), and no cost
-# measured (decode step's Inductor kernels 294 µs, 417.5 tok/s). QCOMPILE_EAGER_NUMERICS=0 drops it (A/B).
-# QCOMPILE_SPLIT_REDUCTIONS=0 turns Inductor's split reductions off: the decode step's SiLU·mul + per-token
-# quantization of down's input (a one-row reduction over 11008 > 8192 columns, split into partial, combine and
-# pointwise kernels) becomes one kernel, but one block's two passes over the row are slower (H200: 9.98 µs against
-# 6.29 for the split kernels, 1×11008 a8; the W4A8 7B step's Inductor kernels 698 µs in 227 launches against 590 in
-# 291 in an earlier run, 340.2 tok/s against 352.2), so the split stays. QCOMPILE_COOPERATIVE_REDUCTIONS=1 forces
-# Inductor's cooperative reductions (one launch whose programs split the row and meet at a grid barrier; its own
-# heuristic takes them only from 32768 columns): not yet measured, for an A/B (decode.py's ``-coop``).
+# eager makes inside a fused kernel (Inductor otherwise carries float32 between fused ops): an activation code is
+# round(x / scale) of a bf16 x, so an x left unrounded flips codes that eager does not, and the flips grow layer by
+# layer (a random 2-layer Llama-2-7B-shaped step on the CPU: W4A8 4.6e-2, W4A4 5.9e-1 relative without it, bit for
+# bit with it; no cost measured on the H200: benchmarks/results/decode-backend-h200.md). For A/B timings:
+# QCOMPILE_EAGER_NUMERICS=0 drops it; QCOMPILE_SPLIT_REDUCTIONS=0 makes SiLU·mul + quantization of a one-row FFN
+# activation one kernel instead of Inductor's split reduction (slower on the H200: one program walks the row
+# twice); QCOMPILE_COOPERATIVE_REDUCTIONS=1 forces Inductor's cooperative reductions (not yet measured).
 INDUCTOR_SETTINGS = {"emulate_precision_casts": True}
 
 
