@@ -33,15 +33,11 @@ import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import rel  # noqa: E402
 
 SETTINGS = {"default": {"QCOMPILE_EAGER_NUMERICS": "1", "QCOMPILE_SPLIT_REDUCTIONS": "1"},
             "before (float32 intermediates)": {"QCOMPILE_EAGER_NUMERICS": "0", "QCOMPILE_SPLIT_REDUCTIONS": "1"}}
 NO_SPLIT = {"split reductions off": {"QCOMPILE_EAGER_NUMERICS": "1", "QCOMPILE_SPLIT_REDUCTIONS": "0"}}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _graph_us(fn, args, calls: int = 100) -> float:

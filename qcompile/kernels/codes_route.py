@@ -1,5 +1,5 @@
-"""One-token A8/A4 linears through the W4A16 GEMV on the exact codes (on by default; ``QCOMPILE_CODES_W4A16=0``
-turns it off).
+"""One-token A8/A4 linears through the W4A16 GEMV on the exact codes (the backend's default for graphs on CUDA;
+``QCOMPILE_CODES_W4A16=0`` turns it off).
 
 Algebra. ``linear_w4a8(a, sa, za, W) = sa·Σ_k (a_k − za)·Ŵ[n, k] + bias``; ``a − za`` is an integer in
 [−255, 255], exact in bfloat16 (8 significant bits) and float16, so ``linear_w4a16(bf16(a − za), W,
@@ -7,7 +7,9 @@ row_scale=sa, bias)`` is the same sum, scaled by the token's ``sa`` and biased i
 rounded once to the output dtype: the codes GEMV's numerics (the float32 summation order aside). Where the
 quantization is inlined (``quant_inline``), Inductor writes ``bf16(a − za)`` instead of the int8 codes in the
 kernel making x, and the GEMV is the tuned W4A16 one (word or tensor-core GEMV, whichever the tuner picked for
-the shape), so the A8/A4 decode reads the weights at the W4A16 GEMV's speed.
+the shape), so the A8/A4 decode reads the weights at the W4A16 GEMV's speed. On the CPU the backend keeps the
+codes GEMV: the route's other float32 summation order can flip a later layer's activation codes, and the
+compiled step stays the eager lowered model's bit for bit.
 
 Rewritten: ``linear_w4a8/w4a4`` of one row (static shapes) whose codes come from an inlined quantization.
 """

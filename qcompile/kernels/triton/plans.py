@@ -24,6 +24,7 @@ one launch. The prefill strategies keep the generic path: their kernels run hund
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable
 
@@ -74,7 +75,7 @@ class W4A16Plan(LinearPlan):
         pr = self.rs
         if pr is None:  # float32, one per row, 16-byte aligned (as the kernel was specialized)
             if (row_scale.dtype != torch.float32 or not row_scale.is_contiguous()
-                    or row_scale.numel() * self.out_shape[-1] != _numel(self.out_shape)):
+                    or row_scale.numel() * self.out_shape[-1] != math.prod(self.out_shape)):
                 return None
             pr = row_scale.data_ptr()
             if pr & 15:
@@ -90,13 +91,6 @@ class W4A16Plan(LinearPlan):
             px = pp
         self.gemv(px, *self.mid, y.data_ptr(), pr, *self.steps)
         return y.to(x.dtype) if self.cast else y
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class CodesPlan(LinearPlan):
@@ -211,9 +205,7 @@ def _make_w4a16(cand, x, packed, scales, zeros, group_size, bias, row_scale=None
 def call_w4a16(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
                bias: Tensor | None, row_scale: Tensor | None = None) -> Tensor | None:
     """The planned call, or None (no plan, or one that does not fit: take the generic path)."""
-    key = (id(packed), x.shape, x.dtype, group_size) if row_scale is None else \
-        (id(packed), x.shape, x.dtype, group_size, "row_scale")
-    plan = _linear.get(key)
+    plan = _linear.get(w4a16_key(x, packed, group_size, row_scale))
     if plan is None or plan is _NONE or not plan.matches(scales, zeros, bias, packed):
         return None
     return plan(x, row_scale)
