@@ -9,8 +9,9 @@ them (the settings before: ``QCOMPILE_EAGER_NUMERICS=0``), the first also with s
   14336), and RMSNorm + residual followed by it (4096) — the Triton kernels it generates (counted in its
   code), µs a call (100 calls replayed as one CUDA graph, median of 5 replays), and whether its outputs are
   eager's;
-- **attention**: ``decode_attention``'s split plan against other chunk sizes and warp counts at the 7B and 8B
-  decode step (µs, cache read bandwidth);
+- **attention**: ``decode_attention`` at the 7B and 8B decode step as in a step (32 layers' caches, read from
+  HBM, one CUDA graph): the previous kernel, its one-launch combine and its skipping of masked slots alone and
+  together, and other chunk sizes (µs a call, error against float64);
 - **logits**: a random 2-layer Llama-2-7B-shaped model (``decode.build``), RTN g128 W4A16 / W4A8 / W4A4,
   one decode step after a 16-token prompt: the backend's logits against the eager lowered step's
   (relative L2 and bit-for-bit equality), also with ``codes_route`` the other way from its default.
@@ -109,33 +110,47 @@ def check_kernels(dev: str) -> list[str]:
 
 def check_attention(dev: str) -> list[str]:
     """``decode_attention`` at the 7B / 8B decode step (one query, 32 query heads, 32 / 8 cache heads, a static
-    cache of 768 slots, 640 kept): the split plan's choice against other chunk sizes and warp counts, µs a call
-    under a CUDA graph and the read bandwidth of the whole cache it loads."""
+    cache of 768 slots, 512 / 640 / 768 kept: the first, middle and last of 256 new tokens after a 512-token
+    prompt), as in a step: 32 calls, one per layer's cache (a 7B step's caches are 403 MB, 8× the L2, so each
+    call reads its cache from HBM), captured as one CUDA graph; µs a call, median of 5 replays. Variants: the
+    previous kernel (two launches, every slot read), each of its two changes alone, both (the default), and
+    other chunk sizes; each checked against the float64 reference on fresh inputs."""
     from qcompile.kernels import reference
     from qcompile.kernels.triton import decode_attention as attn
 
-    lines = ["| attention | chunk | warps | µs a call | cache read TB/s | rel vs reference |",
+    lines = ["| attention | kept of 768 | variant | chunk | µs a call (32 layers, graph) | rel vs float64 |",
              "|---|---|---|---|---|---|"]
     gen = torch.Generator(device=dev).manual_seed(1)
+    variants = {"previous (two launches, all slots read)": {"one_launch": False, "skip_masked": False},
+                "one launch": {"one_launch": True, "skip_masked": False},
+                "masked slots skipped": {"one_launch": False, "skip_masked": True},
+                "both (default)": {}}
     for name, hk in (("7B 32/32 heads", 32), ("8B 32/8 heads", 8)):
-        q = torch.randn(1, 32, 1, 128, device=dev, generator=gen).bfloat16()
-        k, v = (torch.randn(1, hk, 768, 128, device=dev, generator=gen).bfloat16() for _ in range(2))
-        mask = torch.zeros(1, 1, 1, 768, dtype=torch.bool, device=dev)
-        mask[..., :640] = True
-        want = reference.decode_attention(q.float(), k.float(), v.float(), mask, 128 ** -0.5)
-        plan = attn.split_plan(32, 768)[0]
-        for chunk, warps in [(None, None)] + [(c, w) for c in (16, 32, 64, 128) for w in (2, 4, 8)]:
-            try:
-                fn = lambda: attn.decode_attention(q, k, v, mask, 128 ** -0.5, chunk, warps)  # noqa: E731
-                err = rel(fn().float(), want)
-                us = _graph_us(fn, ())
-            except Exception as e:  # a configuration Triton refuses is reported, the others still run
-                lines.append(f"| {name} | {chunk} | {warps} | failed: {type(e).__name__} | | |")
-                continue
-            tbs = 2 * k.numel() * 2 / us / 1e6
-            label = f"{plan} (plan)" if chunk is None else str(chunk)
-            lines.append(f"| {name} | {label} | {warps or 'plan'} | {us:.2f} | {tbs:.2f} | {err:.1e} |")
-        print("\n".join(lines[-13:]), flush=True)
+        q = torch.randn(32, 1, 32, 1, 128, device=dev, generator=gen).bfloat16()
+        k, v = (torch.randn(32, 1, hk, 768, 128, device=dev, generator=gen).bfloat16() for _ in range(2))
+        for kept in (512, 640, 768):
+            mask = torch.zeros(1, 1, 1, 768, dtype=torch.bool, device=dev)
+            mask[..., :kept] = True
+            want = [reference.decode_attention(q[i].double(), k[i].double(), v[i].double(), mask, 128 ** -0.5)
+                    for i in (0, 31)]
+            plans = [(label, kw, None) for label, kw in variants.items()]
+            plans += [(f"both, chunk {c}", {}, c) for c in (64, 128)] if kept == 640 else []
+            for label, kw, chunk in plans:
+                def step(q=q, k=k, v=v, mask=mask, kw=kw, chunk=chunk):
+                    for i in range(32):
+                        attn.decode_attention(q[i], k[i], v[i], mask, 128 ** -0.5, chunk, **kw)
+
+                try:
+                    err = max(rel(attn.decode_attention(q[i], k[i], v[i], mask, 128 ** -0.5, chunk, **kw), w)
+                              for i, w in zip((0, 31), want))
+                    us = _graph_us(step, (), calls=1) / 32
+                except Exception as e:  # a configuration Triton refuses is reported, the others still run
+                    lines.append(f"| {name} | {kept} | {label} | {chunk or 'plan'} | failed: {type(e).__name__}: "
+                                 f"{str(e)[:80]} | |")
+                    continue
+                plan = attn.split_plan(32, 768)[0] if chunk is None else chunk
+                lines.append(f"| {name} | {kept} | {label} | {plan} | {us:.2f} | {err:.1e} |")
+                print(lines[-1], flush=True)
     return lines
 
 

@@ -23,7 +23,8 @@ Variants (per shape):
   (``QCOMPILE_SPLIT_REDUCTIONS=0``: one kernel for SiLU·mul + quantization, slower); ``-coop``: Inductor's
   cooperative reductions forced (``QCOMPILE_COOPERATIVE_REDUCTIONS=1``); ``-combo``: Inductor's
   ``combo_kernels`` on (independent kernels, such as a layer's RoPE of q and k and its cache writes,
-  horizontally fused into one launch);
+  horizontally fused into one launch); ``-prevattn``: ``decode_attention``'s previous kernel
+  (``QCOMPILE_ATTENTION_PREVIOUS=1``: two launches, every cache slot read);
 - ``torchao-int4wo``: torchao's int4 weight-only (``Int4WeightOnlyConfig(group_size=128,
   int4_packing_format="tile_packed_to_4d")``, i.e. torch's tinygemm ``_weight_int4pack_mm``) on the same
   linears as ours (the lm_head stays bf16 in both), compiled by Inductor with ``reduce-overhead`` and the
@@ -284,7 +285,7 @@ def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
             elif name.startswith("w4a"):
                 bits, *suffix = name[3:].split("-")
                 if not set(suffix) <= {"fused", "head", "sdpa", "op", "codesgemv", "fp32mid", "nosplit", "coop",
-                                       "combo"}:
+                                       "combo", "prevattn"}:
                     raise ValueError(f"unknown variant {name}")
                 a = int(bits)
                 recipe = rtn.with_bits(group=128, a=None if a == 16 else a, lm_head=True if "head" in suffix else None)
@@ -294,6 +295,7 @@ def run_shape(shape: str, args, t_start: float) -> tuple[list[dict], dict]:
                 os.environ["QCOMPILE_EAGER_NUMERICS"] = "0" if "fp32mid" in suffix else "1"
                 os.environ["QCOMPILE_SPLIT_REDUCTIONS"] = "0" if "nosplit" in suffix else "1"
                 os.environ["QCOMPILE_COOPERATIVE_REDUCTIONS"] = "1" if "coop" in suffix else "0"
+                os.environ["QCOMPILE_ATTENTION_PREVIOUS"] = "1" if "prevattn" in suffix else "0"
                 torch._inductor.config.combo_kernels = "combo" in suffix  # restored after the variant
                 lowered = lower(qc.compile(program, recipe, progress=False))
                 if "fused" in suffix:  # q|k|v and gate|up as one INT4 op each

@@ -22,22 +22,42 @@ def _case(b, hq, hk, s, t, d, seed, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("b,hq,hk,s,t,d", [(1, 4, 4, 1, 100, 32), (1, 8, 2, 1, 67, 64), (2, 4, 1, 2, 40, 16)])
-def test_kernel_equals_reference(b, hq, hk, s, t, d):
+@pytest.mark.parametrize("one_launch,skip_masked", [(True, True), (False, False), (True, False), (False, True)])
+def test_kernel_equals_reference(b, hq, hk, s, t, d, one_launch, skip_masked):
+    """Every version (one launch or two, masked slots read or not) at several chunks per row; the one-launch
+    combine leaves its counters at zero for the next call."""
     q, k, v, mask = _case(b, hq, hk, s, t, d, seed=t)
     ref = reference.decode_attention(q.double(), k.double(), v.double(), mask, 0.3)
-    out = tda.decode_attention(q, k, v, mask, 0.3)
+    out = tda.decode_attention(q, k, v, mask, 0.3, chunk=16, one_launch=one_launch, skip_masked=skip_masked)
     assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+    if one_launch:
+        assert not tda._COUNTERS[q.device].any()
 
 
 def test_kernel_general_mask_and_splits():
     """A scattered mask (not a prefix) with several key chunks per head: chunks with no kept key combine to
-    nothing, and every kept key counts once."""
+    nothing, every kept key counts once, and masked slots holding NaN are never read (nor counted)."""
     q, k, v, _ = _case(1, 2, 2, 1, 200, 16, seed=5)
     mask = torch.rand(1, 2, 1, 200, generator=torch.Generator().manual_seed(6)) < 0.3
     mask[..., 100:164] = False  # two whole 32-key blocks dropped
     assert tda.split_plan(2, 200)[1] > 1  # several chunks, two of them wholly masked
+    want = reference.decode_attention(q, k, v, mask, 0.25)
     out = tda.decode_attention(q, k, v, mask, 0.25)
-    assert torch.allclose(out, reference.decode_attention(q, k, v, mask, 0.25), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(out, want, atol=1e-5, rtol=1e-5)
+    k[~mask.expand(1, 2, 1, 200)[:, :, 0]] = float("nan")
+    v[~mask.expand(1, 2, 1, 200)[:, :, 0]] = float("nan")
+    assert torch.allclose(tda.decode_attention(q, k, v, mask, 0.25), want, atol=1e-5, rtol=1e-5)
+
+
+def test_previous_kernel_by_environment(monkeypatch):
+    """``QCOMPILE_ATTENTION_PREVIOUS=1`` (A/B timings) runs the two-launch version: no counters are made."""
+    q, k, v, mask = _case(1, 2, 2, 1, 64, 16, seed=7)
+    monkeypatch.setattr(tda, "_COUNTERS", {})
+    monkeypatch.setenv("QCOMPILE_ATTENTION_PREVIOUS", "1")
+    out = tda.decode_attention(q, k, v, mask, 0.25)
+    assert not tda._COUNTERS
+    monkeypatch.delenv("QCOMPILE_ATTENTION_PREVIOUS")
+    assert torch.equal(tda.decode_attention(q, k, v, mask, 0.25), out) and tda._COUNTERS
 
 
 def test_reference_is_sdpa_of_repeated_cache():

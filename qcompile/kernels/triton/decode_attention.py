@@ -1,38 +1,70 @@
-"""Attention of a few queries over a static KV cache, split along the keys (flash-decoding).
+"""Attention of a few queries over a static KV cache, split along the keys (flash-decoding), in one launch.
 
 At one query per head the attention of a decode step is a read of the cache: ``B·H_kv·T·D`` keys and as
 many values. One program per (batch, head) — what a flash kernel launches at one query — puts 32 programs
 on the H200's 132 multiprocessors and reads the cache at a fraction of HBM bandwidth. Here each program
 takes one query head and one chunk of ``CHUNK`` keys (so ``B·H_q·⌈T/CHUNK⌉`` programs), loads the chunk's
-mask, keys and values at once (one memory round trip) and writes its partial softmax state ``(m, l, acc)``:
+keys and values at once (one memory round trip) and writes its partial softmax state ``(m, l, acc)``:
 
     m_s = max_j s_j,   l_s = Σ_j exp(s_j − m_s),   acc_s = Σ_j exp(s_j − m_s) v_j,   s_j = scale · q·k_j
 
-over the chunk's kept keys (``mask[j]`` true); a second launch combines the chunks of each head:
-``out = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} l_s`` with ``M = max_s m_s`` — the softmax over all kept keys.
-Masked keys are loaded (the whole cache is read) but never counted: a first version that predicated the key
-loads on the mask, in a loop over 32-key tiles, put two more round trips in each program and took 9.9 µs a
-layer in the 7B decode step on the H200 against this one's 7.2 (``benchmarks/results/decode-h200.md``). Query head ``h`` reads key/value head ``h // (H_q / H_kv)``
-(grouped-query attention without the repeated cache). Accumulation is float32; the output is the query's dtype.
+over the chunk's kept keys (``mask[j]`` true); the chunks of a head combine into the softmax over all its kept
+keys: ``out = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} l_s`` with ``M = max_s m_s``.
+
+- **One launch.** Each program counts itself done on its head's counter (an atomic add after its partial
+  state is stored); the head's last program reads the others' states from L2 and combines them, then
+  resets the counter to 0 for the next call. The previous version launched a second kernel for the
+  combine (2.7 µs a layer in the 7B decode step on the H200, ``benchmarks/results/decode-h200.md``). The
+  counters (int32, one per output row) are allocated on first use per device, so a call under CUDA-graph
+  capture that would need new ones takes the two-launch path; calls on one device must not overlap
+  (one stream), since they share the counters.
+- **Masked keys are not read.** The chunk's mask is loaded first and the key/value loads are predicated on
+  it: a static cache's unfilled slots (a third of the 768 at the first of 256 new tokens after a 512-token
+  prompt) and wholly masked chunks cost no memory traffic, for one more round trip to L2 (every head reads
+  the same mask). The previous version loaded mask, keys and values together and read the whole cache.
+
+Query head ``h`` reads key/value head ``h // (H_q / H_kv)`` (grouped-query attention without the repeated
+cache). Accumulation is float32; the output is the query's dtype. ``QCOMPILE_ATTENTION_PREVIOUS=1`` runs the
+previous version (two launches, every slot read), for A/B timings.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_attention", "supported", "split_plan"]
+__all__ = ["decode_attention", "split_plan", "supported"]
 
 _TARGET_PROGRAMS = 8 * 132  # several programs per multiprocessor of the H200, each one key chunk
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # device -> int32 zeros, one per output row (one launch)
 
 
 @triton.jit
-def _split_kernel(q, k, v, mask, part_acc, part_m, part_l,
+def _combine(part_acc, part_m, part_l, out, bh, NS, D: tl.constexpr, NS_P: tl.constexpr):
+    """Row ``bh``'s output from its ``NS`` partial states (read through L2: other programs wrote them)."""
+    s = tl.arange(0, NS_P)
+    ok = s < NS
+    d = tl.arange(0, D)
+    m = tl.load(part_m + bh * NS + s, mask=ok, other=-float("inf"), cache_modifier=".cg")
+    l = tl.load(part_l + bh * NS + s, mask=ok, other=0.0, cache_modifier=".cg")
+    acc = tl.load(part_acc + (bh * NS + s[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0,
+                  cache_modifier=".cg")
+    big = tl.max(m, 0)
+    w = tl.exp(m - tl.where(big == -float("inf"), 0.0, big))
+    o = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
+    tl.store(out + d, o.to(out.dtype.element_ty))
+
+
+@triton.jit
+def _split_kernel(q, k, v, mask, part_acc, part_m, part_l, out, count,
                   T, HQ, S, G, NS,
-                  sq_b, sq_h, sq_s, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_h, sm_s, sm_t,
+                  sq_b, sq_h, sq_s, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_h, sm_s, sm_t, so_b, so_h, so_s,
                   scale,
-                  D: tl.constexpr, CHUNK: tl.constexpr):
+                  D: tl.constexpr, CHUNK: tl.constexpr, NS_P: tl.constexpr, ONE_LAUNCH: tl.constexpr,
+                  SKIP_MASKED: tl.constexpr):
     bh = tl.program_id(0)  # (batch, query head, query) flattened: row of the output
     split = tl.program_id(1)
     b = bh // (HQ * S)
@@ -43,11 +75,12 @@ def _split_kernel(q, k, v, mask, part_acc, part_m, part_l,
     d = tl.arange(0, D)
     t = split * CHUNK + tl.arange(0, CHUNK)
     inside = t < T
-    # the mask, keys and values are loaded independently (one memory round trip, not three); keys and values
-    # outside the mask are loaded but never counted (scores −∞, values 0, so garbage in unused slots is inert)
     keep = tl.load(mask + b * sm_b + h * sm_h + i * sm_s + t * sm_t, mask=inside, other=0) != 0
-    kt = tl.load(k + b * sk_b + hk * sk_h + t[:, None] * sk_t + d[None, :], mask=inside[:, None], other=0.0)
-    vt = tl.load(v + b * sv_b + hk * sv_h + t[:, None] * sv_t + d[None, :], mask=inside[:, None], other=0.0)
+    # masked keys and values are never counted (scores −∞, values 0, so garbage in unused slots is inert);
+    # SKIP_MASKED: not loaded either (after the mask); else loaded with it (one round trip, the whole cache)
+    rows = (inside & keep) if SKIP_MASKED else inside
+    kt = tl.load(k + b * sk_b + hk * sk_h + t[:, None] * sk_t + d[None, :], mask=rows[:, None], other=0.0)
+    vt = tl.load(v + b * sv_b + hk * sv_h + t[:, None] * sv_t + d[None, :], mask=rows[:, None], other=0.0)
     qv = tl.load(q + b * sq_b + h * sq_h + i * sq_s + d).to(tl.float32) * scale
     s = tl.where(keep, tl.sum(kt.to(tl.float32) * qv[None, :], 1), -float("inf"))
     m = tl.max(s, 0)
@@ -57,6 +90,12 @@ def _split_kernel(q, k, v, mask, part_acc, part_m, part_l,
     tl.store(part_acc + row * D + d, acc)
     tl.store(part_m + row, m)
     tl.store(part_l + row, tl.sum(p, 0))
+    if ONE_LAUNCH:
+        tl.debug_barrier()  # every thread's stores precede the release below
+        done = tl.atomic_add(count + bh, 1, sem="acq_rel", scope="gpu")
+        if done == NS - 1:  # the row's last program: the others' states are visible after the acquire
+            _combine(part_acc, part_m, part_l, out + b * so_b + h * so_h + i * so_s, bh, NS, D, NS_P)
+            tl.store(count + bh, 0)  # the next call (ordered after this one on the stream) starts from 0
 
 
 @triton.jit
@@ -67,17 +106,7 @@ def _combine_kernel(part_acc, part_m, part_l, out, NS, HQ, S, so_b, so_h, so_s,
     rem = bh % (HQ * S)
     h = rem // S
     i = rem % S
-    s = tl.arange(0, NS_P)
-    ok = s < NS
-    d = tl.arange(0, D)
-    m = tl.load(part_m + bh * NS + s, mask=ok, other=-float("inf"))
-    l = tl.load(part_l + bh * NS + s, mask=ok, other=0.0)
-    big = tl.max(m, 0)
-    big = tl.where(big == -float("inf"), 0.0, big)
-    w = tl.exp(m - big)
-    acc = tl.load(part_acc + (bh * NS + s[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
-    o = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
-    tl.store(out + b * so_b + h * so_h + i * so_s + d, o.to(out.dtype.element_ty))
+    _combine(part_acc, part_m, part_l, out + b * so_b + h * so_h + i * so_s, bh, NS, D, NS_P)
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> bool:
@@ -96,11 +125,26 @@ def split_plan(rows: int, t: int, min_chunk: int = 32) -> tuple[int, int]:
     return chunk, -(-t // chunk)
 
 
+def _counters(device: torch.device, rows: int) -> torch.Tensor | None:
+    """The device's zeroed row counters (at least ``rows``), or None where they would have to be allocated
+    inside a CUDA-graph capture (the memory would belong to the graph)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < rows:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        have = _COUNTERS[device] = torch.zeros(max(rows, 1024), dtype=torch.int32, device=device)
+    return have
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float, chunk: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                     scale: float, chunk: int | None = None, num_warps: int | None = None,
+                     one_launch: bool | None = None, skip_masked: bool | None = None) -> torch.Tensor:
     """``softmax(scale · q kᵀ masked) v`` for ``q [B, H_q, S, D]``, ``k, v [B, H_kv, T, D]``, bool ``mask``
-    broadcastable to ``[B, H_q, S, T]`` (true = attend); see the module docstring. ``chunk`` (a power of two)
-    and ``num_warps`` override the split plan's (benchmarks of other plans)."""
+    broadcastable to ``[B, H_q, S, T]`` (true = attend); see the module docstring. ``chunk`` (a power of two),
+    ``num_warps``, ``one_launch`` and ``skip_masked`` override the defaults (benchmarks of other plans)."""
+    previous = os.environ.get("QCOMPILE_ATTENTION_PREVIOUS") == "1"
+    one_launch = not previous if one_launch is None else one_launch
+    skip_masked = not previous if skip_masked is None else skip_masked
     bsz, hq, s, d = q.shape
     t, g = k.shape[2], hq // k.shape[1]
     m4 = mask.view(torch.uint8)
@@ -110,15 +154,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     rows = bsz * hq * s
     chunk, ns = split_plan(rows, t) if chunk is None else (chunk, -(-t // chunk))
     num_warps = num_warps or (4 if chunk * d > 4096 else 2)
+    count = _counters(q.device, rows) if one_launch else None
     part_acc = torch.empty((rows * ns, d), dtype=torch.float32, device=q.device)
     part_m = torch.empty(rows * ns, dtype=torch.float32, device=q.device)
     part_l = torch.empty(rows * ns, dtype=torch.float32, device=q.device)
     out = torch.empty((bsz, hq, s, d), dtype=q.dtype, device=q.device)
-    _split_kernel[(rows, ns)](q, k, v, m4, part_acc, part_m, part_l, t, hq, s, g, ns,
+    ns_p = triton.next_power_of_2(ns)
+    _split_kernel[(rows, ns)](q, k, v, m4, part_acc, part_m, part_l, out, part_m if count is None else count,
+                              t, hq, s, g, ns,
                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                               v.stride(0), v.stride(1), v.stride(2),
-                              m4.stride(0), m4.stride(1), m4.stride(2), m4.stride(3), float(scale),
-                              D=d, CHUNK=chunk, num_warps=num_warps)
-    _combine_kernel[(rows,)](part_acc, part_m, part_l, out, ns, hq, s, out.stride(0), out.stride(1),
-                             out.stride(2), D=d, NS_P=triton.next_power_of_2(ns), num_warps=4)
+                              m4.stride(0), m4.stride(1), m4.stride(2), m4.stride(3),
+                              out.stride(0), out.stride(1), out.stride(2), float(scale),
+                              D=d, CHUNK=chunk, NS_P=ns_p, ONE_LAUNCH=count is not None, SKIP_MASKED=skip_masked,
+                              num_warps=num_warps)
+    if count is None:
+        _combine_kernel[(rows,)](part_acc, part_m, part_l, out, ns, hq, s, out.stride(0), out.stride(1),
+                                 out.stride(2), D=d, NS_P=ns_p, num_warps=4)
     return out
