@@ -39,3 +39,60 @@ def test_no_tuning_under_the_interpreter_or_when_disabled(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("QCOMPILE_AUTOTUNE", "0")
     assert pick().name == "first" and ran == []
+
+
+def _tuning_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
+    monkeypatch.setenv("QCOMPILE_KERNEL_CACHE", str(tmp_path / "configs.json"))
+    monkeypatch.setattr(autotune, "_store", autotune._Store())
+
+
+def test_candidates_are_timed_as_a_decode_step_runs_them(monkeypatch, tmp_path):
+    """``pick`` times every candidate with ``step_time`` (as a CUDA graph replays it, L2 holding other data), never
+    as launched while that works; a candidate that fails loses; the winner is stored under the cache's version."""
+    _tuning_on(monkeypatch, tmp_path)
+    times = {"word": 13.1, "tensor_core": 11.2, "broken": 1.0, "slow": 20.0}
+    ran = []
+
+    def run(cand):
+        ran.append(cand.name)
+        if cand.name == "broken":
+            raise RuntimeError("out of shared memory")
+
+    def fake_step_time(fn, device):
+        fn()
+        return times[ran[-1]]
+
+    def never(fn, device):
+        raise AssertionError("timed as launched although every candidate could be captured")
+    monkeypatch.setattr(autotune, "step_time", fake_step_time)
+    monkeypatch.setattr(autotune, "_launched_time", never)
+    cands = [Candidate(n, {}) for n in times]
+    assert autotune.pick("fam_step", (1, 4096), cands, run, torch.device("cpu")).name == "tensor_core"
+    assert sorted(ran) == sorted(times)
+    data = json.loads((tmp_path / "configs.json").read_text())
+    assert data["version"] == autotune.CACHE_VERSION == 2
+    assert list(data["entries"].values()) == ["tensor_core"]
+    ran.clear()  # remembered: no second measurement
+    assert autotune.pick("fam_step", (1, 4096), cands, run, torch.device("cpu")).name == "tensor_core" and not ran
+
+
+def test_timed_as_launched_only_when_nothing_can_be_captured(monkeypatch, tmp_path):
+    _tuning_on(monkeypatch, tmp_path)
+    times = {"a": 3.0, "b": 2.0}
+
+    def uncapturable(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(autotune, "step_time", uncapturable)
+    monkeypatch.setattr(autotune, "_launched_time", lambda fn, device: times[fn().name])
+    cands = [Candidate(n, {}) for n in times]
+    assert autotune.pick("fam_launched", (1,), cands, lambda c: c, torch.device("cpu")).name == "b"
+
+
+def test_picks_of_an_earlier_cache_version_are_not_reused(tmp_path, monkeypatch):
+    """Version 1 stored winners timed as launched; they are not taken for version 2's (timed in a step)."""
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"version": 1, "entries": {"k": "gemv_n8_b256_w2_fused"}}))
+    monkeypatch.setenv("QCOMPILE_KERNEL_CACHE", str(path))
+    assert autotune._Store().get("k") is None
