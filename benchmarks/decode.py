@@ -24,7 +24,7 @@ Variants (per shape):
   cooperative reductions forced (``QCOMPILE_COOPERATIVE_REDUCTIONS=1``); ``-combo``: Inductor's
   ``combo_kernels`` on (independent kernels, such as a layer's RoPE of q and k and its cache writes,
   horizontally fused into one launch); ``-prevattn``: ``decode_attention``'s previous kernel
-  (``QCOMPILE_ATTENTION_PREVIOUS=1``: two launches, every cache slot read);
+  (``QCOMPILE_ATTENTION_PREVIOUS=1``: split and combine as two launches);
 - ``torchao-int4wo``: torchao's int4 weight-only (``Int4WeightOnlyConfig(group_size=128,
   int4_packing_format="tile_packed_to_4d")``, i.e. torch's tinygemm ``_weight_int4pack_mm``) on the same
   linears as ours (the lm_head stays bf16 in both), compiled by Inductor with ``reduce-overhead`` and the

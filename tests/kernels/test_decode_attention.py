@@ -22,7 +22,7 @@ def _case(b, hq, hk, s, t, d, seed, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("b,hq,hk,s,t,d", [(1, 4, 4, 1, 100, 32), (1, 8, 2, 1, 67, 64), (2, 4, 1, 2, 40, 16)])
-@pytest.mark.parametrize("one_launch,skip_masked", [(True, True), (False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("one_launch,skip_masked", [(True, False), (False, False), (True, True), (False, True)])
 def test_kernel_equals_reference(b, hq, hk, s, t, d, one_launch, skip_masked):
     """Every version (one launch or two, masked slots read or not) at several chunks per row; the one-launch
     combine leaves its counters at zero for the next call."""
@@ -36,7 +36,8 @@ def test_kernel_equals_reference(b, hq, hk, s, t, d, one_launch, skip_masked):
 
 def test_kernel_general_mask_and_splits():
     """A scattered mask (not a prefix) with several key chunks per head: chunks with no kept key combine to
-    nothing, every kept key counts once, and masked slots holding NaN are never read (nor counted)."""
+    nothing, every kept key counts once, and masked slots holding NaN are never counted (by default) nor read
+    (``skip_masked``)."""
     q, k, v, _ = _case(1, 2, 2, 1, 200, 16, seed=5)
     mask = torch.rand(1, 2, 1, 200, generator=torch.Generator().manual_seed(6)) < 0.3
     mask[..., 100:164] = False  # two whole 32-key blocks dropped
@@ -46,7 +47,8 @@ def test_kernel_general_mask_and_splits():
     assert torch.allclose(out, want, atol=1e-5, rtol=1e-5)
     k[~mask.expand(1, 2, 1, 200)[:, :, 0]] = float("nan")
     v[~mask.expand(1, 2, 1, 200)[:, :, 0]] = float("nan")
-    assert torch.allclose(tda.decode_attention(q, k, v, mask, 0.25), want, atol=1e-5, rtol=1e-5)
+    for skip in (False, True):
+        assert torch.allclose(tda.decode_attention(q, k, v, mask, 0.25, skip_masked=skip), want, atol=1e-5, rtol=1e-5)
 
 
 def test_previous_kernel_by_environment(monkeypatch):

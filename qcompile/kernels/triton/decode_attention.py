@@ -14,18 +14,22 @@ keys: ``out = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} l_s`` with ``M = max
 - **One launch.** Each program counts itself done on its head's counter (an atomic add after its partial
   state is stored); the head's last program reads the others' states from L2 and combines them, then
   resets the counter to 0 for the next call. The previous version launched a second kernel for the
-  combine (2.7 µs a layer in the 7B decode step on the H200, ``benchmarks/results/decode-h200.md``). The
-  counters (int32, one per output row) are allocated on first use per device, so a call under CUDA-graph
-  capture that would need new ones takes the two-launch path; calls on one device must not overlap
-  (one stream), since they share the counters.
-- **Masked keys are not read.** The chunk's mask is loaded first and the key/value loads are predicated on
-  it: a static cache's unfilled slots (a third of the 768 at the first of 256 new tokens after a 512-token
-  prompt) and wholly masked chunks cost no memory traffic, for one more round trip to L2 (every head reads
-  the same mask). The previous version loaded mask, keys and values together and read the whole cache.
+  combine. On the H200, as a step's 32 calls over caches read from HBM (one CUDA graph), one launch takes
+  8.6 µs a layer against 9.5 (7B shape) and 6.9 against 7.7 (8B); in the 7B decode step (with
+  ``skip_masked``, below) 8.08 µs against 6.29 + 2.50, W4A16 413.3 → 420.7 tok/s
+  (``benchmarks/results/decode-h200.md``). The counters (int32, one per output row) are
+  allocated on first use per device, so a call under CUDA-graph capture that would need new ones takes the
+  two-launch path; calls on one device must not overlap (one stream), since they share the counters.
+- **Masked keys are loaded** with the mask (one memory round trip) but never counted. ``skip_masked=True``
+  loads the mask first and predicates the key/value loads on it (unfilled slots of a static cache cost no
+  traffic): one more round trip, which the bytes saved repaid only with a third of the 768 slots masked in
+  the 7B step (8.36 vs 8.58 µs a layer) and never on the 8B step (7.36 vs 6.93), so it is off by default
+  (``benchmarks/backend_check.py``: 32 layers' caches from HBM, one CUDA graph). A first version that
+  predicated the loads in a loop over 32-key tiles took 9.9 µs a layer against the one-round-trip 7.2.
 
 Query head ``h`` reads key/value head ``h // (H_q / H_kv)`` (grouped-query attention without the repeated
 cache). Accumulation is float32; the output is the query's dtype. ``QCOMPILE_ATTENTION_PREVIOUS=1`` runs the
-previous version (two launches, every slot read), for A/B timings.
+previous version (two launches), for A/B timings.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def _split_kernel(q, k, v, mask, part_acc, part_m, part_l, out, count,
     inside = t < T
     keep = tl.load(mask + b * sm_b + h * sm_h + i * sm_s + t * sm_t, mask=inside, other=0) != 0
     # masked keys and values are never counted (scores −∞, values 0, so garbage in unused slots is inert);
-    # SKIP_MASKED: not loaded either (after the mask); else loaded with it (one round trip, the whole cache)
+    # loaded with the mask (one round trip, the whole cache), or with SKIP_MASKED not loaded (after the mask)
     rows = (inside & keep) if SKIP_MASKED else inside
     kt = tl.load(k + b * sk_b + hk * sk_h + t[:, None] * sk_t + d[None, :], mask=rows[:, None], other=0.0)
     vt = tl.load(v + b * sv_b + hk * sv_h + t[:, None] * sv_t + d[None, :], mask=rows[:, None], other=0.0)
@@ -138,13 +142,12 @@ def _counters(device: torch.device, rows: int) -> torch.Tensor | None:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float, chunk: int | None = None, num_warps: int | None = None,
-                     one_launch: bool | None = None, skip_masked: bool | None = None) -> torch.Tensor:
+                     one_launch: bool | None = None, skip_masked: bool = False) -> torch.Tensor:
     """``softmax(scale · q kᵀ masked) v`` for ``q [B, H_q, S, D]``, ``k, v [B, H_kv, T, D]``, bool ``mask``
     broadcastable to ``[B, H_q, S, T]`` (true = attend); see the module docstring. ``chunk`` (a power of two),
-    ``num_warps``, ``one_launch`` and ``skip_masked`` override the defaults (benchmarks of other plans)."""
-    previous = os.environ.get("QCOMPILE_ATTENTION_PREVIOUS") == "1"
-    one_launch = not previous if one_launch is None else one_launch
-    skip_masked = not previous if skip_masked is None else skip_masked
+    ``num_warps``, ``one_launch`` (default: unless ``QCOMPILE_ATTENTION_PREVIOUS=1``) and ``skip_masked``
+    override the defaults (benchmarks of other plans)."""
+    one_launch = os.environ.get("QCOMPILE_ATTENTION_PREVIOUS") != "1" if one_launch is None else one_launch
     bsz, hq, s, d = q.shape
     t, g = k.shape[2], hq // k.shape[1]
     m4 = mask.view(torch.uint8)
