@@ -1,6 +1,6 @@
 """The qcompile backend's Inductor settings on the GPU: kernels and equality with eager.
 
-Three checks; the first and last with the backend's ``INDUCTOR_SETTINGS`` (``export/backend.py``) and without
+Four checks; the first and last with the backend's ``INDUCTOR_SETTINGS`` (``export/backend.py``) and without
 them (the settings before: ``QCOMPILE_EAGER_NUMERICS=0``), the first also with split reductions off
 (``QCOMPILE_SPLIT_REDUCTIONS=0``):
 
@@ -12,11 +12,13 @@ them (the settings before: ``QCOMPILE_EAGER_NUMERICS=0``), the first also with s
 - **attention**: ``decode_attention`` at the 7B and 8B decode step as in a step (32 layers' caches, read from
   HBM, one CUDA graph): the previous two-launch kernel, the one-launch combine, the skipping of masked slots
   alone and with it, and other chunk sizes (µs a call, error against float64);
+- **replays**: the one-launch combine under CUDA-graph replay with fresh queries each time, against the
+  two-launch kernel (a race in the combine would show);
 - **logits**: a random 2-layer Llama-2-7B-shaped model (``decode.build``), RTN g128 W4A16 / W4A8 / W4A4,
   one decode step after a 16-token prompt: the backend's logits against the eager lowered step's
   (relative L2 and bit-for-bit equality), also with ``codes_route`` the other way from its default.
 
-    python benchmarks/backend_check.py              # all three, on CUDA
+    python benchmarks/backend_check.py              # all four, on CUDA
     python benchmarks/backend_check.py --device cpu --only logits --bits 8   # the logits check on the CPU
 """
 
@@ -154,6 +156,40 @@ def check_attention(dev: str) -> list[str]:
     return lines
 
 
+def check_attention_replays(dev: str, replays: int = 200) -> list[str]:
+    """The one-launch combine under CUDA-graph replay (a race would read partial states the other programs had
+    not yet stored, or the last call's): 32 calls of the default kernel captured as one graph, replayed with
+    fresh queries copied into its input each time, every output against the two-launch kernel's on the same
+    inputs (the same float32 partial states; only the combine's summation order and the bf16 rounding may differ,
+    ≤ 1e-2 relative where a stale state would be O(1)). 7B and 8B shapes, 640 of 768 slots kept."""
+    from qcompile.kernels.triton import decode_attention as attn
+
+    lines = ["| one launch under graph replay | replays × calls | max rel vs two launches | calls over 1e-2 |",
+             "|---|---|---|---|"]
+    gen = torch.Generator(device=dev).manual_seed(2)
+    for name, hk in (("7B 32/32 heads", 32), ("8B 32/8 heads", 8)):
+        q = torch.randn(32, 1, 32, 1, 128, device=dev, generator=gen).bfloat16()
+        k, v = (torch.randn(32, 1, hk, 768, 128, device=dev, generator=gen).bfloat16() for _ in range(2))
+        mask = torch.zeros(1, 1, 1, 768, dtype=torch.bool, device=dev)
+        mask[..., :640] = True
+        for i in range(32):  # counters made, kernels compiled, outside the capture
+            attn.decode_attention(q[i], k[i], v[i], mask, 128 ** -0.5, one_launch=True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [attn.decode_attention(q[i], k[i], v[i], mask, 128 ** -0.5, one_launch=True) for i in range(32)]
+        worst, bad = 0.0, 0
+        for _ in range(replays):
+            q.copy_(torch.randn(q.shape, device=dev, generator=gen))
+            graph.replay()
+            for i in range(32):
+                err = rel(outs[i], attn.decode_attention(q[i], k[i], v[i], mask, 128 ** -0.5, one_launch=False))
+                worst, bad = max(worst, err), bad + (not err <= 1e-2)
+        lines.append(f"| {name} | {replays} × 32 | {worst:.1e} | {bad} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def check_logits(dev: str, bits: list[int]) -> list[str]:
     import qcompile.api as qc
     from decode import build
@@ -198,7 +234,7 @@ def check_logits(dev: str, bits: list[int]) -> list[str]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--only", choices=("kernels", "attention", "logits"))
+    ap.add_argument("--only", choices=("kernels", "attention", "replays", "logits"))
     ap.add_argument("--bits", default="16,8,4", help="activation bits of the logits check")
     args = ap.parse_args(argv)
     saved = {k: os.environ.get(k) for k in (*SETTINGS["default"], "QCOMPILE_CODES_W4A16")}
@@ -208,6 +244,8 @@ def main(argv=None) -> None:
             lines += check_kernels(args.device) + [""]
         if args.only in (None, "attention"):
             lines += check_attention(args.device) + [""]
+        if args.only in (None, "replays"):
+            lines += check_attention_replays(args.device) + [""]
         if args.only in (None, "logits"):
             lines += check_logits(args.device, [int(b) for b in args.bits.split(",")])
     finally:
