@@ -3,11 +3,12 @@
 A *candidate* is a named way to run an op (one Triton kernel with fixed meta-parameters, or a
 different strategy such as dequantize-then-cuBLAS); candidates are compared end to end, so the cost
 of any extra launch (split-K zeroing and casting) is part of what is measured, and as a decode step runs
-them (``step_time``): replayed from a CUDA graph, right after a small elementwise kernel (the one that makes
-the op's input in a step), with the L2 cache holding other data (a step's previous ops read other weights).
-Timed as launched after a long L2-clearing kernel (``do_bench``), the 7B decode step's tuning picked the
-word GEMV at three of its four GEMV shapes, where the tensor-core GEMV is faster in the step
-(``benchmarks/results/kernels-h200.md``). Candidates are timed as launched only when none can be captured.
+them (``step_time``): replayed from a CUDA graph, each call right after a small elementwise kernel (the one
+that makes the op's input in a step), cycling through copies of the op's weights that together fill four times
+the L2 cache (a step reads each layer's weights once). On the H200 two other ways picked the word GEMV at the 7B
+step's N-long shapes, where the tensor-core GEMV is 1–2 µs faster in the step (``benchmarks/results/
+kernels-h200.md``): timed as launched after a long L2-clearing kernel (``do_bench``), and as a graph replay of
+one weight after a read of twice the L2 cache. Candidates are timed as launched only when none can be captured.
 The winner for a ``(kernel family, shape key)`` on a given GPU is stored by name in a JSON file:
 ``$QCOMPILE_KERNEL_CACHE`` or ``~/.cache/qcompile/kernel-configs.json``.
 
@@ -112,6 +113,7 @@ def choose(
     make_candidates: Callable[[], list[Candidate]],
     run: Callable[[Candidate], Any],
     device: torch.device,
+    spread: Callable[[], list[Callable[[Candidate], Any]]] | None = None,
 ) -> Candidate:
     """``pick`` behind an in-process memo keyed by the cheap tuple ``(family, key, device)``, so that
     a call after the first costs one dict lookup (the op layer's per-call budget is microseconds)."""
@@ -119,7 +121,7 @@ def choose(
     if hit is not None:
         return hit
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    cand = pick(family, key, make_candidates(), run, device)
+    cand = pick(family, key, make_candidates(), run, device, spread)
     if not capturing:  # a choice made blind during capture is not remembered
         _chosen[(family, key, device)] = cand
     return cand
@@ -131,8 +133,12 @@ def pick(
     candidates: list[Candidate],
     run: Callable[[Candidate], Any],
     device: torch.device,
+    spread: Callable[[], list[Callable[[Candidate], Any]]] | None = None,
 ) -> Candidate:
-    """The candidate to use for ``key``: cached, else the fastest by ``step_time`` of ``run``."""
+    """The candidate to use for ``key``: cached, else the fastest by ``step_time``. ``spread``, if given, makes
+    runs like ``run`` that each read their own copy of the op's large operands (``copies``): timed in turn, they
+    read them from memory, as a decode step reads each layer's weights; without it each call follows a read of
+    twice the L2 cache."""
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if len(candidates) == 1 or not tuning_enabled() or capturing:
         return candidates[0]
@@ -142,55 +148,82 @@ def pick(
     if name in by_name:
         _memo[full] = name
         return by_name[name]
-    times = _timed(candidates, run, device, step_time)
+    runs = spread() if spread is not None else [run]
+    times = _timed(candidates, runs, device, step_time)
+    del runs  # the copies
     if not times:  # nothing could be captured in a graph: time them as launched
-        times = _timed(candidates, run, device, _launched_time)
+        times = _timed(candidates, [run], device, _launched_time)
     best = min(times, key=times.get) if times else candidates[0]
     _memo[full] = best.name
     _store.put(full, best.name)
     return best
 
 
-def _timed(candidates: list[Candidate], run: Callable[[Candidate], Any], device: torch.device,
+def _timed(candidates: list[Candidate], runs: list[Callable[[Candidate], Any]], device: torch.device,
            measure: Callable[..., float]) -> dict[Candidate, float]:
-    """Each candidate's time by ``measure``; one that fails (to compile, to fit in shared memory, to be
-    captured) is left out."""
+    """Each candidate's time by ``measure`` over ``runs``; one that fails (to compile, to fit in shared memory, to
+    be captured) is left out."""
     times = {}
     for cand in candidates:
         try:
-            times[cand] = measure(lambda c=cand: run(c), device)
+            times[cand] = measure([lambda r=r, c=cand: r(c) for r in runs], device)
         except Exception:  # noqa: BLE001 - a variant that fails loses
             pass
     return times
 
 
-def _launched_time(fn: Callable[[], Any], device: torch.device) -> float:
+def _launched_time(calls: list[Callable[[], Any]], device: torch.device) -> float:
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
+    return do_bench(calls[0], warmup=5, rep=25, return_mode="median") * 1e3
 
 
-def step_time(fn: Callable[[], Any], device: torch.device, reps: int = 16, replays: int = 15) -> float:
-    """µs of ``fn`` as a decode step's CUDA graph runs it: a graph of ``reps`` rounds of (a read of twice the
-    L2 cache, which leaves it holding other, clean lines; an elementwise kernel writing a small tensor; ``fn``),
-    replayed; the median replay less that of the same graph without ``fn``, per round. ``fn`` runs once
-    first, outside the graph (compiling its kernels and making any cached layout)."""
-    fn()
-    flush = torch.ones(2 * torch.cuda.get_device_properties(device).L2_cache_size // 4, device=device)
-    total = torch.empty((), device=device)
+def copies(tensors: tuple, device: torch.device) -> list[tuple]:
+    """``tensors`` (None stays None) and clones of them, as many as make four times the L2 cache together."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    n = max(2, -(-4 * torch.cuda.get_device_properties(device).L2_cache_size // max(nbytes, 1)))
+    return [tensors] + [tuple(None if t is None else t.clone() for t in tensors) for _ in range(n - 1)]
+
+
+def step_time(calls: list[Callable[[], Any]], device: torch.device, per_graph: int = 64, replays: int = 15) -> float:
+    """µs of a call as a decode step's CUDA graph runs it: a graph of about ``per_graph`` calls, cycling through
+    ``calls``, each right after an elementwise kernel writing a small tensor (in a step, the kernel making the
+    op's input), replayed in turn with the same graph without the calls; the median difference per call. One
+    call alone (no copies to cycle through) follows a read of twice the L2 cache too, which leaves it holding
+    other, clean lines. Each call runs once first, outside the graph (compiling its kernels, making any cached
+    layout)."""
+    for call in calls:
+        call()
     small = torch.ones(4096, device=device, dtype=torch.bfloat16)
     made = torch.empty_like(small)
+    flush = total = None
+    if len(calls) == 1:
+        flush = torch.ones(2 * torch.cuda.get_device_properties(device).L2_cache_size // 4, device=device)
+        total = torch.empty((), device=device)
 
     def before():
-        torch.sum(flush, out=total)
+        if flush is not None:
+            torch.sum(flush, out=total)
         torch.mul(small, 1.0001, out=made)
+    seq = calls * max(1, per_graph // len(calls))
 
-    with_fn = _graph_us(lambda: (before(), fn()), reps, replays, device)
-    return with_fn - _graph_us(before, reps, replays, device)
+    def with_calls():
+        for call in seq:
+            before()
+            call()
+
+    def alone():
+        for _ in seq:
+            before()
+    graphs = [_capture(with_calls, device), _capture(alone, device)]
+    diffs = []
+    for _ in range(replays):
+        t = [_replay_us(g) for g in graphs]
+        diffs.append((t[0] - t[1]) / len(seq))
+    return sorted(diffs)[len(diffs) // 2]
 
 
-def _graph_us(body: Callable[[], Any], reps: int, replays: int, device: torch.device) -> float:
-    """Median µs per round of ``reps`` rounds of ``body`` captured in one CUDA graph."""
+def _capture(body: Callable[[], Any], device: torch.device) -> torch.cuda.CUDAGraph:
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):  # warm-up on a side stream, as capture wants
@@ -198,16 +231,15 @@ def _graph_us(body: Callable[[], Any], reps: int, replays: int, device: torch.de
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(reps):
-            body()
+        body()
     graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    del graph
-    return sorted(times)[len(times) // 2]
+    return graph
+
+
+def _replay_us(graph: torch.cuda.CUDAGraph) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3

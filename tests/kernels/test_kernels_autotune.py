@@ -49,43 +49,47 @@ def _tuning_on(monkeypatch, tmp_path):
 
 
 def test_candidates_are_timed_as_a_decode_step_runs_them(monkeypatch, tmp_path):
-    """``pick`` times every candidate with ``step_time`` (as a CUDA graph replays it, L2 holding other data), never
-    as launched while that works; a candidate that fails loses; the winner is stored under the cache's version."""
+    """``pick`` times every candidate with ``step_time`` over the runs ``spread`` makes (one per copy of the
+    weights), never as launched while that works; a candidate that fails loses; the winner is stored under the
+    cache's version."""
     _tuning_on(monkeypatch, tmp_path)
     times = {"word": 13.1, "tensor_core": 11.2, "broken": 1.0, "slow": 20.0}
     ran = []
 
-    def run(cand):
-        ran.append(cand.name)
+    def run(cand, copy=0):
+        ran.append((cand.name, copy))
         if cand.name == "broken":
             raise RuntimeError("out of shared memory")
 
-    def fake_step_time(fn, device):
-        fn()
-        return times[ran[-1]]
+    def fake_step_time(calls, device):
+        for call in calls:
+            call()
+        return times[ran[-1][0]]
 
-    def never(fn, device):
+    def never(calls, device):
         raise AssertionError("timed as launched although every candidate could be captured")
     monkeypatch.setattr(autotune, "step_time", fake_step_time)
     monkeypatch.setattr(autotune, "_launched_time", never)
     cands = [Candidate(n, {}) for n in times]
-    assert autotune.pick("fam_step", (1, 4096), cands, run, torch.device("cpu")).name == "tensor_core"
-    assert sorted(ran) == sorted(times)
+    spread = lambda: [lambda c, i=i: run(c, i) for i in range(3)]  # noqa: E731
+    assert autotune.pick("fam_step", (1, 4096), cands, run, torch.device("cpu"), spread).name == "tensor_core"
+    assert {(n, i) for n, i in ran if n == "tensor_core"} == {("tensor_core", i) for i in range(3)}
     data = json.loads((tmp_path / "configs.json").read_text())
     assert data["version"] == autotune.CACHE_VERSION == 2
     assert list(data["entries"].values()) == ["tensor_core"]
     ran.clear()  # remembered: no second measurement
-    assert autotune.pick("fam_step", (1, 4096), cands, run, torch.device("cpu")).name == "tensor_core" and not ran
+    assert autotune.pick("fam_step", (1, 4096), cands, run, torch.device("cpu"), spread).name == "tensor_core"
+    assert not ran
 
 
 def test_timed_as_launched_only_when_nothing_can_be_captured(monkeypatch, tmp_path):
     _tuning_on(monkeypatch, tmp_path)
     times = {"a": 3.0, "b": 2.0}
 
-    def uncapturable(fn, device):
+    def uncapturable(calls, device):
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(autotune, "step_time", uncapturable)
-    monkeypatch.setattr(autotune, "_launched_time", lambda fn, device: times[fn().name])
+    monkeypatch.setattr(autotune, "_launched_time", lambda calls, device: times[calls[0]().name])
     cands = [Candidate(n, {}) for n in times]
     assert autotune.pick("fam_launched", (1,), cands, lambda c: c, torch.device("cpu")).name == "b"
 

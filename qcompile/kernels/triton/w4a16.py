@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qcompile.kernels.autotune import Candidate, choose, chosen
+from qcompile.kernels.autotune import Candidate, choose, chosen, copies
 from qcompile.kernels.triton import mma_gemv
 from qcompile.kernels.triton.launch import cdiv, launch
 from qcompile.kernels.triton.int4 import (EVEN_OFFSET, ODD_OFFSET, offset_codes, offset_codes_asm, unpack,
@@ -556,9 +556,10 @@ MMA_CONFIGS = ((8, 2, 1, 4, True), (4, 2, 1, 4, True), (8, 2, 1, 8, True), (16, 
                (4, 1, 1, 4, True), (1, 2, 4, 1, False), (1, 2, 8, 1, False))
 
 # Offered at M = 1 as well: steps of four 64-k slabs (two g128 groups, 64 bytes of weights in flight per lane and
-# step), 4 warps on one tile: the fastest or tied at N ≥ 11008, K = 4096 in the 2026-12-01 sweep (22016×4096:
-# 20.1 → 18.2 µs); not offered at M > 1 (unmeasured there).
-MMA_M1_CONFIGS = ((4, 4, 1, 4, True),)
+# step), 2, 4 or 8 warps on one tile: the fastest or tied at N ≥ 11008, K = 4096 in the 2026-12-01 04:25 sweep
+# (22016×4096: 20.1 → 18.2 µs); 8 warps fastest in a decode step's order at 6144×4096 and 2 at 28672×4096 in the
+# 08:47 sweep (kernels-h200.md); not offered at M > 1 (unmeasured there).
+MMA_M1_CONFIGS = ((4, 4, 1, 4, True), (8, 4, 1, 8, True), (2, 4, 1, 2, True))
 
 
 def mma_candidate(warps: int, slabs: int, split: int, ksplit: int = 1, ahead: bool = False) -> Candidate:
@@ -823,5 +824,6 @@ def linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, grou
     device = x.device
     cand = chosen(family, key, device) or choose(
         family, key, lambda: candidates(M, N, K, group_size, x.is_cuda, x.dtype),
-        lambda c: run(c, x, packed, scales, zeros, group_size, bias), device)
+        lambda c: run(c, x, packed, scales, zeros, group_size, bias), device,
+        lambda: [lambda c, w=w: run(c, x, *w, group_size, bias) for w in copies((packed, scales, zeros), device)])
     return run(cand, x, packed, scales, zeros, group_size, bias, row_scale)
