@@ -556,10 +556,10 @@ MMA_CONFIGS = ((8, 2, 1, 4, True), (4, 2, 1, 4, True), (8, 2, 1, 8, True), (16, 
                (4, 1, 1, 4, True), (1, 2, 4, 1, False), (1, 2, 8, 1, False))
 
 # Offered at M = 1 as well: steps of four 64-k slabs (two g128 groups, 64 bytes of weights in flight per lane and
-# step), 2, 4 or 8 warps on one tile: the fastest or tied at N ≥ 11008, K = 4096 in the 2026-12-01 04:25 sweep
-# (22016×4096: 20.1 → 18.2 µs); 8 warps fastest in a decode step's order at 6144×4096 and 2 at 28672×4096 in the
-# 08:47 sweep (kernels-h200.md); not offered at M > 1 (unmeasured there).
-MMA_M1_CONFIGS = ((4, 4, 1, 4, True), (8, 4, 1, 8, True), (2, 4, 1, 2, True))
+# step), 4 or 8 warps on one tile: 4 the fastest or tied at N ≥ 11008, K = 4096 in the 2026-12-01 04:25 sweep
+# (22016×4096: 20.1 → 18.2 µs); 8 the fastest at 6144×4096 in the 08:47 and 08:53 sweeps (8.8 µs in a decode step's
+# order against 9.0; kernels-h200.md); not offered at M > 1 (unmeasured there).
+MMA_M1_CONFIGS = ((4, 4, 1, 4, True), (8, 4, 1, 8, True))
 
 
 def mma_candidate(warps: int, slabs: int, split: int, ksplit: int = 1, ahead: bool = False) -> Candidate:
