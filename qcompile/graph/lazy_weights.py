@@ -6,6 +6,8 @@ only, no memory); ``Program.lazy`` maps its graph target to where its values are
 - ``Stored``: a tensor of the checkpoint, memory-mapped from its shard as stored (bf16/fp16/fp32; safetensors'
   ``safe_open`` hands out views of the file's mapping, so the bytes live in the page cache, shared and
   reclaimable, not in the process's anonymous memory);
+- ``Converted``: a parameter built from several such tensors by transformers' weight conversion (MoE experts
+  stored one tensor per expert and projection, held stacked and fused), built when read;
 - ``Dequantized``: a weight the quantizer replaced, kept as its codes and grid (``(q − z)·s`` or the codebook,
   computed again when read, equal bit for bit to the dequantized weight the quantizer returned).
 
@@ -15,9 +17,11 @@ holds it, so it goes when the block that read it is done.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -121,6 +125,40 @@ class Stored:
 
 
 @dataclass(frozen=True)
+class Converted:
+    """Parameter ``target`` as transformers builds it from the checkpoint tensors ``sources`` (per source pattern
+    of ``converter``, its keys in the checkpoint's natural order) with ``converter``, its weight conversion (a
+    ``transformers.core_model_loading.WeightConverter``: for MoE experts stored ``experts.{e}.gate_proj`` /
+    ``up_proj`` / ``down_proj``, ``gate_up_proj = cat([stack_e gate_e, stack_e up_e], 1)`` and
+    ``down_proj = stack_e down_e``). The tensors are read when materialized, and only then."""
+
+    checkpoint: Checkpoint
+    converter: object
+    target: str
+    sources: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def convert(self, read) -> torch.Tensor:
+        """The converter applied to ``read(key)`` of every source key (a copy of it: a converter collects its
+        inputs in itself, as transformers gives each loaded parameter its own)."""
+        converter = copy.deepcopy(self.converter)
+        for pattern, keys in self.sources:
+            for key in keys:
+                converter.add_tensor(self.target, key, pattern, partial(read, key))
+        return converter.convert(self.target)[self.target]
+
+    def shape(self) -> tuple[int, ...]:
+        """The built parameter's shape, from the stored shapes alone (the conversion run on meta tensors)."""
+        return tuple(self.convert(lambda key: torch.empty(self.checkpoint.shape(key), device="meta")).shape)
+
+    def materialize(self, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Built from the tensors as stored (bf16: stacked at half the bytes of float32), then converted to
+        ``dtype`` (elementwise, so equal to converting each tensor first, as an eager load does)."""
+        cpu = torch.device(device).type == "cpu"
+        return self.convert(lambda key: self.checkpoint.tensor(key) if cpu else self.checkpoint.tensor(key).to(device)
+                            ).to(dtype=dtype, copy=True)
+
+
+@dataclass(frozen=True)
 class Dequantized:
     """A quantized weight kept as its codes and grid: ``(q − z)·s`` per group (or ``codebook[q]``), reshaped."""
 
@@ -163,10 +201,15 @@ def keep_as_codes(lazy: dict, module: torch.nn.Module, target: str, qw: Quantize
     """After a lazy weight was quantized: keep only ``qw``'s codes and grid (its dequantized ``weight``, 4 bytes a
     parameter, is dropped: the QuantizedWeight returned has an empty ``weight``) and make the Program's weight
     ``Dequantized`` from them, on the host. Done only where recomputing equals ``qw.weight`` bit for bit and
-    the weight is the plain ``[N, K]`` rows (else ``qw`` is returned unchanged and the weight stays in memory)."""
+    the weight is its rows: the plain ``[N, K]``, or stacked experts ``[E, N, K]`` whose values are ``qw.weight``'s
+    ``[E·N, K]`` reshaped (checked; else ``qw`` is returned unchanged and the weight stays in memory)."""
     current = module.get_parameter(target)
-    if qw.weight.dim() != 2 or tuple(current.shape) != tuple(qw.weight.shape) or qw.codes.shape != qw.weight.shape \
+    if qw.weight.dim() != 2 or qw.codes.shape != qw.weight.shape \
             or (qw.codebook is None and (qw.scales is None or qw.zeros is None)):
+        return qw
+    if tuple(current.shape) != tuple(qw.weight.shape) and (
+            current.is_meta or current.numel() != qw.weight.numel()
+            or not torch.equal(qw.weight.reshape(current.shape).to(current.device), current.detach())):
         return qw
     if not torch.equal(values_of(qw, qw.weight.device), qw.weight.float()):
         return qw
