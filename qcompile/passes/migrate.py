@@ -137,13 +137,14 @@ def expand_heads(site: Site, s: torch.Tensor) -> torch.Tensor:
 
 
 def weight_absmax(p: Program, site: Site) -> torch.Tensor:
-    """max_i |W_ij| over every reader (and expert) of the site, per input channel j, float64."""
+    """max_i |W_ij| over every reader (and expert) of the site, per input channel j, float64, on the Program's
+    device (where its statistics are; computed on the weights' compute device)."""
     out = None
     for r in site.readers:
         lin = p.model_map.linears[r]
-        w = weights._canonical(p, lin).abs().reshape(-1, lin.in_features).amax(0)
+        w = weights.canonical(p, lin).abs().reshape(-1, lin.in_features).amax(0)
         out = w if out is None else torch.maximum(out, w)
-    return reduce_heads(site, out)
+    return reduce_heads(site, out).to(p.device)
 
 
 # --- edits ---------------------------------------------------------------------------------------------
@@ -167,10 +168,10 @@ def migrate(p: Program, site: Site, s: torch.Tensor | None, z: torch.Tensor | No
     for r in readers:
         lin = p.model_map.linears[r]
         if z is not None:
-            w = weights._canonical(p, lin)
             if lin.experts:
                 raise UnsafeRewriteError(f"{site.name}: cannot shift into the stacked expert weight {lin.weight}")
-            lin = weights.add_to_bias(p, lin, w @ z.double())
+            w = weights.canonical(p, lin)
+            lin = weights.add_to_bias(p, lin, w @ z.to(w.device, torch.float64))
         if s is not None:
             weights.scale_inputs(p, lin, expand_heads(site, s.double()))
     if s is not None:

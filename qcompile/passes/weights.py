@@ -59,12 +59,8 @@ def read(p: Program, name: str) -> torch.Tensor:
     return p.weight(name).detach().to(compute_device(p, name)).double()
 
 
-def _canonical(p: Program, lin: Linear) -> torch.Tensor:
-    """``lin``'s weight [..., out, in] in float64 where it lives (statistics of it, not updates)."""
-    return p.weight(lin.weight).detach().double().movedim((lin.out_axis, lin.in_axis), (-2, -1))
-
-
-def _read_canonical(p: Program, lin: Linear) -> torch.Tensor:
+def canonical(p: Program, lin: Linear) -> torch.Tensor:
+    """``lin``'s weight [..., out, in] as ``read`` gives it (float64, on its compute device)."""
     return read(p, lin.weight).movedim((lin.out_axis, lin.in_axis), (-2, -1))
 
 
@@ -78,7 +74,7 @@ def linear(p: Program, node: str) -> Linear:
 
 def scale_inputs(p: Program, lin: Linear, s: torch.Tensor) -> None:
     """W ← W·diag(s): the reader absorbs a per-input-channel scale."""
-    w = _read_canonical(p, lin)
+    w = canonical(p, lin)
     _store(p, lin, w * s.to(w.device, torch.float64))
 
 
@@ -140,7 +136,7 @@ def add_to_bias(p: Program, lin: Linear, delta: torch.Tensor) -> Linear:
 
 def centre_outputs(p: Program, lin: Linear) -> None:
     """Make every output row mean-free across features: W ← W − mean_out(W), b ← b − mean(b)."""
-    w = _read_canonical(p, lin)
+    w = canonical(p, lin)
     _store(p, lin, w - w.mean(dim=-2, keepdim=True))
     if lin.bias:
         b = read(p, lin.bias)
