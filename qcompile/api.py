@@ -44,9 +44,7 @@ def program_of(spec: str, tokenizer: str | None = None, lazy: bool | None = Fals
     than half the available host memory (``lazy.should_be_lazy``)."""
     from qcompile import lazy as lazy_loading
 
-    if lazy is None:
-        lazy = lazy_loading.should_be_lazy(spec)
-    if lazy:
+    if lazy_loading.should_be_lazy(spec, lazy):
         return lazy_loading.load_program(spec)
     model, tok = load_model(spec, tokenizer)
     return (model if isinstance(model, Program) else capture(model)), tok
@@ -158,14 +156,13 @@ def quantize_to(spec: str, recipe: str | Recipe, out: str, progress: bool = True
     """Compile a model with a recipe, lower it to INT4 ops and save it (see ``qcompile.artifact``); an ONNX
     source is written as an ONNX folder (``export.onnx_program``). ``lazy``: see ``program_of`` (the recipe is
     checked before the model is read)."""
-    recipe = as_recipe(recipe)
-    if lazy or (lazy is None and not is_onnx_source(spec)):
-        from qcompile.lazy import should_be_lazy
+    from qcompile.lazy import should_be_lazy
 
-        lazy = lazy or should_be_lazy(spec)
-        if lazy:
-            check_lazy(recipe)
-    program, tok = program_of(spec, tokenizer, lazy=bool(lazy))
+    recipe = as_recipe(recipe)
+    lazy = should_be_lazy(spec, lazy)
+    if lazy:
+        check_lazy(recipe)
+    program, tok = program_of(spec, tokenizer, lazy=lazy)
     lines = plan(program.model_map, recipe)
     if program.ir == "onnx":
         from qcompile.export.onnx_program import save_onnx_program

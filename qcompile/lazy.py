@@ -215,9 +215,12 @@ def available_bytes() -> int:
     return 0
 
 
-def should_be_lazy(spec: str) -> bool:
-    """``--lazy auto``: a safetensors checkpoint folder whose float32 model takes more than half the available host
-    memory (an eager load holds the float32 model and the compile's copy of it: twice its size)."""
+def should_be_lazy(spec: str, lazy: bool | None = None) -> bool:
+    """Whether model ``spec`` is loaded lazily: as ``lazy`` says; None (``--lazy auto``): a safetensors checkpoint
+    folder whose float32 model takes more than half the available host memory (an eager load holds the float32
+    model and the compile's copy of it: twice its size)."""
+    if lazy is not None:
+        return bool(lazy)
     folder = Path(str(spec))
     if not folder.is_dir() or not ((folder / "model.safetensors").is_file()
                                    or (folder / "model.safetensors.index.json").is_file()):

@@ -126,6 +126,9 @@ def test_auto_lazy_only_for_a_checkpoint_over_half_the_available_memory(llama, m
     assert not lazy.should_be_lazy(str(llama)) and not lazy.should_be_lazy("tiny:llama")
     monkeypatch.setattr(lazy, "available_bytes", lambda: 2 * lazy.Checkpoint(llama).float32_bytes() - 1)
     assert lazy.should_be_lazy(str(llama))
+    assert not lazy.should_be_lazy(str(llama), False) and lazy.should_be_lazy(str(llama), True)  # --lazy/--no-lazy
+    with pytest.raises(QCompileError, match="pass fold_norms rewrites every weight"):  # auto: refused before loading
+        api.quantize_to(str(llama), "quarot+gptq", "unused", progress=False, lazy=None)
 
 
 def test_lazy_refuses_moving_the_whole_program(llama):
