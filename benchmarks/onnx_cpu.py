@@ -31,32 +31,22 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _feed(session, ids: np.ndarray) -> dict:
-    """Inputs for a full-sequence pass of any decoder graph (ours or the builder's): empty past (the builder
-    names the head size ``kv_cache_dim``: read from the folder's genai_config)."""
-    feed = {}
-    for inp in session.get_inputs():
-        if inp.name == "input_ids":
-            feed[inp.name] = ids
-        elif inp.name == "attention_mask":
-            feed[inp.name] = np.ones_like(ids)
-        elif inp.name == "position_ids":
-            feed[inp.name] = np.arange(ids.shape[1], dtype=np.int64)[None].repeat(ids.shape[0], 0)
-        elif "past" in inp.name:
-            dt = np.float16 if "float16" in inp.type else np.float32
-            feed[inp.name] = np.zeros((ids.shape[0], inp.shape[1], 0, session.head_size), dtype=dt)
-        else:
-            raise SystemExit(f"unknown input {inp.name}")
-    return feed
+    """Inputs for a full-sequence pass of any decoder graph (ours or the builder's) from an empty cache."""
+    return session.signature.feeds(ids, [i.name for i in session.get_inputs()])
 
 
 def _session(folder: Path, threads: int):
+    import onnx_ir as ir
     import onnxruntime as ort
+
+    from qcompile.graph.onnx_genai import signature
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    session = ort.InferenceSession(str(folder / decoder["filename"]), opts, providers=["CPUExecutionProvider"])
-    session.head_size = decoder["head_size"]
+    path = folder / decoder["filename"]
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session.signature = signature(ir.load(str(path)), str(path), path)  # names from the folder's genai_config
     return session
 
 
