@@ -108,7 +108,7 @@ def source_of(model, conversion, checkpoint: Checkpoint, name: str, keys) -> Sto
     if None in by_pattern:
         (key,) = by_pattern[None]
         return Stored(checkpoint, key)
-    converter = next(c for c in converters if set(by_pattern) <= set(c.source_patterns))
+    converter = {p: c for c in converters for p in c.source_patterns}[next(iter(by_pattern))]
     sources = tuple((p, tuple(sorted(by_pattern[p], key=dot_natural_key)))
                     for p in converter.source_patterns if p in by_pattern)
     return Converted(checkpoint, converter, name, sources)

@@ -146,10 +146,6 @@ class Converted:
                 converter.add_tensor(self.target, key, pattern, partial(read, key))
         return converter.convert(self.target)[self.target]
 
-    def shape(self) -> tuple[int, ...]:
-        """The built parameter's shape, from the stored shapes alone (the conversion run on meta tensors)."""
-        return tuple(self.convert(lambda key: torch.empty(self.checkpoint.shape(key), device="meta")).shape)
-
     def materialize(self, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Built from the tensors as stored (bf16: stacked at half the bytes of float32), then converted to
         ``dtype`` (elementwise, so equal to converting each tensor first, as an eager load does)."""
