@@ -1,8 +1,9 @@
 """Host memory and time of an eager vs a lazy load (``qcompile.lazy``) followed by RTN/GPTQ W4A16 g128, on the CPU.
 
 Writes a Llama-2-7B-shaped random checkpoint (hidden 4096, FFN 11008, 32 heads, vocabulary 32000; ``--layers`` of
-its 32 blocks) in bf16 safetensors, one shard per block plus one for the embedding, norm and lm_head, with a small
-word-level tokenizer, then runs each (load, method) in its own process: ``api.program_of(DIR, lazy=…)`` then
+its 32 blocks; ``--moe``: Qwen3-30B-A3B's blocks, 128 experts of width 768, stored one tensor per expert and
+projection as transformers 5 saves them) in bf16 safetensors, one shard per block plus one for the embedding,
+norm and lm_head, with a small word-level tokenizer, then runs each (load, method) in its own process: ``api.program_of(DIR, lazy=…)`` then
 ``api.compile`` with ``--windows`` × ``--seq`` random calibration tokens, block by block on the CPU for both loads
 (the same algorithm; GPTQ's codes must come out equal: a sha256 of all codes is recorded). A thread samples
 /proc/self/status every 10 ms for the peak RssAnon (the process's own memory) and RssFile (mapped file pages: the
@@ -25,43 +26,48 @@ from pathlib import Path
 
 SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
              num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=False)
+# Qwen3-30B-A3B's blocks (128 routed experts of width 768, 8 a token, QK-norm), the Llama rows' vocabulary
+MOE_SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                 num_experts=128, num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                 max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
-    """A random bf16 Llama checkpoint of ``layers`` 7B-shaped blocks, one shard per block; returns its bytes."""
+def write_checkpoint(folder: Path, layers: int, moe: bool = False, seed: int = 0) -> int:
+    """A random bf16 checkpoint of ``layers`` blocks shaped as Llama-2-7B's (``moe``: Qwen3-30B-A3B's), one shard per
+    block, its tensors named and shaped as transformers saves them (``lazy.stored_as``: a MoE's one per expert and
+    projection); returns its bytes."""
     import torch
+    from accelerate import init_empty_weights
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+
+    from qcompile.lazy import stored_as
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**SHAPE, num_hidden_layers=layers)
+    config = Qwen3MoeConfig(**MOE_SHAPE) if moe else LlamaConfig(**SHAPE)
+    config.num_hidden_layers = layers
     config.save_pretrained(folder)
-    h, f, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    blocks: dict[str, list] = {}  # a block's parameters, and the rest (embedding, final norm, lm_head)
+    for name, param in model.named_parameters():
+        blocks.setdefault(name.split(".")[2] if name.startswith("model.layers.") else "rest", []).append((name, param))
     g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, std=0.02):
-        return (std * torch.randn(shape, generator=g)).to(torch.bfloat16)
-
-    shards = [{"model.embed_tokens.weight": rand(v, h), "model.norm.weight": (1 + rand(h, std=0.1)).contiguous(),
-               "lm_head.weight": rand(v, h)}]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shards.append({p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(h, h),
-                       p + "self_attn.v_proj.weight": rand(h, h), p + "self_attn.o_proj.weight": rand(h, h),
-                       p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
-                       p + "mlp.down_proj.weight": rand(h, f), p + "input_layernorm.weight": 1 + rand(h, std=0.1),
-                       p + "post_attention_layernorm.weight": 1 + rand(h, std=0.1)})
     weight_map, total = {}, 0
-    for n, tensors in enumerate(shards):
-        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: t.contiguous() for k, t in tensors.items()}, folder / name, metadata={"format": "pt"})
-        weight_map |= {k: name for k in tensors}
-        total += (folder / name).stat().st_size
+    for n, params in enumerate(blocks.values()):
+        tensors = {}
+        for name, param in params:
+            for key, shape in stored_as(model, name, param).items():
+                t = 0.02 * torch.randn(shape, generator=g)
+                tensors[key] = (1 + 5 * t if "norm" in key else t).to(torch.bfloat16)
+        shard = f"model-{n + 1:05d}-of-{len(blocks):05d}.safetensors"
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+        weight_map |= {k: shard for k in tensors}
+        total += (folder / shard).stat().st_size
         del tensors
-    shards.clear()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                      "weight_map": weight_map}))
-    _tokenizer(v).save_pretrained(folder)
+    _tokenizer(config.vocab_size).save_pretrained(folder)
     return total
 
 
@@ -132,6 +138,8 @@ def measure(folder: str, lazy: bool, method: str, windows: int, seq: int) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--moe", action="store_true", help="Qwen3-30B-A3B-shaped blocks (transformers 5's per-expert "
+                                                        "tensors) instead of Llama-2-7B's")
     ap.add_argument("--dir", default="/tmp/qcompile-lazy-7b")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
@@ -147,7 +155,7 @@ def main() -> None:
     folder = Path(args.dir)
     try:
         t = time.perf_counter()
-        size = write_checkpoint(folder, args.layers)
+        size = write_checkpoint(folder, args.layers, args.moe)
         print(f"checkpoint: {args.layers} blocks, {size / 2**30:.2f} GiB bf16 in {folder} "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
         for method in args.methods.split(","):
@@ -159,7 +167,7 @@ def main() -> None:
                     row = {"load": load, "method": method, "error": (res.stdout + res.stderr)[-800:]}
                 else:
                     row = json.loads(res.stdout.strip().splitlines()[-1])
-                row |= {"layers": args.layers, "checkpoint_gib": round(size / 2**30, 2), "windows": args.windows,
+                row |= {"shape": "qwen3-30b-a3b" if args.moe else "llama-2-7b", "layers": args.layers, "checkpoint_gib": round(size / 2**30, 2), "windows": args.windows,
                         "seq": args.seq, "loadavg_before": float(load_avg),
                         "loadavg_after": float(open("/proc/loadavg").read().split()[0]),
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
