@@ -199,6 +199,7 @@ def quantize_blockwise(program: Program, targets: dict[str, Linear],
     over every batch, its per-expert Hessians are summed and ``quantize_linear(lin, hessians)`` quantizes it;
     then the block runs once more to carry its output forward. The experts of a block see every dense linear
     quantized (those of later blocks too, which whole-graph GPTQ quantizes after them)."""
+    from qcompile.graph.lazy_weights import keep_as_codes
     from qcompile.passes.blockwise import BlockRunner, attr_device
     from qcompile.program import move_quantized
 
@@ -208,7 +209,9 @@ def quantize_blockwise(program: Program, targets: dict[str, Linear],
     last = max((k for k, ns in todo.items() if ns), default=-1)
     envs = runner.start(calibration, batch)
     for k in range(last + 1):
-        with runner.weights_on_device(k):
+        weights = {targets[n.name].weight for n in todo[k]}
+        lazy = {w for w in weights if w in program.lazy}
+        with runner.weights_on_device(k, changed=weights):  # the block's other weights stay as they were (lazy)
             for node in todo[k]:
                 lin = targets[node.name]
                 hessians = ExpertHessians(lin, device=runner.device)
@@ -225,4 +228,9 @@ def quantize_blockwise(program: Program, targets: dict[str, Linear],
                 envs = runner.run_segment(k, envs)
         for node in todo[k]:
             weight = targets[node.name].weight
-            program.quantized[weight] = move_quantized(program.quantized[weight], attr_device(program.module, weight))
+            qw = program.quantized[weight]
+            if weight in lazy:  # read from the shards: keep the codes alone, dequantized when read
+                qw = program.quantized[weight] = keep_as_codes(program.lazy, program.module, weight, qw)
+                if weight in program.lazy:
+                    continue
+            program.quantized[weight] = move_quantized(qw, attr_device(program.module, weight))
