@@ -96,6 +96,12 @@ class Checkpoint:
         the page into the process's memory, never change the file)."""
         return self.handles[self.shard_of[key]].get_tensor(key)
 
+    def read(self, key: str, device) -> torch.Tensor:
+        """Tensor ``key`` on ``device`` as stored: on the host the mapping's view, to an accelerator it travels as
+        stored (bf16: half the bytes of float32), to be converted there."""
+        t = self.tensor(key)
+        return t if torch.device(device).type == "cpu" else t.to(device)
+
     def float32_bytes(self) -> int:
         """What the checkpoint's tensors take in float32 (what an eager load builds)."""
         return sum(4 * _numel(self.shape(k)) for k in self.shard_of)
@@ -118,10 +124,7 @@ class Stored:
     def materialize(self, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A copy on ``device`` in ``dtype``; to an accelerator the tensor travels as stored (bf16: half the bytes
         of float32) and is converted there."""
-        t = self.checkpoint.tensor(self.key)
-        if torch.device(device).type != "cpu":
-            t = t.to(device)
-        return t.to(dtype=dtype, copy=True)
+        return self.checkpoint.read(self.key, device).to(dtype=dtype, copy=True)
 
 
 @dataclass(frozen=True)
@@ -149,9 +152,7 @@ class Converted:
     def materialize(self, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Built from the tensors as stored (bf16: stacked at half the bytes of float32), then converted to
         ``dtype`` (elementwise, so equal to converting each tensor first, as an eager load does)."""
-        cpu = torch.device(device).type == "cpu"
-        return self.convert(lambda key: self.checkpoint.tensor(key) if cpu else self.checkpoint.tensor(key).to(device)
-                            ).to(dtype=dtype, copy=True)
+        return self.convert(partial(self.checkpoint.read, device=device)).to(dtype=dtype, copy=True)
 
 
 @dataclass(frozen=True)

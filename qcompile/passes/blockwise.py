@@ -452,15 +452,24 @@ def quantize_blockwise(program: Program, targets: dict, quantize_linear: Callabl
                 runner.unload(home, changed={lin.weight for lin in lins})
         with clock("codes home"):
             for lin in lins:  # the codes leave the device with their block
-                qw = program.quantized[lin.weight]
-                if lin.weight in lazy:  # read from the shards: keep the codes alone, dequantized when read
-                    program.quantized[lin.weight] = keep_as_codes(program.lazy, program.module, lin.weight, qw)
-                    if lin.weight in program.lazy:
-                        continue
-                if lin.weight in shared:  # its dequantized weight is the Program's, now home: not copied twice
-                    qw = dataclasses.replace(qw, weight=_weight_view(program, lin))
-                program.quantized[lin.weight] = move_quantized(qw, attr_device(program.module, lin.weight))
+                # a shared dequantized weight is the Program's, now home: not copied twice
+                codes_home(program, lin.weight, lin.weight in lazy,
+                           _weight_view(program, lin) if lin.weight in shared else None)
     bar.close()
+
+
+def codes_home(program: Program, weight: str, was_lazy: bool, dequantized: torch.Tensor | None = None) -> None:
+    """A weight quantized on the device, its block done: one read from the shards (``was_lazy``) kept as its codes
+    alone, dequantized when read (``keep_as_codes``), where that is exact; else its QuantizedWeight moved where
+    the Program's weight lives, with ``dequantized`` as its weight if given."""
+    qw = program.quantized[weight]
+    if was_lazy:
+        program.quantized[weight] = keep_as_codes(program.lazy, program.module, weight, qw)
+        if weight in program.lazy:
+            return
+    if dequantized is not None:
+        qw = dataclasses.replace(qw, weight=dequantized)
+    program.quantized[weight] = move_quantized(qw, attr_device(program.module, weight))
 
 
 def _weight_view(program: Program, lin):

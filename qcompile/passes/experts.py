@@ -199,9 +199,7 @@ def quantize_blockwise(program: Program, targets: dict[str, Linear],
     over every batch, its per-expert Hessians are summed and ``quantize_linear(lin, hessians)`` quantizes it;
     then the block runs once more to carry its output forward. The experts of a block see every dense linear
     quantized (those of later blocks too, which whole-graph GPTQ quantizes after them)."""
-    from qcompile.graph.lazy_weights import keep_as_codes
-    from qcompile.passes.blockwise import BlockRunner, attr_device
-    from qcompile.program import move_quantized
+    from qcompile.passes.blockwise import BlockRunner, codes_home
 
     runner = BlockRunner(program, device)
     segs = runner.segments
@@ -227,10 +225,4 @@ def quantize_blockwise(program: Program, targets: dict[str, Linear],
             if k < last:
                 envs = runner.run_segment(k, envs)
         for node in todo[k]:
-            weight = targets[node.name].weight
-            qw = program.quantized[weight]
-            if weight in lazy:  # read from the shards: keep the codes alone, dequantized when read
-                qw = program.quantized[weight] = keep_as_codes(program.lazy, program.module, weight, qw)
-                if weight in program.lazy:
-                    continue
-            program.quantized[weight] = move_quantized(qw, attr_device(program.module, weight))
+            codes_home(program, targets[node.name].weight, targets[node.name].weight in lazy)
